@@ -1,0 +1,31 @@
+# Two commands: `make demo` and `make test`. Each sets up .venv on first use and is a fast no-op install after.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_STAMP := $(VENV)/.torch-2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test clean-venv
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# The pinned CPU build lies on disk; an unpinned torch would pull a multi-GB CUDA build. Install it first.
+$(TORCH_STAMP): | $(PY)
+	$(PY) -m pip install -q torch==2.13.0
+	touch $@
+
+$(STAMP): pyproject.toml $(TORCH_STAMP)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/etrm-train --preset demo --max-steps 300
+
+test: install
+	$(PY) -m pytest
+
+clean-venv:
+	rm -rf $(VENV)

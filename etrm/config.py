@@ -1,0 +1,358 @@
+"""Run configuration: plain dataclasses, validated on construction.
+
+One config system: presets (TOML), ``--config FILE.toml`` and dotted ``key=value`` overrides all end in
+``Config.from_dict``, which names the offending field and its allowed values on any error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+MODELS = ("trm", "etrm")
+ENCODER_MODES = ("reencode", "cached", "fct")
+FAULTS = (
+    "none",
+    "label-from-batch",
+    "encode-full-batch",
+    "constant-context",
+    "no-state-reset",
+    "no-step-reset",
+    "stale-demos",
+    "carry-keeps-grad",
+)
+LOSSES = ("stablemax", "softmax")
+SAMPLERS = ("refill", "trm")
+DATASETS = ("fewshot",)
+LR_SCHEDULES = ("cosine", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the field and what is allowed."""
+
+
+def _choice(section: str, name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{section}{name}={value!r} is not valid; allowed: {', '.join(map(str, allowed))}")
+
+
+def _positive(section: str, name: str, value: Any, minimum: float = 1) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{section}{name}={value!r} is not valid; allowed: a number >= {minimum}")
+
+
+def _unit(section: str, name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{section}{name}={value!r} is not valid; allowed: a number in [0, 1]")
+
+
+@dataclass
+class ArchConfig:
+    """The recursive reasoning core (TRM's ``arch``): sizes and recursion depth."""
+
+    hidden_size: int = 64
+    num_heads: int = 4
+    expansion: float = 4.0
+    L_layers: int = 2
+    H_cycles: int = 2
+    L_cycles: int = 2
+    puzzle_emb_len: int = 4
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        s = "arch."
+        for name in ("hidden_size", "num_heads", "L_layers", "H_cycles", "L_cycles", "puzzle_emb_len"):
+            _positive(s, name, getattr(self, name))
+        _positive(s, "expansion", self.expansion, 0.25)
+        _positive(s, "rope_theta", self.rope_theta, 1.0)
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"arch.hidden_size={self.hidden_size} is not valid; allowed: a multiple of "
+                f"arch.num_heads={self.num_heads}"
+            )
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ConfigError(f"arch.hidden_size/arch.num_heads must be even for RoPE; got {self.hidden_size}/{self.num_heads}")
+
+
+@dataclass
+class EncoderConfig:
+    """ETRM's demo encoder and how its context is refreshed across ACT steps (design.md's mode table)."""
+
+    mode: str = "reencode"
+    num_layers: int = 1
+    set_layers: int = 1
+
+    def __post_init__(self) -> None:
+        _choice("encoder.", "mode", self.mode, ENCODER_MODES)
+        _positive("encoder.", "num_layers", self.num_layers)
+        _positive("encoder.", "set_layers", self.set_layers)
+
+
+@dataclass
+class ACTConfig:
+    """Adaptive computation time: max ACT steps, exploration, and the optional Q-continue target."""
+
+    halt_max_steps: int = 8
+    halt_exploration_prob: float = 0.1
+    q_continue: bool = False
+
+    def __post_init__(self) -> None:
+        _positive("act.", "halt_max_steps", self.halt_max_steps)
+        _unit("act.", "halt_exploration_prob", self.halt_exploration_prob)
+
+
+@dataclass
+class FCTConfig:
+    """Fixed computation time (``encoder.mode=fct``): every batch runs exactly ``steps`` ACT steps."""
+
+    steps: int = 4
+
+    def __post_init__(self) -> None:
+        _positive("fct.", "steps", self.steps)
+
+
+@dataclass
+class LossConfig:
+    """Loss head: cross-entropy kind and the weight of the Q terms."""
+
+    kind: str = "stablemax"
+    q_weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        _choice("loss.", "kind", self.kind, LOSSES)
+        _positive("loss.", "q_weight", self.q_weight, 0.0)
+
+
+@dataclass
+class DataConfig:
+    """Which data to train on and how it is generated or read."""
+
+    dataset: str = "fewshot"
+    canvas: int = 8
+    min_grid: int = 3
+    max_grid: int = 6
+    num_demos: int = 3
+    num_queries: int = 2
+    train_tasks: int = 256
+    heldout_tasks: int = 64
+    families: tuple[str, ...] = ()
+    heldout_families: tuple[str, ...] = ()
+    num_aug: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        s = "data."
+        _choice(s, "dataset", self.dataset, DATASETS)
+        for name in ("canvas", "min_grid", "max_grid", "num_demos", "num_queries", "train_tasks", "heldout_tasks"):
+            _positive(s, name, getattr(self, name))
+        _positive(s, "num_aug", self.num_aug, 0)
+        if self.min_grid > self.max_grid or self.max_grid > self.canvas:
+            raise ConfigError(
+                f"data.min_grid={self.min_grid}, data.max_grid={self.max_grid}, data.canvas={self.canvas} are not "
+                "valid; allowed: min_grid <= max_grid <= canvas"
+            )
+        self.families = tuple(self.families)
+        self.heldout_families = tuple(self.heldout_families)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and loop settings (upstream ``pretrain.py`` semantics)."""
+
+    batch_size: int = 32
+    max_steps: int = 400
+    lr: float = 1e-3
+    lr_warmup_steps: int = 20
+    lr_schedule: str = "cosine"
+    lr_min_ratio: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    puzzle_emb_lr: float = 1e-2
+    puzzle_emb_weight_decay: float = 0.1
+    encoder_lr_scale: float = 1.0
+    ema: bool = True
+    ema_rate: float = 0.99
+    sampler: str = "refill"
+    eval_every: int = 100
+    eval_batch_size: int = 64
+    checkpoint_every: int = 100
+    trace_every: int = 20
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        s = "train."
+        for name in ("batch_size", "max_steps", "eval_every", "eval_batch_size", "checkpoint_every", "trace_every"):
+            _positive(s, name, getattr(self, name))
+        for name in ("lr", "lr_warmup_steps", "weight_decay", "grad_clip", "puzzle_emb_lr",
+                     "puzzle_emb_weight_decay", "encoder_lr_scale"):
+            _positive(s, name, getattr(self, name), 0.0)
+        for name in ("lr_min_ratio", "beta1", "beta2", "ema_rate"):
+            _unit(s, name, getattr(self, name))
+        _choice(s, "lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _choice(s, "sampler", self.sampler, SAMPLERS)
+        _choice(s, "device", self.device, DEVICES)
+
+
+@dataclass
+class Config:
+    """A whole run: which model, which fault (if any), and every section."""
+
+    model: str = "etrm"
+    fault: str = "none"
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    act: ACTConfig = field(default_factory=ACTConfig)
+    fct: FCTConfig = field(default_factory=FCTConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _choice("", "model", self.model, MODELS)
+        _choice("", "fault", self.fault, FAULTS)
+        if self.fault in ("encode-full-batch",) and not (self.model == "etrm" and self.encoder.mode == "cached"):
+            raise ConfigError("fault=encode-full-batch is not valid here; allowed only with model=etrm encoder.mode=cached")
+        if self.fault in ("constant-context", "stale-demos") and self.model != "etrm":
+            raise ConfigError(f"fault={self.fault} is not valid here; allowed only with model=etrm")
+
+    @property
+    def fct_mode(self) -> bool:
+        """True when every batch runs a fixed number of steps (ETRM-FCT)."""
+        return self.model == "etrm" and self.encoder.mode == "fct"
+
+    @property
+    def max_steps_per_sample(self) -> int:
+        """ACT steps at which a slot is forced to halt: ``fct.steps`` in fct mode, else ``act.halt_max_steps``."""
+        return self.fct.steps if self.fct_mode else self.act.halt_max_steps
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        """Build a config from nested dicts (TOML), refusing unknown keys with the list of known ones."""
+        return _build(cls, data, "")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain dict, the inverse of ``from_dict``."""
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a table of settings, got {data!r}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"unknown config key {prefix}{key!r}; allowed: {', '.join(sorted(known))}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(f"{prefix}{key}", value, hint)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - a dataclass signature mismatch, not user input
+        raise ConfigError(str(exc)) from None
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Check a scalar's type against its annotation (ints accepted for floats, lists for tuples)."""
+    origin = getattr(hint, "__origin__", None)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{name}={value!r} is not valid; allowed: a list of names")
+        return tuple(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{name}={value!r} is not valid; allowed: a value of type {hint.__name__}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b=value`` into its key path and a typed value (TOML literal when it parses, else a string)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not valid; allowed: key=value, e.g. arch.L_cycles=4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has no key; allowed: key=value, e.g. arch.L_cycles=4")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of nested ``data`` with dotted ``key=value`` overrides applied."""
+    out = _deepcopy_dict(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def _deepcopy_dict(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deepcopy_dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file; a missing or malformed file is a ConfigError naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist; pass an existing .toml file")
+    try:
+        return tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {str(p)!r} is not valid TOML ({exc}); fix or replace it") from None
+
+
+def dump_toml(data: dict[str, Any]) -> str:
+    """Write nested dicts of scalars/lists as TOML (top-level scalars first, then one table per section)."""
+    lines: list[str] = []
+    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
+    for key, value in data.items():
+        if not isinstance(value, dict):
+            lines.append(f"{key} = {_toml_value(value)}")
+    for name, table in tables.items():
+        lines.append("")
+        lines.append(f"[{name}]")
+        for key, value in table.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")

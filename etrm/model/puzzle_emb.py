@@ -1,0 +1,69 @@
+"""TRM's per-puzzle embedding table (a zero-initialised buffer) and its sign-SGD optimizer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class PuzzleEmbedding(nn.Module):
+    """Lookup of one row per puzzle id, laid out as a prefix of ``prefix_len`` tokens (row in token 0, rest zeros).
+
+    The table is a buffer: in training the looked-up rows become a leaf tensor that receives gradient, and
+    ``SignSGD`` applies it to the touched rows only, as upstream's sparse embedding does.
+    """
+
+    def __init__(self, num_ids: int, dim: int, prefix_len: int) -> None:
+        super().__init__()
+        self.prefix_len = prefix_len
+        self.register_buffer("weights", torch.zeros(num_ids, dim))
+        self.last_ids: torch.Tensor | None = None
+        self.last_rows: torch.Tensor | None = None
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The [B, dim] rows of ``ids``; a gradient-receiving leaf when training with grad enabled."""
+        if self.training and torch.is_grad_enabled():
+            rows = self.weights[ids].detach().requires_grad_(True)
+            self.last_ids, self.last_rows = ids, rows
+            return rows
+        return self.weights[ids]
+
+    def prefix(self, rows: torch.Tensor) -> torch.Tensor:
+        """Zero-pad [B, dim] rows into the [B, prefix_len, dim] prefix."""
+        b, d = rows.shape
+        pad = rows.new_zeros(b, self.prefix_len - 1, d)
+        return torch.cat([rows[:, None, :], pad], dim=1)
+
+
+class SignSGD:
+    """``w <- w * (1 - lr * wd) - lr * sign(g)`` on the rows touched by the last training lookup.
+
+    Gradients of duplicate ids are summed first. Exposes ``param_groups`` so the trainer's schedule sets its lr.
+    """
+
+    def __init__(self, emb: PuzzleEmbedding, lr: float, weight_decay: float) -> None:
+        self.emb = emb
+        self.param_groups = [{"lr": lr, "weight_decay": weight_decay}]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        ids, rows = self.emb.last_ids, self.emb.last_rows
+        if ids is None or rows is None or rows.grad is None:
+            return
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        grad = torch.zeros(uniq.shape[0], rows.shape[1], dtype=rows.grad.dtype, device=rows.device)
+        grad.index_add_(0, inverse, rows.grad)
+        lr, wd = self.param_groups[0]["lr"], self.param_groups[0]["weight_decay"]
+        w = self.emb.weights
+        w[uniq] = w[uniq] * (1.0 - lr * wd) - lr * torch.sign(grad).to(w.dtype)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.emb.last_ids = self.emb.last_rows = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"param_groups": [dict(g) for g in self.param_groups]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.param_groups = [dict(g) for g in state["param_groups"]]
