@@ -1,0 +1,134 @@
+"""``etrm-train``: resolve the config (preset, file, overrides), make or resume the run directory, train.
+
+Bad input (unknown preset or key, bad value, existing run directory, corrupt checkpoint) prints one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from etrm.config import Config, ConfigError, apply_overrides, load_toml
+from etrm.errors import UserError
+from etrm.presets import load_preset
+from etrm.train.rundir import CONFIG_NAME, auto_name, create_run_dir
+
+DEFAULT_PRESET = "demo"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        raise UserError(f"{message} (see etrm-train --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="etrm-train", description="Train TRM / ETRM with ACT carry, optionally traced.")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. arch.L_cycles=4")
+    p.add_argument("--preset", help=f"named preset (default {DEFAULT_PRESET} when no --config is given)")
+    p.add_argument("--config", help="a TOML config file, applied over the preset")
+    p.add_argument("--run-dir", help="run directory (default runs/<automatic name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (train.max_steps)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="train.device")
+    p.add_argument("--seed", type=int, help="train.seed")
+    return p
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[Config, str | None]:
+    """Preset, then --config file, then key=value overrides, then the flag shortcuts."""
+    data: dict[str, Any] = {}
+    preset = args.preset or (None if args.config else DEFAULT_PRESET)
+    if preset:
+        data = load_preset(preset)
+    if args.config:
+        data = _merge(data, load_toml(args.config))
+    data = apply_overrides(data, list(args.overrides) + _flag_overrides(args))
+    return Config.from_dict(data), preset
+
+
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    out = []
+    if args.max_steps is not None:
+        out.append(f"train.max_steps={args.max_steps}")
+    if args.device is not None:
+        out.append(f'train.device="{args.device}"')
+    if args.seed is not None:
+        out.append(f"train.seed={args.seed}")
+    return out
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _resume_config(args: argparse.Namespace, run_dir: Path) -> Config:
+    """A resumed run keeps its own config; only --max-steps and --device may change."""
+    if args.preset or args.config or args.overrides or args.seed is not None:
+        raise UserError("--resume continues a run with its own config; drop --preset, --config, --seed and overrides")
+    cfg_file = run_dir / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise UserError(f"{run_dir} is not a run directory (no {CONFIG_NAME}); check --run-dir")
+    return Config.from_dict(apply_overrides(load_toml(cfg_file), _flag_overrides(args)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except (UserError, ConfigError) as exc:
+        print(f"etrm-train: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.resume:
+        if not args.run_dir:
+            raise UserError("--resume needs --run-dir pointing at the run to continue")
+        run_dir = Path(args.run_dir)
+        cfg, preset = _resume_config(args, run_dir), None
+    else:
+        cfg, preset = resolve_config(args)
+        run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / auto_name(cfg, preset)
+        if run_dir.exists():
+            raise UserError(f"run directory {run_dir} already exists; pass --resume to continue it or choose "
+                            "another --run-dir")
+
+    from etrm.train.console import Reporter  # heavy imports after argument checks
+    from etrm.train.trainer import Trainer
+
+    trainer = Trainer(cfg, run_dir)
+    if args.resume:
+        trainer.resume()
+    else:
+        create_run_dir(run_dir, cfg)
+    reporter = Reporter(total=cfg.train.max_steps, start=trainer.step)
+    mode = "trm" if cfg.model == "trm" else cfg.encoder.mode
+    reporter.line(f"run {run_dir} | model {cfg.model} mode {mode} | {trainer.model.num_trainable_parameters():,} "
+                  f"params | train {len(trainer.train_ds)} eval {len(trainer.eval_ds)} samples | {trainer.device}")
+    try:
+        result = trainer.run(cfg.train.max_steps, reporter)
+    finally:
+        reporter.close()
+    rows = {"run": str(run_dir), "steps": str(result.step), "wall time": f"{result.seconds:.1f} s",
+            "steps/s": f"{result.steps_per_s:.2f}", "samples/s": f"{result.samples_per_s:.1f}",
+            "samples dropped": str(trainer.samples_dropped)}
+    ev, base = result.last_eval, result.baselines
+    if ev:
+        rows.update({
+            "held-out exact (max steps)": f"{ev['exact']:.3f}",
+            "held-out token (max steps)": f"{ev['token']:.3f}",
+            "held-out exact (would-halt)": f"{ev['halt.exact']:.3f} at mean step {ev['halt.step']:.2f}",
+            "baseline copy-input exact": f"{base['copy_input.exact']:.3f}",
+            "baseline common-output exact": f"{base['common_output.exact']:.3f}",
+        })
+    reporter.summary("etrm-train summary", rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""The training loop: one ACT step per optimizer step over a persistent carry, as upstream ``pretrain.py``.
+
+Reads top to bottom: ``Trainer.__init__`` builds data, model and optimizers; ``train_step`` does one ACT step;
+``run`` loops, logs, evaluates and checkpoints; ``state_dict``/``load_state_dict`` make ``--resume`` exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from diagnostics.events import PhaseClock, StepEvents
+from etrm.config import Config
+from etrm.data.build import build_datasets
+from etrm.data.samplers import RefillSampler, TRMSampler
+from etrm.errors import UserError
+from etrm.loss import ACTLoss
+from etrm.model import ACTModel, Carry
+from etrm.model.puzzle_emb import SignSGD
+from etrm.train.checkpoint import load_checkpoint, save_checkpoint
+from etrm.train.console import Reporter, format_eval
+from etrm.train.ema import EMA
+from etrm.train.evaluate import baselines, evaluate
+from etrm.train.schedule import lr_factor, set_lr
+
+StepHook = Callable[[int, StepEvents, dict[str, torch.Tensor]], None]
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` is CUDA when present, else CPU; ``cuda`` without a GPU is a user error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class RunResult:
+    """What a finished (or stopped) run reports."""
+
+    step: int
+    stopped_early: bool
+    last_eval: dict[str, float] = field(default_factory=dict)
+    baselines: dict[str, float] = field(default_factory=dict)
+    steps_per_s: float = 0.0
+    samples_per_s: float = 0.0
+    seconds: float = 0.0
+
+
+class Trainer:
+    """Owns the model, optimizers, EMA, sampler and carry of one run."""
+
+    def __init__(self, cfg: Config, run_dir: Path, device: torch.device | None = None) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.device = device or pick_device(cfg.train.device)
+        tc = cfg.train
+        torch.manual_seed(tc.seed)
+        self.train_ds, self.eval_ds, shape = build_datasets(cfg)
+        self.model = ACTModel(cfg, shape).to(self.device)
+        self.loss_fn = ACTLoss(cfg.loss)
+        self.optimizers = self._build_optimizers()
+        self.ema = EMA(self.model, tc.ema_rate) if tc.ema else None
+        self.eval_model = ACTModel(cfg, shape).to(self.device) if tc.ema else self.model
+        if tc.sampler == "refill":
+            self.sampler: RefillSampler | TRMSampler = RefillSampler(len(self.train_ds), tc.seed)
+        else:
+            self.sampler = TRMSampler(len(self.train_ds), tc.batch_size, tc.seed)
+        self.carry: Carry = self.model.initial_carry(self._to_device(self._padding_batch()))
+        self.step = 0
+        self.samples_dropped = 0
+        self.step_hooks: list[StepHook] = []
+        self.stop_requested = False
+
+    # ----------------------------------------------------------------------------------------------------------
+    def _build_optimizers(self) -> list:
+        tc = self.cfg.train
+        enc_ids = {id(p) for p in self.model.encoder.parameters()} if hasattr(self.model, "encoder") else set()
+        core = [p for p in self.model.parameters() if id(p) not in enc_ids]
+        groups = [{"params": core, "base_lr": tc.lr}]
+        if enc_ids:
+            enc = [p for p in self.model.parameters() if id(p) in enc_ids]
+            groups.append({"params": enc, "base_lr": tc.lr * tc.encoder_lr_scale})
+        adam = torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
+        optimizers: list[Any] = [adam]
+        if self.model.is_trm:
+            sign = SignSGD(self.model.puzzle_emb, tc.puzzle_emb_lr, tc.puzzle_emb_weight_decay)
+            sign.param_groups[0]["base_lr"] = tc.puzzle_emb_lr
+            optimizers.append(sign)
+        return optimizers
+
+    def _padding_batch(self) -> dict[str, torch.Tensor]:
+        return self.train_ds.batch(np.full(self.cfg.train.batch_size, -1, dtype=np.int64))
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        non_blocking = self.device.type == "cuda"
+        return {k: v.to(self.device, non_blocking=non_blocking) for k, v in batch.items()}
+
+    def autocast(self):
+        """bf16 autocast on CUDA; fp32 on CPU (bf16 is several times slower on CPUs without bf16 units)."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ----------------------------------------------------------------------------------------------------------
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        """Fresh samples for the slots that halted last step (the sampler needs the reset mask on the host)."""
+        reset = self.carry.halted.cpu().numpy()
+        fill = self.sampler.fill(reset)
+        self.samples_dropped += len(fill.dropped_ids)
+        return self._to_device(self.train_ds.batch(fill.slot_ids))
+
+    def train_step(self, clock: PhaseClock | None = None) -> tuple[StepEvents, dict[str, torch.Tensor]]:
+        """One ACT step for every slot, one backward, one optimizer step. Returns the step's events and metrics."""
+        tc = self.cfg.train
+        batch = self.next_batch()
+        self.model.train()
+        with self.autocast():
+            carry, out, events = self.model(self.carry, batch, clock=clock)
+            for hook in self.step_hooks:
+                hook(self.step, events, {})
+            loss, metrics = self.loss_fn(out, events)
+        (loss / tc.batch_size).backward()
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        set_lr(self.optimizers, lr_factor(self.step, tc))
+        for opt in self.optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.carry = carry
+        self.step += 1
+        metrics["resets"] = events.reset.sum()
+        metrics["non_finite"] = events.non_finite
+        return events, metrics
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out metrics with the EMA weights (when enabled) and a fresh carry."""
+        if self.ema is not None:
+            self.ema.copy_to(self.eval_model, self.model)
+        return evaluate(self.eval_model, self.eval_ds, self.cfg.train.eval_batch_size, self.device, self.autocast)
+
+    # ----------------------------------------------------------------------------------------------------------
+    def run(self, max_steps: int, reporter: Reporter) -> RunResult:
+        """Train until ``max_steps``, Ctrl-C or a non-finite loss; evaluate and checkpoint on schedule and at the end."""
+        tc = self.cfg.train
+        base = baselines(self.eval_ds.inputs, self.eval_ds.labels)
+        result = RunResult(step=self.step, stopped_early=False, baselines=base)
+        acc: dict[str, torch.Tensor] = {}
+        t_start = time.perf_counter()
+        t_log, step_log, resets_log = t_start, self.step, 0.0
+        start_step = self.step
+        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            while self.step < max_steps and not self.stop_requested:
+                _, metrics = self.train_step()
+                for k, v in metrics.items():
+                    acc[k] = acc[k] + v.detach().float() if k in acc else v.detach().float()
+                last = self.step >= max_steps
+                eval_due = self.step % tc.eval_every == 0 or last
+                ckpt_due = self.step % tc.checkpoint_every == 0 or last
+                # Flush (the only host read of the step metrics) before anything is evaluated or saved, so that a
+                # non-finite loss stops the run before a bad checkpoint could replace the last good one.
+                if self.step % tc.trace_every == 0 or eval_due or ckpt_due or self.stop_requested:
+                    stats = {k: v.item() for k, v in acc.items()}
+                    acc = {}
+                    if stats["non_finite"] > 0:
+                        reporter.warn(f"non-finite loss within steps {step_log + 1}..{self.step}; stopping, the last "
+                                      "good checkpoint is kept")
+                        result.stopped_early = True
+                        result.step = self.step
+                        return result
+                    now = time.perf_counter()
+                    n = self.step - step_log
+                    reporter.step(self.step, {
+                        "loss": stats["loss"] / max(n, 1) / tc.batch_size,
+                        "exact": stats["inflight.exact"] / max(stats["inflight.count"], 1),
+                        "steps_per_s": n / max(now - t_log, 1e-9),
+                        "samples_per_s": stats["resets"] / max(now - t_log, 1e-9),
+                    })
+                    resets_log += stats["resets"]
+                    t_log, step_log = now, self.step
+                if eval_due:
+                    result.last_eval = self.evaluate()
+                    reporter.line(format_eval(self.step, result.last_eval, base))
+                if ckpt_due:
+                    save_checkpoint(self.run_dir, self.state_dict())
+            if self.stop_requested:
+                save_checkpoint(self.run_dir, self.state_dict())
+                result.stopped_early = True
+                reporter.line(f"stopped at step {self.step} on request; checkpoint saved, continue with --resume")
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        elapsed = time.perf_counter() - t_start
+        result.step = self.step
+        result.seconds = elapsed
+        result.steps_per_s = (self.step - start_step) / max(elapsed, 1e-9)
+        result.samples_per_s = resets_log / max(elapsed, 1e-9)
+        return result
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.stop_requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.stop_requested = True
+
+    # ----------------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue as if never interrupted (tensors, dicts and plain values only)."""
+        gen = self.model.generator(self.device)
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "ema": self.ema.state_dict() if self.ema is not None else {},
+            "sampler": self.sampler.state_dict(),
+            "carry": {k: v.detach().cpu() for k, v in self.carry.tensors().items()},
+            "halt_rng": gen.get_state().cpu(),
+            "torch_rng": torch.get_rng_state(),
+            "samples_dropped": self.samples_dropped,
+            "config": self.cfg.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        try:
+            self.model.load_state_dict(state["model"])
+            for opt, opt_state in zip(self.optimizers, state["optimizers"]):
+                opt.load_state_dict(opt_state)
+            if self.ema is not None:
+                self.ema.load_state_dict(state["ema"])
+            self.sampler.load_state_dict(state["sampler"])
+            self.carry = Carry.from_tensors(state["carry"]).to(self.device)
+            self.model.generator(self.device).set_state(state["halt_rng"])
+            torch.set_rng_state(state["torch_rng"])
+            self.samples_dropped = int(state["samples_dropped"])
+            self.step = int(state["step"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            raise UserError(f"checkpoint in {self.run_dir} does not match this run's config ({str(exc)[:120]}); "
+                            "resume with the run's own config or start a new run") from None
+
+    def resume(self) -> None:
+        """Restore the run's checkpoint (``--resume``)."""
+        self.load_state_dict(load_checkpoint(self.run_dir))
