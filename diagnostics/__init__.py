@@ -1,5 +1,5 @@
 """Diagnostics for recurrent ACT training; works with any model that emits ``StepEvents`` (never imports etrm)."""
 
-from diagnostics.events import EVENTS_VERSION, PhaseClock, StepEvents
+from diagnostics.events import EVENTS_VERSION, CarryView, PhaseClock, StepEvents
 
-__all__ = ["EVENTS_VERSION", "PhaseClock", "StepEvents"]
+__all__ = ["EVENTS_VERSION", "CarryView", "PhaseClock", "StepEvents"]

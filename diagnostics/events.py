@@ -99,3 +99,19 @@ class StepEvents:
     @property
     def batch_size(self) -> int:
         return int(self.reset.shape[0])
+
+
+@dataclass
+class CarryView:
+    """A model-agnostic reading of an ACT carry: what invariant checks need, under our field names.
+
+    ``fields`` holds per-slot data that must stay fixed while a sample is in flight (inputs, labels, demos...);
+    ``state`` holds the recurrent state tensors (only checked for gradient detachment). Missing fields are None.
+    """
+
+    steps: Tensor
+    halted: Tensor
+    sample_id: Optional[Tensor] = None
+    puzzle_id: Optional[Tensor] = None
+    fields: dict[str, Tensor] = field(default_factory=dict)
+    state: dict[str, Tensor] = field(default_factory=dict)

@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    # Intermixed, so that overrides may follow options (``--preset demo --max-steps 6 arch.L_cycles=4``).
+    args = build_parser().parse_intermixed_args(argv)
     if args.resume:
         if not args.run_dir:
             raise UserError("--resume needs --run-dir pointing at the run to continue")

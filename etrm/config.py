@@ -75,7 +75,10 @@ class ArchConfig:
                 f"arch.num_heads={self.num_heads}"
             )
         if (self.hidden_size // self.num_heads) % 2:
-            raise ConfigError(f"arch.hidden_size/arch.num_heads must be even for RoPE; got {self.hidden_size}/{self.num_heads}")
+            raise ConfigError(
+                f"arch.hidden_size={self.hidden_size} is not valid with arch.num_heads={self.num_heads}; allowed: "
+                "a head size (hidden_size / num_heads) that is even, as RoPE needs"
+            )
 
 
 @dataclass
@@ -250,7 +253,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key not in known:
-            raise ConfigError(f"unknown config key {prefix}{key!r}; allowed: {', '.join(sorted(known))}")
+            raise ConfigError(f"unknown config key {prefix + str(key)!r}; allowed: {', '.join(sorted(known))}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value, f"{prefix}{key}.")

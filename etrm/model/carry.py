@@ -7,6 +7,8 @@ from typing import Optional
 
 import torch
 
+from diagnostics.events import CarryView
+
 Tensor = torch.Tensor
 
 
@@ -31,6 +33,15 @@ class Carry:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "data"}
         out.update({f"data.{k}": v for k, v in self.data.items()})
         return {k: v for k, v in out.items() if v is not None}
+
+    def view(self) -> CarryView:
+        """The model-agnostic reading that invariant checks use."""
+        fields = {k: v for k, v in self.data.items() if k not in ("sample_id", "puzzle_id")}
+        state = {"z_H": self.z_H, "z_L": self.z_L}
+        if self.context is not None:
+            state["context"] = self.context
+        return CarryView(steps=self.steps, halted=self.halted, sample_id=self.data["sample_id"],
+                         puzzle_id=self.data["puzzle_id"], fields=fields, state=state)
 
     def to(self, device: torch.device | str) -> "Carry":
         moved = {k: v.to(device) for k, v in self.tensors().items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for truncated or foreign files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, pickle.UnpicklingError):  # torch's text here is advice to load unsafely: not for users
+            first = "not a PyTorch checkpoint file"
         raise UserError(f"checkpoint {path} is corrupt or unreadable ({first[:120]}); "
                         "restore it from a backup or start a new run") from None
     if not isinstance(state, dict) or "step" not in state or "model" not in state:

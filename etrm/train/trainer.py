@@ -126,9 +126,9 @@ class Trainer:
         self.model.train()
         with self.autocast():
             carry, out, events = self.model(self.carry, batch, clock=clock)
-            for hook in self.step_hooks:
-                hook(self.step, events, {})
             loss, metrics = self.loss_fn(out, events)
+        for hook in self.step_hooks:  # after the loss (events complete), before backward (gradient hooks attach)
+            hook(self.step, events, metrics)
         (loss / tc.batch_size).backward()
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
@@ -162,8 +162,12 @@ class Trainer:
         start_step = self.step
         previous = signal.signal(signal.SIGINT, self._on_sigint)
         try:
-            while self.step < max_steps and not self.stop_requested:
+            stop = self.stop_requested
+            while self.step < max_steps and not stop:
                 _, metrics = self.train_step()
+                # Read the Ctrl-C flag once per step: the loop may only end on a value that also forced the flush
+                # below, so the stop checkpoint is never written over unflushed (possibly non-finite) steps.
+                stop = self.stop_requested
                 for k, v in metrics.items():
                     acc[k] = acc[k] + v.detach().float() if k in acc else v.detach().float()
                 last = self.step >= max_steps
@@ -171,7 +175,7 @@ class Trainer:
                 ckpt_due = self.step % tc.checkpoint_every == 0 or last
                 # Flush (the only host read of the step metrics) before anything is evaluated or saved, so that a
                 # non-finite loss stops the run before a bad checkpoint could replace the last good one.
-                if self.step % tc.trace_every == 0 or eval_due or ckpt_due or self.stop_requested:
+                if self.step % tc.trace_every == 0 or eval_due or ckpt_due or stop:
                     stats = {k: v.item() for k, v in acc.items()}
                     acc = {}
                     if stats["non_finite"] > 0:
@@ -195,7 +199,7 @@ class Trainer:
                     reporter.line(format_eval(self.step, result.last_eval, base))
                 if ckpt_due:
                     save_checkpoint(self.run_dir, self.state_dict())
-            if self.stop_requested:
+            if stop:
                 save_checkpoint(self.run_dir, self.state_dict())
                 result.stopped_early = True
                 reporter.line(f"stopped at step {self.step} on request; checkpoint saved, continue with --resume")
@@ -244,7 +248,8 @@ class Trainer:
             self.samples_dropped = int(state["samples_dropped"])
             self.step = int(state["step"])
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
-            raise UserError(f"checkpoint in {self.run_dir} does not match this run's config ({str(exc)[:120]}); "
+            detail = " ".join(str(exc).split())  # torch's state-dict errors span lines; the CLI prints one
+            raise UserError(f"checkpoint in {self.run_dir} does not match this run's config ({detail[:200]}); "
                             "resume with the run's own config or start a new run") from None
 
     def resume(self) -> None:

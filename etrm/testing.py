@@ -1,0 +1,146 @@
+"""The property-suite adapter for the bundled models: a tiny ``ACTModel`` per model/mode/fault and its data.
+
+``bundled_adapter("etrm", "cached")`` is what ``tests/properties`` runs; ``--etrm-model etrm.testing:bundled_adapter``
+points the pytest plugin at it (defaults: ETRM, re-encode, no fault).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from diagnostics.adapter import ACTAdapter, EvalStep, Supports
+from diagnostics.events import CarryView, StepEvents
+from etrm.config import Config, LossConfig
+from etrm.loss import ACTLoss
+from etrm.model import ACTModel, Carry, ModelShape, StepOutput
+
+Tensor = torch.Tensor
+VOCAB = 10
+NUM_PUZZLES = 7
+IGNORE = -100
+ID_KEYS = ("sample_id", "puzzle_id")
+
+
+def tiny_config(model: str = "etrm", mode: str = "reencode", fault: str = "none", *, max_steps: int = 4,
+                fct_steps: int = 3, exploration: float = 0.0, q_continue: bool = False, seed: int = 0) -> Config:
+    """A config small enough for hundreds of steps a second on one CPU core."""
+    return Config.from_dict({
+        "model": model, "fault": fault,
+        "arch": {"hidden_size": 32, "num_heads": 2, "expansion": 2.0, "L_layers": 1, "H_cycles": 2, "L_cycles": 1,
+                 "puzzle_emb_len": 2},
+        "encoder": {"mode": mode if model == "etrm" else "reencode", "num_layers": 1, "set_layers": 1},
+        "act": {"halt_max_steps": max_steps, "halt_exploration_prob": exploration, "q_continue": q_continue},
+        "fct": {"steps": fct_steps},
+        "train": {"seed": seed},
+    })
+
+
+class BundledAdapter(ACTAdapter):
+    """Our ``ACTModel`` behind the adapter protocol: it emits ``StepEvents``, has a loss and an eval path."""
+
+    compared_outputs = ("logits", "q_halt_logits", "q_continue_logits")
+    supports = Supports(events=True, loss=True, eval_run=True, checkpoint=True)
+
+    def __init__(self, cfg: Config, *, batch_size: int = 6, seq_len: int = 9, num_demos: int = 2,
+                 data_seed: int = 0) -> None:
+        self.cfg = cfg
+        self.batch_size, self.seq_len, self.num_demos, self.data_seed = batch_size, seq_len, num_demos, data_seed
+        self.model = ACTModel(cfg, ModelShape(vocab_size=VOCAB, seq_len=seq_len, num_puzzle_ids=NUM_PUZZLES + 1))
+        if self.model.is_trm:  # the table starts at zero; random rows make a wrong row visible
+            with torch.no_grad():
+                self.model.puzzle_emb.weights.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(data_seed))
+        self.model.train()
+        self.max_steps = self.model.max_steps
+        self.loss_fn = ACTLoss(LossConfig())
+
+    # -- data -------------------------------------------------------------------------------------------------------
+    def _row(self, sid: int) -> dict[str, Tensor]:
+        s, k = self.seq_len, self.num_demos
+        if sid < 0:
+            return {"inputs": torch.zeros(s, dtype=torch.long), "labels": torch.full((s,), IGNORE),
+                    "puzzle_id": torch.tensor(0), "sample_id": torch.tensor(-1),
+                    "demo_inputs": torch.zeros(k, s, dtype=torch.long),
+                    "demo_outputs": torch.zeros(k, s, dtype=torch.long),
+                    "demo_mask": torch.zeros(k, dtype=torch.bool)}
+        g = torch.Generator().manual_seed(self.data_seed * 1_000_003 + sid)
+        labels = torch.randint(1, VOCAB, (s,), generator=g)
+        labels = torch.where(torch.rand(s, generator=g) < 0.3, IGNORE, labels)
+        labels[0] = int(torch.randint(1, VOCAB, (), generator=g))
+        demo_mask = torch.rand(k, generator=g) < 0.6
+        demo_mask[0] = True
+        return {"inputs": torch.randint(1, VOCAB, (s,), generator=g), "labels": labels,
+                "puzzle_id": torch.tensor(1 + sid % NUM_PUZZLES), "sample_id": torch.tensor(sid),
+                "demo_inputs": torch.randint(1, VOCAB, (k, s), generator=g),
+                "demo_outputs": torch.randint(1, VOCAB, (k, s), generator=g), "demo_mask": demo_mask}
+
+    def make_batch(self, sample_ids: Sequence[int]) -> dict[str, Tensor]:
+        rows = [self._row(int(i)) for i in sample_ids]
+        batch = {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
+        if self.model.is_trm:
+            for key in ("demo_inputs", "demo_outputs", "demo_mask"):
+                del batch[key]
+        return batch
+
+    def batch_fields(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: v for k, v in batch.items() if k not in ID_KEYS}
+
+    # -- stepping ---------------------------------------------------------------------------------------------------
+    def initial_carry(self, batch: dict[str, Tensor]) -> Carry:
+        return self.model.initial_carry(batch)
+
+    def step(self, carry: Carry, batch: dict[str, Tensor], force_halt: Optional[Tensor]):
+        new_carry, out, events = self.model(carry, batch, force_halt=force_halt)
+        outputs = {k: v for k, v in vars(out).items() if v is not None}
+        return new_carry, events, outputs
+
+    def view(self, carry: Carry) -> CarryView:
+        return carry.view()
+
+    def loss(self, outputs: dict[str, Tensor], events: Optional[StepEvents]) -> Tensor:
+        out = StepOutput(**{k: outputs.get(k) for k in StepOutput.__dataclass_fields__})
+        loss, _ = self.loss_fn(out, events)
+        return loss
+
+    def carry_state(self, carry: Carry) -> dict[str, Tensor]:
+        return {k: v.detach().clone() for k, v in carry.tensors().items()}
+
+    def carry_from_state(self, state: dict[str, Tensor]) -> Carry:
+        return Carry.from_tensors({k: v.clone() for k, v in state.items()})
+
+    def eval_run(self, batch: dict[str, Tensor]) -> list[EvalStep]:
+        """A fresh carry in eval mode until all slots halted, as ``ACTModel.evaluate_batch`` runs it."""
+        was_training = self.model.training
+        self.model.eval()
+        steps: list[EvalStep] = []
+        try:
+            with torch.no_grad():
+                carry = self.model.initial_carry(batch)
+                for _ in range(self.max_steps + 1):
+                    before = carry.view()
+                    carry, _, events = self.model(carry, batch)
+                    steps.append(EvalStep(events, before, carry.view()))
+                    if bool(carry.halted.all()):
+                        break
+        finally:
+            self.model.train(was_training)
+        return steps
+
+
+def bundled_adapter(model: str = "etrm", mode: str = "reencode", fault: str = "none", *, seed: int | None = None,
+                    batch_size: int = 6, seq_len: int = 9, num_demos: int = 2, max_steps: int = 4,
+                    fct_steps: int = 3, q_continue: bool = False) -> BundledAdapter:
+    """A tiny bundled model behind the adapter protocol. ``mode="trm"`` is the same as ``model="trm"``.
+
+    Exploration is off so that forced halting masks decide alone (the slot-permutation check needs that). Weights
+    and data come from ``seed``, or, when it is None, from torch's global RNG (the suite seeds it per example).
+    """
+    if mode == "trm":
+        model = "trm"
+    if seed is not None:
+        torch.manual_seed(seed)
+    data_seed = int(torch.randint(0, 2**31 - 1, ()))
+    cfg = tiny_config(model, mode, fault, max_steps=max_steps, fct_steps=fct_steps, q_continue=q_continue,
+                      seed=data_seed)
+    return BundledAdapter(cfg, batch_size=batch_size, seq_len=seq_len, num_demos=num_demos, data_seed=data_seed)
