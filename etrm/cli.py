@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from diagnostics.store import TRACE_NAME
 from etrm.config import Config, ConfigError, apply_overrides, load_toml
 from etrm.errors import UserError
 from etrm.presets import load_preset
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a TOML config file, applied over the preset")
     p.add_argument("--run-dir", help="run directory (default runs/<automatic name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
+    p.add_argument("--trace", action="store_true", help="trace every step into RUN_DIR/trace.sqlite")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (train.max_steps)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="train.device")
     p.add_argument("--seed", type=int, help="train.seed")
@@ -82,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ConfigError) as exc:
         print(f"etrm-train: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("etrm-train: interrupted before a checkpoint could be written", file=sys.stderr)
+        return 130
 
 
 def _main(argv: list[str] | None) -> int:
@@ -107,6 +112,8 @@ def _main(argv: list[str] | None) -> int:
         trainer.resume()
     else:
         create_run_dir(run_dir, cfg)
+    if args.trace or (args.resume and (run_dir / TRACE_NAME).exists()):
+        trainer.enable_trace(preset)
     reporter = Reporter(total=cfg.train.max_steps, start=trainer.step)
     mode = "trm" if cfg.model == "trm" else cfg.encoder.mode
     reporter.line(f"run {run_dir} | model {cfg.model} mode {mode} | {trainer.model.num_trainable_parameters():,} "
@@ -128,6 +135,10 @@ def _main(argv: list[str] | None) -> int:
             "baseline common-output exact": f"{base['common_output.exact']:.3f}",
         })
     reporter.summary("etrm-train summary", rows)
+    if result.non_finite:
+        print(f"etrm-train: error: non-finite loss before step {result.step}; the run stopped and its last good "
+              "checkpoint is kept", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -130,10 +130,11 @@ class BundledAdapter(ACTAdapter):
 
 def bundled_adapter(model: str = "etrm", mode: str = "reencode", fault: str = "none", *, seed: int | None = None,
                     batch_size: int = 6, seq_len: int = 9, num_demos: int = 2, max_steps: int = 4,
-                    fct_steps: int = 3, q_continue: bool = False) -> BundledAdapter:
+                    fct_steps: int = 3, q_continue: bool = False, exploration: float = 0.0) -> BundledAdapter:
     """A tiny bundled model behind the adapter protocol. ``mode="trm"`` is the same as ``model="trm"``.
 
-    Exploration is off so that forced halting masks decide alone (the slot-permutation check needs that). Weights
+    Exploration is off by default (forced masks decide alone either way; the slot-permutation check only runs on
+    forced steps, and a model-decided step with exploration on draws per slot position). Weights
     and data come from ``seed``, or, when it is None, from torch's global RNG (the suite seeds it per example).
     """
     if mode == "trm":
@@ -142,5 +143,5 @@ def bundled_adapter(model: str = "etrm", mode: str = "reencode", fault: str = "n
         torch.manual_seed(seed)
     data_seed = int(torch.randint(0, 2**31 - 1, ()))
     cfg = tiny_config(model, mode, fault, max_steps=max_steps, fct_steps=fct_steps, q_continue=q_continue,
-                      seed=data_seed)
+                      exploration=exploration, seed=data_seed)
     return BundledAdapter(cfg, batch_size=batch_size, seq_len=seq_len, num_demos=num_demos, data_seed=data_seed)

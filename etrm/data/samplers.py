@@ -19,6 +19,11 @@ class Fill:
     slot_ids: np.ndarray  # [B] int64
     fed_ids: np.ndarray  # int64: every id the sampler yielded for this step
     dropped_ids: np.ndarray  # int64: fed ids that landed in continuing slots and were discarded
+    batch_ids: np.ndarray | None = None  # [B] what the incoming batch holds per position (default: slot_ids)
+
+    def __post_init__(self) -> None:
+        if self.batch_ids is None:
+            self.batch_ids = self.slot_ids
 
 
 class _PermutationStream:
@@ -154,7 +159,7 @@ class TRMSampler:
         if mask.shape[0] != self.batch_size:
             raise ValueError(f"reset_mask has {mask.shape[0]} slots, the sampler's batch_size is {self.batch_size}")
         fed = self.next_batch()
-        return Fill(np.where(mask, fed, -1), fed, fed[~mask])
+        return Fill(np.where(mask, fed, -1), fed, fed[~mask], batch_ids=fed)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain JSON-able state; a sampler loading it continues identically."""

@@ -18,6 +18,9 @@ import numpy as np
 import torch
 
 from diagnostics.events import PhaseClock, StepEvents
+from diagnostics.probes import default_probes
+from diagnostics.store import TRACE_NAME, TraceWriter
+from diagnostics.tracer import Tracer
 from etrm.config import Config
 from etrm.data.build import build_datasets
 from etrm.data.samplers import RefillSampler, TRMSampler
@@ -30,6 +33,17 @@ from etrm.train.console import Reporter, format_eval
 from etrm.train.ema import EMA
 from etrm.train.evaluate import baselines, evaluate
 from etrm.train.schedule import lr_factor, set_lr
+
+@contextlib.contextmanager
+def _phase(clock: PhaseClock | None, name: str):
+    """Time a phase of the step when tracing (no sync: perf_counter on CPU, CUDA events on GPU)."""
+    if clock is None:
+        yield
+        return
+    clock.start(name)
+    yield
+    clock.stop(name)
+
 
 StepHook = Callable[[int, StepEvents, dict[str, torch.Tensor]], None]
 
@@ -49,6 +63,7 @@ class RunResult:
 
     step: int
     stopped_early: bool
+    non_finite: bool = False
     last_eval: dict[str, float] = field(default_factory=dict)
     baselines: dict[str, float] = field(default_factory=dict)
     steps_per_s: float = 0.0
@@ -80,6 +95,27 @@ class Trainer:
         self.samples_dropped = 0
         self.step_hooks: list[StepHook] = []
         self.stop_requested = False
+        self.tracer: Tracer | None = None
+
+    def enable_trace(self, preset: str | None = None) -> None:
+        """Trace every step into ``run_dir/trace.sqlite`` (call after the run directory exists, or after resume)."""
+        cfg = self.cfg
+        meta = {
+            "model": cfg.model, "mode": self.model.mode, "fault": cfg.fault, "preset": preset or "",
+            "sampler": cfg.train.sampler, "batch_size": cfg.train.batch_size,
+            "max_steps_per_sample": cfg.max_steps_per_sample, "max_steps": cfg.train.max_steps,
+            "trace_every": cfg.train.trace_every, "device": self.device.type, "config": cfg.to_dict(),
+        }
+        writer = TraceWriter(self.run_dir / TRACE_NAME, meta)
+        writer.truncate_after(self.step)
+        writer.marker("resume" if self.step else "start", self.step)
+        writer.commit()
+        enc = {id(p) for p in self.model.encoder.parameters()} if hasattr(self.model, "encoder") else set()
+        groups = {"encoder": [p for p in self.model.parameters() if id(p) in enc],
+                  "rest": [p for p in self.model.parameters() if id(p) not in enc]}
+        self.tracer = Tracer(default_probes(cfg.max_steps_per_sample, groups), writer, self.device,
+                             capacity=cfg.train.trace_every)
+        self.step_hooks.append(self.tracer.on_step)
 
     # ----------------------------------------------------------------------------------------------------------
     def _build_optimizers(self) -> list:
@@ -117,27 +153,35 @@ class Trainer:
         reset = self.carry.halted.cpu().numpy()
         fill = self.sampler.fill(reset)
         self.samples_dropped += len(fill.dropped_ids)
-        return self._to_device(self.train_ds.batch(fill.slot_ids))
+        return self._to_device(self.train_ds.batch(fill.batch_ids))
 
-    def train_step(self, clock: PhaseClock | None = None) -> tuple[StepEvents, dict[str, torch.Tensor]]:
+    def train_step(self) -> tuple[StepEvents, dict[str, torch.Tensor]]:
         """One ACT step for every slot, one backward, one optimizer step. Returns the step's events and metrics."""
         tc = self.cfg.train
-        batch = self.next_batch()
+        clock = PhaseClock(cuda=self.device.type == "cuda") if self.tracer is not None else None
+        with _phase(clock, "data"):
+            batch = self.next_batch()
         self.model.train()
         with self.autocast():
             carry, out, events = self.model(self.carry, batch, clock=clock)
-            loss, metrics = self.loss_fn(out, events)
-        for hook in self.step_hooks:  # after the loss (events complete), before backward (gradient hooks attach)
-            hook(self.step, events, metrics)
-        (loss / tc.batch_size).backward()
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
-        set_lr(self.optimizers, lr_factor(self.step, tc))
-        for opt in self.optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update(self.model)
+            with _phase(clock, "loss"):
+                loss, metrics = self.loss_fn(out, events)
+        with _phase(clock, "trace"):
+            for hook in self.step_hooks:  # after the loss (events complete), before backward (grad hooks attach)
+                hook(self.step, events, metrics)
+        with _phase(clock, "backward"):
+            (loss / tc.batch_size).backward()
+        if self.tracer is not None:
+            self.tracer.after_backward()
+        with _phase(clock, "optimizer"):
+            if tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+            set_lr(self.optimizers, lr_factor(self.step, tc))
+            for opt in self.optimizers:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update(self.model)
         self.carry = carry
         self.step += 1
         metrics["resets"] = events.reset.sum()
@@ -176,13 +220,16 @@ class Trainer:
                 # Flush (the only host read of the step metrics) before anything is evaluated or saved, so that a
                 # non-finite loss stops the run before a bad checkpoint could replace the last good one.
                 if self.step % tc.trace_every == 0 or eval_due or ckpt_due or stop:
+                    if self.tracer is not None:
+                        self.on_trace_rows(self.tracer.flush(), reporter)
                     stats = {k: v.item() for k, v in acc.items()}
                     acc = {}
                     if stats["non_finite"] > 0:
                         reporter.warn(f"non-finite loss within steps {step_log + 1}..{self.step}; stopping, the last "
                                       "good checkpoint is kept")
-                        result.stopped_early = True
+                        result.stopped_early = result.non_finite = True
                         result.step = self.step
+                        self._end_trace("stopped", "non-finite loss")
                         return result
                     now = time.perf_counter()
                     n = self.step - step_log
@@ -197,12 +244,16 @@ class Trainer:
                 if eval_due:
                     result.last_eval = self.evaluate()
                     reporter.line(format_eval(self.step, result.last_eval, base))
+                    if self.tracer is not None:
+                        step, values = self.step, {**result.last_eval, **{f"baseline.{k}": v for k, v in base.items()}}
+                        self.tracer.submit(lambda w: w.write_eval(step, values))
                 if ckpt_due:
-                    save_checkpoint(self.run_dir, self.state_dict())
+                    self.save()
             if stop:
-                save_checkpoint(self.run_dir, self.state_dict())
+                self.save()
                 result.stopped_early = True
                 reporter.line(f"stopped at step {self.step} on request; checkpoint saved, continue with --resume")
+            self._end_trace("stopped" if stop else "end", "")
         finally:
             signal.signal(signal.SIGINT, previous)
         elapsed = time.perf_counter() - t_start
@@ -211,6 +262,23 @@ class Trainer:
         result.steps_per_s = (self.step - start_step) / max(elapsed, 1e-9)
         result.samples_per_s = resets_log / max(elapsed, 1e-9)
         return result
+
+    def save(self) -> None:
+        """Checkpoint, after the trace has committed every row up to this step (so resume loses no row)."""
+        if self.tracer is not None:
+            self.tracer.drain()
+        save_checkpoint(self.run_dir, self.state_dict())
+
+    def on_trace_rows(self, rows: list[dict[str, float]], reporter: Reporter) -> None:
+        """Flushed trace rows (hook point for the live doctor)."""
+
+    def _end_trace(self, kind: str, detail: str) -> None:
+        if self.tracer is not None:
+            step = self.step
+            self.tracer.submit(lambda w: w.marker(kind, step, detail))
+            self.tracer.close()
+            self.step_hooks.remove(self.tracer.on_step)
+            self.tracer = None
 
     def _on_sigint(self, signum, frame) -> None:
         if self.stop_requested:  # a second Ctrl-C stops at once

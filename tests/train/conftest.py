@@ -119,6 +119,8 @@ def record_events() -> Callable[[Trainer], list[dict[str, torch.Tensor]]]:
                 "steps": events.steps.detach().cpu().clone(),
                 "veto": events.explore_veto.detach().cpu().clone(),
                 "batch_sample_id": events.batch_sample_id.detach().cpu().clone(),
+                "sample_id_after": events.sample_id_after.detach().cpu().clone(),
+                "sample_id_before": events.sample_id_before.detach().cpu().clone(),
             })
 
         trainer.step_hooks.append(hook)

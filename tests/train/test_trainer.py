@@ -50,8 +50,10 @@ def test_trm_sampler_counts_dropped_samples(mode: str, make_trainer, record_even
     continuing = sum(b - int(r["reset"].sum()) for r in rows)
     assert trainer.samples_dropped == continuing > 0
     assert trainer.sampler.consumed == b * STEPS  # a whole batch fed every step
-    for r in rows:  # the slots only ever see the samples that landed on reset positions
-        assert torch.equal(r["batch_sample_id"] >= 0, r["reset"])
+    for r in rows:  # every position holds a fresh sample, as upstream; only reset slots take theirs
+        assert bool((r["batch_sample_id"] >= 0).all())
+        assert torch.equal(r["sample_id_after"][r["reset"]], r["batch_sample_id"][r["reset"]])
+        assert torch.equal(r["sample_id_after"][~r["reset"]], r["sample_id_before"][~r["reset"]])
 
 
 # ---------------------------------------------------------------------------------------------------------------

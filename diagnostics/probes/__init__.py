@@ -1,0 +1,26 @@
+"""Probes: one small class per quantity. ``default_probes`` is the set ``etrm-train --trace`` uses."""
+
+from __future__ import annotations
+
+import torch
+
+from diagnostics.probes.alignment import AlignmentProbe
+from diagnostics.probes.base import Probe
+from diagnostics.probes.coverage import CoverageProbe, GradNormProbe
+from diagnostics.probes.encoder_work import EncoderWorkProbe
+from diagnostics.probes.halting import HaltingProbe
+from diagnostics.probes.losses import LossProbe
+from diagnostics.probes.resets import ResetProbe
+
+
+def default_probes(max_steps: int, groups: dict[str, list[torch.nn.Parameter]] | None = None) -> list[Probe]:
+    """Every built-in probe; gradient norms when the parameter groups are given."""
+    probes: list[Probe] = [CoverageProbe(), ResetProbe(), EncoderWorkProbe(), AlignmentProbe(),
+                           HaltingProbe(max_steps), LossProbe()]
+    if groups is not None:
+        probes.append(GradNormProbe(groups))
+    return probes
+
+
+__all__ = ["AlignmentProbe", "CoverageProbe", "EncoderWorkProbe", "GradNormProbe", "HaltingProbe", "LossProbe",
+           "Probe", "ResetProbe", "default_probes"]

@@ -1,0 +1,54 @@
+"""Label alignment: slots whose loss labels, demos or carried identity belong to another sample.
+
+Counts violations of the invariants in ``diagnostics.invariants`` and keeps the first offending slots' sample ids
+in a small device buffer, read only at a flush.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diagnostics.events import StepEvents
+from diagnostics.probes.base import Probe, Row, Tensor, count
+
+KEEP_FIRST = 32
+
+
+class AlignmentProbe(Probe):
+    name = "alignment"
+    counters = (
+        ("label_mismatch", "real slots whose loss labels belong to another sample"),
+        ("demo_mismatch", "real slots whose context came from another sample's demos"),
+        ("carry_mismatch", "continuing slots whose sample or puzzle id changed without a reset"),
+        ("aligned_den", "real slots checked"),
+    )
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[int, Tensor]] = []
+        self.kept = 0
+
+    def observe(self, events: StepEvents, metrics: dict[str, Tensor], row: Row) -> None:
+        sid = events.sample_id_after
+        real = sid >= 0
+        labels_bad = real & (events.label_sample_id != sid)
+        demos_bad = real & (events.demo_sample_id != sid)
+        carry_bad = ~events.reset & ((sid != events.sample_id_before) | (events.puzzle_id_after != events.puzzle_id_before))
+        row.set("label_mismatch", count(labels_bad))
+        row.set("demo_mismatch", count(demos_bad))
+        row.set("carry_mismatch", count(carry_bad))
+        row.set("aligned_den", count(real))
+        if self.kept < KEEP_FIRST:
+            bad = labels_bad | demos_bad | carry_bad
+            self.pending.append((len(self.pending), torch.stack([
+                torch.where(bad, sid, -2), events.label_sample_id, events.demo_sample_id])))
+
+    def flush(self, steps: list[int]) -> dict[str, list[tuple]]:
+        rows: list[tuple] = []
+        for (i, packed), step in zip(self.pending, steps):
+            sid, lab, dem = packed.cpu().tolist()
+            for slot, s in enumerate(sid):
+                if s != -2 and self.kept < KEEP_FIRST:
+                    rows.append((step, slot, s, lab[slot], dem[slot]))
+                    self.kept += 1
+        self.pending = []
+        return {"alignment_samples": rows}

@@ -1,0 +1,70 @@
+"""Encoder gradient coverage: slots whose fresh encoder output row received a non-zero gradient, out of B."""
+
+from __future__ import annotations
+
+import torch
+
+from diagnostics.events import StepEvents
+from diagnostics.probes.base import Probe, Row, Tensor, count
+
+
+class CoverageProbe(Probe):
+    """Exact per-step coverage from a hook on the fresh encoder output, placed before any mixing with cache.
+
+    For TRM the hooked rows are the looked-up puzzle-table rows; ``puzzle_ids_with_grad`` counts the distinct ids
+    among them that got gradient (the rows sign-SGD will move).
+    """
+
+    name = "coverage"
+    counters = (
+        ("coverage_num", "slots whose fresh encoder-output row got a non-zero gradient"),
+        ("coverage_den", "slots in the batch (B)"),
+        ("puzzle_ids_with_grad", "TRM: distinct puzzle ids whose table row got a non-zero gradient"),
+    )
+
+    def observe(self, events: StepEvents, metrics: dict[str, Tensor], row: Row) -> None:
+        row.set("coverage_den", float(events.batch_size))
+        row.set("coverage_num", 0.0)
+        row.set("puzzle_ids_with_grad", 0.0)
+        out = events.encoder_out
+        if out is None or not out.requires_grad or not events.training:
+            return
+        set_cov, set_ids = row.later("coverage_num"), row.later("puzzle_ids_with_grad")
+        slots, ids, is_trm = events.encoded_slots, events.puzzle_id_after, events.mode == "trm"
+
+        def hook(grad: Tensor) -> None:
+            got = grad.reshape(grad.shape[0], -1).ne(0).any(1)
+            set_cov(count(got))
+            if is_trm:
+                set_ids(distinct_count(ids[slots], got))
+
+        out.register_hook(hook)
+
+
+def distinct_count(ids: Tensor, keep: Tensor) -> Tensor:
+    """Distinct values of ``ids`` where ``keep`` holds, without a host sync (sort, then count boundaries)."""
+    v = torch.where(keep, ids, torch.full_like(ids, -1)).sort().values
+    if v.numel() == 0:
+        return v.new_zeros((), dtype=torch.float32)
+    starts = torch.cat([v[:1] >= 0, (v[1:] != v[:-1]) & (v[1:] >= 0)])
+    return count(starts)
+
+
+class GradNormProbe(Probe):
+    """Gradient norms of the encoder (or puzzle table rows) vs the rest of the model, before clipping."""
+
+    name = "grad_norm"
+    counters = (("grad_norm_encoder", "L2 norm of encoder parameter gradients"),
+                ("grad_norm_rest", "L2 norm of all other parameter gradients"))
+
+    def __init__(self, groups: dict[str, list[torch.nn.Parameter]]) -> None:
+        self.groups = groups
+
+    def observe(self, events: StepEvents, metrics: dict[str, Tensor], row: Row) -> None:
+        """Nothing to read from the events: the norms come after backward."""
+
+    def after_backward(self, row: Row) -> None:
+        for name in ("encoder", "rest"):
+            grads = [p.grad for p in self.groups.get(name, []) if p.grad is not None]
+            value = torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])) if grads else 0.0
+            row.set(f"grad_norm_{name}", value)
