@@ -1,5 +1,19 @@
-"""Diagnostics for recurrent ACT training; works with any model that emits ``StepEvents`` (never imports etrm)."""
+"""Diagnostics for recurrent ACT training; works with any model that emits ``StepEvents`` (never imports etrm).
 
-from diagnostics.events import EVENTS_VERSION, CarryView, PhaseClock, StepEvents
+The names below load lazily, so that importing a light submodule (the auto-loaded pytest plugin) does not import
+torch into every pytest run.
+"""
 
-__all__ = ["EVENTS_VERSION", "CarryView", "PhaseClock", "StepEvents"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = ["EVENTS_VERSION", "CarryView", "PhaseClock", "StepEvents", "load_run"]
+_HOME = {"load_run": "diagnostics.loading"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        return getattr(importlib.import_module(_HOME.get(name, "diagnostics.events")), name)
+    raise AttributeError(f"module 'diagnostics' has no attribute {name!r}")

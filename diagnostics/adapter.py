@@ -161,23 +161,28 @@ class Loaded:
 
 
 def load_factory(spec: str, search: Sequence[str | Path] = ()) -> Loaded:
-    """Import ``module:function`` (the function may be dotted); ``search`` dirs are tried if the import fails."""
+    """Import ``module:function`` (the function may be dotted); ``search`` dirs are tried if the import fails.
+
+    Raises ``ValueError`` with a one-line message naming the spec on any problem.
+    """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"--etrm-model {spec!r} is not valid; expected MODULE:FACTORY, e.g. mypkg.models:make_adapter")
+        raise ValueError(f"{spec!r} is not valid; expected MODULE:FACTORY, e.g. mypkg.models:make_adapter")
     try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != module_name.split(".")[0] and exc.name != module_name:
-            raise
-        extra = [str(p) for p in search if str(p) not in sys.path]
-        sys.path[:0] = extra
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if not exc.name or not module_name.startswith(exc.name):
+                raise
+            sys.path[:0] = [str(p) for p in search if str(p) not in sys.path]
+            module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"{spec!r}: cannot import {module_name} ({exc})") from exc
     obj: Any = module
     for part in attr.split("."):
         obj = getattr(obj, part, None)
         if obj is None:
-            raise ValueError(f"--etrm-model {spec!r}: {module_name} has no attribute {attr!r}")
+            raise ValueError(f"{spec!r}: module {module_name} has no attribute {attr!r}")
     if not callable(obj):
-        raise ValueError(f"--etrm-model {spec!r}: {attr} is not callable")
+        raise ValueError(f"{spec!r}: {attr} is not callable")
     return Loaded(spec, obj)

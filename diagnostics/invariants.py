@@ -26,6 +26,11 @@ class StepContext:
     after: CarryView
     max_steps: int
     batch_fields: Optional[dict[str, Tensor]] = None
+    batch_puzzle_id: Optional[Tensor] = None
+
+    def __post_init__(self) -> None:
+        if self.batch_puzzle_id is None and self.batch_fields is not None:
+            self.batch_puzzle_id = self.batch_fields.get("puzzle_id")
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,8 @@ def check_reset_takes_sample(ctx: StepContext) -> Tensor:
     bad = after.steps != 1
     if after.sample_id is not None:
         bad |= after.sample_id != ev.batch_sample_id
+    if after.puzzle_id is not None and ctx.batch_puzzle_id is not None:
+        bad |= after.puzzle_id != ctx.batch_puzzle_id
     if ctx.batch_fields is not None:
         bad |= _fields_differ(after.fields, ctx.batch_fields, ev.batch_size, ev.reset.device)
     return ev.reset & bad

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from diagnostics.runtime_check import InvariantChecker, InvariantError
 from diagnostics.store import TRACE_NAME
 from etrm.config import Config, ConfigError, apply_overrides, load_toml
 from etrm.errors import UserError
@@ -32,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="run directory (default runs/<automatic name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
     p.add_argument("--trace", action="store_true", help="trace every step into RUN_DIR/trace.sqlite")
+    p.add_argument("--check-invariants", action="store_true",
+                   help="check carry/label invariants every step (debugging: one host sync per step)")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (train.max_steps)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="train.device")
     p.add_argument("--seed", type=int, help="train.seed")
@@ -114,12 +117,19 @@ def _main(argv: list[str] | None) -> int:
         create_run_dir(run_dir, cfg)
     if args.trace or (args.resume and (run_dir / TRACE_NAME).exists()):
         trainer.enable_trace(preset)
+    if args.check_invariants:
+        trainer.checker = InvariantChecker(trainer.model.max_steps)
     reporter = Reporter(total=cfg.train.max_steps, start=trainer.step)
     mode = "trm" if cfg.model == "trm" else cfg.encoder.mode
     reporter.line(f"run {run_dir} | model {cfg.model} mode {mode} | {trainer.model.num_trainable_parameters():,} "
                   f"params | train {len(trainer.train_ds)} eval {len(trainer.eval_ds)} samples | {trainer.device}")
     try:
         result = trainer.run(cfg.train.max_steps, reporter)
+    except InvariantError as exc:
+        reporter.close()
+        print(f"etrm-train: invariant check failed: {exc}; no checkpoint was written for this step",
+              file=sys.stderr)
+        return 1
     finally:
         reporter.close()
     rows = {"run": str(run_dir), "steps": str(result.step), "wall time": f"{result.seconds:.1f} s",

@@ -19,6 +19,7 @@ import torch
 
 from diagnostics.events import PhaseClock, StepEvents
 from diagnostics.probes import default_probes
+from diagnostics.runtime_check import InvariantChecker
 from diagnostics.store import TRACE_NAME, TraceWriter
 from diagnostics.tracer import Tracer
 from etrm.config import Config
@@ -96,6 +97,7 @@ class Trainer:
         self.step_hooks: list[StepHook] = []
         self.stop_requested = False
         self.tracer: Tracer | None = None
+        self.checker: InvariantChecker | None = None
 
     def enable_trace(self, preset: str | None = None) -> None:
         """Trace every step into ``run_dir/trace.sqlite`` (call after the run directory exists, or after resume)."""
@@ -148,29 +150,38 @@ class Trainer:
         return contextlib.nullcontext()
 
     # ----------------------------------------------------------------------------------------------------------
-    def next_batch(self) -> dict[str, torch.Tensor]:
+    def next_batch(self, clock: PhaseClock | None = None) -> dict[str, torch.Tensor]:
         """Fresh samples for the slots that halted last step (the sampler needs the reset mask on the host)."""
-        reset = self.carry.halted.cpu().numpy()
-        fill = self.sampler.fill(reset)
-        self.samples_dropped += len(fill.dropped_ids)
-        return self._to_device(self.train_ds.batch(fill.batch_ids))
+        with _phase(clock, "data"):
+            reset = self.carry.halted.cpu().numpy()
+            fill = self.sampler.fill(reset)
+            self.samples_dropped += len(fill.dropped_ids)
+            batch = self.train_ds.batch(fill.batch_ids)
+        with _phase(clock, "h2d"):
+            return self._to_device(batch)
 
     def train_step(self) -> tuple[StepEvents, dict[str, torch.Tensor]]:
         """One ACT step for every slot, one backward, one optimizer step. Returns the step's events and metrics."""
         tc = self.cfg.train
         clock = PhaseClock(cuda=self.device.type == "cuda") if self.tracer is not None else None
-        with _phase(clock, "data"):
-            batch = self.next_batch()
+        batch = self.next_batch(clock)
         self.model.train()
+        if self.checker is not None:
+            self.checker.before_step(self.carry.view())
         with self.autocast():
             carry, out, events = self.model(self.carry, batch, clock=clock)
             with _phase(clock, "loss"):
                 loss, metrics = self.loss_fn(out, events)
+        if self.checker is not None:  # debugging runs only: each check reads results back (a sync per step)
+            self.checker.after_step(events, carry.view(), batch, step=self.step + 1)
+            self.checker.watch_coverage(events)
         with _phase(clock, "trace"):
             for hook in self.step_hooks:  # after the loss (events complete), before backward (grad hooks attach)
                 hook(self.step, events, metrics)
         with _phase(clock, "backward"):
             (loss / tc.batch_size).backward()
+        if self.checker is not None:
+            self.checker.after_backward(step=self.step + 1)
         if self.tracer is not None:
             self.tracer.after_backward()
         with _phase(clock, "optimizer"):
@@ -254,6 +265,9 @@ class Trainer:
                 result.stopped_early = True
                 reporter.line(f"stopped at step {self.step} on request; checkpoint saved, continue with --resume")
             self._end_trace("stopped" if stop else "end", "")
+        except BaseException as exc:
+            self._end_trace("crashed", f"{type(exc).__name__}: {exc}"[:500])
+            raise
         finally:
             signal.signal(signal.SIGINT, previous)
         elapsed = time.perf_counter() - t_start

@@ -134,7 +134,7 @@ def test_rows_reach_sqlite_and_halting_histogram_adds_up(tmp_path):
     for (_, halted, *_), (_, _, _, _, _, resets_next) in zip(stored, stored[1:]):
         assert resets_next == halted
     phases = {p for (p,) in db.execute("SELECT DISTINCT phase FROM timings")}
-    assert {"data", "encoder", "inner", "loss", "backward", "optimizer", "trace"} <= phases
+    assert {"data", "h2d", "encoder", "inner", "loss", "backward", "optimizer", "trace"} <= phases
     assert len(rows) == 10
 
 

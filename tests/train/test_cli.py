@@ -178,3 +178,19 @@ def test_mode_trains_end_to_end(mode: str, tmp_path: Path, capsys, tiny, mode_ar
     assert state["step"] == 6
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert sorted(p.name for p in run_dir.iterdir()) == [CHECKPOINT_NAME, CONFIG_NAME]
+
+
+def test_check_invariants_passes_a_healthy_run_and_stops_a_faulty_one(tmp_path: Path, capsys, tiny) -> None:
+    """``--check-invariants``: a healthy run finishes (exit 0); label-from-batch stops at its first step with a
+    continuing slot, exit 1, naming the invariant; no checkpoint is written for the bad step."""
+    assert main(["--preset", "demo", *tiny, "--max-steps", "4", "--check-invariants",
+                 "--run-dir", str(tmp_path / "ok")]) == 0
+    capsys.readouterr()
+    bad = tmp_path / "bad"
+    code = main(["--preset", "demo", *tiny, "fault=label-from-batch", "--max-steps", "6", "--check-invariants",
+                 "--run-dir", str(bad)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "invariant 'loss-labels-aligned' violated at step 2" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (bad / CHECKPOINT_NAME).exists()
