@@ -103,6 +103,7 @@ class Tracer:
         self.reduce = reduce
         self.writer = writer
         self.thread: _Writer | None = None
+        self.last_alignment: list[tuple] = []
         if writer is not None:
             writer.add_counters((name, p.name, desc) for p in probes for name, desc in p.counters)
             self.thread = _Writer(writer)
@@ -155,6 +156,7 @@ class Tracer:
             for table, rows in probe.flush(steps).items():
                 extras.setdefault(table, []).extend(rows)
         self.steps, self.clocks, self.rows = [], [], []
+        self.last_alignment = extras.get("alignment_samples", [])
         records = [dict(zip(self.columns, v)) for v in values]
         if self.thread is not None:
             names = list(self.columns)

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 from diagnostics.events import PhaseClock, StepEvents
+from diagnostics.doctor import LiveDoctor
+from diagnostics.loading import load_run
 from diagnostics.probes import default_probes
 from diagnostics.runtime_check import InvariantChecker
 from diagnostics.store import TRACE_NAME, TraceWriter
@@ -98,6 +100,7 @@ class Trainer:
         self.stop_requested = False
         self.tracer: Tracer | None = None
         self.checker: InvariantChecker | None = None
+        self.doctor: LiveDoctor | None = None
 
     def enable_trace(self, preset: str | None = None) -> None:
         """Trace every step into ``run_dir/trace.sqlite`` (call after the run directory exists, or after resume)."""
@@ -118,6 +121,9 @@ class Trainer:
         self.tracer = Tracer(default_probes(cfg.max_steps_per_sample, groups), writer, self.device,
                              capacity=cfg.train.trace_every)
         self.step_hooks.append(self.tracer.on_step)
+        self.doctor = LiveDoctor(meta)
+        if self.step:  # resumed: findings that already held must not fire (and be re-stored) again
+            self.doctor.replay(load_run(self.run_dir))
 
     # ----------------------------------------------------------------------------------------------------------
     def _build_optimizers(self) -> list:
@@ -284,7 +290,11 @@ class Trainer:
         save_checkpoint(self.run_dir, self.state_dict())
 
     def on_trace_rows(self, rows: list[dict[str, float]], reporter: Reporter) -> None:
-        """Flushed trace rows (hook point for the live doctor)."""
+        """Flushed trace rows go to the live doctor; a finding is printed and stored the first time it holds."""
+        assert self.tracer is not None and self.doctor is not None
+        for finding in self.doctor.update(rows, alignment=self.tracer.last_alignment):
+            reporter.warn(f"{finding.code} (step {finding.first_step}): {finding.message}")
+            self.tracer.submit(finding.store)
 
     def _end_trace(self, kind: str, detail: str) -> None:
         if self.tracer is not None:

@@ -1,0 +1,139 @@
+"""``etrm-doctor RUN [--json] [--export csv|parquet FILE]``: findings of a run, recomputed from its steps table.
+
+Exit 0 when no error finding holds, 1 when one does, 2 on bad input (missing or corrupt run, bad arguments). The
+trace is opened read-only: the doctor never writes to a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from diagnostics.doctor import DoctorConfig, Finding, diagnose, has_error, summary
+from diagnostics.loading import as_json_value, load_evals, load_run
+from diagnostics.store import TraceError
+
+PROG = "etrm-doctor"
+COLOURS = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+STATUS_COLOURS = {"live": "green", "finished": "green", "stopped": "yellow", "crashed": "red"}
+
+
+class _BadInput(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        raise _BadInput(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Findings of a traced etrm run: gradient starvation, label misalignment, "
+                                       "wasted encoder work, non-finite loss, halting collapse, dropped samples.")
+    p.add_argument("run", metavar="RUN", help="run directory (holding trace.sqlite) or the trace file itself")
+    p.add_argument("--json", action="store_true", help="print JSON with 'summary' and 'findings' instead of a report")
+    p.add_argument("--export", nargs=2, metavar=("FORMAT", "FILE"),
+                   help="also write the steps table (with derived ratios) as csv or parquet")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a doctor threshold, e.g. --set window=20 --set coverage_min=0.3")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        cfg = DoctorConfig().with_overrides(args.set)
+        if args.export and args.export[0] not in ("csv", "parquet"):
+            raise _BadInput(f"--export format must be csv or parquet, not {args.export[0]!r}")
+        df = load_run(args.run)
+        evals = load_evals(args.run)
+    except (_BadInput, TraceError, ValueError) as exc:
+        return _fail(exc)
+    meta = df.attrs.get("meta", {})
+    findings = diagnose(df, meta, cfg)
+    info = summary(df, meta, cfg=cfg)
+    if len(evals):
+        info["last_eval"] = as_json_value({"step": int(evals.index[-1]), **evals.iloc[-1].to_dict()})
+    if args.export:
+        try:
+            _export(df, args.export[0], Path(args.export[1]))
+        except (OSError, ValueError, ImportError) as exc:
+            return _fail(exc)
+        print(f"{PROG}: exported {len(df)} steps to {args.export[1]}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"run": str(args.run), "summary": info, "findings": [f.to_dict() for f in findings]},
+                         indent=2))
+    else:
+        _report(str(args.run), info, findings)
+    return 1 if has_error(findings) else 0
+
+
+def _fail(exc: BaseException) -> int:
+    print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+    return 2
+
+
+def _export(df, fmt: str, path: Path) -> None:
+    out = df.copy()
+    out.attrs = {"meta": df.attrs.get("meta", {})}
+    if fmt == "csv":
+        out.to_csv(path)
+    else:
+        out.to_parquet(path)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def _report(run: str, info: dict[str, Any], findings: list[Finding]) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"etrm-doctor: {run}", show_header=False, title_justify="left")
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    for key, value in info.items():
+        if key == "last_eval" or value is None:
+            continue
+        text = escape(_fmt(value))
+        if key == "status":
+            text = f"[{STATUS_COLOURS.get(value, 'white')}]{text}[/]"
+        table.add_row(key, text)
+    if "last_eval" in info:
+        table.add_row("last_eval", escape(_fmt(info["last_eval"])))
+    console.print(table)
+    if not findings:
+        console.print("[green]no findings[/]: no rule holds on this run")
+        return
+    ft = Table(title="findings", title_justify="left")
+    ft.add_column("severity", no_wrap=True)
+    ft.add_column("code", style="bold", no_wrap=True)
+    ft.add_column("step", justify="right", no_wrap=True)
+    ft.add_column("message and evidence")
+    for f in findings:
+        colour = COLOURS.get(f.severity, "white")
+        evidence = "\n".join(f"  {k} = {_fmt(v)}" for k, v in f.evidence.items())
+        ft.add_row(f"[{colour}]{f.severity}[/]", f"[{colour}]{f.code}[/]", _fmt(f.first_step),
+                   escape(f.message) + "\n[dim]" + escape(evidence) + "[/]")
+    console.print(ft)
+    errors = sum(f.severity == "error" for f in findings)
+    if errors:
+        console.print(f"[bold red]{errors} error finding(s)[/]: exit 1")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

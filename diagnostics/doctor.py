@@ -1,0 +1,608 @@
+"""The doctor: rules that turn per-step counters into findings (design.md, "Findings").
+
+Every rule is a window rule: it sums a few per-step features over a window of consecutive steps (1 for per-step
+rules) and holds on the first full window whose sums satisfy its predicate; the finding's ``first_step`` is the last
+step of that window (the step at which a live reader first knows). One scan function serves both the offline doctor
+(``diagnose``: the whole steps table at once) and ``LiveDoctor`` (the rows of each flush, with a carried tail of the
+last window and running totals), so both report the same code and first step.
+
+Rules know the mode (``meta["mode"]``): halting rules never apply to ``fct``. Thresholds live in ``DoctorConfig``.
+Adding a rule: subclass ``Rule`` and append an instance to ``RULES`` (``encoder-collapse`` goes there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from diagnostics.loading import DERIVED, as_json_value
+
+_DERIVED_NAMES = frozenset(DERIVED)
+
+SEVERITIES = ("error", "warning", "info")
+
+
+@dataclass(frozen=True)
+class DoctorConfig:
+    """Thresholds of the rules; every field can be overridden (``etrm-doctor --set window=20``)."""
+
+    window: int = 10                 # steps per window for gradient-starvation and wasted-encoder-compute
+    coverage_min: float = 0.5        # gradient-starvation: window coverage below this
+    encode_ratio_max: float = 1.5    # wasted-encoder-compute: slots encoded / slots needed above this
+    halting_window: int = 20         # steps per window for halting-collapse
+    halting_min_halts: int = 8       # halting-collapse: judge a window only with at least this many halts
+    q_min_tp: int = 5                # Q-head has learned: at least this many true Q-halts in a window ...
+    #                                  ... with precision above the base rate (and, for "never halts", this many
+    #                                  correct sequences in the window it could have halted on)
+    early_halt_share: float = 0.85   # halting-collapse: share of halts at step 1 (exploration vetoes some)
+    first_samples: int = 5           # label-misalignment: offending slots listed in the evidence
+
+    def __post_init__(self) -> None:
+        for name in ("window", "halting_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DoctorConfig.{name} must be at least 1")
+
+    def with_overrides(self, items: Iterable[str]) -> "DoctorConfig":
+        """A copy with ``key=value`` overrides applied (values parsed as the field's type)."""
+        kinds = {f.name: type(getattr(self, f.name)) for f in fields(self)}
+        changes: dict[str, Any] = {}
+        for item in items:
+            key, sep, value = item.partition("=")
+            key = key.strip()
+            if not sep or key not in kinds:
+                raise ValueError(f"unknown doctor setting {item!r}; known: {', '.join(kinds)}")
+            try:
+                changes[key] = kinds[key](value)
+            except ValueError:
+                raise ValueError(f"doctor setting {key} needs a {kinds[key].__name__}, got {value!r}") from None
+        return replace(self, **changes)
+
+
+@dataclass
+class Finding:
+    """A named problem: stable code, severity, the first step where it held, its evidence (numbers) and a message."""
+
+    code: str
+    severity: str
+    first_step: int | None
+    evidence: dict[str, Any]
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return as_json_value(asdict(self))
+
+    def store(self, writer: Any) -> None:
+        """Write into a run's findings table (a ``TraceWriter``; e.g. ``tracer.submit(finding.store)``)."""
+        writer.write_finding(self.code, self.severity, self.first_step, as_json_value(self.evidence), self.message)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The scan shared by offline and live use
+
+@dataclass
+class _State:
+    """What a rule carries between chunks: the last window-1 rows of its features, totals, latches."""
+
+    tail: dict[str, np.ndarray] | None = None
+    tail_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    rows: int = 0
+    totals: dict[str, float] = field(default_factory=dict)
+    steps_with: dict[str, int] = field(default_factory=dict)
+    latch: bool = False
+    latch_step: int | None = None
+
+
+@dataclass
+class _Window:
+    """Sums of features over the window that ends at one step, plus run totals (whole run offline, so far live)."""
+
+    start: int
+    end: int
+    sums: dict[str, float]
+    totals: dict[str, float]
+    steps_with: dict[str, int]
+    latch_step: int | None = None
+
+
+class Rule:
+    """One finding. Subclasses set ``code``/``severity`` and implement ``features``, ``holds`` and ``finding``."""
+
+    code = "rule"
+    severity = "warning"
+
+    def applies(self, meta: Mapping[str, Any]) -> bool:
+        return True
+
+    def needs(self, meta: Mapping[str, Any], columns: Sequence[str]) -> tuple[str, ...]:
+        """Stored columns required; the rule is skipped when one is missing."""
+        return ()
+
+    def window(self, cfg: DoctorConfig) -> int:
+        return 1
+
+    def features(self, cols: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Per-step values to sum over the window (NaN counts as 0)."""
+        return {name: cols[name] for name in self.needs(meta, list(cols))}
+
+    def learned(self, w: dict[str, np.ndarray], cfg: DoctorConfig) -> np.ndarray | None:
+        """An optional latch: once it held on a full window, it stays (e.g. the Q-head has learned)."""
+        return None
+
+    def holds(self, w: dict[str, np.ndarray], latch: np.ndarray, cfg: DoctorConfig,
+              meta: Mapping[str, Any]) -> np.ndarray:
+        raise NotImplementedError
+
+    def finding(self, at: _Window, cfg: DoctorConfig, meta: Mapping[str, Any], extra: Mapping[str, Any]) -> Finding:
+        raise NotImplementedError
+
+    def make(self, evidence: dict[str, Any], first_step: int, message: str) -> Finding:
+        return Finding(self.code, self.severity, int(first_step), as_json_value(evidence), message)
+
+    # -- the scan ------------------------------------------------------------------------------------------------
+    def scan(self, steps: np.ndarray, cols: Mapping[str, np.ndarray], cfg: DoctorConfig, meta: Mapping[str, Any],
+             state: _State, extra: Mapping[str, Any] | None = None) -> Finding | None:
+        """Consume new rows (``steps`` ascending); return the finding if it holds for the first time in them."""
+        n = len(steps)
+        if n == 0:
+            return None
+        feats = {k: np.nan_to_num(np.asarray(v, dtype=float), nan=0.0, posinf=np.inf, neginf=-np.inf)
+                 for k, v in self.features(cols, meta).items()}
+        w = self.window(cfg)
+        tail = state.tail or {}
+        k = len(state.tail_steps)
+        joined = {name: np.concatenate([tail.get(name, np.zeros(k)), v]) for name, v in feats.items()}
+        all_steps = np.concatenate([state.tail_steps, np.asarray(steps, dtype=np.int64)])
+        sums = {name: _rolling_sum(v, w)[k:] for name, v in joined.items()}
+        # a window is full once w rows were seen in total
+        valid = (state.rows + np.arange(1, n + 1)) >= w
+        prefix = {name: np.cumsum(v) + state.totals.get(name, 0.0) for name, v in feats.items()}
+        hits = {name: np.cumsum(v > 0) + state.steps_with.get(name, 0) for name, v in feats.items()}
+        learned = self.learned(sums, cfg)
+        if learned is None:
+            latch = np.ones(n, dtype=bool)
+        else:
+            latch = np.logical_or.accumulate((learned & valid) | state.latch)
+        held = self.holds(sums, latch, cfg, meta) & valid & latch
+        # carry the state past this chunk
+        if learned is not None and state.latch_step is None and latch.any():
+            state.latch_step = int(steps[int(np.argmax(latch))])
+        state.latch = bool(latch[-1])
+        state.rows += n
+        state.totals = {name: float(v[-1]) for name, v in prefix.items()}
+        state.steps_with = {name: int(v[-1]) for name, v in hits.items()}
+        cut = max(len(all_steps) - (w - 1), 0)  # keep the last w-1 rows
+        state.tail = {name: v[cut:] for name, v in joined.items()}
+        state.tail_steps = all_steps[cut:]
+        if not held.any():
+            return None
+        i = int(np.argmax(held))
+        start_index = k + i - (w - 1)
+        start = int(all_steps[start_index]) if start_index >= 0 else int(steps[0])
+        at = _Window(start=start, end=int(steps[i]), sums={name: float(v[i]) for name, v in sums.items()},
+                     totals=dict(state.totals), steps_with=dict(state.steps_with), latch_step=state.latch_step)
+        return self.finding(at, cfg, meta, extra or {})
+
+
+def _rolling_sum(v: np.ndarray, w: int) -> np.ndarray:
+    """Sum of the last ``w`` values at each position (fewer at the start); exact for integer-valued counts."""
+    c = np.concatenate([[0.0], np.cumsum(v)])
+    idx = np.arange(1, len(v) + 1)
+    return c[idx] - c[np.maximum(idx - w, 0)]
+
+
+def _div(num: float, den: float) -> float | None:
+    return num / den if den else None
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The rules (design.md's table)
+
+class GradientStarvation(Rule):
+    """Encoder coverage (slots whose fresh encoder output got gradient / B) below ``coverage_min`` over a window."""
+
+    code, severity = "gradient-starvation", "error"
+
+    def needs(self, meta, columns):
+        return ("coverage_num", "coverage_den", "resets", "slots")
+
+    def window(self, cfg):
+        return cfg.window
+
+    def holds(self, w, latch, cfg, meta):
+        return (w["coverage_den"] > 0) & (w["coverage_num"] < cfg.coverage_min * w["coverage_den"])
+
+    def finding(self, at, cfg, meta, extra):
+        s, t = at.sums, at.totals
+        cov, resets = _div(s["coverage_num"], s["coverage_den"]), _div(s["resets"], s["slots"])
+        ev = {"window": [at.start, at.end], "coverage_mean": cov, "reset_fraction_mean": resets,
+              "threshold": cfg.coverage_min, "run_coverage_mean": _div(t["coverage_num"], t["coverage_den"]),
+              "run_reset_fraction_mean": _div(t["resets"], t["slots"]), "mode": meta.get("mode")}
+        msg = (f"encoder gradient coverage {_pct(cov)} over steps {at.start}..{at.end} (threshold "
+               f"{cfg.coverage_min}): most slots' encoder outputs get no gradient")
+        if cov is not None and resets is not None and abs(cov - resets) < 1e-9:
+            msg += (f"; it equals the reset fraction {_pct(resets)}, so only freshly reset slots are trained "
+                    "(the signature of a cached, detached context)")
+        return self.make(ev, at.end, msg)
+
+
+ALIGNMENT_COLUMNS = ("label_mismatch", "demo_mismatch", "carry_mismatch")
+
+
+class LabelMisalignment(Rule):
+    """Any slot whose loss labels, demos or carried identity belong to another sample."""
+
+    code, severity = "label-misalignment", "error"
+
+    def needs(self, meta, columns):
+        return tuple(c for c in ALIGNMENT_COLUMNS if c in columns) or ALIGNMENT_COLUMNS
+
+    def features(self, cols, meta):
+        present = self.needs(meta, list(cols))
+        out = {c: np.nan_to_num(np.asarray(cols[c], dtype=float)) for c in present}
+        out["any"] = sum(out.values())
+        return out
+
+    def holds(self, w, latch, cfg, meta):
+        return w["any"] > 0
+
+    def finding(self, at, cfg, meta, extra):
+        t = at.totals
+        ev = {c: int(t[c]) for c in ALIGNMENT_COLUMNS if c in t}
+        ev.update(total=int(t["any"]), steps_affected=at.steps_with["any"])
+        samples = list(extra.get("alignment_samples") or [])[: cfg.first_samples]
+        ev["first_samples"] = [{k: (None if v is None or v != v else int(v)) for k, v in dict(r).items()}
+                               for r in samples]
+        parts = [f"{ev[c]} {c.split('_')[0]}" for c in ALIGNMENT_COLUMNS if ev.get(c)]
+        msg = (f"{ev['total']} slot mismatches ({', '.join(parts)}) over {ev['steps_affected']} steps, from step "
+               f"{at.end}: the loss or context of some slots belongs to another sample")
+        return self.make(ev, at.end, msg)
+
+
+class WastedEncoderCompute(Rule):
+    """Slots encoded well above slots needed, summed over a window."""
+
+    code, severity = "wasted-encoder-compute", "warning"
+
+    def needs(self, meta, columns):
+        return ("encoded", "encode_needed")
+
+    def window(self, cfg):
+        return cfg.window
+
+    def holds(self, w, latch, cfg, meta):
+        return (w["encoded"] > 0) & (w["encoded"] > cfg.encode_ratio_max * w["encode_needed"])
+
+    def finding(self, at, cfg, meta, extra):
+        s, t = at.sums, at.totals
+        r = _div(s["encoded"], s["encode_needed"])
+        ev = {"window": [at.start, at.end], "encoded": int(s["encoded"]), "encode_needed": int(s["encode_needed"]),
+              "ratio": r, "threshold": cfg.encode_ratio_max, "run_ratio": _div(t["encoded"], t["encode_needed"]),
+              "mode": meta.get("mode")}
+        msg = (f"the encoder ran on {int(s['encoded'])} slots where {int(s['encode_needed'])} needed it over steps "
+               f"{at.start}..{at.end} (ratio {'inf' if r is None else f'{r:.2f}'}, threshold "
+               f"{cfg.encode_ratio_max}): encoder work is computed and discarded")
+        return self.make(ev, at.end, msg)
+
+
+LOSS_COLUMNS = ("loss", "lm_loss", "q_halt_loss", "q_continue_loss")
+GRAD_COLUMNS = ("grad_norm_encoder", "grad_norm_rest")
+
+
+class NonFiniteLoss(Rule):
+    """A non-finite loss (the step's flag, or an infinite loss term) or gradient norm on any step.
+
+    A NaN is stored as NULL, so a NULL gradient norm counts as non-finite on rows that carry the loss probe's flag
+    (a row from a segment without the gradient-norm probe would have no flag for it either way).
+    """
+
+    code, severity = "non-finite-loss", "error"
+
+    def needs(self, meta, columns):
+        return ("non_finite",)
+
+    def features(self, cols, meta):
+        flag = np.asarray(cols["non_finite"], dtype=float)
+        bad = np.nan_to_num(flag) > 0
+        out: dict[str, np.ndarray] = {}
+        for c in LOSS_COLUMNS + GRAD_COLUMNS:
+            if c in cols:
+                v = np.asarray(cols[c], dtype=float)
+                col_bad = np.isinf(v)
+                if c in GRAD_COLUMNS:
+                    col_bad |= np.isnan(v) & ~np.isnan(flag)
+                out[c] = col_bad.astype(float)
+                bad |= col_bad
+        out["flag"] = (np.nan_to_num(flag) > 0).astype(float)
+        out["any"] = bad.astype(float)
+        return out
+
+    def holds(self, w, latch, cfg, meta):
+        return w["any"] > 0
+
+    def finding(self, at, cfg, meta, extra):
+        cols = [c for c in LOSS_COLUMNS + GRAD_COLUMNS if at.sums.get(c, 0) > 0]
+        ev = {"steps_affected": at.steps_with["any"], "flagged_steps": at.steps_with["flag"],
+              "columns": (["non_finite"] if at.sums.get("flag", 0) > 0 else []) + cols}
+        msg = (f"non-finite loss or gradient at step {at.end} ({', '.join(ev['columns'])}); "
+               f"{ev['steps_affected']} steps affected")
+        return self.make(ev, at.end, msg)
+
+
+class HaltingCollapse(Rule):
+    """Once the Q-head has learned (a window with enough true Q-halts and precision above the base rate), all
+    halts at step 1, or none before the maximum step although correct sequences were there to halt on.
+    Never for ``fct``, whose slots all run a fixed number of steps."""
+
+    code, severity = "halting-collapse", "warning"
+
+    def applies(self, meta):
+        return meta.get("mode") != "fct"
+
+    def max_steps(self, meta, columns) -> int | None:
+        m = meta.get("max_steps_per_sample")
+        if isinstance(m, (int, float)) and m >= 2:
+            return int(m)
+        ks = [int(c[len("halt_at_"):]) for c in columns if c.startswith("halt_at_") and c[len("halt_at_"):].isdigit()]
+        return max(ks) if ks and max(ks) >= 2 else None
+
+    def needs(self, meta, columns):
+        m = self.max_steps(meta, columns)
+        if m is None:
+            return ("halt_at_1", "halt_at_2")  # absent or a one-step run: skipped
+        return ("halted", "halt_at_1", f"halt_at_{m}", "q_tp", "q_fp", "q_correct", "real_slots")
+
+    def features(self, cols, meta):
+        m = self.max_steps(meta, list(cols))
+        out = {c: cols[c] for c in ("halted", "halt_at_1", "q_tp", "q_fp", "q_correct", "real_slots")}
+        out["halt_at_max"] = cols[f"halt_at_{m}"]
+        return out
+
+    def window(self, cfg):
+        return cfg.halting_window
+
+    def learned(self, w, cfg):
+        said = w["q_tp"] + w["q_fp"]
+        return (w["q_tp"] >= cfg.q_min_tp) & (w["q_tp"] * w["real_slots"] > w["q_correct"] * said)
+
+    def holds(self, w, latch, cfg, meta):
+        enough = w["halted"] >= cfg.halting_min_halts
+        at_one = w["halt_at_1"] >= cfg.early_halt_share * w["halted"]
+        never = (w["halt_at_max"] >= w["halted"]) & (w["q_correct"] >= cfg.q_min_tp)
+        return enough & (at_one | never)
+
+    def finding(self, at, cfg, meta, extra):
+        s = at.sums
+        at_one = s["halt_at_1"] >= cfg.early_halt_share * s["halted"]
+        kind = "all-halt-at-step-1" if at_one else "none-before-max-steps"
+        said = s["q_tp"] + s["q_fp"]
+        ev = {"kind": kind, "window": [at.start, at.end], "halts": int(s["halted"]),
+              "halts_at_step_1": int(s["halt_at_1"]), "halts_at_max_steps": int(s["halt_at_max"]),
+              "share_at_step_1": _div(s["halt_at_1"], s["halted"]), "q_precision": _div(s["q_tp"], said),
+              "q_base_rate": _div(s["q_correct"], s["real_slots"]), "q_learned_at": at.latch_step,
+              "max_steps_per_sample": self.max_steps(meta, [])}
+        if at_one:
+            msg = (f"{ev['halts_at_step_1']} of {ev['halts']} halts at step 1 over steps {at.start}..{at.end}, after "
+                   f"the Q-head had learned (step {at.latch_step}): halting collapsed to one step")
+        else:
+            msg = (f"no slot halted before the maximum step over steps {at.start}..{at.end}, with "
+                   f"{int(s['q_correct'])} correct sequences to halt on, after the Q-head had learned (step "
+                   f"{at.latch_step}): halting collapsed to never")
+        return self.make(ev, at.end, msg)
+
+
+class DroppedSamples(Rule):
+    """Fresh samples fed to slots that did not take them (the ``trm`` sampler's feed): a fact, not a defect."""
+
+    code, severity = "dropped-samples", "info"
+
+    def needs(self, meta, columns):
+        return ("samples_dropped", "samples_consumed")
+
+    def holds(self, w, latch, cfg, meta):
+        return w["samples_dropped"] > 0
+
+    def finding(self, at, cfg, meta, extra):
+        t = at.totals
+        dropped, consumed = int(t["samples_dropped"]), int(t["samples_consumed"])
+        ev = {"samples_dropped": dropped, "samples_consumed": consumed,
+              "drop_fraction": _div(dropped, dropped + consumed), "steps_affected": at.steps_with["samples_dropped"]}
+        msg = (f"{dropped} fresh samples were fed to continuing slots and dropped ({consumed} consumed), from step "
+               f"{at.end}: upstream TRM's feed; each sample is seen fewer times than the data loader suggests")
+        return self.make(ev, at.end, msg)
+
+
+# The rules, in report order. encoder-collapse (warning: context nearly identical across puzzles after a warm-up)
+# is added here by its own issue, as another ``Rule`` subclass over its probe's counters.
+RULES: list[Rule] = [GradientStarvation(), LabelMisalignment(), NonFiniteLoss(), WastedEncoderCompute(),
+                     HaltingCollapse(), DroppedSamples()]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Offline
+
+def _columns(df: pd.DataFrame) -> dict[str, np.ndarray]:
+    return {c: df[c].to_numpy(dtype=float) for c in df.columns if pd.api.types.is_numeric_dtype(df[c])}
+
+
+def check(rule: Rule, df: pd.DataFrame, meta: Mapping[str, Any] | None = None, cfg: DoctorConfig | None = None,
+          alignment: Sequence[Mapping[str, Any]] | None = None) -> Finding | None:
+    """Run one rule over a steps table (indexed by step); None when it does not apply, lacks columns or never holds."""
+    meta = df.attrs.get("meta", {}) if meta is None else meta
+    cfg = cfg or DoctorConfig()
+    cols = _columns(df)
+    if not rule.applies(meta) or any(c not in cols for c in rule.needs(meta, list(cols))):
+        return None
+    df_steps = df.index.to_numpy(dtype=np.int64)
+    order = np.argsort(df_steps, kind="stable")
+    cols = {k: v[order] for k, v in cols.items()}
+    if alignment is None:
+        alignment = df.attrs.get("alignment_samples", [])
+    return rule.scan(df_steps[order], cols, cfg, meta, _State(), {"alignment_samples": alignment})
+
+
+def gradient_starvation(df, meta=None, cfg=None):
+    return check(RULES[0], df, meta, cfg)
+
+
+def label_misalignment(df, meta=None, cfg=None, alignment=None):
+    return check(RULES[1], df, meta, cfg, alignment)
+
+
+def non_finite_loss(df, meta=None, cfg=None):
+    return check(RULES[2], df, meta, cfg)
+
+
+def wasted_encoder_compute(df, meta=None, cfg=None):
+    return check(RULES[3], df, meta, cfg)
+
+
+def halting_collapse(df, meta=None, cfg=None):
+    return check(RULES[4], df, meta, cfg)
+
+
+def dropped_samples(df, meta=None, cfg=None):
+    return check(RULES[5], df, meta, cfg)
+
+
+def diagnose(df: pd.DataFrame, meta: Mapping[str, Any] | None = None, cfg: DoctorConfig | None = None,
+             alignment: Sequence[Mapping[str, Any]] | None = None,
+             rules: Sequence[Rule] | None = None) -> list[Finding]:
+    """Every finding that holds on the steps table, errors first, then by first step."""
+    found = [f for rule in (RULES if rules is None else rules)
+             if (f := check(rule, df, meta, cfg, alignment)) is not None]
+    return sorted(found, key=lambda f: (SEVERITIES.index(f.severity), f.first_step or 0))
+
+
+def has_error(findings: Iterable[Finding]) -> bool:
+    return any(f.severity == "error" for f in findings)
+
+
+def summary(df: pd.DataFrame, meta: Mapping[str, Any] | None = None, status: str | None = None,
+            cfg: DoctorConfig | None = None) -> dict[str, Any]:
+    """The run in numbers: size, status, coverage, resets, encoder work, alignment, halting, final accuracy and loss.
+
+    Run-wide values are ratios of sums over every step; ``*_final`` values are over the last ``cfg.window`` steps.
+    """
+    meta = df.attrs.get("meta", {}) if meta is None else meta
+    cfg = cfg or DoctorConfig()
+    status = status if status is not None else df.attrs.get("status")
+    last = df.sort_index().tail(cfg.window)
+
+    def tot(frame: pd.DataFrame, *names: str) -> float | None:
+        if not all(n in frame.columns for n in names):
+            return None
+        return float(sum(frame[n].fillna(0.0).sum() for n in names))
+
+    def rat(frame: pd.DataFrame, num: tuple[str, ...], den: tuple[str, ...]) -> float | None:
+        a, b = tot(frame, *num), tot(frame, *den)
+        return None if a is None or b is None or b == 0 else a / b
+
+    def count(name: str) -> int | None:
+        v = tot(df, name)
+        return None if v is None else int(v)
+
+    align = [tot(df, c) for c in ALIGNMENT_COLUMNS if c in df.columns]
+    out: dict[str, Any] = {
+        "model": meta.get("model"), "mode": meta.get("mode"), "preset": meta.get("preset"),
+        "sampler": meta.get("sampler"), "fault": meta.get("fault"), "batch_size": meta.get("batch_size"),
+        "max_steps_per_sample": meta.get("max_steps_per_sample"), "status": status,
+        "steps": int(len(df)), "first_step": int(df.index.min()) if len(df) else None,
+        "last_step": int(df.index.max()) if len(df) else None, "max_steps": meta.get("max_steps"),
+        "encoder_coverage_mean": rat(df, ("coverage_num",), ("coverage_den",)),
+        "encoder_coverage_min": (float(df["coverage"].min()) if "coverage" in df.columns
+                                 and df["coverage"].notna().any() else None),
+        "reset_fraction_mean": rat(df, ("resets",), ("slots",)),
+        "encoded_per_needed": rat(df, ("encoded",), ("encode_needed",)),
+        "samples_consumed": count("samples_consumed"), "samples_dropped": count("samples_dropped"),
+        "alignment_mismatches": int(sum(align)) if align else None,
+        "non_finite_steps": int((df["non_finite"].fillna(0) > 0).sum()) if "non_finite" in df.columns else None,
+        "mean_inflight_step": rat(df, ("inflight_step_sum",), ("real_slots",)),
+        "q_precision": rat(df, ("q_tp",), ("q_tp", "q_fp")),
+        "q_recall": rat(df, ("q_tp",), ("q_tp", "q_fn")),
+        "q_base_rate": rat(df, ("q_correct",), ("real_slots",)),
+        "exact_inflight_final": rat(last, ("inflight_exact",), ("inflight_count",)),
+        "exact_halted_final": rat(last, ("halted_exact",), ("halted_count",)),
+        "loss_final": rat(last, ("loss",), ("slots",)),
+    }
+    return as_json_value(out)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Live
+
+class LiveDoctor:
+    """The doctor inside a trainer: feed it each flush's rows; it returns the findings that hold for the first time.
+
+    Cheap: per rule it keeps only the last window of its features, running totals and a latch, so memory and time
+    per flush do not grow with the run. Its findings have the same code and first step as ``diagnose`` on the stored
+    steps table; their evidence is over the steps seen so far.
+
+        doctor = LiveDoctor(meta)                 # the meta written to the trace (model, mode, max_steps_per_sample)
+        for f in doctor.update(tracer.flush()):   # rows: dicts of counter -> value, with "step"
+            reporter.warn(f"{f.code}: {f.message}")
+            tracer.submit(f.store)
+    """
+
+    def __init__(self, meta: Mapping[str, Any], cfg: DoctorConfig | None = None,
+                 rules: Sequence[Rule] | None = None) -> None:
+        self.meta = dict(meta)
+        self.cfg = cfg or DoctorConfig()
+        self.rules = [r for r in (RULES if rules is None else rules) if r.applies(self.meta)]
+        self.states = {id(r): _State() for r in self.rules}
+        self.findings: list[Finding] = []
+        self.alignment: list[dict[str, Any]] = []
+        self.last_step: int | None = None
+
+    def update(self, rows: Sequence[Mapping[str, float]],
+               alignment: Sequence[Sequence[int] | Mapping[str, Any]] | None = None) -> list[Finding]:
+        """Consume rows (ascending steps; steps at or before the last one seen are ignored); new findings only."""
+        if alignment:
+            keys = ("step", "slot", "sample_id", "label_sample_id", "demo_sample_id")
+            room = self.cfg.first_samples - len(self.alignment)
+            for r in list(alignment)[:max(room, 0)]:
+                self.alignment.append(dict(r) if isinstance(r, Mapping) else dict(zip(keys, r)))
+        rows = sorted((r for r in rows if self.last_step is None or r["step"] > self.last_step),
+                      key=lambda r: r["step"])
+        if not rows:
+            return []
+        self.last_step = int(rows[-1]["step"])
+        steps = np.array([int(r["step"]) for r in rows], dtype=np.int64)
+        names = set().union(*(r.keys() for r in rows)) - {"step"}
+        cols = {c: np.array([_float(r.get(c)) for r in rows]) for c in names}
+        fired = {f.code for f in self.findings}
+        new: list[Finding] = []
+        for rule in self.rules:
+            if rule.code in fired or any(c not in cols for c in rule.needs(self.meta, list(cols))):
+                continue
+            f = rule.scan(steps, cols, self.cfg, self.meta, self.states[id(rule)],
+                          {"alignment_samples": self.alignment})
+            if f is not None:
+                new.append(f)
+        self.findings.extend(new)
+        return new
+
+    def replay(self, df: pd.DataFrame) -> list[Finding]:
+        """Feed a stored steps table (``load_run`` of the run being resumed) so windows and latches continue across
+        the resume; returns the findings that held in it (already reported, not to be warned about again)."""
+        if not len(df):
+            return []
+        stored = [c for c in df.columns if c not in _DERIVED_NAMES]
+        frame = df[stored].sort_index()
+        rows = [{"step": int(s), **dict(zip(stored, vals))}
+                for s, vals in zip(frame.index, frame.itertuples(index=False, name=None))]
+        align = df.attrs.get("alignment_samples") or None
+        return self.update(rows, alignment=align)
+
+
+def _float(v: Any) -> float:
+    try:
+        return float(v) if v is not None else float("nan")
+    except (TypeError, ValueError):
+        return float("nan")

@@ -1,0 +1,182 @@
+"""Reading a run's trace into pandas: the steps table with derived ratios, evals, timings, findings and run status.
+
+Everything opens the trace read-only (a live trainer may be writing it) and turns a missing or corrupt trace into a
+``TraceError`` with a one-line message. Ratios are derived from the stored numerator/denominator columns and are NaN
+where the denominator is 0.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+
+from diagnostics.store import TRACE_NAME, TraceError, open_trace, read_meta
+
+# Derived columns: name -> (numerator terms, denominator terms); each term is a stored column, summed.
+DERIVED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "coverage": (("coverage_num",), ("coverage_den",)),
+    "reset_fraction": (("resets",), ("slots",)),
+    "encode_ratio": (("encoded",), ("encode_needed",)),
+    "exact_inflight": (("inflight_exact",), ("inflight_count",)),
+    "exact_halted": (("halted_exact",), ("halted_count",)),
+    "token_acc_inflight": (("inflight_token_acc",), ("inflight_count",)),
+    "token_acc_halted": (("halted_token_acc",), ("halted_count",)),
+    "mean_inflight_step": (("inflight_step_sum",), ("real_slots",)),
+    "mean_halt_step": (("halted_steps",), ("halted_count",)),
+    "q_precision": (("q_tp",), ("q_tp", "q_fp")),
+    "q_recall": (("q_tp",), ("q_tp", "q_fn")),
+    "q_base_rate": (("q_correct",), ("real_slots",)),
+    "drop_fraction": (("samples_dropped",), ("samples_dropped", "samples_consumed")),
+    "loss_mean": (("loss",), ("slots",)),
+    "lm_loss_mean": (("lm_loss",), ("slots",)),
+}
+
+LIFECYCLE = {"start": "live", "resume": "live", "end": "finished", "finished": "finished",
+             "stopped": "stopped", "crashed": "crashed"}
+STALE_AFTER_S = 120.0
+
+
+@contextmanager
+def _trace(path: str | Path) -> Iterator[sqlite3.Connection]:
+    """A read-only connection; any SQLite error while reading becomes a one-line ``TraceError``."""
+    conn = open_trace(Path(path))
+    try:
+        yield conn
+    except sqlite3.DatabaseError as exc:
+        raise TraceError(f"trace at {path} could not be read ({_one_line(exc)}); it may be corrupt") from None
+    finally:
+        conn.close()
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def ratio(num: pd.Series, den: pd.Series) -> pd.Series:
+    """``num / den`` with NaN where the denominator is 0 or missing."""
+    den = den.astype(float)
+    return num.astype(float) / den.where(den != 0)
+
+
+def add_derived(df: pd.DataFrame) -> pd.DataFrame:
+    """Add the ratio columns of ``DERIVED`` whose inputs are present (in place; existing columns are kept)."""
+    for name, (nums, dens) in DERIVED.items():
+        if name in df.columns or not all(c in df.columns for c in nums + dens):
+            continue
+        num = sum((df[c].fillna(0.0) for c in nums[1:]), df[nums[0]].fillna(0.0))
+        den = sum((df[c].fillna(0.0) for c in dens[1:]), df[dens[0]].fillna(0.0))
+        df[name] = ratio(num, den)
+    return df
+
+
+def load_run(path: str | Path) -> pd.DataFrame:
+    """The steps table indexed by step, with derived ratios; ``attrs``: ``meta``, ``status``, ``alignment_samples``."""
+    with _trace(path) as conn:
+        meta = read_meta(conn)
+        df = pd.read_sql_query("SELECT * FROM steps ORDER BY step", conn)
+        alignment = _alignment(conn)
+    df = df.set_index("step")
+    df.index = df.index.astype("int64")
+    df = df.astype(float)
+    add_derived(df)
+    df.attrs["meta"] = meta
+    df.attrs["status"] = run_status(path)
+    df.attrs["alignment_samples"] = alignment.to_dict("records")
+    return df
+
+
+def _alignment(conn: sqlite3.Connection) -> pd.DataFrame:
+    return pd.read_sql_query("SELECT step, slot, sample_id, label_sample_id, demo_sample_id FROM alignment_samples "
+                             "ORDER BY step, slot", conn)
+
+
+def load_alignment(path: str | Path) -> pd.DataFrame:
+    """The first offending slots kept by the alignment probe: step, slot, sample_id, label_sample_id, demo_sample_id."""
+    with _trace(path) as conn:
+        return _alignment(conn)
+
+
+def load_evals(path: str | Path) -> pd.DataFrame:
+    """Evaluation results, one row per eval step and one column per metric."""
+    with _trace(path) as conn:
+        long = pd.read_sql_query("SELECT step, name, value FROM evals ORDER BY step", conn)
+    if long.empty:
+        return pd.DataFrame(index=pd.Index([], dtype="int64", name="step"))
+    wide = long.pivot(index="step", columns="name", values="value")
+    wide.columns.name = None
+    return wide.astype(float)
+
+
+def load_timings(path: str | Path) -> pd.DataFrame:
+    """Per-rank phase timings in long form: step, rank, phase, seconds."""
+    with _trace(path) as conn:
+        return pd.read_sql_query("SELECT step, rank, phase, seconds FROM timings ORDER BY step, rank, phase", conn)
+
+
+def load_findings(path: str | Path) -> pd.DataFrame:
+    """The findings the trainer stored (code, severity, first_step, evidence as a dict, message)."""
+    with _trace(path) as conn:
+        df = pd.read_sql_query("SELECT code, severity, first_step, evidence, message FROM findings", conn)
+    df["evidence"] = [_json(e) for e in df["evidence"]]
+    return df
+
+
+def load_markers(path: str | Path) -> pd.DataFrame:
+    """Lifecycle markers in the order written: time, kind, step, detail."""
+    with _trace(path) as conn:
+        return pd.read_sql_query("SELECT time, kind, step, detail FROM markers ORDER BY time, rowid", conn)
+
+
+def _json(text: Any) -> Any:
+    try:
+        return json.loads(text)
+    except (TypeError, json.JSONDecodeError):
+        return text
+
+
+def run_status(path: str | Path, stale_after: float = STALE_AFTER_S, now: float | None = None) -> str:
+    """``live``, ``finished``, ``stopped`` or ``crashed``, from the last lifecycle marker and the heartbeat's age.
+
+    A run whose last lifecycle marker is ``start`` or ``resume`` is live while its last sign of life (heartbeat, or
+    the marker itself) is younger than ``stale_after`` seconds, and crashed after. A trace without markers is judged
+    by its heartbeat, or failing that by the database file's modification time.
+    """
+    now = time.time() if now is None else now
+    with _trace(path) as conn:
+        markers = conn.execute("SELECT time, kind FROM markers ORDER BY time, rowid").fetchall()
+        beat = conn.execute("SELECT MAX(time) FROM heartbeat").fetchone()[0]
+    last_kind, last_time = None, None
+    for t, kind in markers:
+        if kind in LIFECYCLE:
+            last_kind, last_time = kind, t
+        elif kind == "heartbeat":
+            beat = t if beat is None else max(beat, t)
+    if last_kind is not None and LIFECYCLE[last_kind] != "live":
+        return LIFECYCLE[last_kind]
+    signs = [t for t in (beat, last_time) if t is not None]
+    if not signs:
+        p = Path(path)
+        db = p / TRACE_NAME if p.is_dir() else p
+        wal = db.with_name(db.name + "-wal")  # a reader's own -shm/-wal (empty) must not count as a write
+        signs = [f.stat().st_mtime for f in (db, wal) if f.is_file() and f.stat().st_size > 0]
+    return "live" if signs and now - max(signs) <= stale_after else "crashed"
+
+
+def as_json_value(value: Any) -> Any:
+    """Plain JSON values: numpy scalars unwrapped, NaN and infinities as None, integral floats kept as floats."""
+    if isinstance(value, dict):
+        return {str(k): as_json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [as_json_value(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
