@@ -21,8 +21,11 @@ $(STAMP): pyproject.toml $(TORCH_STAMP)
 
 install: $(STAMP)
 
+# Trains ETRM (`demo` preset, traced) on generated few-shot tasks, then prints the doctor's report of the run.
 demo: install
-	$(VENV)/bin/etrm-train --preset demo --max-steps 300
+	@run=runs/demo-$$(date +%Y%m%d-%H%M%S); \
+	$(VENV)/bin/etrm-train --preset demo --trace --run-dir $$run && \
+	$(VENV)/bin/etrm-doctor $$run
 
 test: install
 	$(PY) -m pytest
