@@ -7,7 +7,7 @@ step of that window (the step at which a live reader first knows). One scan func
 last window and running totals), so both report the same code and first step.
 
 Rules know the mode (``meta["mode"]``): halting rules never apply to ``fct``. Thresholds live in ``DoctorConfig``.
-Adding a rule: subclass ``Rule`` and append an instance to ``RULES`` (``encoder-collapse`` goes there).
+Adding a rule: subclass ``Rule`` and append an instance to ``RULES``.
 """
 
 from __future__ import annotations
@@ -38,10 +38,14 @@ class DoctorConfig:
     #                                  ... with precision above the base rate (and, for "never halts", this many
     #                                  correct sequences in the window it could have halted on)
     early_halt_share: float = 0.85   # halting-collapse: share of halts at step 1 (exploration vetoes some)
+    premature_exact_share: float = 0.5  # halting-collapse at step 1 only while fewer halted answers are right
     first_samples: int = 5           # label-misalignment: offending slots listed in the evidence
+    collapse_warmup: int = 20        # encoder-collapse: steps before the rule judges (a fresh encoder may be flat)
+    collapse_window: int = 10        # encoder-collapse: steps per window
+    collapse_share_min: float = 1e-4  # encoder-collapse: cross-puzzle share of the context's spread below this
 
     def __post_init__(self) -> None:
-        for name in ("window", "halting_window"):
+        for name in ("window", "halting_window", "collapse_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DoctorConfig.{name} must be at least 1")
 
@@ -337,7 +341,8 @@ class NonFiniteLoss(Rule):
 
 class HaltingCollapse(Rule):
     """Once the Q-head has learned (a window with enough true Q-halts and precision above the base rate), all
-    halts at step 1, or none before the maximum step although correct sequences were there to halt on.
+    halts at step 1 while most halted answers are wrong (halting before thinking; an easy task solved at step 1 is
+    not a collapse), or none before the maximum step although correct sequences were there to halt on.
     Never for ``fct``, whose slots all run a fixed number of steps."""
 
     code, severity = "halting-collapse", "warning"
@@ -356,11 +361,13 @@ class HaltingCollapse(Rule):
         m = self.max_steps(meta, columns)
         if m is None:
             return ("halt_at_1", "halt_at_2")  # absent or a one-step run: skipped
-        return ("halted", "halt_at_1", f"halt_at_{m}", "q_tp", "q_fp", "q_correct", "real_slots")
+        return ("halted", "halt_at_1", f"halt_at_{m}", "q_tp", "q_fp", "q_correct", "real_slots",
+                "halted_exact", "halted_count")
 
     def features(self, cols, meta):
         m = self.max_steps(meta, list(cols))
-        out = {c: cols[c] for c in ("halted", "halt_at_1", "q_tp", "q_fp", "q_correct", "real_slots")}
+        out = {c: cols[c] for c in ("halted", "halt_at_1", "q_tp", "q_fp", "q_correct", "real_slots",
+                                    "halted_exact", "halted_count")}
         out["halt_at_max"] = cols[f"halt_at_{m}"]
         return out
 
@@ -373,23 +380,27 @@ class HaltingCollapse(Rule):
 
     def holds(self, w, latch, cfg, meta):
         enough = w["halted"] >= cfg.halting_min_halts
-        at_one = w["halt_at_1"] >= cfg.early_halt_share * w["halted"]
+        at_one = (w["halt_at_1"] >= cfg.early_halt_share * w["halted"]) & (
+            w["halted_exact"] < cfg.premature_exact_share * w["halted_count"])
         never = (w["halt_at_max"] >= w["halted"]) & (w["q_correct"] >= cfg.q_min_tp)
         return enough & (at_one | never)
 
     def finding(self, at, cfg, meta, extra):
         s = at.sums
-        at_one = s["halt_at_1"] >= cfg.early_halt_share * s["halted"]
+        at_one = (s["halt_at_1"] >= cfg.early_halt_share * s["halted"]) and (
+            s["halted_exact"] < cfg.premature_exact_share * s["halted_count"])
         kind = "all-halt-at-step-1" if at_one else "none-before-max-steps"
         said = s["q_tp"] + s["q_fp"]
         ev = {"kind": kind, "window": [at.start, at.end], "halts": int(s["halted"]),
               "halts_at_step_1": int(s["halt_at_1"]), "halts_at_max_steps": int(s["halt_at_max"]),
               "share_at_step_1": _div(s["halt_at_1"], s["halted"]), "q_precision": _div(s["q_tp"], said),
+              "halted_exact_share": _div(s["halted_exact"], s["halted_count"]),
               "q_base_rate": _div(s["q_correct"], s["real_slots"]), "q_learned_at": at.latch_step,
               "max_steps_per_sample": self.max_steps(meta, [])}
         if at_one:
-            msg = (f"{ev['halts_at_step_1']} of {ev['halts']} halts at step 1 over steps {at.start}..{at.end}, after "
-                   f"the Q-head had learned (step {at.latch_step}): halting collapsed to one step")
+            msg = (f"{ev['halts_at_step_1']} of {ev['halts']} halts at step 1 over steps {at.start}..{at.end} with "
+                   f"only {_pct(ev['halted_exact_share'])} of halted answers right, after the Q-head had learned "
+                   f"(step {at.latch_step}): halting collapsed to one step")
         else:
             msg = (f"no slot halted before the maximum step over steps {at.start}..{at.end}, with "
                    f"{int(s['q_correct'])} correct sequences to halt on, after the Q-head had learned (step "
@@ -418,10 +429,66 @@ class DroppedSamples(Rule):
         return self.make(ev, at.end, msg)
 
 
-# The rules, in report order. encoder-collapse (warning: context nearly identical across puzzles after a warm-up)
-# is added here by its own issue, as another ``Rule`` subclass over its probe's counters.
+class EncoderCollapse(Rule):
+    """After a warm-up, the encoder's context is nearly the same for every puzzle: the cross-puzzle share of its
+    token-pooled spread (cross-puzzle sum of squares / sum of squared norms, ``ContextDiversityProbe``) stays below
+    ``collapse_share_min`` over a window. Only steps whose fresh context covers at least two puzzles are judged
+    (cached mode encodes only reset slots). ETRM only: TRM's per-puzzle rows are distinct by construction."""
+
+    code, severity = "encoder-collapse", "warning"
+
+    def applies(self, meta):
+        return meta.get("model") != "trm" and meta.get("mode") != "trm"
+
+    def needs(self, meta, columns):
+        return ("context_rows", "context_puzzles", "context_cross_ss", "context_sq_norm")
+
+    def window(self, cfg):
+        return cfg.collapse_window
+
+    def scan(self, steps, cols, cfg, meta, state, extra=None):
+        # the warm-up counts training steps, so the features need the step numbers beside the counters
+        after = (np.asarray(steps) > cfg.collapse_warmup).astype(float)
+        return super().scan(steps, {**cols, "_after_warmup": after}, cfg, meta, state, extra)
+
+    def features(self, cols, meta):
+        judged = ((np.nan_to_num(cols["context_puzzles"]) >= 2)
+                  & (np.nan_to_num(cols["context_sq_norm"]) > 0)).astype(float)
+        out = {"after_warmup": cols["_after_warmup"], "judged": judged,
+               "cross": np.nan_to_num(cols["context_cross_ss"]) * judged,
+               "sq_norm": np.nan_to_num(cols["context_sq_norm"]) * judged,
+               "puzzles": np.nan_to_num(cols["context_puzzles"]) * judged,
+               "rows": np.nan_to_num(cols["context_rows"]) * judged}
+        for c in ("context_within_ss", "context_ms", "token_ms"):
+            if c in cols:
+                out[c] = np.nan_to_num(cols[c]) * judged
+        return out
+
+    def holds(self, w, latch, cfg, meta):
+        return ((w["after_warmup"] >= cfg.collapse_window) & (w["judged"] > 0) & (w["sq_norm"] > 0)
+                & (w["cross"] < cfg.collapse_share_min * w["sq_norm"]))
+
+    def finding(self, at, cfg, meta, extra):
+        s, t = at.sums, at.totals
+        share = _div(s["cross"], s["sq_norm"])
+        ev = {"window": [at.start, at.end], "cross_puzzle_share": share, "threshold": cfg.collapse_share_min,
+              "warmup_steps": cfg.collapse_warmup, "judged_steps": int(s["judged"]),
+              "puzzles_per_step": _div(s["puzzles"], s["judged"]), "rows_per_step": _div(s["rows"], s["judged"]),
+              "within_puzzle_share": (_div(s["context_within_ss"], s["sq_norm"])
+                                      if "context_within_ss" in s else None),
+              "context_to_token_rms": (float(np.sqrt(s["context_ms"] / s["token_ms"]))
+                                       if s.get("token_ms") and "context_ms" in s else None),
+              "run_cross_puzzle_share": _div(t["cross"], t["sq_norm"]), "mode": meta.get("mode")}
+        msg = (f"the encoder context is nearly identical across puzzles over steps {at.start}..{at.end}: the "
+               f"cross-puzzle share of its spread is {share:.2e} (threshold {cfg.collapse_share_min:g}, after "
+               f"{cfg.collapse_warmup} warm-up steps, {s['puzzles'] / s['judged']:.1f} puzzles per step); the "
+               "context ignores the demos, so the model cannot tell tasks apart")
+        return self.make(ev, at.end, msg)
+
+
+# The rules, in report order.
 RULES: list[Rule] = [GradientStarvation(), LabelMisalignment(), NonFiniteLoss(), WastedEncoderCompute(),
-                     HaltingCollapse(), DroppedSamples()]
+                     HaltingCollapse(), DroppedSamples(), EncoderCollapse()]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -469,6 +536,10 @@ def halting_collapse(df, meta=None, cfg=None):
 
 def dropped_samples(df, meta=None, cfg=None):
     return check(RULES[5], df, meta, cfg)
+
+
+def encoder_collapse(df, meta=None, cfg=None):
+    return check(RULES[6], df, meta, cfg)
 
 
 def diagnose(df: pd.DataFrame, meta: Mapping[str, Any] | None = None, cfg: DoctorConfig | None = None,

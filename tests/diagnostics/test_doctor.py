@@ -148,6 +148,14 @@ def test_halting_collapse_to_step_one_after_learning(sim, meta, make_run):
     assert f.evidence["q_precision"] > f.evidence["q_base_rate"]
 
 
+def test_halting_at_step_one_with_right_answers_is_not_a_collapse(sim, meta, make_run):
+    """An easy task that the model solves at step 1 halts there, correctly: no warning (seen on the demo preset)."""
+    rows = sim(halting=[(1, "mixed"), (30, "one")], base_rate=0.9)
+    df = load_run(make_run("easy", rows, meta()))
+    assert (df["halted_exact"] >= 0.5 * df["halted_count"]).iloc[30:].all()
+    assert halting_collapse(df) is None
+
+
 def test_halting_collapse_to_never_halting_after_learning(sim, meta, make_run):
     df = load_run(make_run("never", sim(halting=[(1, "mixed"), (30, "max")]), meta()))
     f = halting_collapse(df)
