@@ -9,6 +9,7 @@ the tracer's memory after 1k vs 10k steps of synthetic events. It asserts nothin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -90,6 +91,9 @@ def tracer_memory(trainer: Trainer, steps: int, every: int = 20) -> tuple[int, i
     trainer.step_hooks = [lambda step, ev, m: captured.update(ev=ev, m=m)]
     trainer.train_step()
     ev, metrics = captured["ev"], captured["m"]
+    # One recorded step replayed many times: detach its encoder output, or every replay would stack another
+    # gradient hook on the same tensor (a real step's tensor, and its hooks, are freed after its backward).
+    ev = dataclasses.replace(ev, encoder_out=ev.encoder_out.detach() if ev.encoder_out is not None else None)
     tracer = Tracer(default_probes(trainer.cfg.max_steps_per_sample), None, torch.device("cpu"), capacity=every)
     tracemalloc.start()
     for s in range(steps):

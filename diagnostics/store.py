@@ -112,6 +112,8 @@ class TraceWriter:
         """Delete every row past ``step`` (``--resume`` from a checkpoint at ``step``): no step is duplicated."""
         for table in ("steps", "timings", "evals", "alignment_samples"):
             self.conn.execute(f"DELETE FROM {table} WHERE step > ?", (step,))
+        # a finding that first held on a deleted row is found again (or not) when those steps are re-run
+        self.conn.execute("DELETE FROM findings WHERE first_step > ?", (step,))
         self.conn.commit()
 
     def commit(self) -> None:

@@ -31,12 +31,11 @@ class _Row:
     def set(self, name: str, value: Tensor | float) -> None:
         t = self.tracer
         col = t.col[name]
+        self.cols.append(col)
         if isinstance(value, Tensor):
-            self.cols.append(col)
-            self.values.append(value.detach().to(torch.float32).reshape(()))
-        else:
-            self.cols.append(col)
-            self.values.append(torch.tensor(float(value), device=t.device))
+            self.values.append(value.detach().to(device=t.device, dtype=torch.float32).reshape(()))
+        else:  # a fill kernel, not a host-to-device copy (which would wait for the GPU)
+            self.values.append(torch.full((), float(value), dtype=torch.float32, device=t.device))
 
     def later(self, name: str) -> Callable[[Tensor], None]:
         buf_row, col = self.tracer.buffer[self.index], self.tracer.col[name]
@@ -48,8 +47,8 @@ class _Row:
 
     def commit(self) -> None:
         if self.values:
-            idx = torch.tensor(self.cols, device=self.tracer.device)
-            self.tracer.buffer[self.index].index_copy_(0, idx, torch.stack(self.values).to(self.tracer.device))
+            idx = self.tracer.column_index(tuple(self.cols))
+            self.tracer.buffer[self.index].index_copy_(0, idx, torch.stack(self.values))
 
 
 class _Writer(threading.Thread):
@@ -104,6 +103,7 @@ class Tracer:
         self.writer = writer
         self.thread: _Writer | None = None
         self.last_alignment: list[tuple] = []
+        self._index_cache: dict[tuple[int, ...], Tensor] = {}
         if writer is not None:
             writer.add_counters((name, p.name, desc) for p in probes for name, desc in p.counters)
             self.thread = _Writer(writer)
@@ -122,6 +122,13 @@ class Tracer:
         self.rows.append(row)
         self.steps.append(step + 1)  # rows are numbered by the optimizer step they complete (1-based)
         self.clocks.append(events.clock)
+
+    def column_index(self, cols: tuple[int, ...]) -> Tensor:
+        """Device index tensor of a column list, made once per distinct list (probes write in a fixed order)."""
+        idx = self._index_cache.get(cols)
+        if idx is None:
+            idx = self._index_cache[cols] = torch.tensor(cols, device=self.device)
+        return idx
 
     def after_backward(self) -> None:
         """Probes that read gradients (norms) before the optimizer step."""
