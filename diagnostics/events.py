@@ -12,7 +12,9 @@ from typing import Optional
 
 import torch
 
-EVENTS_VERSION = 1
+# 1: the first contract. 2: optional ``token_embed_rms`` (ETRM: RMS of the token-embedding table), for the context
+# diversity probe's context-to-token norm ratio; producers that leave it None still satisfy version 2.
+EVENTS_VERSION = 2
 
 Tensor = torch.Tensor
 
@@ -58,7 +60,8 @@ class StepEvents:
 
     Sample ids are -1 for padding slots. ``encoder_out`` is the fresh task-conditioning output (ETRM encoder output,
     or TRM's gathered puzzle-embedding rows) hooked before any mixing with cached context; its rows belong to the
-    slots listed in ``encoded_slots``.
+    slots listed in ``encoded_slots``. ``token_embed_rms`` (optional, 0-d) is the RMS of the token embeddings the
+    inner model reads, in ``encoder_out``'s units (before any scaling applied to both alike).
     """
 
     # Carry bookkeeping
@@ -90,6 +93,8 @@ class StepEvents:
     token_count: Optional[Tensor] = None
     losses: dict[str, Tensor] = field(default_factory=dict)
     non_finite: Optional[Tensor] = None
+    # Scale of the token embeddings beside the context (version 2; None when the model does not say)
+    token_embed_rms: Optional[Tensor] = None
     # What kind of step this was
     mode: str = "reencode"
     training: bool = True

@@ -33,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="run directory (default runs/<automatic name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
     p.add_argument("--trace", action="store_true", help="trace every step into RUN_DIR/trace.sqlite")
+    p.add_argument("--profile", action="store_true",
+                   help="record torch.profiler windows ([profile] wait/warmup/active/repeat) into RUN_DIR/profiler, "
+                        "for tensorboard --logdir (torch-tb-profiler) and Perfetto")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard scalars of the trace (at each flush) into RUN_DIR/tensorboard; "
+                        "turns --trace on")
     p.add_argument("--check-invariants", action="store_true",
                    help="check carry/label invariants every step (debugging: one host sync per step)")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (train.max_steps)")
@@ -107,6 +113,8 @@ def _main(argv: list[str] | None) -> int:
             raise UserError(f"run directory {run_dir} already exists; pass --resume to continue it or choose "
                             "another --run-dir")
 
+    from rich.markup import escape
+
     from etrm.train.console import Reporter  # heavy imports after argument checks
     from etrm.train.trainer import Trainer
 
@@ -115,14 +123,23 @@ def _main(argv: list[str] | None) -> int:
         trainer.resume()
     else:
         create_run_dir(run_dir, cfg)
-    if args.trace or (args.resume and (run_dir / TRACE_NAME).exists()):
+    if args.trace or args.tensorboard or (args.resume and (run_dir / TRACE_NAME).exists()):
         trainer.enable_trace(preset)
+    if args.tensorboard:
+        trainer.enable_tensorboard()
+    trainer.enable_profile(requested=args.profile)
     if args.check_invariants:
         trainer.checker = InvariantChecker(trainer.model.max_steps)
     reporter = Reporter(total=cfg.train.max_steps, start=trainer.step)
     mode = "trm" if cfg.model == "trm" else cfg.encoder.mode
     reporter.line(f"run {run_dir} | model {cfg.model} mode {mode} | {trainer.model.num_trainable_parameters():,} "
                   f"params | train {len(trainer.train_ds)} eval {len(trainer.eval_ds)} samples | {trainer.device}")
+    if trainer.profiling is not None and trainer.profiling.windows:
+        sched = trainer.profiling.windows[-1].schedule
+        first, last = trainer.profiling.windows[-1].first_active
+        again = "" if sched.repeat == 1 else (f", every {sched.cycle} steps" +
+                                               (f", {sched.repeat} times" if sched.repeat else " until the end"))
+        reporter.line(escape(f"profiler: recording steps {first}..{last}{again} into {trainer.profiling.out_dir}"))
     try:
         result = trainer.run(cfg.train.max_steps, reporter)
     except InvariantError as exc:
@@ -144,6 +161,10 @@ def _main(argv: list[str] | None) -> int:
             "baseline copy-input exact": f"{base['copy_input.exact']:.3f}",
             "baseline common-output exact": f"{base['common_output.exact']:.3f}",
         })
+    if trainer.profiling is not None and trainer.profiling.trace_files():
+        rows["profiler traces"] = f"{len(trainer.profiling.trace_files())} in {trainer.profiling.out_dir}"
+    if trainer.scalars is not None:
+        rows["tensorboard"] = f"tensorboard --logdir {run_dir / 'tensorboard'}"
     reporter.summary("etrm-train summary", rows)
     if result.non_finite:
         print(f"etrm-train: error: non-finite loss before step {result.step}; the run stopped and its last good "

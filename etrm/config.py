@@ -204,6 +204,27 @@ class TrainConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """torch.profiler windows (``--profile``, and one automatic window when the live doctor first finds a problem):
+    torch's wait / warmup / active schedule, repeated ``repeat`` times (0: until the run ends)."""
+
+    wait: int = 1
+    warmup: int = 1
+    active: int = 3
+    repeat: int = 1
+    on_finding: bool = True
+    record_shapes: bool = False
+    profile_memory: bool = False
+    with_stack: bool = False
+
+    def __post_init__(self) -> None:
+        s = "profile."
+        for name in ("wait", "warmup", "repeat"):
+            _positive(s, name, getattr(self, name), 0)
+        _positive(s, "active", self.active)
+
+
+@dataclass
 class Config:
     """A whole run: which model, which fault (if any), and every section."""
 
@@ -216,6 +237,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def __post_init__(self) -> None:
         _choice("", "model", self.model, MODELS)

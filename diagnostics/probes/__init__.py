@@ -7,6 +7,7 @@ import torch
 from diagnostics.probes.alignment import AlignmentProbe
 from diagnostics.probes.base import Probe
 from diagnostics.probes.coverage import CoverageProbe, GradNormProbe
+from diagnostics.probes.diversity import ContextDiversityProbe
 from diagnostics.probes.encoder_work import EncoderWorkProbe
 from diagnostics.probes.halting import HaltingProbe
 from diagnostics.probes.losses import LossProbe
@@ -16,11 +17,11 @@ from diagnostics.probes.resets import ResetProbe
 def default_probes(max_steps: int, groups: dict[str, list[torch.nn.Parameter]] | None = None) -> list[Probe]:
     """Every built-in probe; gradient norms when the parameter groups are given."""
     probes: list[Probe] = [CoverageProbe(), ResetProbe(), EncoderWorkProbe(), AlignmentProbe(),
-                           HaltingProbe(max_steps), LossProbe()]
+                           HaltingProbe(max_steps), LossProbe(), ContextDiversityProbe()]
     if groups is not None:
         probes.append(GradNormProbe(groups))
     return probes
 
 
-__all__ = ["AlignmentProbe", "CoverageProbe", "EncoderWorkProbe", "GradNormProbe", "HaltingProbe", "LossProbe",
-           "Probe", "ResetProbe", "default_probes"]
+__all__ = ["AlignmentProbe", "ContextDiversityProbe", "CoverageProbe", "EncoderWorkProbe", "GradNormProbe",
+           "HaltingProbe", "LossProbe", "Probe", "ResetProbe", "default_probes"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -136,6 +137,11 @@ class ACTModel(nn.Module):
             context_sample_id=ctx_ids,
         )
         out = StepOutput(logits, labels, q_halt, q_cont, target, steps, halted)
+        token_rms = None
+        if not self.is_trm:  # one tiny reduction on the device: the token table's scale beside the context's
+            with torch.no_grad():
+                table = self.core.embed_tokens
+                token_rms = torch.linalg.vector_norm(table.float()) / math.sqrt(table.numel())
         events = StepEvents(
             reset=reset, steps=steps, halted=halted,
             sample_id_before=carry.data["sample_id"], sample_id_after=data["sample_id"],
@@ -146,7 +152,7 @@ class ACTModel(nn.Module):
             encoded=encoded, needs_encode=needs, encoded_slots=slots, encoder_out=fresh,
             q_halt_logits=q_halt, q_continue_logits=q_cont if self.cfg.act.q_continue else None,
             q_says_halt=q_says, explore_veto=veto, is_last_step=is_last,
-            mode=self.mode, training=self.training, clock=clock,
+            token_embed_rms=token_rms, mode=self.mode, training=self.training, clock=clock,
         )
         return new_carry, out, events
 

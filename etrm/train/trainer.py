@@ -16,13 +16,16 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from rich.markup import escape
 
 from diagnostics.events import PhaseClock, StepEvents
 from diagnostics.doctor import LiveDoctor
 from diagnostics.loading import load_run
 from diagnostics.probes import default_probes
+from diagnostics.profiling import PROFILER_DIR, ProfilerWindows, WindowSchedule
 from diagnostics.runtime_check import InvariantChecker
 from diagnostics.store import TRACE_NAME, TraceWriter
+from diagnostics.tb_scalars import TENSORBOARD_DIR, TensorBoardScalars
 from diagnostics.tracer import Tracer
 from etrm.config import Config
 from etrm.data.build import build_datasets
@@ -38,8 +41,13 @@ from etrm.train.evaluate import baselines, evaluate
 from etrm.train.schedule import lr_factor, set_lr
 
 @contextlib.contextmanager
-def _phase(clock: PhaseClock | None, name: str):
-    """Time a phase of the step when tracing (no sync: perf_counter on CPU, CUDA events on GPU)."""
+def _phase(clock: PhaseClock | None, name: str, windows: ProfilerWindows | None = None):
+    """Time a phase of the step when tracing (no sync: perf_counter on CPU, CUDA events on GPU); name it in the
+    profiler's trace while a profiler window is open."""
+    if windows is not None and windows.recording:
+        with windows.label(f"etrm.{name}"), _phase(clock, name):
+            yield
+        return
     if clock is None:
         yield
         return
@@ -101,6 +109,9 @@ class Trainer:
         self.tracer: Tracer | None = None
         self.checker: InvariantChecker | None = None
         self.doctor: LiveDoctor | None = None
+        self.profiling: ProfilerWindows | None = None  # exists only when asked for, or to profile a finding
+        self.scalars: TensorBoardScalars | None = None
+        self.until_step: int | None = None  # the step the current ``run`` ends at
 
     def enable_trace(self, preset: str | None = None) -> None:
         """Trace every step into ``run_dir/trace.sqlite`` (call after the run directory exists, or after resume)."""
@@ -111,6 +122,8 @@ class Trainer:
             "max_steps_per_sample": cfg.max_steps_per_sample, "max_steps": cfg.train.max_steps,
             "trace_every": cfg.train.trace_every, "device": self.device.type, "config": cfg.to_dict(),
         }
+        if preset is None and self.step:  # resumed (the CLI knows no preset then): keep the one the trace names
+            del meta["preset"]
         writer = TraceWriter(self.run_dir / TRACE_NAME, meta)
         writer.truncate_after(self.step)
         writer.marker("resume" if self.step else "start", self.step)
@@ -124,6 +137,29 @@ class Trainer:
         self.doctor = LiveDoctor(meta)
         if self.step:  # resumed: findings that already held must not fire (and be re-stored) again
             self.doctor.replay(load_run(self.run_dir))
+
+    def enable_profile(self, requested: bool = True) -> ProfilerWindows | None:
+        """Profiler windows into ``run_dir/profiler`` (``[profile]`` settings): one opens now when ``requested``
+        (``--profile``); when traced with ``profile.on_finding``, one opens at the live doctor's first finding.
+        Call after ``enable_trace``. Without either, nothing is created and the run pays nothing."""
+        pc = self.cfg.profile
+        if not requested and not (pc.on_finding and self.doctor is not None):
+            return None
+        self.profiling = ProfilerWindows(
+            self.run_dir / PROFILER_DIR,
+            WindowSchedule(wait=pc.wait, warmup=pc.warmup, active=pc.active, repeat=pc.repeat),
+            on_finding=pc.on_finding, cuda=self.device.type == "cuda", record_shapes=pc.record_shapes,
+            profile_memory=pc.profile_memory, with_stack=pc.with_stack)
+        if requested:
+            self.profiling.start(self.step)
+        return self.profiling
+
+    def enable_tensorboard(self) -> TensorBoardScalars:
+        """TensorBoard scalars of the flushed trace rows and the evals into ``run_dir/tensorboard`` (needs tracing)."""
+        if self.tracer is None:
+            raise UserError("--tensorboard writes the trace's rows: enable tracing first (--trace)")
+        self.scalars = TensorBoardScalars(self.run_dir / TENSORBOARD_DIR)
+        return self.scalars
 
     # ----------------------------------------------------------------------------------------------------------
     def _build_optimizers(self) -> list:
@@ -158,12 +194,12 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------------------
     def next_batch(self, clock: PhaseClock | None = None) -> dict[str, torch.Tensor]:
         """Fresh samples for the slots that halted last step (the sampler needs the reset mask on the host)."""
-        with _phase(clock, "data"):
+        with _phase(clock, "data", self.profiling):
             reset = self.carry.halted.cpu().numpy()
             fill = self.sampler.fill(reset)
             self.samples_dropped += len(fill.dropped_ids)
             batch = self.train_ds.batch(fill.batch_ids)
-        with _phase(clock, "h2d"):
+        with _phase(clock, "h2d", self.profiling):
             return self._to_device(batch)
 
     def train_step(self) -> tuple[StepEvents, dict[str, torch.Tensor]]:
@@ -176,21 +212,21 @@ class Trainer:
             self.checker.before_step(self.carry.view())
         with self.autocast():
             carry, out, events = self.model(self.carry, batch, clock=clock)
-            with _phase(clock, "loss"):
+            with _phase(clock, "loss", self.profiling):
                 loss, metrics = self.loss_fn(out, events)
         if self.checker is not None:  # debugging runs only: each check reads results back (a sync per step)
             self.checker.after_step(events, carry.view(), batch, step=self.step + 1)
             self.checker.watch_coverage(events)
-        with _phase(clock, "trace"):
+        with _phase(clock, "trace", self.profiling):
             for hook in self.step_hooks:  # after the loss (events complete), before backward (grad hooks attach)
                 hook(self.step, events, metrics)
-        with _phase(clock, "backward"):
+        with _phase(clock, "backward", self.profiling):
             (loss / tc.batch_size).backward()
         if self.checker is not None:
             self.checker.after_backward(step=self.step + 1)
         if self.tracer is not None:
             self.tracer.after_backward()
-        with _phase(clock, "optimizer"):
+        with _phase(clock, "optimizer", self.profiling):
             if tc.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
             set_lr(self.optimizers, lr_factor(self.step, tc))
@@ -203,6 +239,8 @@ class Trainer:
         self.step += 1
         metrics["resets"] = events.reset.sum()
         metrics["non_finite"] = events.non_finite
+        if self.profiling is not None:  # the profiler's schedule advances once per training step
+            self.profiling.step()
         return events, metrics
 
     def evaluate(self) -> dict[str, float]:
@@ -221,6 +259,7 @@ class Trainer:
         t_start = time.perf_counter()
         t_log, step_log, resets_log = t_start, self.step, 0.0
         start_step = self.step
+        self.until_step = max_steps
         previous = signal.signal(signal.SIGINT, self._on_sigint)
         try:
             stop = self.stop_requested
@@ -264,6 +303,8 @@ class Trainer:
                     if self.tracer is not None:
                         step, values = self.step, {**result.last_eval, **{f"baseline.{k}": v for k, v in base.items()}}
                         self.tracer.submit(lambda w: w.write_eval(step, values))
+                        if self.scalars is not None:
+                            self.scalars.write_eval(step, values)
                 if ckpt_due:
                     self.save()
             if stop:
@@ -276,6 +317,10 @@ class Trainer:
             raise
         finally:
             signal.signal(signal.SIGINT, previous)
+            if self.profiling is not None:  # an open window is written as far as it got
+                self.profiling.close()
+            if self.scalars is not None:
+                self.scalars.close()
         elapsed = time.perf_counter() - t_start
         result.step = self.step
         result.seconds = elapsed
@@ -290,11 +335,27 @@ class Trainer:
         save_checkpoint(self.run_dir, self.state_dict())
 
     def on_trace_rows(self, rows: list[dict[str, float]], reporter: Reporter) -> None:
-        """Flushed trace rows go to the live doctor; a finding is printed and stored the first time it holds."""
+        """Flushed trace rows go to the live doctor; a finding is printed and stored the first time it holds. The
+        rows also go to TensorBoard (``--tensorboard``), and the first warning or error opens a profiler window
+        (``profile.on_finding``), so that its trace shows the steps after the finding."""
         assert self.tracer is not None and self.doctor is not None
-        for finding in self.doctor.update(rows, alignment=self.tracer.last_alignment):
-            reporter.warn(f"{finding.code} (step {finding.first_step}): {finding.message}")
+        found = self.doctor.update(rows, alignment=self.tracer.last_alignment)
+        for finding in found:
+            text = f"{finding.code} (step {finding.first_step}): {finding.message}"
+            if finding.severity == "info":  # a fact about the run (e.g. dropped-samples), not a defect to warn of
+                reporter.line(f"[cyan]info:[/] {escape(text)}")
+            else:
+                reporter.warn(escape(text))
             self.tracer.submit(finding.store)
+        if self.scalars is not None:
+            self.scalars.write_rows(rows)
+        defects = [f.code for f in found if f.severity != "info"]
+        if self.until_step is not None and self.step >= self.until_step:
+            defects = []  # no step is left to profile
+        if self.profiling is not None and (window := self.profiling.on_findings(defects, self.step)) is not None:
+            first, last = window.first_active
+            reporter.line(escape(f"profiler: recording steps {first}..{last} after {window.reason} into "
+                                 f"{self.profiling.out_dir}"))
 
     def _end_trace(self, kind: str, detail: str) -> None:
         if self.tracer is not None:

@@ -1,0 +1,84 @@
+"""Context diversity: does the encoder's context differ between puzzles, and how loud is it beside the tokens?
+
+Per step, over the real rows of the fresh encoder output (each row pooled over its context tokens), a one-way
+analysis of variance grouped by puzzle id: the cross-puzzle sum of squares (each row's puzzle mean around the
+overall mean) and the within-puzzle sum of squares (each row around its puzzle mean); both are per element, so they
+add up to the total spread and compare directly with ``context_sq_norm`` (the rows' mean square). A collapsed
+encoder (the same context whatever the demos) shows a cross-puzzle share near zero: ``encoder-collapse``.
+
+Beside it, the context's RMS per element against the token embeddings' RMS (``StepEvents.token_embed_rms``): both
+are scaled alike by the model (sqrt(hidden)), so the ratio is the one the inner model sees. Upstream ETRM's context
+ran about 22x louder than its token embeddings before it collapsed.
+
+ETRM only: TRM's task conditioning is a per-puzzle table row, distinct per puzzle by construction; its rows are 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diagnostics.events import StepEvents
+from diagnostics.probes.base import Probe, Row, Tensor
+from diagnostics.probes.coverage import distinct_count
+
+
+class ContextDiversityProbe(Probe):
+    """Cross- vs within-puzzle variance of the fresh encoder context, and its RMS beside the token embeddings'."""
+
+    name = "diversity"
+    counters = (
+        ("context_rows", "real slots whose context was freshly encoded this step"),
+        ("context_puzzles", "distinct puzzle ids among those slots"),
+        ("context_cross_ss", "cross-puzzle sum of squares of the token-pooled context, per element"),
+        ("context_within_ss", "within-puzzle sum of squares of the token-pooled context, per element"),
+        ("context_sq_norm", "sum over rows of the token-pooled context's mean square per element"),
+        ("context_ms", "sum over rows of the context's mean square per element (unpooled)"),
+        ("token_ms", "token embeddings' mean square per element, times context_rows (RMS ratio = "
+                     "sqrt(context_ms / token_ms))"),
+    )
+
+    def observe(self, events: StepEvents, metrics: dict[str, Tensor], row: Row) -> None:
+        # A row starts at zero: steps without a fresh ETRM context (TRM, or no slot encoded) keep their zeros, and
+        # nothing is copied from the host (a blocking copy would sync a GPU).
+        out = events.encoder_out
+        if out is None or events.mode == "trm" or out.shape[0] == 0:
+            return
+        with torch.no_grad():
+            stats = context_stats(out.detach(), events.puzzle_id_after[events.encoded_slots],
+                                  events.sample_id_after[events.encoded_slots] >= 0)
+            for name, value in stats.items():
+                row.set(name, value)
+            if events.token_embed_rms is not None:
+                row.set("token_ms", events.token_embed_rms.detach().float().square() * stats["context_rows"])
+
+
+def context_stats(context: Tensor, puzzle_ids: Tensor, real: Tensor) -> dict[str, Tensor]:
+    """The probe's per-step sums for a context [N, tokens, D] (or [N, D]) whose rows belong to ``puzzle_ids``.
+
+    Only rows where ``real`` holds count. Device scalars, no host sync: the grouping is an [N, N] same-puzzle
+    matrix, so the cost is O(N^2 D), small beside the encoder that produced the rows.
+    """
+    x = context.float()
+    if x.dim() == 2:
+        x = x[:, None, :]
+    d = x.shape[-1]
+    w = real.to(torch.float32)
+    n = w.sum()
+    ms = x.square().mean(dim=(1, 2))                                    # [N] per-element mean square, unpooled
+    pooled = x.mean(1)                                                  # [N, D]
+    same = (puzzle_ids[:, None] == puzzle_ids[None, :]).to(torch.float32) * w[None, :]
+    group_mean = (same @ pooled) / same.sum(1, keepdim=True).clamp_min(1.0)
+    mean = (w[:, None] * pooled).sum(0) / n.clamp_min(1.0)
+    cross = ((group_mean - mean).square().sum(1) * w).sum() / d
+    within = ((pooled - group_mean).square().sum(1) * w).sum() / d
+    return {
+        "context_rows": n,
+        "context_puzzles": distinct_count(puzzle_ids, real),
+        "context_cross_ss": cross,
+        "context_within_ss": within,
+        "context_sq_norm": (pooled.square().sum(1) * w).sum() / d,
+        "context_ms": (ms * w).sum(),
+    }
+
+
+__all__ = ["ContextDiversityProbe", "context_stats"]
