@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_STAMP := $(VENV)/.torch-2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test clean-venv
+.PHONY: install browser demo test clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,18 @@ demo: install
 	$(VENV)/bin/etrm-train --preset demo --trace --run-dir $$run && \
 	$(VENV)/bin/etrm-doctor $$run
 
-test: install
+# The dashboard's browser tests drive Debian's chromium through chromedriver: installed with apt only when missing
+# (as root, or through sudo). Where it cannot be installed, those tests skip and say why.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  echo "installing chromium and chromium-driver for the dashboard's browser tests"; \
+	  ( $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    chromium chromium-driver >/dev/null ) || \
+	  echo "warning: could not install chromium; the browser tests will be skipped"; \
+	fi
+
+test: install browser
 	$(PY) -m pytest
 
 clean-venv:

@@ -1,0 +1,554 @@
+"""Figure builders: pure functions from bucketed frames (``dashboards.runs``) to Plotly figures. No I/O, no Dash.
+
+Figures are plain Plotly figure dicts (``{"data": [...], "layout": {...}}``), which Dash sends as they are: building
+them skips Plotly's per-property validation, so a page of figures is ready in milliseconds (the tests check each one
+against Plotly's schema). Every step chart draws the bucket mean as a line and, where a bucket holds more than one
+step, the min/max of the per-step values as a light band, so spikes survive any zoom level. One palette and one
+layout everywhere: coverage teal, the reset fraction orange and dashed, the starved zone (coverage below the
+doctor's threshold) pale red.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from diagnostics.loading import DERIVED
+
+Figure = dict[str, Any]
+
+FONT = "Inter, system-ui, -apple-system, 'Segoe UI', Roboto, Helvetica, Arial, sans-serif"
+INK, MUTED, GRID, AXIS = "#1f2937", "#6b7280", "#eef0f3", "#d1d5db"
+C = {
+    "coverage": "#0d9488", "reset": "#ea580c", "starved": "rgba(220, 38, 38, 0.07)", "threshold": "#dc2626",
+    "loss": "#334155", "lm_loss": "#94a3b8", "inflight": "#2563eb", "halted": "#7c3aed", "eval": "#111827",
+    "encoder": "#0d9488", "rest": "#64748b", "needed": "#94a3b8", "encoded": "#0d9488", "precision": "#2563eb",
+    "recall": "#7c3aed", "base": "#9ca3af", "label": "#dc2626", "demo": "#d97706", "carry": "#7c3aed",
+}
+# Run identity colours avoid red and green, which mean unhealthy and healthy everywhere else.
+RUN_COLORS = ("#2563eb", "#9333ea", "#d97706", "#0891b2", "#db2777", "#4b5563", "#65a30d", "#92400e")
+PHASE_COLORS = {"data": "#cbd5e1", "h2d": "#94a3b8", "encoder": "#0d9488", "inner": "#2563eb", "loss": "#a78bfa",
+                "trace": "#f59e0b", "backward": "#7c3aed", "optimizer": "#64748b"}
+SEVERITY_COLORS = {"error": "#dc2626", "warning": "#d97706", "info": "#0284c7"}
+HEIGHT = 250
+SMOOTH_STEPS = 20     # rolling window (steps) of the smoothed readings at full detail
+PER_STEP_MAX = 120    # at full detail, a faint per-step line is drawn under the smoothed one up to this many steps
+
+# Metrics offered on the compare page: derived ratio (or stored counter) name -> label.
+METRICS: dict[str, str] = {
+    "coverage": "encoder gradient coverage", "reset_fraction": "reset fraction", "loss_mean": "loss per slot",
+    "lm_loss_mean": "LM loss per slot", "exact_inflight": "exact accuracy, in-flight (ETRM)",
+    "exact_halted": "exact accuracy, at halt (TRM)", "token_acc_inflight": "token accuracy, in-flight",
+    "token_acc_halted": "token accuracy, at halt", "encode_ratio": "slots encoded / needed",
+    "mean_inflight_step": "mean in-flight step", "mean_halt_step": "mean halting step",
+    "q_precision": "q-halt precision", "q_recall": "q-halt recall", "q_base_rate": "q-halt base rate",
+    "drop_fraction": "dropped sample fraction", "grad_norm_encoder": "encoder gradient norm",
+    "grad_norm_rest": "rest-of-model gradient norm",
+}
+PERCENT = {"coverage", "reset_fraction", "exact_inflight", "exact_halted", "token_acc_inflight", "token_acc_halted",
+           "q_precision", "q_recall", "q_base_rate", "drop_fraction"}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Shared layout
+
+def _axis(**kw: Any) -> dict[str, Any]:
+    a = {"gridcolor": GRID, "zeroline": False, "linecolor": AXIS, "showline": True, "ticks": "outside",
+         "tickcolor": AXIS, "ticklen": 4, "automargin": True, "title": {"font": {"size": 11, "color": MUTED}}}
+    for k, v in kw.items():
+        if k == "title":
+            a["title"] = {"text": v, "font": {"size": 11, "color": MUTED}}
+        else:
+            a[k] = v
+    return a
+
+
+def layout(title: str = "", height: int = HEIGHT, y_title: str = "", percent: bool = False,
+           legend: bool = True, uirevision: Any = "keep") -> dict[str, Any]:
+    """The house style: white, light grid, small left-aligned title, legend top right, unified hover."""
+    y = _axis(title=y_title)
+    if percent:
+        y.update(tickformat=".0%", range=[-0.03, 1.05])
+    return {
+        "height": height, "uirevision": uirevision, "paper_bgcolor": "white", "plot_bgcolor": "white",
+        "font": {"family": FONT, "size": 12, "color": INK},
+        "title": {"text": title, "x": 0.01, "xanchor": "left", "y": 0.97, "yanchor": "top",
+                  "font": {"size": 13, "color": INK}},
+        "margin": {"l": 52, "r": 16, "t": 46 if title else 16, "b": 36},
+        "legend": {"orientation": "h", "x": 1, "xanchor": "right", "y": 1.02, "yanchor": "bottom",
+                   "font": {"size": 11}, "bgcolor": "rgba(0,0,0,0)"},
+        "showlegend": legend, "hovermode": "x unified",
+        "hoverlabel": {"font": {"family": FONT, "size": 12}},
+        "xaxis": _axis(), "yaxis": y, "shapes": [], "annotations": [],
+    }
+
+
+def figure(data: list[dict[str, Any]], lay: dict[str, Any]) -> Figure:
+    return {"data": data, "layout": lay}
+
+
+def empty_figure(message: str, title: str = "", height: int = HEIGHT) -> Figure:
+    """A blank chart that says why it is blank."""
+    lay = layout(title, height, legend=False)
+    lay["xaxis"] = {"visible": False}
+    lay["yaxis"] = {"visible": False}
+    lay["annotations"] = [{"text": message, "x": 0.5, "y": 0.5, "xref": "paper", "yref": "paper",
+                           "showarrow": False, "font": {"size": 13, "color": MUTED}}]
+    return figure([], lay)
+
+
+def _x(f: pd.DataFrame) -> np.ndarray:
+    return f["step"].to_numpy(dtype=float)
+
+
+def _y(s: pd.Series | np.ndarray) -> list:
+    """Values as a JSON-ready list (NaN as None, which Plotly draws as a gap)."""
+    a = np.asarray(s, dtype=float)
+    return [None if not math.isfinite(v) else v for v in a.tolist()]
+
+
+def _exact(f: pd.DataFrame) -> bool:
+    if "exact" in f.attrs:
+        return bool(f.attrs["exact"])
+    return "n" not in f.columns or bool((f["n"] <= 1).all())
+
+
+def _alpha(hex_color: str, a: float) -> str:
+    h = hex_color.lstrip("#")
+    r, g, b = (int(h[i:i + 2], 16) for i in (0, 2, 4))
+    return f"rgba({r}, {g}, {b}, {a})"
+
+
+def series(f: pd.DataFrame, col: str, name: str, color: str, *, dash: str | None = None, width: float = 2.0,
+           band: bool = True, hover: str = ".3f", shape: str = "linear", axes: tuple[str, str] = ("x", "y"),
+           showlegend: bool = True, opacity: float = 1.0, values: pd.Series | None = None) -> list[dict[str, Any]]:
+    """Traces for one series: the bucket-mean line, after its per-step min/max band when buckets hold several
+    steps. Empty when the column is absent or all missing."""
+    y = values if values is not None else (f[col] if col in f.columns else None)
+    if y is None or len(f) == 0 or pd.isna(y).all():
+        return []
+    x = _x(f)
+    xa, ya = axes
+    out: list[dict[str, Any]] = []
+    lo, hi = f"{col}_min", f"{col}_max"
+    if band and values is None and not _exact(f) and lo in f.columns and hi in f.columns:
+        common = {"type": "scatter", "mode": "lines", "x": x, "xaxis": xa, "yaxis": ya, "hoverinfo": "skip",
+                  "showlegend": False, "legendgroup": name, "line": {"width": 0, "color": color}}
+        out.append({**common, "y": _y(f[hi]), "name": f"{name} max"})
+        out.append({**common, "y": _y(f[lo]), "name": f"{name} min", "fill": "tonexty",
+                    "fillcolor": _alpha(color, 0.14)})
+    line = {"color": color, "width": width, "shape": shape}
+    if dash:
+        line["dash"] = dash
+    out.append({"type": "scatter", "mode": "lines", "x": x, "y": _y(y), "name": name, "xaxis": xa, "yaxis": ya,
+                "line": line, "opacity": opacity, "legendgroup": name, "showlegend": showlegend,
+                "hovertemplate": f"%{{y:{hover}}}"})
+    return out
+
+
+def markers(findings: Sequence[Mapping[str, Any]], focus: int | None = None, xref: str = "x",
+            yref: str = "y domain") -> list[dict[str, Any]]:
+    """Dotted vertical lines at each finding's first step, and a solid one at a focused step."""
+    out = []
+    for fd in findings:
+        step = fd.get("first_step")
+        if step is None:
+            continue
+        out.append({"type": "line", "x0": step, "x1": step, "y0": 0, "y1": 1, "xref": xref, "yref": yref,
+                    "line": {"color": SEVERITY_COLORS.get(fd.get("severity", ""), MUTED), "width": 1, "dash": "dot"},
+                    "opacity": 0.8})
+    if focus is not None:
+        out.append({"type": "line", "x0": focus, "x1": focus, "y0": 0, "y1": 1, "xref": xref, "yref": yref,
+                    "line": {"color": INK, "width": 1.5}})
+    return out
+
+
+def rolling_ratio(f: pd.DataFrame, nums: Sequence[str], dens: Sequence[str], steps: int) -> pd.Series:
+    """Ratio of sums over the last ``steps`` steps at each bucket (exact: sums, not means of means)."""
+    width = max(int(f.attrs.get("width", 1)), 1)
+    k = max(1, int(round(steps / width)))
+    num = sum(f[c].fillna(0.0) for c in nums)
+    den = sum(f[c].fillna(0.0) for c in dens)
+    num, den = num.rolling(k, min_periods=1).sum(), den.rolling(k, min_periods=1).sum()
+    return num / den.where(den != 0)
+
+
+def reading(f: pd.DataFrame, col: str, name: str, color: str, *, dash: str | None = None, width: float = 2.0,
+            band: bool = True, hover: str = ".3f", values: pd.Series | None = None,
+            terms: tuple[Sequence[str], Sequence[str]] | None = None) -> list[dict[str, Any]]:
+    """A series as the dashboard reads it. Bucketed: the bucket means with their min/max band. At full detail over
+    many steps: a ``SMOOTH_STEPS`` rolling reading (a ratio of rolling sums for derived ratios), over a faint
+    per-step line while there are few enough steps to read it."""
+    raw = values if values is not None else (f[col] if col in f.columns else None)
+    if raw is None or not _exact(f) or len(f) <= 2 * SMOOTH_STEPS:
+        return series(f, col, name, color, dash=dash, width=width, band=band, hover=hover, values=values)
+    terms = terms or DERIVED.get(col)
+    if terms is not None and all(c in f.columns for c in [*terms[0], *terms[1]]):
+        smooth = rolling_ratio(f, terms[0], terms[1], SMOOTH_STEPS)
+    else:
+        smooth = raw.rolling(SMOOTH_STEPS, min_periods=1).mean()
+    out: list[dict[str, Any]] = []
+    if len(f) <= PER_STEP_MAX:
+        out += series(f, col, f"{name} per step", color, width=1, band=False, opacity=0.3, hover=hover,
+                      showlegend=False, values=raw)
+    return out + series(f, col, name, color, dash=dash, width=width, band=False, hover=hover, values=smooth)
+
+
+def ratio_total(f: pd.DataFrame, nums: Sequence[str], dens: Sequence[str]) -> float | None:
+    """Ratio of column sums over the whole frame (None when a column is missing or the denominator is 0)."""
+    if not all(c in f.columns for c in list(nums) + list(dens)):
+        return None
+    den = float(sum(f[c].fillna(0).sum() for c in dens))
+    return float(sum(f[c].fillna(0).sum() for c in nums)) / den if den else None
+
+
+def with_range(fig: Figure, xrange: Sequence[float] | None) -> Figure:
+    """The figure with its step axis fixed to ``xrange`` (after a zoom)."""
+    if xrange and "xaxis" in fig["layout"] and fig["layout"]["xaxis"].get("visible", True):
+        fig["layout"]["xaxis"]["range"] = [float(xrange[0]), float(xrange[1])]
+        fig["layout"]["xaxis"]["autorange"] = False
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Overview
+
+def loss_figure(f: pd.DataFrame, findings: Sequence[Mapping[str, Any]] = (), focus: int | None = None,
+                title: str = "Loss per slot") -> Figure:
+    if f.empty or "loss_mean" not in f.columns:
+        return empty_figure("no loss recorded yet", title)
+    data = reading(f, "loss_mean", "loss", C["loss"])
+    data += reading(f, "lm_loss_mean", "LM loss", C["lm_loss"], dash="dot", band=False, width=1.5)
+    lay = layout(title, y_title="per slot")
+    lay["shapes"] = markers(findings, focus)
+    return figure(data, lay)
+
+
+def accuracy_figure(f: pd.DataFrame, evals: pd.DataFrame | None = None, findings: Sequence[Mapping[str, Any]] = (),
+                    focus: int | None = None, title: str = "Exact accuracy (both semantics)") -> Figure:
+    """Training exact accuracy of in-flight slots (ETRM's reading) and of slots at their halt (TRM's), with the
+    held-out evaluation as points."""
+    if f.empty:
+        return empty_figure("no steps yet", title)
+    data = reading(f, "exact_inflight", "in-flight (ETRM)", C["inflight"], hover=".1%")
+    data += reading(f, "exact_halted", "at halt (TRM)", C["halted"], hover=".1%", dash="dash")
+    if evals is not None and len(evals):
+        for col, name, symbol in (("exact", "held-out", "circle"), ("halt.exact", "held-out at halt", "diamond")):
+            if col in evals.columns and evals[col].notna().any():
+                data.append({"type": "scatter", "mode": "markers+lines", "name": name,
+                             "x": evals.index.to_numpy(dtype=float), "y": _y(evals[col]),
+                             "line": {"color": C["eval"], "width": 1, "dash": "dot"},
+                             "marker": {"symbol": symbol, "size": 7, "color": C["eval"]},
+                             "hovertemplate": "%{y:.1%}"})
+    lay = layout(title, percent=True)
+    lay["shapes"] = markers(findings, focus)
+    return figure(data, lay)
+
+
+def coverage_figure(f: pd.DataFrame, threshold: float = 0.5, findings: Sequence[Mapping[str, Any]] = (),
+                    focus: int | None = None, title: str = "Encoder gradient coverage vs reset fraction",
+                    smooth_steps: int = SMOOTH_STEPS, height: int = HEIGHT + 30, side: bool = True) -> Figure:
+    """Coverage per step with the reset fraction drawn beside it: in ``cached`` mode the two coincide (only reset
+    slots are trained), in ``reencode`` coverage sits at 1. The zone under the doctor's threshold is shaded red;
+    a side panel puts the run means of both next to each other."""
+    if f.empty or "coverage" not in f.columns:
+        return empty_figure("no coverage recorded (untraced, or no encoder)", title, height)
+    data: list[dict[str, Any]] = []
+    if _exact(f) and len(f) > smooth_steps:
+        # every step (thin, faint; only while few enough to read), then the smoothed reading beside the smoothed
+        # reset fraction
+        if len(f) <= PER_STEP_MAX:
+            data += series(f, "coverage", "coverage per step", C["coverage"], width=1, band=False, shape="hv",
+                           opacity=0.35, hover=".0%")
+        data += series(f, "coverage", f"coverage ({smooth_steps}-step)", C["coverage"], width=3, hover=".1%",
+                       values=rolling_ratio(f, ["coverage_num"], ["coverage_den"], smooth_steps))
+        if "resets" in f.columns and "slots" in f.columns:
+            data += series(f, "reset_fraction", f"reset fraction ({smooth_steps}-step)", C["reset"], width=2,
+                           dash="dash", hover=".1%", values=rolling_ratio(f, ["resets"], ["slots"], smooth_steps))
+    else:
+        data += series(f, "coverage", "coverage", C["coverage"], width=3, hover=".1%")
+        data += series(f, "reset_fraction", "reset fraction", C["reset"], dash="dash", band=False, hover=".1%")
+    lay = layout(title, height)
+    lay["yaxis"].update(tickformat=".0%", range=[-0.03, 1.05])
+    xref = "x"
+    if side:
+        lay["xaxis"]["domain"] = [0.0, 0.8]
+        lay["legend"]["x"] = 0.8
+        lay["xaxis2"] = _axis(domain=[0.85, 1.0], anchor="y2", ticks="", showgrid=False, fixedrange=True,
+                              tickangle=0, tickfont={"size": 10})
+        lay["yaxis2"] = _axis(anchor="x2", range=[-0.03, 1.18], showticklabels=False, fixedrange=True, ticks="")
+        names, vals, cols = [], [], []
+        for n, v, c in (("cover.", ratio_total(f, ["coverage_num"], ["coverage_den"]), C["coverage"]),
+                        ("resets", ratio_total(f, ["resets"], ["slots"]), C["reset"])):
+            if v is not None:
+                names.append(n), vals.append(v), cols.append(c)
+        data.append({"type": "bar", "x": names, "y": vals, "xaxis": "x2", "yaxis": "y2", "showlegend": False,
+                     "marker": {"color": cols}, "text": [f"{v:.0%}" for v in vals], "textposition": "outside",
+                     "cliponaxis": False, "hovertemplate": "%{x}: %{y:.1%}<extra>mean</extra>",
+                     "name": "mean of shown steps"})
+        lay["annotations"].append({"text": "mean of shown steps", "x": 0.925, "xref": "paper", "y": -0.03,
+                                   "yref": "paper", "yanchor": "top", "yshift": -18, "showarrow": False,
+                                   "font": {"size": 11, "color": MUTED}})
+    x_dom = "x domain"
+    lay["shapes"] = [
+        {"type": "rect", "xref": x_dom, "x0": 0, "x1": 1, "yref": "y", "y0": -0.03, "y1": threshold,
+         "fillcolor": C["starved"], "line": {"width": 0}, "layer": "below"},
+        {"type": "line", "xref": x_dom, "x0": 0, "x1": 1, "yref": "y", "y0": threshold, "y1": threshold,
+         "line": {"color": C["threshold"], "width": 1, "dash": "dot"}, "opacity": 0.6},
+        *markers(findings, focus, xref=xref),
+    ]
+    lay["annotations"].append({"text": f"starved: coverage < {threshold:g}", "xref": x_dom, "x": 0.995,
+                               "xanchor": "right", "yref": "y", "y": threshold, "yshift": -10, "showarrow": False,
+                               "font": {"size": 10, "color": C["threshold"]}})
+    return figure(data, lay)
+
+
+def halting_summary_figure(f: pd.DataFrame, mode: str | None, findings: Sequence[Mapping[str, Any]] = (),
+                           focus: int | None = None, title: str = "Halting") -> Figure:
+    """Mean in-flight step and mean halting step (not for ``fct``: every slot runs a fixed number of steps)."""
+    if mode == "fct":
+        return empty_figure("fct runs a fixed number of steps: no halting to show", title)
+    if f.empty or "mean_inflight_step" not in f.columns:
+        return empty_figure("no halting recorded yet", title)
+    data = reading(f, "mean_inflight_step", "mean in-flight step", C["inflight"], hover=".2f", band=False)
+    data += reading(f, "mean_halt_step", "mean halting step", C["halted"], hover=".2f", band=False, dash="dash")
+    lay = layout(title, y_title="ACT step")
+    lay["shapes"] = markers(findings, focus)
+    return figure(data, lay)
+
+
+def timing_figure(t: pd.DataFrame, title: str = "Time per step by phase", height: int = HEIGHT) -> Figure:
+    """Phases stacked (milliseconds per step, mean over ranks) with steps/s on the right axis."""
+    if t is None or t.empty:
+        return empty_figure("no phase timings recorded", title, height)
+    wide = t.pivot_table(index="step", columns="phase", values="seconds", aggfunc="mean").sort_index()
+    k = max(1, len(wide) // 60)  # phase times are noisy: a rolling mean keeps about 60 independent readings
+    if k > 1:
+        wide = wide.rolling(k, min_periods=1).mean()
+        title += f" ({k}-point rolling mean)"
+    order = [p for p in PHASE_COLORS if p in wide.columns] + [p for p in wide.columns if p not in PHASE_COLORS]
+    x = wide.index.to_numpy(dtype=float)
+    data = [{"type": "scatter", "mode": "lines", "x": x, "y": _y(wide[p] * 1000), "name": p, "stackgroup": "phases",
+             "line": {"width": 0.5, "color": PHASE_COLORS.get(p, MUTED)}, "hovertemplate": "%{y:.1f} ms"}
+            for p in order]
+    total = wide[order].sum(axis=1)
+    data.append({"type": "scatter", "mode": "lines", "x": x, "y": _y(1.0 / total.where(total > 0)),
+                 "name": "steps/s", "yaxis": "y2", "line": {"color": INK, "width": 1.5, "dash": "dot"},
+                 "hovertemplate": "%{y:.2f} steps/s"})
+    sampled = " (sampled steps)" if t.attrs.get("sampled") else ""
+    lay = layout(title + sampled, height, y_title="ms per step")
+    lay["yaxis"]["rangemode"] = "tozero"
+    lay["yaxis2"] = _axis(title="steps/s", overlaying="y", side="right", showgrid=False, rangemode="tozero",
+                          tickformat=".3~s")
+    lay["margin"].update(r=52, b=64)
+    lay["legend"].update(x=0, xanchor="left", y=-0.14, yanchor="top", traceorder="normal")
+    return figure(data, lay)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Coverage tab
+
+def grad_norm_figure(f: pd.DataFrame, findings: Sequence[Mapping[str, Any]] = (), focus: int | None = None,
+                     title: str = "Gradient norm: encoder vs rest of the model") -> Figure:
+    """Per-step gradient norms (bucket means with min/max band); log scale when both are positive."""
+    if f.empty or "grad_norm_encoder_mean" not in f.columns:
+        return empty_figure("no gradient norms recorded", title)
+    g = f.copy()
+    for c in ("grad_norm_encoder", "grad_norm_rest"):
+        if f"{c}_mean" in g.columns:
+            g[c] = g[f"{c}_mean"]
+    data = reading(g, "grad_norm_encoder", "encoder", C["encoder"], hover=".3g")
+    data += reading(g, "grad_norm_rest", "rest", C["rest"], hover=".3g", dash="dash")
+    lay = layout(title, y_title="L2 norm")
+    vals = g[[c for c in ("grad_norm_encoder", "grad_norm_rest") if c in g.columns]].to_numpy(dtype=float)
+    if vals.size and np.nanmin(np.where(vals > 0, vals, np.nan), initial=np.inf) < np.inf:
+        lay["yaxis"]["type"] = "log"
+    lay["shapes"] = markers(findings, focus)
+    return figure(data, lay)
+
+
+def encoder_work_figure(f: pd.DataFrame, title: str = "Encoder work: slots encoded vs needed") -> Figure:
+    if f.empty or "encoded_mean" not in f.columns:
+        return empty_figure("no encoder work recorded", title)
+    data = []
+    if "slots_mean" in f.columns:
+        data.append({"type": "scatter", "mode": "lines", "x": _x(f), "y": _y(f["slots_mean"]), "name": "batch (B)",
+                     "line": {"color": "#e5e7eb", "width": 6}, "hoverinfo": "skip"})
+    data += reading(f, "encoded", "encoded", C["encoded"], band=False, hover=".1f", values=f["encoded_mean"])
+    if "encode_needed_mean" in f.columns:
+        data += reading(f, "encode_needed", "needed", C["needed"], band=False, hover=".1f", dash="dash",
+                        values=f["encode_needed_mean"])
+    lay = layout(title, y_title="slots per step")
+    lay["yaxis"]["rangemode"] = "tozero"
+    return figure(data, lay)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Halting tab
+
+def halting_heatmap(f: pd.DataFrame, title: str = "Halting step over training (share of halts)",
+                    height: int = HEIGHT + 30, max_cols: int = 120) -> Figure:
+    """Share of each bucket's halts that happened at each ACT step k (columns ``halt_at_k``)."""
+    ks = sorted(int(c[8:]) for c in f.columns if c.startswith("halt_at_") and c[8:].isdigit())
+    if f.empty or not ks:
+        return empty_figure("no halting histogram recorded", title, height)
+    counts = np.stack([f[f"halt_at_{k}"].fillna(0).to_numpy(dtype=float) for k in ks])
+    x = _x(f)
+    per = counts.sum(0)
+    if counts.shape[1] > 1 and per.sum() > 0:
+        # merge neighbouring buckets (counts add exactly) into at most max_cols columns of about equal halts, so
+        # that no column is empty where slots halt only every few steps
+        target = max(per.sum() / max_cols, per[per > 0].min())
+        before = np.concatenate([[0.0], np.cumsum(per)[:-1]])
+        group = np.floor(before / target + 1e-9).astype(np.int64)
+        starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+        counts = np.add.reduceat(counts, starts, axis=1)
+        x = np.maximum.reduceat(x, starts)
+    total = counts.sum(0)
+    share = np.divide(counts, total, out=np.full_like(counts, np.nan), where=total > 0)
+    z = [[None if not math.isfinite(v) else v for v in row] for row in share.tolist()]
+    scale = [[0.0, "#f8fafc"], [0.15, "#dbeafe"], [0.5, "#60a5fa"], [1.0, "#1e3a8a"]]
+    data = [{"type": "heatmap", "x": x, "y": ks, "z": z, "colorscale": scale, "zmin": 0, "zmax": 1,
+             "colorbar": {"title": {"text": "share", "side": "right"}, "thickness": 10, "tickformat": ".0%"},
+             "hovertemplate": "step %{x}<br>halted at ACT step %{y}: %{z:.0%}<extra></extra>"}]
+    lay = layout(title, height, y_title="ACT step at halt", legend=False)
+    lay["hovermode"] = "closest"
+    if len(ks) <= 16:
+        lay["yaxis"]["dtick"] = 1
+    return figure(data, lay)
+
+
+def q_figure(f: pd.DataFrame, findings: Sequence[Mapping[str, Any]] = (), focus: int | None = None,
+             title: str = "Q-halt precision and recall (base rate dashed)") -> Figure:
+    if f.empty or "q_base_rate" not in f.columns:
+        return empty_figure("no q-halt counts recorded", title)
+    data = reading(f, "q_precision", "precision", C["precision"], band=False, hover=".1%")
+    data += reading(f, "q_recall", "recall", C["recall"], band=False, hover=".1%")
+    data += reading(f, "q_base_rate", "base rate", C["base"], band=False, hover=".1%", dash="dash")
+    lay = layout(title, percent=True)
+    lay["shapes"] = markers(findings, focus)
+    return figure(data, lay)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Alignment tab
+
+ALIGN_SERIES = (("label_mismatch", "labels", C["label"]), ("demo_mismatch", "demos", C["demo"]),
+                ("carry_mismatch", "carry", C["carry"]))
+
+
+def alignment_figure(f: pd.DataFrame, findings: Sequence[Mapping[str, Any]] = (), focus: int | None = None,
+                     title: str = "Alignment mismatches per step") -> Figure:
+    if f.empty or not any(f"{c}_mean" in f.columns for c, _, _ in ALIGN_SERIES):
+        return empty_figure("no alignment counts recorded", title)
+    g = f.copy()
+    data: list[dict[str, Any]] = []
+    for c, name, color in ALIGN_SERIES:
+        if f"{c}_mean" in g.columns:
+            g[c] = g[f"{c}_mean"]
+            data += series(g, c, name, color, hover=".2f")
+    lay = layout(title, y_title="slots per step")
+    lay["yaxis"]["rangemode"] = "tozero"
+    total = sum(float(f[c].fillna(0).sum()) for c, _, _ in ALIGN_SERIES if c in f.columns)
+    if total == 0:
+        lay["annotations"].append({"text": "no mismatches: every slot's labels and demos are its own", "x": 0.5,
+                                   "y": 0.6, "xref": "paper", "yref": "paper", "showarrow": False,
+                                   "font": {"size": 12, "color": C["coverage"]}})
+        lay["yaxis"]["range"] = [0, 1]
+    lay["shapes"] = markers(findings, focus)
+    return figure(data, lay)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Compare
+
+def compare_figure(frames: Mapping[str, pd.DataFrame], metric: str, title: str | None = None,
+                   height: int = HEIGHT + 40, smooth_steps: int = SMOOTH_STEPS,
+                   terms: tuple[Sequence[str], Sequence[str]] | None = None) -> Figure:
+    """One metric overlaid for several runs (one colour per run, in the given order). At full detail a faint
+    per-step line sits behind a ``smooth_steps`` rolling reading (a ratio of rolling sums when ``terms``, the
+    metric's numerator and denominator columns, are given)."""
+    label = METRICS.get(metric, metric)
+    if not frames:
+        return empty_figure("pick runs to compare", title or label, height)
+    data: list[dict[str, Any]] = []
+    smoothed = False
+    hover = ".1%" if metric in PERCENT else ".3g"
+    for i, (name, f) in enumerate(frames.items()):
+        col = metric if metric in f.columns else f"{metric}_mean"
+        if f.empty or col not in f.columns:
+            continue
+        color = RUN_COLORS[i % len(RUN_COLORS)]
+        g = f.assign(**{metric: f[col]})
+        if _exact(f) and len(f) > 2 * smooth_steps:
+            smoothed = True
+            if terms is not None and all(c in f.columns for c in [*terms[0], *terms[1]]):
+                smooth = rolling_ratio(f, terms[0], terms[1], smooth_steps)
+            else:
+                smooth = g[metric].rolling(smooth_steps, min_periods=1).mean()
+            if len(f) <= PER_STEP_MAX:
+                data += series(g, metric, f"{name} per step", color, width=1, band=False, opacity=0.25,
+                               hover=hover, showlegend=False)
+            data += series(g, metric, name, color, width=2.5, hover=hover, values=smooth)
+        else:
+            data += series(g, metric, name, color, hover=hover, band=col == metric)
+    title = title or (label + (f" ({smooth_steps}-step rolling)" if smoothed else ""))
+    if not data:
+        return empty_figure(f"no picked run records {label}", title, height)
+    return figure(data, layout(title, height, percent=metric in PERCENT))
+
+
+EFFICIENCY_ROWS = ("encoder forwards per step", "encoder forwards per sample", "encoder gradient coverage",
+                   "dynamic halting", "steps per sample", "encoded / needed", "samples consumed", "steps")
+
+
+def efficiency(meta: Mapping[str, Any], totals: Mapping[str, float]) -> dict[str, Any]:
+    """The progress summary's efficiency numbers for one run, from whole-run sums of its trace: encoder forwards
+    per step and per sample, encoder gradient coverage, whether halting is dynamic, ACT steps per sample."""
+
+    def div(a: str, b: str) -> float | None:
+        den = totals.get(b)
+        return totals[a] / den if a in totals and den else None
+
+    mode = meta.get("mode")
+    halts = div("halted_steps", "halted_count")
+    if mode == "fct":
+        dynamic = "no (fct: fixed steps)"
+    elif halts is None:
+        dynamic = "n/a"
+    else:
+        dynamic = f"yes (mean halt step {halts:.2f})"
+    return {
+        "encoder forwards per step": div("encoded", "steps"),
+        "encoder forwards per sample": div("encoded", "samples_consumed"),
+        "encoder gradient coverage": div("coverage_num", "coverage_den"),
+        "dynamic halting": dynamic,
+        "steps per sample": div("real_slots", "samples_consumed"),
+        "encoded / needed": div("encoded", "encode_needed"),
+        "samples consumed": totals.get("samples_consumed"),
+        "steps": totals.get("steps"),
+    }
+
+
+def efficiency_table(runs: Mapping[str, tuple[Mapping[str, Any], Mapping[str, float]]]) -> pd.DataFrame:
+    """Rows: the efficiency metrics; one column per run (formatted strings), as in the progress summary."""
+    data = {}
+    for name, (meta, totals) in runs.items():
+        e = efficiency(meta, totals)
+        data[name] = [_fmt(row, e[row]) for row in EFFICIENCY_ROWS]
+    return pd.DataFrame(data, index=pd.Index(EFFICIENCY_ROWS, name="metric"))
+
+
+def _fmt(row: str, v: Any) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    if isinstance(v, str):
+        return v
+    if row == "encoder gradient coverage":
+        return f"{v:.1%}"
+    if row in ("samples consumed", "steps"):
+        return f"{int(v):,}"
+    return f"{v:.2f}"

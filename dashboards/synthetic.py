@@ -1,0 +1,135 @@
+"""Synthetic traces for the dashboard's benchmark and tests: a vectorised numpy stand-in for a traced run.
+
+Rows carry the counters the built-in probes write (same column names, numerator and denominator kept apart) and are
+stored with ``TraceWriter``, so the dashboard reads them exactly as it reads a trainer's trace. A million steps are
+written in chunks, so memory stays small. No torch, no etrm.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from diagnostics.doctor import LiveDoctor
+from diagnostics.store import TRACE_NAME, TraceWriter
+
+PHASES = ("data", "h2d", "encoder", "inner", "loss", "trace", "backward", "optimizer")
+PHASE_SECONDS = (0.004, 0.001, 0.012, 0.030, 0.002, 0.001, 0.045, 0.006)
+
+
+def counter_names(max_steps_per_sample: int) -> list[str]:
+    """The per-step columns of a trace made by the default probes (with gradient norms)."""
+    base = ["coverage_num", "coverage_den", "puzzle_ids_with_grad", "resets", "samples_consumed", "samples_dropped",
+            "slots", "encoded", "encode_needed", "label_mismatch", "demo_mismatch", "carry_mismatch", "aligned_den",
+            "halted", "inflight_step_sum", "real_slots", "q_says_halt", "explore_vetoes", "q_tp", "q_fp", "q_fn",
+            "q_correct"]
+    halts = [f"halt_at_{k}" for k in range(1, max_steps_per_sample + 1)]
+    loss = ["loss", "lm_loss", "q_halt_loss", "q_continue_loss", "halted_count", "halted_exact", "halted_token_acc",
+            "halted_steps", "halted_q_halt_acc", "inflight_count", "inflight_exact", "inflight_token_acc",
+            "inflight_steps", "inflight_q_halt_acc", "non_finite", "grad_norm_encoder", "grad_norm_rest"]
+    return base + halts + loss
+
+
+def _chunk(rng: np.random.Generator, first: int, n: int, total: int, B: int, M: int, mode: str) -> dict:
+    """Counters for steps first..first+n-1: halting spreads over 1..M, accuracy and coverage follow the mode."""
+    steps = np.arange(first, first + n)
+    progress = steps / max(total, 1)
+    halted = rng.binomial(B, 1.0 / (1.0 + 0.5 * M * (1 - 0.5 * progress)))
+    resets = np.concatenate([[B], halted[:-1]]) if first == 1 else halted  # slots halted last step are reset
+    p = np.linspace(1.5, 0.5, M)
+    p = p / p.sum()
+    hist = _fast_multinomial(rng, halted, p)
+    halted_steps = (hist * np.arange(1, M + 1)).sum(1)
+    acc = np.clip(0.05 + 0.85 * progress + rng.normal(0, 0.03, n), 0, 1)
+    exact_h = rng.binomial(halted, acc)
+    exact_i = rng.binomial(B, acc * 0.9)
+    correct = rng.binomial(B, acc * 0.8)
+    q_tp = rng.binomial(correct, 0.7)
+    q_fn = correct - q_tp
+    q_fp = rng.binomial(B - correct, 0.05)
+    cov = resets if mode == "cached" else np.full(n, B)
+    encoded = resets if mode == "cached" else np.full(n, B)
+    loss = (2.5 * np.exp(-3 * progress) + 0.1 + rng.normal(0, 0.05, n)).clip(0.01) * B
+    out = {
+        "coverage_num": cov, "coverage_den": np.full(n, B), "puzzle_ids_with_grad": np.zeros(n),
+        "resets": resets, "samples_consumed": resets, "samples_dropped": np.zeros(n), "slots": np.full(n, B),
+        "encoded": encoded, "encode_needed": encoded, "label_mismatch": np.zeros(n), "demo_mismatch": np.zeros(n),
+        "carry_mismatch": np.zeros(n), "aligned_den": np.full(n, B), "halted": halted,
+        "inflight_step_sum": B * (1 + 0.4 * M * (1 - 0.5 * progress)), "real_slots": np.full(n, B),
+        "q_says_halt": q_tp + q_fp, "explore_vetoes": rng.binomial(halted, 0.1), "q_tp": q_tp, "q_fp": q_fp,
+        "q_fn": q_fn, "q_correct": correct,
+        "loss": loss, "lm_loss": loss * 0.9, "q_halt_loss": loss * 0.08, "q_continue_loss": loss * 0.02,
+        "halted_count": halted, "halted_exact": exact_h, "halted_token_acc": halted * np.sqrt(acc),
+        "halted_steps": halted_steps, "halted_q_halt_acc": halted * 0.8, "inflight_count": np.full(n, B),
+        "inflight_exact": exact_i, "inflight_token_acc": B * np.sqrt(acc), "inflight_steps": np.full(n, B * 2.0),
+        "inflight_q_halt_acc": np.full(n, B * 0.8), "non_finite": np.zeros(n),
+        "grad_norm_encoder": (cov / B) * (0.5 + rng.random(n) * 0.2), "grad_norm_rest": 1.0 + rng.random(n) * 0.3,
+    }
+    for k in range(M):
+        out[f"halt_at_{k + 1}"] = hist[:, k]
+    return {"steps": steps, **out}
+
+
+def _fast_multinomial(rng: np.random.Generator, counts: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Row-wise multinomial draws by sequential binomials (vectorised over rows)."""
+    left = counts.astype(np.int64)
+    rest = 1.0
+    cols = []
+    for pk in p[:-1]:
+        x = rng.binomial(left, min(pk / rest, 1.0))
+        cols.append(x)
+        left = left - x
+        rest -= pk
+    cols.append(left)
+    return np.stack(cols, axis=1)
+
+
+def write_synthetic(run_dir: str | Path, steps: int, *, mode: str = "cached", batch_size: int = 64,
+                    max_steps_per_sample: int = 16, timings: bool = True, finished: bool = True,
+                    chunk: int = 50_000, seed: int = 0, preset: str = "synthetic") -> Path:
+    """Write a ``steps``-step synthetic trace into ``run_dir`` (created); returns the directory."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    M, B = max_steps_per_sample, batch_size
+    meta = {"model": "etrm", "mode": mode, "fault": "none", "preset": preset, "sampler": "refill",
+            "batch_size": B, "max_steps_per_sample": M, "max_steps": steps, "trace_every": 20, "device": "cpu"}
+    w = TraceWriter(run_dir / TRACE_NAME, meta)
+    names = counter_names(M)
+    w.add_counters((n, "synthetic", n) for n in names)
+    w.conn.commit()
+    w.conn.execute("PRAGMA synchronous=OFF")
+    w.marker("start", 0)
+    doctor = LiveDoctor(meta)  # as the trainer does: findings stored the first time they hold
+    for first in range(1, steps + 1, chunk):
+        n = min(chunk, steps - first + 1)
+        c = _chunk(rng, first, n, steps, B, M, mode)
+        cols = [c["steps"]] + [np.asarray(c[name], dtype=float) for name in names]
+        w.write_steps(names, list(zip(*(col.tolist() for col in cols))))
+        if timings:
+            base = np.asarray(PHASE_SECONDS)
+            sec = base[None, :] * (1 + 0.15 * rng.standard_normal((n, len(PHASES))).clip(-0.9, 3))
+            w.write_timings([(int(s), 0, ph, float(sec[i, j])) for i, s in enumerate(c["steps"].tolist())
+                             for j, ph in enumerate(PHASES)])
+        frame = {"step": c["steps"].tolist(), **{name: np.asarray(c[name], dtype=float).tolist() for name in names}}
+        rows = [dict(zip(frame, vals)) for vals in zip(*frame.values())]
+        for finding in doctor.update(rows):
+            finding.store(w)
+        w.heartbeat(first + n - 1)
+        w.commit()
+    for s in range(max(steps // 10, 1), steps + 1, max(steps // 10, 1)):
+        w.write_eval(s, {"exact": min(0.9, s / steps), "token": min(0.97, 0.3 + s / steps)})
+    if finished:
+        w.marker("end", steps)
+    w.close()
+    return run_dir
+
+
+if __name__ == "__main__":  # python -m dashboards.synthetic DIR STEPS
+    import sys
+
+    t = time.perf_counter()
+    write_synthetic(sys.argv[1], int(sys.argv[2]))
+    print(f"wrote {sys.argv[2]} steps in {time.perf_counter() - t:.1f} s")

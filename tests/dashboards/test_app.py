@@ -1,0 +1,93 @@
+"""The app and the CLI without a browser: routing refuses paths outside --runs, tabs draw on real runs, the CLI
+binds to 127.0.0.1 by default and prints the URL."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import psutil
+import pytest
+
+from dashboards import app as A
+from dashboards import cli
+from dashboards.runs import Runs
+
+
+
+def texts(component) -> str:
+    """All text inside a Dash component tree."""
+    return json.dumps(component.to_plotly_json(), default=lambda o: o.to_plotly_json() if hasattr(o, "to_plotly_json")
+                      else str(o))
+
+
+@pytest.mark.parametrize("name", ["..%2F..%2Fetc", "../outside", "%2Ftmp", "cached/../../x"])
+def test_run_page_refuses_paths_outside_the_root(runs_root, name):
+    page = A.run_page(Runs(runs_root), name, "")
+    assert page.id == "refused"
+    assert "refused" in texts(page)
+
+
+def test_compare_page_refuses_paths_outside_the_root(runs_root):
+    page = A.compare_page(Runs(runs_root), "?runs=cached,..%2F..%2Fetc")
+    t = texts(page)
+    assert "Refused" in t and "outside the runs directory" in t
+
+
+def test_every_tab_draws_for_real_runs(runs_root):
+    runs = Runs(runs_root)
+    for name in ("cached", "reencode"):
+        cache = runs.get(name)
+        for tab, _ in A.TABS:
+            figs = A.tab_figures(cache, tab)
+            assert figs, tab
+            for fid, fig in figs.items():
+                assert "could not draw" not in json.dumps(fig, default=str), (name, tab, fid)
+            A.tab_layout(tab, figs, cache)
+        zoomed = A.tab_figures(cache, "overview", [5, 15], focus=10)
+        assert zoomed["loss"]["layout"]["xaxis"]["range"] == [5.0, 15.0]
+
+
+def test_compare_body_shows_cards_overlay_and_efficiency(runs_root):
+    body, live = A.compare_body(Runs(runs_root), ["cached", "reencode"], "coverage")
+    t = json.dumps([b.to_plotly_json() for b in body], default=lambda o: o.to_plotly_json()
+                   if hasattr(o, "to_plotly_json") else str(o))
+    assert "gradient-starvation" in t and "healthy" in t and "encoder forwards per step" in t
+    assert live is False
+
+
+def test_focus_range_and_ago():
+    assert A.focus_range(100, 1, 1000) == (50, 150)
+    assert A.focus_range(3, 1, 40) == (1, 18)
+    assert A.ago(95.0, now=100.0) == "5 s ago" and A.ago(None) == "never"
+
+
+def test_cli_defaults_to_loopback_and_rejects_bad_input(tmp_path, capsys):
+    args = cli.build_parser().parse_args([])
+    assert (args.host, args.port, args.runs) == ("127.0.0.1", 8050, "runs")
+    assert cli.main(["--runs", str(tmp_path / "missing")]) == 2
+    assert "no runs directory" in capsys.readouterr().err
+    assert cli.main(["--runs", str(tmp_path), "--port", "0"]) == 2
+    assert cli.is_loopback("127.0.0.1") and cli.is_loopback("::1") and not cli.is_loopback("0.0.0.0")
+
+
+def test_served_app_binds_127_0_0_1_by_default_and_prints_the_url(served):
+    assert served.first_line.endswith(f"at http://127.0.0.1:{served.port}/")
+    addrs = {c.laddr for c in psutil.Process(served.proc.pid).net_connections(kind="inet")
+             if c.status == psutil.CONN_LISTEN}
+    assert addrs and {a.ip for a in addrs} == {"127.0.0.1"}, addrs
+    assert urllib.request.urlopen(served.url + "/").status == 200
+
+
+def test_no_url_serves_a_file_from_outside_the_root(served, runs_root):
+    """Paths in URLs only ever name runs; static routes serve the app's own assets, nothing from disk by path."""
+    for path in ("/run/..%2F..%2F..%2Fetc%2Fpasswd", "/assets/..%2F..%2F..%2F..%2Fetc%2Fpasswd",
+                 "/_dash-component-suites/..%2F..%2F..%2Fetc%2Fpasswd", "/assets/../../etc/passwd"):
+        try:
+            body = urllib.request.urlopen(served.url + path).read().decode("utf-8", "replace")
+        except urllib.error.HTTPError as exc:
+            assert exc.code >= 400, path  # refused (Dash answers 500 to a malformed suite path)
+            assert b"root:" not in exc.read(), path
+            continue
+        assert "root:" not in body, path

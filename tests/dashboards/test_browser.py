@@ -1,0 +1,140 @@
+"""End to end in real headless chromium, on runs made by the trainer: the compare page puts a cached and a reencode
+run side by side (coverage charts, the gradient-starvation finding), a live run's step count grows on screen and
+polling stops when it ends, and a URL for a path outside --runs is refused."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import time
+
+import pytest
+
+By = pytest.importorskip("selenium.webdriver.common.by", reason="dash[testing] (selenium) is not installed: "
+                         "pip install -e '.[test]'").By
+
+from dashboards.synthetic import write_synthetic
+
+
+def card(browser, run: str):
+    return browser.driver.find_element(By.CSS_SELECTOR, f"div[id*='cmp-card'][id*='\"{run}\"']")
+
+
+def wait_until(check, timeout: float = 30, every: float = 0.3):
+    deadline = time.time() + timeout
+    while True:
+        try:
+            value = check()
+            if value:
+                return value
+        except Exception:  # noqa: BLE001 - the page may be re-rendering
+            pass
+        if time.time() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {check.__doc__ or check}")
+        time.sleep(every)
+
+
+def test_runs_list_shows_both_runs_with_the_doctors_verdict(browser, served):
+    browser.driver.get(served.url + "/")
+    browser.wait_for_element("table.runs", timeout=30)
+    rows = wait_until(lambda: {r.find_element(By.CSS_SELECTOR, ".run-name").text: r.text
+                               for r in browser.driver.find_elements(By.CSS_SELECTOR, "tr.run-row")})
+    assert "gradient-starvation" in rows["cached"] and "finished" in rows["cached"]
+    assert "healthy" in rows["reencode"] and "40" in rows["reencode"]
+
+
+def test_cached_and_reencode_side_by_side_show_coverage_and_the_starvation_finding(browser, served):
+    browser.driver.get(served.url + "/compare?runs=cached,reencode")
+    browser.wait_for_element("#efficiency", timeout=30)
+    cached, reencode = card(browser, "cached"), card(browser, "reencode")
+    for c in (cached, reencode):
+        plot = c.find_element(By.CSS_SELECTOR, ".js-plotly-plot")
+        assert plot.find_elements(By.CSS_SELECTOR, "g.trace.scatter path.js-line")  # lines drawn
+        legend = " ".join(e.text for e in plot.find_elements(By.CSS_SELECTOR, ".legendtext"))
+        assert "coverage" in legend and "reset fraction" in legend
+    assert "gradient-starvation" in cached.text and "error" in cached.text
+    assert "healthy" in reencode.text and "gradient-starvation" not in reencode.text
+    assert "bad" in cached.get_attribute("class") and "good" in reencode.get_attribute("class")
+    table = browser.driver.find_element(By.ID, "efficiency").text
+    assert "encoder gradient coverage" in table and "25.0%" in table and "100.0%" in table
+    overlay = browser.driver.find_element(By.CSS_SELECTOR, "#cmp-overlay .legendtext").text
+    assert overlay in ("cached", "reencode")
+
+
+def test_run_view_links_each_finding_to_its_step(browser, served):
+    browser.driver.get(served.url + "/run/cached")
+    browser.wait_for_element(".finding-gradient-starvation", timeout=30)
+    link = browser.driver.find_element(By.CSS_SELECTOR, ".finding-gradient-starvation a.at")
+    step = link.text.split()[1]
+    assert link.get_attribute("href").endswith(f"/run/cached?step={step}")
+    browser.wait_for_element("div[id*='step-graph'][id*='\"coverage\"'] .js-plotly-plot", timeout=30)
+    link.click()
+    wait_until(lambda: f"step={step}" in browser.driver.current_url)
+    browser.wait_for_element(".finding-gradient-starvation", timeout=30)
+
+
+def test_a_live_runs_step_count_grows_on_screen_and_polling_stops_when_it_ends(browser, served, runs_root, helpers):
+    run = runs_root / "live"
+    proc = subprocess.Popen(helpers.train_cmd(run, 5000), env=helpers.env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        def started():
+            """the trainer's first flushed rows"""
+            conn = sqlite3.connect(f"file:{run / 'trace.sqlite'}?mode=ro", uri=True, timeout=1)
+            try:
+                return (conn.execute("SELECT MAX(step) FROM steps").fetchone()[0] or 0) > 0
+            finally:
+                conn.close()
+
+        wait_until(started, timeout=60)
+        browser.driver.get(served.url + "/run/live")
+        browser.wait_for_element("#run-steps", timeout=30)
+        first = int(browser.driver.find_element(By.ID, "run-steps").text.replace(",", ""))
+
+        def grew():
+            """the step count on screen to grow without a reload"""
+            return int(browser.driver.find_element(By.ID, "run-steps").text.replace(",", "")) > first
+
+        wait_until(grew, timeout=30)
+        assert "live" in browser.driver.find_element(By.CSS_SELECTOR, ".run-head .status").text
+        proc.send_signal(signal.SIGINT)  # the trainer stops cleanly and marks the run stopped
+        proc.wait(timeout=60)
+
+        def ended():
+            """the status to read 'stopped' (the last refresh before polling stops)"""
+            return "stopped" in browser.driver.find_element(By.CSS_SELECTOR, ".run-head .status").text
+
+        wait_until(ended, timeout=30)
+        shown = browser.driver.find_element(By.ID, "run-steps").text
+        time.sleep(3)  # polling has stopped: nothing changes any more
+        assert browser.driver.find_element(By.ID, "run-steps").text == shown
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_url_for_a_path_outside_runs_is_refused(browser, served, runs_root):
+    secret = runs_root.parent / "outside-run"
+    if not secret.exists():
+        write_synthetic(secret, 30, timings=False, preset="secret-preset")
+    for path in ("/run/..%2Foutside-run", f"/run/{'%2F'.join(str(secret).split('/'))}",
+                 "/compare?runs=..%2Foutside-run"):
+        browser.driver.get(served.url + path)
+        browser.wait_for_element(".refused-card", timeout=30)
+        assert "Refused" in browser.driver.find_element(By.CSS_SELECTOR, ".refused-card").text
+        assert "secret-preset" not in browser.driver.page_source
+
+
+def test_a_corrupt_run_shows_an_error_card_and_the_app_keeps_working(browser, served, runs_root):
+    broken = runs_root / "broken"
+    broken.mkdir(exist_ok=True)
+    (broken / "trace.sqlite").write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)  # a torn header
+    browser.driver.get(served.url + "/run/broken")
+    browser.wait_for_element(".error-card", timeout=30)
+    assert "could not be read" in browser.driver.find_element(By.CSS_SELECTOR, ".error-card").text
+    browser.driver.get(served.url + "/")
+    rows = wait_until(lambda: {r.find_element(By.CSS_SELECTOR, ".run-name").text: r.text
+                               for r in browser.driver.find_elements(By.CSS_SELECTOR, "tr.run-row")})
+    assert "unreadable" in rows["broken"] and "healthy" in rows["reencode"]

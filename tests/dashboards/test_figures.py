@@ -1,0 +1,173 @@
+"""Figure builders are pure functions of bucketed frames: checked here without a browser, each against Plotly's
+schema (``go.Figure`` validates every property)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+
+from dashboards import figures as F
+from dashboards.runs import (ALIGNMENT, COVERAGE, OVERVIEW, aggregate_rows, finish, halting_spec, ratio_spec)
+
+B, M = 8, 4
+
+
+def raw_steps(n: int = 80, mode: str = "cached", seed: int = 0) -> pd.DataFrame:
+    """Per-step counters of a run whose slots all halt every M steps (as the tiny trainer runs do)."""
+    rng = np.random.default_rng(seed)
+    steps = np.arange(1, n + 1)
+    resets = np.where((steps - 1) % M == 0, B, 0).astype(float)
+    cov = resets if mode == "cached" else np.full(n, float(B))
+    halted = np.roll(resets, -1)
+    df = pd.DataFrame({
+        "coverage_num": cov, "coverage_den": float(B), "resets": resets, "slots": float(B),
+        "encoded": cov, "encode_needed": cov, "loss": 20 - steps * 0.1 + rng.random(n), "lm_loss": 18 - steps * 0.1,
+        "inflight_exact": rng.integers(0, B, n).astype(float), "inflight_count": float(B),
+        "halted_exact": np.minimum(halted, 2.0), "halted_count": halted, "halted_steps": halted * M,
+        "halted": halted, "inflight_step_sum": ((steps - 1) % M + 1) * float(B), "real_slots": float(B),
+        "q_tp": 1.0, "q_fp": 1.0, "q_fn": 0.0, "q_correct": 2.0, "q_says_halt": 2.0, "explore_vetoes": 0.0,
+        "label_mismatch": 0.0, "demo_mismatch": 0.0, "carry_mismatch": 0.0, "aligned_den": float(B),
+        "grad_norm_encoder": np.where(cov > 0, 0.5, 0.0), "grad_norm_rest": 1.0, "puzzle_ids_with_grad": 0.0,
+        **{f"halt_at_{k}": np.where(k == M, halted, 0.0) for k in range(1, M + 1)},
+    }, index=pd.Index(steps, name="step"))
+    return df
+
+
+def framed(raw: pd.DataFrame, spec, width: int = 1) -> pd.DataFrame:
+    f = finish(aggregate_rows(raw, spec.resolve(raw.columns), width))
+    f.attrs.update(width=width, exact=width == 1)
+    return f
+
+
+def valid(fig: dict) -> go.Figure:
+    return go.Figure(fig)  # raises on any property Plotly does not know
+
+
+def names(fig: dict) -> list[str]:
+    return [t.get("name") for t in fig["data"]]
+
+
+def test_coverage_figure_draws_coverage_beside_the_reset_fraction():
+    fig = F.coverage_figure(framed(raw_steps(mode="cached"), COVERAGE), threshold=0.5)
+    valid(fig)
+    assert any(n and n.startswith("coverage (") for n in names(fig))
+    assert any(n and n.startswith("reset fraction") for n in names(fig))
+    bars = [t for t in fig["data"] if t["type"] == "bar"][0]
+    assert bars["y"] == pytest.approx([0.25, 0.25])  # cached: run coverage equals the reset fraction
+    shapes = fig["layout"]["shapes"]
+    assert shapes[0]["type"] == "rect" and shapes[0]["y1"] == 0.5  # the starved zone
+    smooth_cov = next(t for t in fig["data"] if t.get("name", "").startswith("coverage ("))
+    smooth_res = next(t for t in fig["data"] if t.get("name", "").startswith("reset fraction"))
+    assert smooth_cov["y"] == pytest.approx(smooth_res["y"])  # the two lines coincide
+
+
+def test_coverage_figure_of_a_healthy_run_sits_at_one():
+    fig = F.coverage_figure(framed(raw_steps(mode="reencode"), COVERAGE))
+    bars = [t for t in fig["data"] if t["type"] == "bar"][0]
+    assert bars["y"] == pytest.approx([1.0, 0.25])
+    smooth = next(t for t in fig["data"] if t.get("name", "").startswith("coverage ("))
+    assert min(smooth["y"]) == 1.0
+
+
+def test_bucketed_frames_get_min_max_bands_and_exact_ones_do_not():
+    raw = raw_steps(200)
+    exact = F.coverage_figure(framed(raw, COVERAGE, 1), side=False)
+    bucketed = F.coverage_figure(framed(raw, COVERAGE, 8), side=False)
+    valid(exact), valid(bucketed)
+    assert not any(t.get("fill") == "tonexty" for t in exact["data"])
+    band = [t for t in bucketed["data"] if t.get("fill") == "tonexty"]
+    assert band and max(band[0]["y"]) == 0.0 and max(bucketed["data"][0]["y"]) == 1.0  # min 0, max 1 per bucket
+    mean = next(t for t in bucketed["data"] if t.get("name") == "coverage")
+    assert mean["y"] == pytest.approx([0.25] * 25)  # ratio of sums: exact at any width
+
+
+def test_every_overview_figure_is_valid_plotly():
+    f = framed(raw_steps(), OVERVIEW)
+    evals = pd.DataFrame({"exact": [0.1, 0.2], "halt.exact": [0.0, 0.1]}, index=[20, 40])
+    findings = [{"code": "gradient-starvation", "severity": "error", "first_step": 10}]
+    for fig in (F.loss_figure(f, findings, focus=12), F.accuracy_figure(f, evals, findings),
+                F.halting_summary_figure(f, "cached", findings), F.coverage_figure(f, 0.5, findings, focus=12)):
+        valid(fig)
+        assert fig["data"]
+    acc = F.accuracy_figure(f, evals)
+    assert {"in-flight (ETRM)", "at halt (TRM)", "held-out"} <= set(names(acc))
+    lines = [s for s in F.loss_figure(f, findings, focus=12)["layout"]["shapes"] if s["type"] == "line"]
+    assert [s["x0"] for s in lines] == [10, 12]  # the finding's first step, and the focused step
+
+
+def test_halting_is_not_shown_for_fct():
+    f = framed(raw_steps(), OVERVIEW)
+    fig = F.halting_summary_figure(f, "fct")
+    valid(fig)
+    assert not fig["data"] and "fct" in fig["layout"]["annotations"][0]["text"]
+
+
+def test_halting_heatmap_shares_sum_to_one_per_bucket():
+    raw = raw_steps(80)
+    fig = F.halting_heatmap(framed(raw, halting_spec(raw.columns), 8))
+    valid(fig)
+    z = np.array(fig["data"][0]["z"], dtype=float)
+    assert z.shape == (M, 10)
+    assert np.nansum(z, axis=0) == pytest.approx(np.ones(10))
+    assert np.nanmax(z[M - 1]) == 1.0  # everything halts at the maximum step here
+
+
+def test_q_alignment_grad_norm_encoder_work_and_timing_figures():
+    raw = raw_steps()
+    valid(F.q_figure(framed(raw, halting_spec(raw.columns))))
+    al = F.alignment_figure(framed(raw, ALIGNMENT))
+    valid(al)
+    assert "no mismatches" in al["layout"]["annotations"][0]["text"]
+    gn = F.grad_norm_figure(framed(raw, COVERAGE))
+    valid(gn)
+    assert {"encoder", "rest"} <= set(names(gn))
+    valid(F.encoder_work_figure(framed(raw, COVERAGE)))
+    t = pd.DataFrame({"step": [1, 1, 2, 2], "phase": ["inner", "backward", "inner", "backward"],
+                      "seconds": [0.01, 0.02, 0.01, 0.03]})
+    tf = F.timing_figure(t)
+    valid(tf)
+    steps_s = next(tr for tr in tf["data"] if tr["name"] == "steps/s")
+    assert steps_s["y"] == pytest.approx([1 / 0.03, 1 / 0.04])
+    assert [tr["name"] for tr in tf["data"] if tr.get("stackgroup")] == ["inner", "backward"]
+
+
+def test_empty_inputs_give_figures_that_say_why():
+    empty = framed(raw_steps().iloc[:0], OVERVIEW)
+    for fig in (F.loss_figure(empty), F.accuracy_figure(empty), F.coverage_figure(empty),
+                F.timing_figure(pd.DataFrame()), F.compare_figure({}, "coverage")):
+        valid(fig)
+        assert fig["layout"]["annotations"][0]["text"]
+
+
+def test_compare_figure_overlays_one_series_per_run():
+    frames = {"a": framed(raw_steps(mode="cached"), ratio_spec("coverage")),
+              "b": framed(raw_steps(mode="reencode"), ratio_spec("coverage"))}
+    fig = F.compare_figure(frames, "coverage", terms=(("coverage_num",), ("coverage_den",)))
+    valid(fig)
+    shown = [t for t in fig["data"] if t.get("showlegend", True)]
+    assert [t["name"] for t in shown] == ["a", "b"]
+    assert shown[0]["line"]["color"] != shown[1]["line"]["color"]
+
+
+def test_efficiency_table_from_trace_totals():
+    cached = {"steps": 40, "encoded": 80, "samples_consumed": 80, "coverage_num": 80, "coverage_den": 320,
+              "real_slots": 320, "halted_steps": 320, "halted_count": 80, "encode_needed": 80}
+    reencode = {**cached, "encoded": 320, "coverage_num": 320, "encode_needed": 320}
+    table = F.efficiency_table({"cached": ({"mode": "cached"}, cached), "reencode": ({"mode": "reencode"}, reencode),
+                                "fct": ({"mode": "fct"}, reencode)})
+    assert list(table.columns) == ["cached", "reencode", "fct"]
+    assert table.loc["encoder forwards per step"].tolist() == ["2.00", "8.00", "8.00"]
+    assert table.loc["encoder gradient coverage"].tolist() == ["25.0%", "100.0%", "100.0%"]
+    assert table.loc["steps per sample", "cached"] == "4.00"
+    assert table.loc["dynamic halting", "cached"].startswith("yes")
+    assert table.loc["dynamic halting", "fct"].startswith("no")
+    assert F.efficiency({}, {})["encoder gradient coverage"] is None
+
+
+def test_with_range_fixes_the_step_axis():
+    fig = F.with_range(F.loss_figure(framed(raw_steps(), OVERVIEW)), (5, 25))
+    assert fig["layout"]["xaxis"]["range"] == [5.0, 25.0]
+    blank = F.with_range(F.empty_figure("nothing"), (5, 25))
+    assert "range" not in blank["layout"]["xaxis"]
