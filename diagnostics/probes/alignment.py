@@ -24,7 +24,7 @@ class AlignmentProbe(Probe):
     )
 
     def __init__(self) -> None:
-        self.pending: list[tuple[int, Tensor]] = []
+        self.pending: list[Tensor] = []  # one packed [3, B] tensor per step since the last flush
         self.kept = 0
 
     def observe(self, events: StepEvents, metrics: dict[str, Tensor], row: Row) -> None:
@@ -39,12 +39,12 @@ class AlignmentProbe(Probe):
         row.set("aligned_den", count(real))
         if self.kept < KEEP_FIRST:
             bad = labels_bad | demos_bad | carry_bad
-            self.pending.append((len(self.pending), torch.stack([
-                torch.where(bad, sid, -2), events.label_sample_id, events.demo_sample_id])))
+            self.pending.append(torch.stack([torch.where(bad, sid, -2), events.label_sample_id,
+                                             events.demo_sample_id]))
 
     def flush(self, steps: list[int]) -> dict[str, list[tuple]]:
         rows: list[tuple] = []
-        for (i, packed), step in zip(self.pending, steps):
+        for packed, step in zip(self.pending, steps):
             sid, lab, dem = packed.cpu().tolist()
             for slot, s in enumerate(sid):
                 if s != -2 and self.kept < KEEP_FIRST:
