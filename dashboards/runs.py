@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from diagnostics.doctor import SEVERITIES, diagnose
-from diagnostics.loading import DERIVED, LIFECYCLE, STALE_AFTER_S
+from diagnostics.loading import DERIVED, STALE_AFTER_S, status_from_markers
 from diagnostics.profiling import PROFILER_DIR
 from diagnostics.store import SCHEMA_VERSION, TRACE_NAME, read_meta
 
@@ -446,18 +446,9 @@ class RunInfo:
 
 
 def status_of(markers: list[tuple[float, str]], beat: float | None, mtime: float, now: float | None = None) -> str:
-    """``live``, ``finished``, ``stopped`` or ``crashed`` (``diagnostics.loading.run_status``'s rules)."""
+    """``live``, ``finished``, ``stopped`` or ``crashed``: ``diagnostics.loading``'s rule, on rows already read."""
     now = time.time() if now is None else now
-    last_kind, last_time = None, None
-    for t, kind in markers:
-        if kind in LIFECYCLE:
-            last_kind, last_time = kind, t
-        elif kind == "heartbeat":
-            beat = t if beat is None else max(beat, t)
-    if last_kind is not None and LIFECYCLE[last_kind] != "live":
-        return LIFECYCLE[last_kind]
-    signs = [t for t in (beat, last_time) if t is not None] or ([mtime] if mtime else [])
-    return "live" if signs and now - max(signs) <= STALE_AFTER_S else "crashed"
+    return status_from_markers(markers, beat, [mtime] if mtime else [], now, STALE_AFTER_S)
 
 
 class RunCache:

@@ -12,7 +12,7 @@ import sqlite3
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -141,17 +141,11 @@ def _json(text: Any) -> Any:
         return text
 
 
-def run_status(path: str | Path, stale_after: float = STALE_AFTER_S, now: float | None = None) -> str:
-    """``live``, ``finished``, ``stopped`` or ``crashed``, from the last lifecycle marker and the heartbeat's age.
-
-    A run whose last lifecycle marker is ``start`` or ``resume`` is live while its last sign of life (heartbeat, or
-    the marker itself) is younger than ``stale_after`` seconds, and crashed after. A trace without markers is judged
-    by its heartbeat, or failing that by the database file's modification time.
-    """
-    now = time.time() if now is None else now
-    with _trace(path) as conn:
-        markers = conn.execute("SELECT time, kind FROM markers ORDER BY time, rowid").fetchall()
-        beat = conn.execute("SELECT MAX(time) FROM heartbeat").fetchone()[0]
+def status_from_markers(markers: Sequence[tuple[float, str]], beat: float | None, fallback: list[float],
+                        now: float, stale_after: float = STALE_AFTER_S) -> str:
+    """The status rule, pure: the last lifecycle marker decides, unless it is ``start``/``resume``; then the run is
+    live while its last sign of life (heartbeat, that marker, else the ``fallback`` times) is younger than
+    ``stale_after`` seconds, and crashed after."""
     last_kind, last_time = None, None
     for t, kind in markers:
         if kind in LIFECYCLE:
@@ -160,13 +154,24 @@ def run_status(path: str | Path, stale_after: float = STALE_AFTER_S, now: float 
             beat = t if beat is None else max(beat, t)
     if last_kind is not None and LIFECYCLE[last_kind] != "live":
         return LIFECYCLE[last_kind]
-    signs = [t for t in (beat, last_time) if t is not None]
-    if not signs:
-        p = Path(path)
-        db = p / TRACE_NAME if p.is_dir() else p
-        wal = db.with_name(db.name + "-wal")  # a reader's own -shm/-wal (empty) must not count as a write
-        signs = [f.stat().st_mtime for f in (db, wal) if f.is_file() and f.stat().st_size > 0]
+    signs = [t for t in (beat, last_time) if t is not None] or list(fallback)
     return "live" if signs and now - max(signs) <= stale_after else "crashed"
+
+
+def run_status(path: str | Path, stale_after: float = STALE_AFTER_S, now: float | None = None) -> str:
+    """``live``, ``finished``, ``stopped`` or ``crashed``, from the last lifecycle marker and the heartbeat's age.
+
+    A trace without markers is judged by its heartbeat, or failing that by the database file's modification time.
+    """
+    now = time.time() if now is None else now
+    with _trace(path) as conn:
+        markers = conn.execute("SELECT time, kind FROM markers ORDER BY time, rowid").fetchall()
+        beat = conn.execute("SELECT MAX(time) FROM heartbeat").fetchone()[0]
+    p = Path(path)
+    db = p / TRACE_NAME if p.is_dir() else p
+    wal = db.with_name(db.name + "-wal")  # a reader's own -shm/-wal (empty) must not count as a write
+    fallback = [f.stat().st_mtime for f in (db, wal) if f.is_file() and f.stat().st_size > 0]
+    return status_from_markers(markers, beat, fallback, now, stale_after)
 
 
 def as_json_value(value: Any) -> Any:
