@@ -84,11 +84,13 @@ class _Writer(threading.Thread):
 class Tracer:
     """Collects probe counters per step on the device; ``flush`` reads them back and queues them for storage.
 
-    ``reduce`` (e.g. a DDP all-reduce of the buffer) runs before the read-back so stored counts are global.
+    ``reduce`` (e.g. a DDP all-reduce of the buffer) runs before the read-back so stored counts are global;
+    ``gather`` (under DDP) collects every rank's phase timings on the rank that stores them (``None`` elsewhere).
     """
 
     def __init__(self, probes: list[Probe], writer: TraceWriter | None, device: torch.device,
-                 capacity: int = 20, rank: int = 0, reduce: Callable[[Tensor], None] | None = None) -> None:
+                 capacity: int = 20, rank: int = 0, reduce: Callable[[Tensor], None] | None = None,
+                 gather: Callable[[list[tuple]], list[list[tuple]] | None] | None = None) -> None:
         self.probes = probes
         self.device = torch.device(device)
         self.columns = [name for p in probes for name, _ in p.counters]
@@ -100,6 +102,7 @@ class Tracer:
         self.rows: list[_Row] = []
         self.rank = rank
         self.reduce = reduce
+        self.gather = gather
         self.writer = writer
         self.thread: _Writer | None = None
         self.last_alignment: list[tuple] = []
@@ -158,6 +161,9 @@ class Tracer:
         steps = self.steps
         timings = [(s, self.rank, phase, sec) for s, c in zip(steps, self.clocks) if c is not None
                    for phase, sec in c.seconds().items()]
+        if self.gather is not None:
+            parts = self.gather(timings)
+            timings = [t for part in parts for t in part] if parts is not None else []
         extras: dict[str, list[tuple]] = {}
         for probe in self.probes:
             for table, rows in probe.flush(steps).items():

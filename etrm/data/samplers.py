@@ -27,20 +27,28 @@ class Fill:
 
 
 class _PermutationStream:
-    """The concatenation of per-epoch permutations of 0..N-1, read from a position ``consumed``."""
+    """The concatenation of per-epoch permutations of 0..N-1, read from a position ``consumed``.
 
-    def __init__(self, num_samples: int, seed: int) -> None:
+    With ``world > 1`` it is one rank's share: epoch ``e`` yields ``perm_e[rank::world]`` (disjoint across ranks),
+    and ``num_samples`` is the share's size.
+    """
+
+    def __init__(self, num_samples: int, seed: int, rank: int = 0, world: int = 1) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
-        self.num_samples, self.seed, self.consumed = int(num_samples), int(seed), 0
+        if not 0 <= rank < world <= num_samples:
+            raise ValueError(f"{num_samples} samples cannot be shared as rank {rank} of {world}")
+        self.total, self.rank, self.world = int(num_samples), int(rank), int(world)
+        self.num_samples = len(range(rank, num_samples, world))
+        self.seed, self.consumed = int(seed), 0
         self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples).astype(np.int64)
-            self._perm_epoch = epoch
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.total).astype(np.int64)
+            self._perm, self._perm_epoch = perm[self.rank::self.world], epoch
         return self._perm
 
     def take(self, k: int) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -41,6 +42,9 @@ class SignSGD:
     """``w <- w * (1 - lr * wd) - lr * sign(g)`` on the rows touched by the last training lookup.
 
     Gradients of duplicate ids are summed first. Exposes ``param_groups`` so the trainer's schedule sets its lr.
+
+    Under DDP the table is a buffer that DDP does not reduce: every rank gathers all ranks' ids and row gradients
+    (equal shapes: each rank looks up one row per slot) and applies the same summed update, so the tables stay equal.
     """
 
     def __init__(self, emb: PuzzleEmbedding, lr: float, weight_decay: float) -> None:
@@ -50,11 +54,17 @@ class SignSGD:
     @torch.no_grad()
     def step(self) -> None:
         ids, rows = self.emb.last_ids, self.emb.last_rows
-        if ids is None or rows is None or rows.grad is None:
+        if ids is None or rows is None:  # no training lookup this step (the same on every rank)
+            return
+        row_grad = rows.grad
+        if dist.is_initialized() and dist.get_world_size() > 1:  # every rank joins the gather, with or without grad
+            row_grad = row_grad if row_grad is not None else torch.zeros_like(rows)
+            ids, row_grad = _gather(ids), _gather(row_grad)
+        elif row_grad is None:
             return
         uniq, inverse = torch.unique(ids, return_inverse=True)
-        grad = torch.zeros(uniq.shape[0], rows.shape[1], dtype=rows.grad.dtype, device=rows.device)
-        grad.index_add_(0, inverse, rows.grad)
+        grad = torch.zeros(uniq.shape[0], rows.shape[1], dtype=row_grad.dtype, device=rows.device)
+        grad.index_add_(0, inverse, row_grad)
         lr, wd = self.param_groups[0]["lr"], self.param_groups[0]["weight_decay"]
         w = self.emb.weights
         w[uniq] = w[uniq] * (1.0 - lr * wd) - lr * torch.sign(grad).to(w.dtype)
@@ -67,3 +77,10 @@ class SignSGD:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.param_groups = [dict(g) for g in state["param_groups"]]
+
+
+def _gather(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's equally shaped ``t``, concatenated in rank order."""
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
