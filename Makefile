@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_STAMP := $(VENV)/.torch-2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser demo test clean-venv
+.PHONY: install browser demo reproduce test clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,11 +21,15 @@ $(STAMP): pyproject.toml $(TORCH_STAMP)
 
 install: $(STAMP)
 
-# Trains ETRM (`demo` preset, traced) on generated few-shot tasks, then prints the doctor's report of the run.
+# Trains the `demo` preset traced in reencode, cached and fct modes and `demo-trm` (a few minutes on 2 CPU cores),
+# prints each run's doctor verdict, then serves etrm-dash on those runs (Ctrl-C ends it). Runs: runs/demo-<time>/.
+# DEMO_SERVE=0 skips the server, DEMO_STEPS=N sets the steps per run; see scripts/demo.py for the other settings.
 demo: install
-	@run=runs/demo-$$(date +%Y%m%d-%H%M%S); \
-	$(VENV)/bin/etrm-train --preset demo --trace --run-dir $$run && \
-	$(VENV)/bin/etrm-doctor $$run
+	$(PY) scripts/demo.py
+
+# The gradient-starvation study of docs/reproduction.md: trains the four runs, writes docs/figures/repro-*.
+reproduce: install
+	$(PY) scripts/reproduce.py
 
 # The dashboard's browser tests drive Debian's chromium through chromedriver: installed with apt only when missing
 # (as root, or through sudo). Where it cannot be installed, those tests skip and say why.

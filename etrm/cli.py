@@ -1,11 +1,16 @@
 """``etrm-train``: resolve the config (preset, file, overrides), make or resume the run directory, train.
 
 Bad input (unknown preset or key, bad value, existing run directory, corrupt checkpoint) prints one line and exits 2.
+
+Under ``torchrun`` every rank runs this; rank 0 alone creates the run directory and prints (see
+``etrm.train.distributed``). ``ETRM_RANK_STATE_DIR`` (for tests and debugging): each rank saves its final model state
+there as ``rank<R>.pt``, to check that ranks agree.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -88,14 +93,31 @@ def _resume_config(args: argparse.Namespace, run_dir: Path) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone prints
     try:
         return _main(argv)
     except (UserError, ConfigError) as exc:
-        print(f"etrm-train: error: {exc}", file=sys.stderr)
+        if main_rank:
+            print(f"etrm-train: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("etrm-train: interrupted before a checkpoint could be written", file=sys.stderr)
+        if main_rank:
+            print("etrm-train: interrupted before a checkpoint could be written", file=sys.stderr)
         return 130
+    finally:
+        from etrm.train import distributed
+
+        distributed.shutdown()
+
+
+class _Quiet:
+    """The reporter of ranks other than 0: says nothing."""
+
+    def step(self, step: int, stats: dict[str, float]) -> None: ...
+    def line(self, text: str) -> None: ...
+    def warn(self, text: str) -> None: ...
+    def close(self) -> None: ...
+    def summary(self, title: str, rows: dict[str, str]) -> None: ...
 
 
 def _main(argv: list[str] | None) -> int:
@@ -109,31 +131,44 @@ def _main(argv: list[str] | None) -> int:
     else:
         cfg, preset = resolve_config(args)
         run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / auto_name(cfg, preset)
-        if run_dir.exists():
-            raise UserError(f"run directory {run_dir} already exists; pass --resume to continue it or choose "
-                            "another --run-dir")
 
+    import torch
     from rich.markup import escape
 
-    from etrm.train.console import Reporter  # heavy imports after argument checks
-    from etrm.train.trainer import Trainer
+    from etrm.train import distributed  # heavy imports after argument checks
+    from etrm.train.console import Reporter
+    from etrm.train.trainer import Trainer, pick_device
 
-    trainer = Trainer(cfg, run_dir)
+    env = distributed.env_from_torchrun()
+    device = distributed.rank_device(pick_device(cfg.train.device), env)
+    distributed.local_batch(cfg.train.batch_size, env)  # an uneven split fails before the group forms
+    distributed.init(env, device)
+    if env.enabled and not args.run_dir:  # automatic names hold a timestamp: take rank 0's
+        names = [str(run_dir)]
+        torch.distributed.broadcast_object_list(names, src=0)
+        run_dir = Path(names[0])
+    if not args.resume and run_dir.exists():
+        raise UserError(f"run directory {run_dir} already exists; pass --resume to continue it or choose "
+                        "another --run-dir")
+
+    trainer = Trainer(cfg, run_dir, device=device, dist_env=env)  # DDP's construction: every rank checked above
     if args.resume:
         trainer.resume()
-    else:
+    elif env.is_main:
         create_run_dir(run_dir, cfg)
-    if args.trace or args.tensorboard or (args.resume and (run_dir / TRACE_NAME).exists()):
+    trace = args.trace or args.tensorboard or (args.resume and (run_dir / TRACE_NAME).exists())
+    if distributed.broadcast_object(trace, env):  # rank 0's view of the run directory decides for every rank
         trainer.enable_trace(preset)
     if args.tensorboard:
         trainer.enable_tensorboard()
     trainer.enable_profile(requested=args.profile)
     if args.check_invariants:
         trainer.checker = InvariantChecker(trainer.model.max_steps)
-    reporter = Reporter(total=cfg.train.max_steps, start=trainer.step)
+    reporter = Reporter(total=cfg.train.max_steps, start=trainer.step) if env.is_main else _Quiet()
     mode = "trm" if cfg.model == "trm" else cfg.encoder.mode
+    where = f"{trainer.device}" + (f" x {env.world} ranks ({trainer.local_batch} slots each)" if env.enabled else "")
     reporter.line(f"run {run_dir} | model {cfg.model} mode {mode} | {trainer.model.num_trainable_parameters():,} "
-                  f"params | train {len(trainer.train_ds)} eval {len(trainer.eval_ds)} samples | {trainer.device}")
+                  f"params | train {len(trainer.train_ds)} eval {len(trainer.eval_ds)} samples | {where}")
     if trainer.profiling is not None and trainer.profiling.windows:
         sched = trainer.profiling.windows[-1].schedule
         first, last = trainer.profiling.windows[-1].first_active
@@ -144,14 +179,19 @@ def _main(argv: list[str] | None) -> int:
         result = trainer.run(cfg.train.max_steps, reporter)
     except InvariantError as exc:
         reporter.close()
-        print(f"etrm-train: invariant check failed: {exc}; no checkpoint was written for this step",
-              file=sys.stderr)
+        print(f"etrm-train: invariant check failed: {exc}; no checkpoint was written for this step"
+              + (f" (rank {env.rank})" if env.enabled else ""), file=sys.stderr)
         return 1
     finally:
         reporter.close()
+    dropped = int(distributed.all_reduce_sum(torch.tensor([trainer.samples_dropped], device=trainer.device)).item())
+    if os.environ.get("ETRM_RANK_STATE_DIR"):
+        _save_rank_state(Path(os.environ["ETRM_RANK_STATE_DIR"]), trainer, env.rank)
+    if not env.is_main:
+        return 1 if result.non_finite else 0
     rows = {"run": str(run_dir), "steps": str(result.step), "wall time": f"{result.seconds:.1f} s",
             "steps/s": f"{result.steps_per_s:.2f}", "samples/s": f"{result.samples_per_s:.1f}",
-            "samples dropped": str(trainer.samples_dropped)}
+            "samples dropped": str(dropped)}
     ev, base = result.last_eval, result.baselines
     if ev:
         rows.update({
@@ -171,6 +211,16 @@ def _main(argv: list[str] | None) -> int:
               "checkpoint is kept", file=sys.stderr)
         return 1
     return 0
+
+
+def _save_rank_state(out_dir: Path, trainer: Any, rank: int) -> None:
+    """``ETRM_RANK_STATE_DIR``: this rank's final model (puzzle table included), EMA and sampler state."""
+    import torch
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": trainer.model.state_dict(), "ema": trainer.ema.state_dict() if trainer.ema else {},
+                "sampler": trainer.sampler.state_dict(), "slots": trainer.local_batch, "step": trainer.step},
+               out_dir / f"rank{rank}.pt")
 
 
 if __name__ == "__main__":

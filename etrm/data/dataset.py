@@ -6,7 +6,8 @@ the refill sampler, or the tail of an eval batch) and yields a padding row that 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +27,11 @@ class GridDataset:
     demo_inputs: np.ndarray | None = None  # [N, K, S] uint8 tokens
     demo_outputs: np.ndarray | None = None  # [N, K, S] uint8 tokens (PAD 0, not -100-masked)
     demo_mask: np.ndarray | None = None  # [N, K] bool, False for padding demos
+    # Pooled demos (large augmented sets): demo_inputs/demo_outputs are a pool [P, S] of demo pairs, demo_slots [N, K]
+    # int32 names each row's demos in the pool (-1: none) and demo_mask is left None (it is demo_slots >= 0).
+    demo_slots: np.ndarray | None = None
+    arc_index: Any = None  # ARC eval sets: how each row maps back to its task (etrm.data.arc.ArcIndex)
+    info: dict[str, Any] = field(default_factory=dict)  # facts about how the set was built (printed by the trainer)
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
@@ -43,6 +49,8 @@ class GridDataset:
     @property
     def num_demos(self) -> int:
         """Demo slots per row (K); 0 without demos."""
+        if self.demo_slots is not None:
+            return int(self.demo_slots.shape[1])
         return int(self.demo_inputs.shape[1]) if self.demo_inputs is not None else 0
 
     def batch(self, slot_ids: np.ndarray) -> dict[str, torch.Tensor]:
@@ -67,7 +75,16 @@ class GridDataset:
             "puzzle_id": gather(self.puzzle_ids, BLANK_PUZZLE_ID, np.int64),
             "sample_id": torch.from_numpy(np.where(valid, slot_ids, -1).astype(np.int64)),
         }
-        if self.has_demos:
+        if self.demo_slots is not None:
+            slots = np.full((len(slot_ids), self.num_demos), -1, dtype=np.int64)
+            slots[valid] = self.demo_slots[rows]
+            mask = slots >= 0
+            safe = np.where(mask, slots, 0)
+            for key in ("demo_inputs", "demo_outputs"):
+                pool = getattr(self, key)
+                out[key] = torch.from_numpy(np.where(mask[..., None], pool[safe], PAD).astype(np.int64))
+            out["demo_mask"] = torch.from_numpy(mask)
+        elif self.has_demos:
             out["demo_inputs"] = gather(self.demo_inputs, PAD, np.int64)
             out["demo_outputs"] = gather(self.demo_outputs, PAD, np.int64)
             out["demo_mask"] = gather(self.demo_mask, False, np.bool_)
@@ -87,6 +104,20 @@ class GridDataset:
             bad = (self.labels != IGNORE_LABEL) & ((self.labels < 0) | (self.labels >= vocab_size))
             _check(not bad.any(), f"labels hold {int(bad.sum())} values outside 0..{vocab_size - 1} and {IGNORE_LABEL}")
             _check(int(self.puzzle_ids.min()) >= 0, f"puzzle_ids hold a negative id {self.puzzle_ids.min()}")
+        if self.demo_slots is not None:
+            _check(self.demo_inputs is not None and self.demo_outputs is not None and self.demo_mask is None,
+                   "pooled demos need demo_inputs and demo_outputs pools and no demo_mask")
+            _check(self.demo_slots.ndim == 2 and self.demo_slots.shape[0] == n,
+                   f"demo_slots must be [N={n}, K], got shape {self.demo_slots.shape}")
+            p = self.demo_inputs.shape[0]
+            _check(self.demo_inputs.shape == (p, s) and self.demo_outputs.shape == (p, s),
+                   f"demo pools must be [P, S={s}], got {self.demo_inputs.shape} and {self.demo_outputs.shape}")
+            _check(self.demo_slots.size == 0 or int(self.demo_slots.max()) < p, "demo_slots point past the pool")
+            for name in ("demo_inputs", "demo_outputs"):
+                arr = getattr(self, name)
+                _check(arr.dtype == np.uint8, f"{name} must be uint8, got {arr.dtype}")
+                _check(arr.size == 0 or int(arr.max()) < vocab_size, f"{name} hold a token >= vocab {vocab_size}")
+            return
         demos = (self.demo_inputs, self.demo_outputs, self.demo_mask)
         if all(d is None for d in demos):
             return

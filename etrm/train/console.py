@@ -58,4 +58,5 @@ def format_eval(step: int, res: dict[str, float], base: dict[str, float]) -> str
     return (f"eval @ {step}: exact {res['exact']:.3f} token {res['token']:.3f} | at would-halt step "
             f"(mean {res['halt.step']:.2f}) exact {res['halt.exact']:.3f} | baselines: copy-input exact "
             f"{base['copy_input.exact']:.3f}, common-output exact {base['common_output.exact']:.3f} "
-            f"(n={int(res['count'])})")
+            f"(n={int(res['count'])})" + (f" | ARC pass@1 {res['arc.pass@1']:.3f} pass@2 {res['arc.pass@2']:.3f} over "
+                                          f"{int(res['arc.tasks'])} tasks" if "arc.pass@1" in res else ""))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,9 +43,74 @@ def baselines(inputs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     }
 
 
+class ArcVotes:
+    """Votes over augmentations per (task, test input), as upstream's ARC evaluator, with an honest denominator.
+
+    Each prediction (already mapped back to the task's frame) votes for its grid; candidates rank by vote count,
+    then by mean sigmoid(q_halt). pass@K counts a test input solved when its true output is among the top K; a task
+    scores the mean over its test inputs; pass@K is the mean over the tasks that got at least one prediction (the
+    tasks evaluated), not over the whole evaluation set.
+    """
+
+    def __init__(self) -> None:
+        self.votes: dict[str, dict[int, dict[bytes, list]]] = {}
+
+    def add(self, task: str, test: int, grid: np.ndarray, q_prob: float) -> None:
+        grid = np.asarray(grid, dtype=np.uint8)
+        key = np.asarray(grid.shape, dtype=np.int64).tobytes() + grid.tobytes()
+        entry = self.votes.setdefault(task, {}).setdefault(int(test), {}).setdefault(key, [0, 0.0, grid])
+        entry[0] += 1
+        entry[1] += float(q_prob)
+
+    def ranked(self, task: str, test: int) -> list[np.ndarray]:
+        cands = self.votes.get(task, {}).get(test, {})
+        order = sorted(cands.values(), key=lambda e: (e[0], e[1] / e[0]), reverse=True)
+        return [e[2] for e in order]
+
+    def score(self, truths: dict[tuple[str, int], np.ndarray], num_tests: dict[str, int],
+              ks: tuple[int, ...] = (1, 2)) -> dict[str, float]:
+        """``arc.pass@K`` for each K and ``arc.tasks`` (the denominator: tasks evaluated)."""
+        tasks = sorted(self.votes)
+        totals = {k: 0.0 for k in ks}
+        for task in tasks:
+            n = num_tests[task]
+            for k in ks:
+                hits = 0
+                for test in range(n):
+                    truth = np.asarray(truths[(task, test)])
+                    top = self.ranked(task, test)[:k]
+                    hits += any(g.shape == truth.shape and np.array_equal(g, truth) for g in top)
+                totals[k] += hits / n
+        out = {f"arc.pass@{k}": totals[k] / max(len(tasks), 1) for k in ks}
+        out["arc.tasks"] = float(len(tasks))
+        return out
+
+    def submission(self, num_tests: dict[str, int]) -> dict[str, list[dict[str, list[list[int]]]]]:
+        """The ARC Prize format: task id -> one {attempt_1, attempt_2} per test input ([[0]] when nothing better)."""
+        out = {}
+        for task in sorted(self.votes):
+            entries = []
+            for test in range(num_tests[task]):
+                top = [g for g in self.ranked(task, test) if g.size][:2] or [np.zeros((1, 1), np.uint8)]
+                top = top + top[:1] if len(top) == 1 else top
+                entries.append({f"attempt_{i + 1}": g.astype(int).tolist() for i, g in enumerate(top)})
+            out[task] = entries
+        return out
+
+
+SUBMISSION_NAME = "submission.json"
+
+
 @torch.no_grad()
-def evaluate(model, dataset, batch_size: int, device: torch.device, autocast) -> dict[str, float]:
-    """Evaluate ``model`` on every sample of ``dataset``; returns means over samples and the sample count."""
+def evaluate(model, dataset, batch_size: int, device: torch.device, autocast,
+             out_dir: Path | None = None) -> dict[str, float]:
+    """Evaluate ``model`` on every sample of ``dataset``; returns means over samples and the sample count.
+
+    On an ARC eval set (``dataset.arc_index``) it also votes over augmentations (``arc.pass@1``, ``arc.pass@2``,
+    ``arc.tasks``) and, given ``out_dir``, writes ``submission.json`` there.
+    """
+    index = getattr(dataset, "arc_index", None)
+    votes = ArcVotes() if index is not None else None
     sums = {"exact": 0.0, "token": 0.0, "halt.exact": 0.0, "halt.token": 0.0, "halt.step": 0.0}
     n = len(dataset)
     for start in range(0, n, batch_size):
@@ -61,6 +128,20 @@ def evaluate(model, dataset, batch_size: int, device: torch.device, autocast) ->
         for key, val in (("exact", exact), ("token", token), ("halt.exact", h_exact), ("halt.token", h_token),
                          ("halt.step", step + 1)):
             sums[key] += val[real].float().sum().item()
+        if votes is not None:
+            rows = batch["sample_id"][real].cpu().numpy()
+            preds = res["preds"][-1][real].cpu().numpy()
+            q = torch.sigmoid(res["q_halt_logits"][-1][real].float()).cpu().numpy()
+            for row, pred, qp in zip(rows, preds, q):
+                grid = index.to_original(int(row), pred)
+                votes.add(index.task_names[index.row_task[row]], int(index.row_test[row]), grid, float(qp))
     out = {k: v / max(n, 1) for k, v in sums.items()}
     out["count"] = float(n)
+    if votes is not None:
+        out.update(votes.score(index.truths, index.num_tests))
+        if out_dir is not None:
+            path = Path(out_dir) / SUBMISSION_NAME
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(votes.submission(index.num_tests)))
+            tmp.replace(path)
     return out

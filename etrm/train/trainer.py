@@ -34,8 +34,10 @@ from etrm.errors import UserError
 from etrm.loss import ACTLoss
 from etrm.model import ACTModel, Carry
 from etrm.model.puzzle_emb import SignSGD
+from etrm.train import distributed
 from etrm.train.checkpoint import load_checkpoint, save_checkpoint
 from etrm.train.console import Reporter, format_eval
+from etrm.train.distributed import SINGLE, DistEnv
 from etrm.train.ema import EMA
 from etrm.train.evaluate import baselines, evaluate
 from etrm.train.schedule import lr_factor, set_lr
@@ -83,16 +85,22 @@ class RunResult:
 
 
 class Trainer:
-    """Owns the model, optimizers, EMA, sampler and carry of one run."""
+    """Owns the model, optimizers, EMA, sampler and carry of one run (of this rank's share under ``torchrun``:
+    see ``etrm.train.distributed`` for what is global and what is per rank)."""
 
-    def __init__(self, cfg: Config, run_dir: Path, device: torch.device | None = None) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, device: torch.device | None = None,
+                 dist_env: DistEnv | None = None) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.device = device or pick_device(cfg.train.device)
+        self.dist = dist_env or SINGLE
+        self.device = distributed.rank_device(device or pick_device(cfg.train.device), self.dist)
+        distributed.init(self.dist, self.device)
         tc = cfg.train
+        self.local_batch = distributed.local_batch(tc.batch_size, self.dist)
         torch.manual_seed(tc.seed)
         self.train_ds, self.eval_ds, shape = build_datasets(cfg)
         self.model = ACTModel(cfg, shape).to(self.device)
+        self.model.halt_seed = distributed.halt_seed(tc.seed, self.dist)  # each rank explores on its own draws
         self.loss_fn = ACTLoss(cfg.loss)
         self.optimizers = self._build_optimizers()
         self.ema = EMA(self.model, tc.ema_rate) if tc.ema else None
@@ -100,7 +108,20 @@ class Trainer:
         if tc.sampler == "refill":
             self.sampler: RefillSampler | TRMSampler = RefillSampler(len(self.train_ds), tc.seed)
         else:
-            self.sampler = TRMSampler(len(self.train_ds), tc.batch_size, tc.seed)
+            self.sampler = TRMSampler(len(self.train_ds), self.local_batch, tc.seed)
+        distributed.shard_sampler(self.sampler, self.dist)
+        if tc.compile:  # in place: parameter names (checkpoints) stay those of the plain modules
+            self.model.core.compile()
+            if hasattr(self.model, "encoder"):
+                self.model.encoder.compile()
+        # What train_step calls: the model itself, or its DDP wrapper (gradients all-reduced, i.e. averaged, in
+        # backward). DDP leaves buffers alone (the TRM puzzle table is kept equal by SignSGD's gather); in cached
+        # mode a step without resets leaves the encoder unused, which DDP must be told to expect.
+        self.forward_model: torch.nn.Module = self.model
+        if self.dist.enabled:
+            unused = self.model.mode == "cached" or cfg.fault != "none"
+            self.forward_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, find_unused_parameters=unused, **distributed.no_buffer_sync())
         self.carry: Carry = self.model.initial_carry(self._to_device(self._padding_batch()))
         self.step = 0
         self.samples_dropped = 0
@@ -124,16 +145,28 @@ class Trainer:
         }
         if preset is None and self.step:  # resumed (the CLI knows no preset then): keep the one the trace names
             del meta["preset"]
-        writer = TraceWriter(self.run_dir / TRACE_NAME, meta)
-        writer.truncate_after(self.step)
-        writer.marker("resume" if self.step else "start", self.step)
-        writer.commit()
+        if self.dist.enabled:
+            meta["world_size"] = self.dist.world
+        writer = None
+        if self.dist.is_main:  # every rank traces (the counters are summed at each flush); rank 0 stores
+            writer = TraceWriter(self.run_dir / TRACE_NAME, meta)
+            writer.truncate_after(self.step)
+            writer.marker("resume" if self.step else "start", self.step)
+            writer.commit()
         enc = {id(p) for p in self.model.encoder.parameters()} if hasattr(self.model, "encoder") else set()
         groups = {"encoder": [p for p in self.model.parameters() if id(p) in enc],
                   "rest": [p for p in self.model.parameters() if id(p) not in enc]}
-        self.tracer = Tracer(default_probes(cfg.max_steps_per_sample, groups), writer, self.device,
-                             capacity=cfg.train.trace_every)
+        probes = default_probes(cfg.max_steps_per_sample, groups)
+        columns = [name for p in probes for name, _ in p.counters]
+        reduce = gather = None
+        if self.dist.enabled:
+            reduce = distributed.trace_reduce(columns, self.dist.world)
+            gather = lambda timings: distributed.gather_objects(timings, self.dist)  # noqa: E731
+        self.tracer = Tracer(probes, writer, self.device, capacity=cfg.train.trace_every, rank=self.dist.rank,
+                             reduce=reduce, gather=gather)
         self.step_hooks.append(self.tracer.on_step)
+        if not self.dist.is_main:
+            return
         self.doctor = LiveDoctor(meta)
         if self.step:  # resumed: findings that already held must not fire (and be re-stored) again
             self.doctor.replay(load_run(self.run_dir))
@@ -143,8 +176,8 @@ class Trainer:
         (``--profile``); when traced with ``profile.on_finding``, one opens at the live doctor's first finding.
         Call after ``enable_trace``. Without either, nothing is created and the run pays nothing."""
         pc = self.cfg.profile
-        if not requested and not (pc.on_finding and self.doctor is not None):
-            return None
+        if not self.dist.is_main or (not requested and not (pc.on_finding and self.doctor is not None)):
+            return None  # under torchrun, rank 0's steps are profiled
         self.profiling = ProfilerWindows(
             self.run_dir / PROFILER_DIR,
             WindowSchedule(wait=pc.wait, warmup=pc.warmup, active=pc.active, repeat=pc.repeat),
@@ -154,11 +187,12 @@ class Trainer:
             self.profiling.start(self.step)
         return self.profiling
 
-    def enable_tensorboard(self) -> TensorBoardScalars:
+    def enable_tensorboard(self) -> TensorBoardScalars | None:
         """TensorBoard scalars of the flushed trace rows and the evals into ``run_dir/tensorboard`` (needs tracing)."""
         if self.tracer is None:
             raise UserError("--tensorboard writes the trace's rows: enable tracing first (--trace)")
-        self.scalars = TensorBoardScalars(self.run_dir / TENSORBOARD_DIR)
+        if self.dist.is_main:
+            self.scalars = TensorBoardScalars(self.run_dir / TENSORBOARD_DIR)
         return self.scalars
 
     # ----------------------------------------------------------------------------------------------------------
@@ -179,11 +213,13 @@ class Trainer:
         return optimizers
 
     def _padding_batch(self) -> dict[str, torch.Tensor]:
-        return self.train_ds.batch(np.full(self.cfg.train.batch_size, -1, dtype=np.int64))
+        return self.train_ds.batch(np.full(self.local_batch, -1, dtype=np.int64))
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        non_blocking = self.device.type == "cuda"
-        return {k: v.to(self.device, non_blocking=non_blocking) for k, v in batch.items()}
+        """On CUDA: through pinned memory, without waiting (each batch is a fresh host tensor, never reused)."""
+        if self.device.type != "cuda":
+            return {k: v.to(self.device) for k, v in batch.items()}
+        return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def autocast(self):
         """bf16 autocast on CUDA; fp32 on CPU (bf16 is several times slower on CPUs without bf16 units)."""
@@ -211,7 +247,7 @@ class Trainer:
         if self.checker is not None:
             self.checker.before_step(self.carry.view())
         with self.autocast():
-            carry, out, events = self.model(self.carry, batch, clock=clock)
+            carry, out, events = self.forward_model(self.carry, batch, clock=clock)
             with _phase(clock, "loss", self.profiling):
                 loss, metrics = self.loss_fn(out, events)
         if self.checker is not None:  # debugging runs only: each check reads results back (a sync per step)
@@ -221,7 +257,8 @@ class Trainer:
             for hook in self.step_hooks:  # after the loss (events complete), before backward (grad hooks attach)
                 hook(self.step, events, metrics)
         with _phase(clock, "backward", self.profiling):
-            (loss / tc.batch_size).backward()
+            # Upstream normalises by the global batch: per rank by its slots, then DDP averages over the ranks.
+            (loss / self.local_batch).backward()
         if self.checker is not None:
             self.checker.after_backward(step=self.step + 1)
         if self.tracer is not None:
@@ -247,13 +284,31 @@ class Trainer:
         """Held-out metrics with the EMA weights (when enabled) and a fresh carry."""
         if self.ema is not None:
             self.ema.copy_to(self.eval_model, self.model)
-        return evaluate(self.eval_model, self.eval_ds, self.cfg.train.eval_batch_size, self.device, self.autocast)
+        if not self.dist.enabled or getattr(self.eval_ds, "arc_index", None) is not None:
+            # One process, or ARC (voting over augmentations needs every prediction of a task in one place): rank 0
+            # evaluates the whole set (and writes the submission) and sends the results to the other ranks.
+            out = None
+            if self.dist.is_main:
+                out = evaluate(self.eval_model, self.eval_ds, self.cfg.train.eval_batch_size, self.device,
+                               self.autocast, out_dir=self.run_dir)
+            return distributed.broadcast_object(out, self.dist)
+        # Under torchrun each rank evaluates every world-th sample; the per-sample sums are added over ranks.
+        shard = distributed.EvalShard(self.eval_ds, self.dist)
+        out = evaluate(self.eval_model, shard, self.cfg.train.eval_batch_size, self.device, self.autocast)
+        keys = [k for k in out if k != "count"]
+        sums = torch.tensor([out[k] * out["count"] for k in keys] + [out["count"]], dtype=torch.float64,
+                            device=self.device)
+        sums = distributed.all_reduce_sum(sums).tolist()
+        total = sums[-1]
+        return {**{k: v / max(total, 1.0) for k, v in zip(keys, sums)}, "count": total}
 
     # ----------------------------------------------------------------------------------------------------------
     def run(self, max_steps: int, reporter: Reporter) -> RunResult:
         """Train until ``max_steps``, Ctrl-C or a non-finite loss; evaluate and checkpoint on schedule and at the end."""
         tc = self.cfg.train
         base = baselines(self.eval_ds.inputs, self.eval_ds.labels)
+        if self.train_ds.info.get("line"):
+            reporter.line(escape(self.train_ds.info["line"]))
         result = RunResult(step=self.step, stopped_early=False, baselines=base)
         acc: dict[str, torch.Tensor] = {}
         t_start = time.perf_counter()
@@ -266,8 +321,9 @@ class Trainer:
             while self.step < max_steps and not stop:
                 _, metrics = self.train_step()
                 # Read the Ctrl-C flag once per step: the loop may only end on a value that also forced the flush
-                # below, so the stop checkpoint is never written over unflushed (possibly non-finite) steps.
-                stop = self.stop_requested
+                # below, so the stop checkpoint is never written over unflushed (possibly non-finite) steps. Under
+                # torchrun the ranks must agree, so the flag is only read (and or-ed over ranks) at the flushes.
+                stop = self.stop_requested and not self.dist.enabled
                 for k, v in metrics.items():
                     acc[k] = acc[k] + v.detach().float() if k in acc else v.detach().float()
                 last = self.step >= max_steps
@@ -277,9 +333,13 @@ class Trainer:
                 # non-finite loss stops the run before a bad checkpoint could replace the last good one.
                 if self.step % tc.trace_every == 0 or eval_due or ckpt_due or stop:
                     if self.tracer is not None:
-                        self.on_trace_rows(self.tracer.flush(), reporter)
-                    stats = {k: v.item() for k, v in acc.items()}
+                        rows = self.tracer.flush()
+                        if self.dist.is_main:
+                            self.on_trace_rows(rows, reporter)
+                    stats = self._global_stats(acc)
                     acc = {}
+                    if self.dist.enabled and stats.pop("stop_requested") > 0:
+                        stop = True
                     if stats["non_finite"] > 0:
                         reporter.warn(f"non-finite loss within steps {step_log + 1}..{self.step}; stopping, the last "
                                       "good checkpoint is kept")
@@ -290,7 +350,7 @@ class Trainer:
                     now = time.perf_counter()
                     n = self.step - step_log
                     reporter.step(self.step, {
-                        "loss": stats["loss"] / max(n, 1) / tc.batch_size,
+                        "loss": stats["loss"] / max(n, 1) / tc.batch_size,  # global sums over the global batch
                         "exact": stats["inflight.exact"] / max(stats["inflight.count"], 1),
                         "steps_per_s": n / max(now - t_log, 1e-9),
                         "samples_per_s": stats["resets"] / max(now - t_log, 1e-9),
@@ -328,11 +388,25 @@ class Trainer:
         result.samples_per_s = resets_log / max(elapsed, 1e-9)
         return result
 
+    def _global_stats(self, acc: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The accumulated step metrics on the host (the one read-back), summed over ranks under torchrun, with
+        ``stop_requested`` (how many ranks saw Ctrl-C) so that every rank stops at the same step."""
+        if not self.dist.enabled:
+            return {k: v.item() for k, v in acc.items()}
+        keys = sorted(acc)
+        flat = torch.stack([acc[k].reshape(()).float() for k in keys] +
+                           [torch.tensor(float(self.stop_requested), device=self.device)])
+        values = distributed.all_reduce_sum(flat).tolist()
+        return {**dict(zip(keys, values[:-1])), "stop_requested": values[-1]}
+
     def save(self) -> None:
-        """Checkpoint, after the trace has committed every row up to this step (so resume loses no row)."""
+        """Checkpoint, after the trace has committed every row up to this step (so resume loses no row). Under
+        torchrun every rank sends its own state (carry, sampler, RNGs) and rank 0 alone writes."""
         if self.tracer is not None:
             self.tracer.drain()
-        save_checkpoint(self.run_dir, self.state_dict())
+        state = self.state_dict()
+        if self.dist.is_main:
+            save_checkpoint(self.run_dir, state)
 
     def on_trace_rows(self, rows: list[dict[str, float]], reporter: Reporter) -> None:
         """Flushed trace rows go to the live doctor; a finding is printed and stored the first time it holds. The
@@ -366,28 +440,50 @@ class Trainer:
             self.tracer = None
 
     def _on_sigint(self, signum, frame) -> None:
-        if self.stop_requested:  # a second Ctrl-C stops at once
+        # A second Ctrl-C stops at once. Not under torchrun: each rank gets the terminal's signal and the one the
+        # agent forwards, and the ranks must stop together (at the next flush) for the checkpoint to be written.
+        if self.stop_requested and not self.dist.enabled:
             raise KeyboardInterrupt
         self.stop_requested = True
 
     # ----------------------------------------------------------------------------------------------------------
+    RANK_KEYS = ("sampler", "carry", "halt_rng", "torch_rng", "samples_dropped")
+
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue as if never interrupted (tensors, dicts and plain values only)."""
+        """Everything needed to continue as if never interrupted (tensors, dicts and plain values only).
+
+        Under torchrun (a collective: every rank calls it) the per-rank parts (``RANK_KEYS``) of every rank are
+        gathered into ``ranks`` on rank 0, whose own are also at the top level; other ranks get their own only."""
         gen = self.model.generator(self.device)
-        return {
-            "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizers": [opt.state_dict() for opt in self.optimizers],
-            "ema": self.ema.state_dict() if self.ema is not None else {},
+        own = {
             "sampler": self.sampler.state_dict(),
             "carry": {k: v.detach().cpu() for k, v in self.carry.tensors().items()},
             "halt_rng": gen.get_state().cpu(),
             "torch_rng": torch.get_rng_state(),
             "samples_dropped": self.samples_dropped,
+        }
+        state = {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "ema": self.ema.state_dict() if self.ema is not None else {},
+            **own,
             "config": self.cfg.to_dict(),
         }
+        if self.dist.enabled:
+            state["world_size"] = self.dist.world
+            ranks = distributed.gather_objects(own, self.dist)
+            if ranks is not None:
+                state["ranks"] = ranks
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        world = int(state.get("world_size", 1))
+        if world != self.dist.world:
+            raise UserError(f"checkpoint in {self.run_dir} was written by {world} process(es) and holds each one's "
+                            f"carry and data position; resume it with {world} (this job has {self.dist.world})")
+        if self.dist.enabled:
+            state = {**state, **state["ranks"][self.dist.rank]}
         try:
             self.model.load_state_dict(state["model"])
             for opt, opt_state in zip(self.optimizers, state["optimizers"]):
