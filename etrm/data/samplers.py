@@ -81,17 +81,17 @@ def _reset_mask(reset_mask: np.ndarray) -> np.ndarray:
     return mask
 
 
-class RefillSampler:
-    """Draws exactly as many new samples as slots were reset; continuing slots get -1 (padding), nothing is dropped."""
+class _StreamSampler:
+    """What both samplers share: a permutation stream, its position, a shard of it, and resumable state."""
 
-    kind = "refill"
+    kind = ""
 
     def __init__(self, num_samples: int, seed: int) -> None:
         self._stream = _PermutationStream(num_samples, seed)
 
     @property
     def num_samples(self) -> int:
-        """Size of the dataset sampled from."""
+        """Size of the dataset (or of this rank's share of it) sampled from."""
         return self._stream.num_samples
 
     @property
@@ -101,8 +101,29 @@ class RefillSampler:
 
     @property
     def consumed(self) -> int:
-        """Ids drawn so far, over all epochs."""
+        """Ids drawn so far (for ``trm``: fed, dropped ones included), over all epochs."""
         return self._stream.consumed
+
+    def shard(self, rank: int, world: int) -> None:
+        """Draw only this rank's disjoint share of every epoch (under torchrun), from the start."""
+        self._stream = _PermutationStream(self._stream.total, self._stream.seed, rank, world)
+
+    def _identity(self) -> dict[str, Any]:
+        return {"kind": self.kind, "num_samples": self.num_samples, "seed": self._stream.seed}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain JSON-able state; a sampler loading it continues identically."""
+        return {**self._identity(), "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from ``state_dict()``; a state of another kind, size, batch size or seed raises ``ValueError``."""
+        self._stream.consumed = _check_state(state, self._identity())
+
+
+class RefillSampler(_StreamSampler):
+    """Draws exactly as many new samples as slots were reset; continuing slots get -1 (padding), nothing is dropped."""
+
+    kind = "refill"
 
     def draw(self, k: int) -> np.ndarray:
         """The next ``k`` sample ids (int64)."""
@@ -116,18 +137,8 @@ class RefillSampler:
         slot_ids[mask] = fed
         return Fill(slot_ids, fed, np.empty(0, dtype=np.int64))
 
-    def state_dict(self) -> dict[str, Any]:
-        """Plain JSON-able state; a sampler loading it continues identically."""
-        return {"kind": self.kind, "num_samples": self.num_samples, "seed": self._stream.seed,
-                "consumed": self.consumed}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from ``state_dict()``; a state of another kind, dataset size or seed raises ``ValueError``."""
-        expected = {"kind": self.kind, "num_samples": self.num_samples, "seed": self._stream.seed}
-        self._stream.consumed = _check_state(state, expected)
-
-
-class TRMSampler:
+class TRMSampler(_StreamSampler):
     """Upstream's feed: a whole fresh batch every step; ids landing in continuing slots are dropped (and reported).
 
     Unlike upstream, batches cross epoch boundaries instead of dropping an incomplete tail, and ids are drawn
@@ -140,22 +151,7 @@ class TRMSampler:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
-        self._stream = _PermutationStream(num_samples, seed)
-
-    @property
-    def num_samples(self) -> int:
-        """Size of the dataset sampled from."""
-        return self._stream.num_samples
-
-    @property
-    def epoch(self) -> int:
-        """The epoch the next id comes from."""
-        return self._stream.consumed // self._stream.num_samples
-
-    @property
-    def consumed(self) -> int:
-        """Ids fed so far (dropped ones included), over all epochs."""
-        return self._stream.consumed
+        super().__init__(num_samples, seed)
 
     def next_batch(self) -> np.ndarray:
         """The next ``batch_size`` sample ids (int64)."""
@@ -169,16 +165,8 @@ class TRMSampler:
         fed = self.next_batch()
         return Fill(np.where(mask, fed, -1), fed, fed[~mask], batch_ids=fed)
 
-    def state_dict(self) -> dict[str, Any]:
-        """Plain JSON-able state; a sampler loading it continues identically."""
-        return {"kind": self.kind, "num_samples": self.num_samples, "batch_size": self.batch_size,
-                "seed": self._stream.seed, "consumed": self.consumed}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from ``state_dict()``; a state of another kind, size, batch size or seed raises ``ValueError``."""
-        expected = {"kind": self.kind, "num_samples": self.num_samples, "batch_size": self.batch_size,
-                    "seed": self._stream.seed}
-        self._stream.consumed = _check_state(state, expected)
+    def _identity(self) -> dict[str, Any]:
+        return {**super()._identity(), "batch_size": self.batch_size}
 
 
 Sampler = Union[RefillSampler, TRMSampler]

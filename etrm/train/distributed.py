@@ -113,10 +113,9 @@ def halt_seed(seed: int, env: DistEnv) -> int:
 def shard_sampler(sampler: Any, env: DistEnv) -> Any:
     """Give ``sampler`` (refill or trm) this rank's disjoint share of every epoch; unchanged on a world of one."""
     if env.enabled:
-        stream = sampler._stream
-        if stream.total < env.world:
-            raise UserError(f"{stream.total} training samples cannot be shared among {env.world} ranks")
-        sampler._stream = type(stream)(stream.total, stream.seed, env.rank, env.world)
+        if sampler.num_samples < env.world:
+            raise UserError(f"{sampler.num_samples} training samples cannot be shared among {env.world} ranks")
+        sampler.shard(env.rank, env.world)
     return sampler
 
 
