@@ -131,3 +131,9 @@ def sim() -> Callable[..., list[dict[str, float]]]:
 @pytest.fixture
 def meta() -> Callable[..., dict]:
     return meta_for
+
+
+@pytest.fixture(autouse=True)
+def _wide_console(monkeypatch: pytest.MonkeyPatch):
+    """rich wraps at 80 columns off a terminal; keep each warning line whole (torch runs one thread: tests/conftest)."""
+    monkeypatch.setenv("COLUMNS", "200")

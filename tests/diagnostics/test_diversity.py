@@ -32,15 +32,6 @@ STEPS = 60  # warm-up 20 + window 10: a collapse holds at step 30, is reported a
 SYNC_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.item")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch: pytest.MonkeyPatch):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("COLUMNS", "200")
-    yield
-    torch.set_num_threads(previous)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The statistics
 

@@ -32,15 +32,6 @@ TINY = [
 PROFILE = ["profile.wait=1", "profile.warmup=1", "profile.active=2"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch: pytest.MonkeyPatch):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("COLUMNS", "200")
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny_config(*overrides: str) -> Config:
     return Config.from_dict(apply_overrides(load_preset("demo"), [*TINY, *overrides]))
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from diagnostics.loading import load_run
@@ -21,15 +20,6 @@ TINY = [
 EXPECTED = {"train/coverage", "train/reset_fraction", "train/loss", "train/exact_inflight", "train/exact_halted",
             "train/mean_halt_step", "train/mean_inflight_step", "train/context_cross_puzzle_share",
             "train/context_to_token_rms", "eval/exact", "eval/token", "eval/halt.step"}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch: pytest.MonkeyPatch):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("COLUMNS", "200")
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_flush_scalars_are_ratios_of_sums():
