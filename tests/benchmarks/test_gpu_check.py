@@ -32,14 +32,6 @@ def gpu_check():
     sys.modules.pop("gpu_check", None)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_defaults_and_overrides(gpu_check):
     args = gpu_check.parse_args([])
     assert (args.preset, args.steps, args.rounds, args.block, args.warmup) == ("demo", 100, 6, 10, 5)

@@ -53,15 +53,6 @@ def child_env() -> dict[str, str]:
     return env
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch: pytest.MonkeyPatch):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("COLUMNS", "200")  # rich wraps at 80 off a terminal; keep a warning on one line
-    yield
-    torch.set_num_threads(previous)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
 

@@ -50,14 +50,6 @@ def mode_args() -> Callable[[str], list[str]]:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(autouse=True)
 def _wide_console(monkeypatch: pytest.MonkeyPatch):
     """rich wraps at 80 columns off a terminal; wide lines keep one message on one line for the asserts."""
     monkeypatch.setenv("COLUMNS", "200")

@@ -184,15 +184,20 @@ def test_nan_parameter_stops_the_run(make_trainer) -> None:
     assert torch.isfinite(state["model"]["core.lm_head.weight"]).all()
 
 
+def request_stop_at(trainer, step: int) -> None:
+    """Do what Ctrl-C does, from a step hook, during step ``step`` (0-based)."""
+    def hook(at, _events, _metrics):
+        if at == step:
+            trainer.stop_requested = True
+
+    trainer.step_hooks.append(hook)
+
+
 def test_stop_request_saves_a_checkpoint_at_the_stop_step(make_trainer, capsys) -> None:
     """What Ctrl-C does, in process: the step in flight finishes, is flushed, saved, and the run reports it."""
     trainer = make_trainer("cached", "train.trace_every=100", "train.checkpoint_every=100", "train.eval_every=100")
 
-    def hook(step, _events, _metrics):
-        if step == 3:
-            trainer.stop_requested = True
-
-    trainer.step_hooks.append(hook)
+    request_stop_at(trainer, 3)
     result = trainer.run(10, Reporter(10, live=False))
     assert result.stopped_early and result.step == 4
     assert load_checkpoint(trainer.run_dir)["step"] == 4
@@ -203,11 +208,7 @@ def test_stop_request_with_unflushed_nan_keeps_no_bad_checkpoint(make_trainer) -
     trainer = make_trainer("reencode", "train.trace_every=100", "train.checkpoint_every=2", "train.eval_every=100")
     poison_loss(trainer, 3)
 
-    def hook(step, _events, _metrics):
-        if step == 3:
-            trainer.stop_requested = True
-
-    trainer.step_hooks.append(hook)
+    request_stop_at(trainer, 3)
     result = trainer.run(10, Reporter(10, live=False))
     assert result.stopped_early and result.step == 4
     assert load_checkpoint(trainer.run_dir)["step"] == 2
