@@ -97,21 +97,24 @@ def carve(rng: np.random.Generator, side: int, loops: float) -> np.ndarray:
     nb = neighbours(side)
     n = side * side
     is_open = [False] * n
-    order = rng.integers(len(_PERMS), size=n)  # the random order in which each opened cell offers its neighbours
-    first = int(rng.integers(n))
-    is_open[first] = True
-    stack = [nb[first][t] for t in _PERMS[order[first]] if t < len(nb[first])]
-    while stack:  # depth first: always the newest candidate, hence long winding corridors
-        cell = stack.pop()
-        if is_open[cell] or sum(is_open[m] for m in nb[cell]) != 1:
-            continue  # its count of open neighbours only grows: a cell refused once stays refused
+    touching = [0] * n  # open 4-neighbours of each cell
+    order = rng.integers(len(_PERMS), size=n).tolist()  # the random order in which each opened cell offers its neighbours
+
+    def open_cell(cell: int) -> list[int]:
         is_open[cell] = True
         around = nb[cell]
-        stack.extend(around[t] for t in _PERMS[order[cell]] if t < len(around) and not is_open[around[t]])
+        for m in around:
+            touching[m] += 1
+        return [around[t] for t in _PERMS[order[cell]] if t < len(around) and not is_open[around[t]]]
+
+    stack = open_cell(int(rng.integers(n)))
+    while stack:  # depth first: always the newest candidate, hence long winding corridors
+        cell = stack.pop()
+        if not is_open[cell] and touching[cell] == 1:  # touching only grows: a cell refused once stays refused
+            stack.extend(open_cell(cell))
     out = np.array(is_open)
     if loops > 0:
-        counts = np.array([sum(is_open[m] for m in nb[i]) for i in range(n)])
-        out |= (~out) & (counts >= 2) & (rng.random(n) < loops)
+        out |= (~out) & (np.array(touching) >= 2) & (rng.random(n) < loops)
     return out
 
 
