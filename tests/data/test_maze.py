@@ -199,7 +199,7 @@ def test_maze_bad_settings_are_refused_in_one_line(tmp_path, monkeypatch, capsys
     assert not (tmp_path / "runs").exists()
 
 
-def test_maze_small_preset_trains_traced_on_cpu(tmp_path, monkeypatch):
+def test_maze_small_preset_trains_traced_on_cpu(tmp_path, monkeypatch, capsys):
     """`etrm-train --preset maze-small --max-steps 5 --trace` (fewer test mazes, to keep the suite quick); the
     evaluation stores both accuracies beside the other eval figures; the doctor and the dashboard read the run."""
     from diagnostics.cli import main as doctor
@@ -208,6 +208,8 @@ def test_maze_small_preset_trains_traced_on_cpu(tmp_path, monkeypatch):
     run = tmp_path / "run"
     assert main(["--preset", "maze-small", "--max-steps", "5", "--trace", "--run-dir", str(run),
                  "data.heldout_tasks=16", "train.eval_batch_size=16"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps at the console width
+    assert "maze valid shortest path" in out and "held-out valid shortest path" in out  # eval line, summary
     with sqlite3.connect(run / "trace.sqlite") as conn:
         evals = dict(conn.execute("SELECT name, value FROM evals WHERE step = 5").fetchall())
     assert {"exact", VALID_PATH_KEY, "halt." + VALID_PATH_KEY} <= set(evals) and evals["count"] == 16
