@@ -24,6 +24,7 @@ real maze shares id 1 (``num_puzzle_ids`` = 2), as Sudoku.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import os
@@ -72,24 +73,16 @@ class MazeSpec:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _neighbours(side: int) -> list[list[int]]:
-    """Flat-index 4-neighbours of every cell, in up, left, down, right order."""
+@functools.lru_cache(maxsize=8)
+def neighbours(side: int) -> list[list[int]]:
+    """Flat-index 4-neighbours of every cell, in up, left, down, right order (memoised: pure in ``side``; callers
+    only read the lists)."""
     out = []
     for i in range(side * side):
         r, c = divmod(i, side)
         out.append([j for ok, j in ((r > 0, i - side), (c > 0, i - 1), (r < side - 1, i + side),
                                     (c < side - 1, i + 1)) if ok])
     return out
-
-
-_NEIGHBOURS: dict[int, list[list[int]]] = {}
-
-
-def neighbours(side: int) -> list[list[int]]:
-    """Cached neighbour lists for ``side`` (pure: same side, same lists)."""
-    if side not in _NEIGHBOURS:
-        _NEIGHBOURS[side] = _neighbours(side)
-    return _NEIGHBOURS[side]
 
 
 def carve(rng: np.random.Generator, side: int, loops: float) -> np.ndarray:
@@ -166,14 +159,6 @@ def generate_maze(rng: np.random.Generator, side: int, min_path: int, loops: flo
                 return grid.reshape(side, side), label.reshape(side, side)
     raise ValueError(f"no {side}x{side} maze with a shortest path of {min_path} moves or more in {_MAX_MAZES} tries; "
                      "lower data.min_path")
-
-
-def shortest_path_length(grid: np.ndarray) -> int:
-    """BFS distance in moves from S to G of a token grid (input or label); -1 when G is unreachable."""
-    flat = np.asarray(grid).reshape(-1)
-    side = int(round(flat.size ** 0.5))
-    start, goal = int(np.flatnonzero(flat == START)[0]), int(np.flatnonzero(flat == GOAL)[0])
-    return int(bfs(flat != WALL, start, side)[goal])
 
 
 def valid_shortest_path(inputs: np.ndarray, labels: np.ndarray, preds: np.ndarray) -> np.ndarray:
@@ -288,8 +273,9 @@ def build_maze(spec: MazeSpec, num_aug: int = 0) -> tuple[GridDataset, GridDatas
     train_ds, test_ds = dataset(train_x, train_y), dataset(arrays["test_inputs"], arrays["test_labels"])
     test_ds.row_scorer = MazeScorer()
     lengths = path_lengths(arrays["test_labels"])
-    info = {"line": f"data maze: {spec.side}x{spec.side}, shortest path >= {spec.min_path} moves, {spec.train} mazes x "
-                    f"{1 + num_aug} dihedral variants for training, {spec.test} test mazes (test path length median "
+    variants = f" x {1 + num_aug} (itself and {num_aug} dihedral variants)" if num_aug else ""
+    info = {"line": f"data maze: {spec.side}x{spec.side}, shortest path >= {spec.min_path} moves, {spec.train} mazes"
+                    f"{variants} for training, {spec.test} test mazes (test path length median "
                     f"{int(np.median(lengths)) if len(lengths) else 0}, max {int(lengths.max()) if len(lengths) else 0}"
                     f"; {'cached' if cached else 'generated, cached'} in {cache_dir()})"}
     return train_ds, test_ds, info
