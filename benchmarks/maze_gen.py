@@ -1,5 +1,6 @@
-"""Maze generation speed: seconds per 1k mazes, wall and CPU time (one process, no cache) at 30x30 (Maze-Hard) and the CPU preset's
-10x10, with the shortest-path lengths produced, the wall share and how many mazes have one shortest path only.
+"""Maze generation speed: seconds per 1k mazes, wall and CPU time (one process, no cache), at 30x30 (Maze-Hard)
+and the CPU preset's 10x10, with the shortest-path lengths produced, the wall share and how many mazes have one
+shortest path only.
 
 `python benchmarks/maze_gen.py [mazes per setting]` (default 300; the figure is scaled to 1k). On a shared
 machine the wall time swings with the load; the process's CPU time does much less.
@@ -40,7 +41,8 @@ def main() -> None:
         p = np.percentile(lengths, [0, 10, 50, 90, 100]).astype(int)
         unique = np.mean([shortest_paths(row, side) == 1 for row in inputs])
         print(f"{side}x{side} (min path {spec.min_path}): {dt / count * 1000:6.2f} s per 1k mazes "
-              f"(CPU time {cpu / count * 1000:.2f} s; {count} in {dt:.2f} s) | path moves min {p[0]} p10 {p[1]} median {p[2]} p90 {p[3]} max {p[4]} "
+              f"(CPU time {cpu / count * 1000:.2f} s; {count} in {dt:.2f} s) | path moves min {p[0]} p10 {p[1]} "
+              f"median {p[2]} p90 {p[3]} max {p[4]} "
               f"| walls {float((inputs == WALL).mean()):.1%} | unique shortest path {unique:.1%}")
 
 

@@ -91,7 +91,7 @@ def carve(rng: np.random.Generator, side: int, loops: float) -> np.ndarray:
     n = side * side
     is_open = [False] * n
     touching = [0] * n  # open 4-neighbours of each cell
-    order = rng.integers(len(_PERMS), size=n).tolist()  # the random order in which each opened cell offers its neighbours
+    order = rng.integers(len(_PERMS), size=n).tolist()  # the order in which each opened cell offers its neighbours
 
     def open_cell(cell: int) -> list[int]:
         is_open[cell] = True
