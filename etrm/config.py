@@ -185,10 +185,13 @@ class DataConfig:
         if self.dataset == "sudoku" and not 17 <= self.givens <= 81:
             raise ConfigError(f"data.givens={self.givens} is not valid; allowed: 17..81 (no Sudoku with fewer than "
                               "17 givens has a unique solution)")
-        if self.dataset == "maze" and (not 4 <= self.canvas <= 64 or self.num_aug > 7 or self.min_path < 0):
-            raise ConfigError(f"data.canvas={self.canvas}, data.num_aug={self.num_aug}, data.min_path={self.min_path} "
-                              "are not valid for data.dataset=maze; allowed: canvas 4..64, num_aug 0..7 (dihedral "
-                              "variants), min_path >= 0 (0: the hard threshold for the side)")
+        if self.dataset == "maze":
+            for name, ok, allowed in (("canvas", 4 <= self.canvas <= 64, "4..64 (the maze's side)"),
+                                      ("num_aug", self.num_aug <= 7, "0..7 (dihedral variants per training maze)"),
+                                      ("min_path", self.min_path >= 0, ">= 0 (0: the hard threshold for the side)")):
+                if not ok:
+                    raise ConfigError(f"data.{name}={getattr(self, name)!r} is not valid for data.dataset=maze; "
+                                      f"allowed: {allowed}")
         if self.dataset == "trm-folder" and not self.path:
             raise ConfigError("data.path is empty; data.dataset=trm-folder needs data.path=DIR, a folder with "
                               "train/ and test/ as upstream's dataset builders write them")

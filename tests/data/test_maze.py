@@ -192,8 +192,9 @@ def test_maze_bad_settings_are_refused_in_one_line(tmp_path, monkeypatch, capsys
     from etrm.cli import main
     monkeypatch.chdir(tmp_path)
     _one_line(capsys, main(["--preset", "maze-small", "model=etrm"]), "no demo pairs", "model=trm")
-    _one_line(capsys, main(["--preset", "maze-small", "data.num_aug=8"]), "num_aug 0..7")
-    _one_line(capsys, main(["--preset", "maze-small", "data.canvas=2"]), "canvas 4..64")
+    _one_line(capsys, main(["--preset", "maze-small", "data.num_aug=8"]), "data.num_aug=8", "0..7")
+    _one_line(capsys, main(["--preset", "maze-small", "data.canvas=2"]), "data.canvas=2", "4..64")
+    _one_line(capsys, main(["--preset", "maze-small", "data.min_path=-1"]), "data.min_path=-1", ">= 0")
     _one_line(capsys, main(["--preset", "maze-small", "data.canvas=4", "data.min_path=40", "data.train_tasks=1"]),
               "min_path")
     assert not (tmp_path / "runs").exists()
