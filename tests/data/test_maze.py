@@ -112,6 +112,9 @@ def test_maze_valid_path_scoring_accepts_an_alternative_shortest_path_and_reject
     longer = x.copy()
     longer[0, 1] = longer[0, 2] = longer[0, 3] = longer[1, 3] = longer[2, 3] = PATH  # 6 moves
     assert _bfs_distance(longer, (longer == PATH) | (longer == GOAL)) == 6 and not _score(x, y, longer)
+    stray = y.copy()
+    stray[3, 3] = PATH  # the label's shortest path plus one cell off it: not a path any more
+    assert not _score(x, y, stray)
     broken = x.copy()
     broken[0, 1] = broken[1, 1] = broken[2, 0] = PATH  # right number of cells, not a connected route
     assert not _score(x, y, broken)
