@@ -227,6 +227,9 @@ def loss_figure(f: pd.DataFrame, findings: Sequence[Mapping[str, Any]] = (), foc
     return figure(data, lay)
 
 
+MAZE_VALID_PATH = "maze.valid_path"  # etrm.data.maze.VALID_PATH_KEY (not imported: the dashboard loads no torch)
+
+
 def accuracy_figure(f: pd.DataFrame, evals: pd.DataFrame | None = None, findings: Sequence[Mapping[str, Any]] = (),
                     focus: int | None = None, title: str = "Exact accuracy (both semantics)") -> Figure:
     """Training exact accuracy of in-flight slots (ETRM's reading) and of slots at their halt (TRM's), with the
@@ -236,7 +239,8 @@ def accuracy_figure(f: pd.DataFrame, evals: pd.DataFrame | None = None, findings
     data = reading(f, "exact_inflight", "in-flight (ETRM)", C["inflight"], hover=".1%")
     data += reading(f, "exact_halted", "at halt (TRM)", C["halted"], hover=".1%", dash="dash")
     if evals is not None and len(evals):
-        for col, name, symbol in (("exact", "held-out", "circle"), ("halt.exact", "held-out at halt", "diamond")):
+        for col, name, symbol in (("exact", "held-out", "circle"), ("halt.exact", "held-out at halt", "diamond"),
+                                  (MAZE_VALID_PATH, "held-out valid shortest path (maze)", "square")):
             if col in evals.columns and evals[col].notna().any():
                 data.append({"type": "scatter", "mode": "markers+lines", "name": name,
                              "x": evals.index.to_numpy(dtype=float), "y": _y(evals[col]),

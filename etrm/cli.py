@@ -18,6 +18,7 @@ from typing import Any
 from diagnostics.runtime_check import InvariantChecker, InvariantError
 from diagnostics.store import TRACE_NAME
 from etrm.config import Config, ConfigError, apply_overrides, load_toml
+from etrm.data.maze import VALID_PATH_KEY
 from etrm.errors import UserError
 from etrm.presets import load_preset
 from etrm.train.rundir import CONFIG_NAME, auto_name, create_run_dir
@@ -201,6 +202,9 @@ def _main(argv: list[str] | None) -> int:
             "baseline copy-input exact": f"{base['copy_input.exact']:.3f}",
             "baseline common-output exact": f"{base['common_output.exact']:.3f}",
         })
+        if VALID_PATH_KEY in ev:
+            rows["held-out valid shortest path"] = (f"{ev[VALID_PATH_KEY]:.3f} (would-halt "
+                                                    f"{ev['halt.' + VALID_PATH_KEY]:.3f})")
     if trainer.profiling is not None and trainer.profiling.trace_files():
         rows["profiler traces"] = f"{len(trainer.profiling.trace_files())} in {trainer.profiling.out_dir}"
     if trainer.scalars is not None:

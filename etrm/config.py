@@ -26,7 +26,7 @@ FAULTS = (
 )
 LOSSES = ("stablemax", "softmax")
 SAMPLERS = ("refill", "trm")
-DATASETS = ("fewshot", "arc1", "arc2", "sudoku", "trm-folder")
+DATASETS = ("fewshot", "arc1", "arc2", "sudoku", "maze", "trm-folder")
 LR_SCHEDULES = ("cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -140,7 +140,10 @@ class DataConfig:
     ``num_aug`` augmented variants per task; ``translate`` shifts training grids (upstream's translation);
     ``max_demos`` > 0 gives ETRM's encoder at most the first N demos of each task (0 = all).
     ``sudoku``: ``train_tasks`` base puzzles with ``givens`` givens, each with ``num_aug`` shuffles, and
-    ``heldout_tasks`` fresh puzzles. ``trm-folder``: an upstream-built data folder at ``path``.
+    ``heldout_tasks`` fresh puzzles. ``maze``: ``train_tasks`` and ``heldout_tasks`` generated ``canvas`` x
+    ``canvas`` mazes whose shortest path is at least ``min_path`` moves (0: the hard threshold for that side,
+    etrm.data.maze.hard_min_path), ``num_aug`` (0..7) dihedral variants per training maze.
+    ``trm-folder``: an upstream-built data folder at ``path``.
     """
 
     dataset: str = "fewshot"
@@ -162,6 +165,7 @@ class DataConfig:
     max_eval_tasks: int = 0
     givens: int = 30
     max_demos: int = 0
+    min_path: int = 0
 
     def __post_init__(self) -> None:
         s = "data."
@@ -181,6 +185,13 @@ class DataConfig:
         if self.dataset == "sudoku" and not 17 <= self.givens <= 81:
             raise ConfigError(f"data.givens={self.givens} is not valid; allowed: 17..81 (no Sudoku with fewer than "
                               "17 givens has a unique solution)")
+        if self.dataset == "maze":
+            for name, ok, allowed in (("canvas", 4 <= self.canvas <= 64, "4..64 (the maze's side)"),
+                                      ("num_aug", self.num_aug <= 7, "0..7 (dihedral variants per training maze)"),
+                                      ("min_path", self.min_path >= 0, ">= 0 (0: the hard threshold for the side)")):
+                if not ok:
+                    raise ConfigError(f"data.{name}={getattr(self, name)!r} is not valid for data.dataset=maze; "
+                                      f"allowed: {allowed}")
         if self.dataset == "trm-folder" and not self.path:
             raise ConfigError("data.path is empty; data.dataset=trm-folder needs data.path=DIR, a folder with "
                               "train/ and test/ as upstream's dataset builders write them")

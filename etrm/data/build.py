@@ -16,7 +16,7 @@ def build_datasets(cfg: Config) -> tuple[GridDataset, GridDataset, ModelShape]:
     """
     view = "trm" if cfg.model == "trm" else "etrm"
     d = cfg.data
-    if d.dataset in ("sudoku", "trm-folder") and view == "etrm":
+    if d.dataset in ("sudoku", "maze", "trm-folder") and view == "etrm":
         raise UserError(f"data.dataset={d.dataset} has no demo pairs, and model=etrm reads each task from its demos; "
                         "use model=trm")
     try:
@@ -39,6 +39,13 @@ def build_datasets(cfg: Config) -> tuple[GridDataset, GridDataset, ModelShape]:
             train_ds, eval_ds, info = build_sudoku(d.train_tasks, d.heldout_tasks, d.givens, d.num_aug, d.seed)
             train_ds.info = info
             shape = ModelShape(SUDOKU_VOCAB, SUDOKU_SEQ, 2)
+        elif d.dataset == "maze":
+            from etrm.data.maze import MAZE_PUZZLE_ID, MAZE_VOCAB, MazeSpec, build_maze, hard_min_path
+            spec = MazeSpec(side=d.canvas, min_path=d.min_path or hard_min_path(d.canvas), train=d.train_tasks,
+                            test=d.heldout_tasks, seed=d.seed)
+            train_ds, eval_ds, info = build_maze(spec, d.num_aug)
+            train_ds.info = info
+            shape = ModelShape(MAZE_VOCAB, d.canvas * d.canvas, MAZE_PUZZLE_ID + 1)
         elif d.dataset == "trm-folder":
             from etrm.data.trm_folder import read_trm_folder
             train_ds, eval_ds, info = read_trm_folder(d.path)

@@ -31,6 +31,9 @@ class GridDataset:
     # int32 names each row's demos in the pool (-1: none) and demo_mask is left None (it is demo_slots >= 0).
     demo_slots: np.ndarray | None = None
     arc_index: Any = None  # ARC eval sets: how each row maps back to its task (etrm.data.arc.ArcIndex)
+    # Extra per-row eval scores (``names``; called as (inputs, labels, preds) -> {name: bool [B]}), e.g. the maze
+    # set's valid-shortest-path check (etrm.data.maze.MazeScorer); evaluation reports their means beside ``exact``.
+    row_scorer: Any = None
     info: dict[str, Any] = field(default_factory=dict)  # facts about how the set was built (printed by the trainer)
 
     def __len__(self) -> int:

@@ -9,6 +9,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from etrm.data.maze import VALID_PATH_KEY
+
 
 class Reporter:
     """Shows training progress; ``live`` picks the rich bar (terminal) or plain lines (pipes, CI, tests)."""
@@ -59,4 +61,6 @@ def format_eval(step: int, res: dict[str, float], base: dict[str, float]) -> str
             f"(mean {res['halt.step']:.2f}) exact {res['halt.exact']:.3f} | baselines: copy-input exact "
             f"{base['copy_input.exact']:.3f}, common-output exact {base['common_output.exact']:.3f} "
             f"(n={int(res['count'])})" + (f" | ARC pass@1 {res['arc.pass@1']:.3f} pass@2 {res['arc.pass@2']:.3f} over "
-                                          f"{int(res['arc.tasks'])} tasks" if "arc.pass@1" in res else ""))
+                                          f"{int(res['arc.tasks'])} tasks" if "arc.pass@1" in res else "")
+            + (f" | maze valid shortest path {res[VALID_PATH_KEY]:.3f} (at halt {res['halt.' + VALID_PATH_KEY]:.3f})"
+               if VALID_PATH_KEY in res else ""))

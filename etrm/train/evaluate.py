@@ -107,11 +107,15 @@ def evaluate(model, dataset, batch_size: int, device: torch.device, autocast,
     """Evaluate ``model`` on every sample of ``dataset``; returns means over samples and the sample count.
 
     On an ARC eval set (``dataset.arc_index``) it also votes over augmentations (``arc.pass@1``, ``arc.pass@2``,
-    ``arc.tasks``) and, given ``out_dir``, writes ``submission.json`` there.
+    ``arc.tasks``) and, given ``out_dir``, writes ``submission.json`` there. A set with a ``row_scorer`` (the maze
+    set's valid shortest path) also reports each of its scores at max steps (``NAME``) and at halt (``halt.NAME``).
     """
     index = getattr(dataset, "arc_index", None)
     votes = ArcVotes() if index is not None else None
+    scorer = getattr(dataset, "row_scorer", None)
     sums = {"exact": 0.0, "token": 0.0, "halt.exact": 0.0, "halt.token": 0.0, "halt.step": 0.0}
+    if scorer is not None:  # every key present from the start: sharded ranks must reduce the same keys
+        sums.update({f"{p}{name}": 0.0 for name in scorer.names for p in ("", "halt.")})
     n = len(dataset)
     for start in range(0, n, batch_size):
         ids = np.arange(start, start + batch_size)
@@ -128,6 +132,11 @@ def evaluate(model, dataset, batch_size: int, device: torch.device, autocast,
         for key, val in (("exact", exact), ("token", token), ("halt.exact", h_exact), ("halt.token", h_token),
                          ("halt.step", step + 1)):
             sums[key] += val[real].float().sum().item()
+        if scorer is not None:
+            x, y = batch["inputs"][real].cpu().numpy(), labels[real].cpu().numpy()
+            for prefix, p in (("", res["preds"][-1]), ("halt.", halt_preds)):
+                for name, ok in scorer(x, y, p[real].cpu().numpy()).items():
+                    sums[prefix + name] += float(np.sum(ok))
         if votes is not None:
             rows = batch["sample_id"][real].cpu().numpy()
             preds = res["preds"][-1][real].cpu().numpy()
