@@ -19,7 +19,8 @@ import dash
 from dash import ALL, Dash, Input, Output, State, ctx, dcc, html, no_update
 
 from dashboards import figures as F
-from diagnostics.loading import DERIVED
+from diagnostics import figures as registry
+from diagnostics.store import TraceError
 from dashboards.runs import (ALIGNMENT, COMPARE, COVERAGE, OVERVIEW, TIMING, Refused, RunCache, RunError, RunInfo, Runs,
                              halting_spec, metric_spec)
 
@@ -135,7 +136,7 @@ def tab_figures(cache: RunCache, tab: str, xrange: Sequence[float] | None = None
     info = cache.info
     meta, findings, mode = info.meta, info.findings, info.meta.get("mode")
     xr = tuple(xrange) if xrange else None
-    threshold = 0.5
+    threshold = info.thresholds.coverage_min  # the run's own doctor threshold (its config's [doctor])
     out: dict[str, Any] = {}
     if tab == "overview":
         f = cache.frame(OVERVIEW, xr)
@@ -284,41 +285,52 @@ def runs_page(runs: Runs) -> html.Div:
 
 def kpis(info: RunInfo, cache: RunCache) -> html.Div:
     """Numbers at a glance: steps (live), coverage and resets over the last window, exact accuracy, loss."""
-    raw_tail = None
     try:
-        tail = cache.frame(OVERVIEW, (max(info.first_step, info.last_step - 99), info.last_step), max_buckets=1)
-        raw_tail = tail.iloc[-1] if len(tail) else None
-    except (RunError, KeyError, IndexError):
-        raw_tail = None
+        (lo, hi), values = cache.window(CARD_STEPS)
+    except (RunError, TraceError, KeyError, IndexError):
+        (lo, hi), values = (0, 0), {}
 
-    def val(col: str):
-        if raw_tail is None or col not in raw_tail.index or raw_tail[col] != raw_tail[col]:
-            return None
-        return float(raw_tail[col])
+    def val(name: str) -> float | None:
+        v = values.get(name)
+        return None if v is None or v != v else float(v)
 
-    cov, res, ex, loss = val("coverage"), val("reset_fraction"), val("exact_inflight"), val("loss_mean")
-    window = f"last {min(100, info.last_step)} steps"
+    cov = val("coverage")
+    window = f"steps {lo:,}..{hi:,}" if hi else "no steps yet"
+    starved = info.thresholds.coverage_min
     tiles = [
         _tile("steps", f"{info.last_step:,}", f"max {info.meta.get('max_steps', '?'):,}"
               if isinstance(info.meta.get("max_steps"), int) else "", id_="run-steps"),
-        _tile("encoder coverage", _pct(cov), window, "bad" if cov is not None and cov < 0.5 else
-              ("good" if cov is not None else "")),
-        _tile("reset fraction", _pct(res), window),
-        _tile("exact (in-flight)", _pct(ex), window),
-        _tile("loss per slot", "—" if loss is None else f"{loss:.3f}", window),
+        _tile(coverage_label(info.meta), fmt("coverage", cov), window,
+              "bad" if cov is not None and cov < starved else ("good" if cov is not None else ""),
+              id_="card-coverage"),
+        _tile("reset fraction", fmt("reset_fraction", val("reset_fraction")), window, id_="card-reset_fraction"),
+        _tile("exact (in-flight)", fmt("exact_inflight", val("exact_inflight")), window,
+              id_="card-exact_inflight"),
+        _tile("loss per slot", fmt("loss_per_slot", val("loss_per_slot")), window, id_="card-loss_per_slot"),
         _tile("updated", ago(info.updated), info.status),
     ]
     return html.Div(tiles, className="kpis")
+
+
+# The run card's figures (registered names) and the window they are over.
+CARD_FIGURES = ("coverage", "reset_fraction", "exact_inflight", "loss_per_slot")
+CARD_STEPS = 100
+
+
+def coverage_label(meta: Mapping[str, Any]) -> str:
+    """TRM trains puzzle-table rows where ETRM trains an encoder: the card says which."""
+    return "puzzle-table row coverage" if meta.get("mode") == "trm" else "encoder coverage"
+
+
+def fmt(name: str, value: float | None) -> str:
+    """A registered figure's value as the cards show it."""
+    return registry.format_value(registry.REGISTRY[name], value)
 
 
 def _tile(label: str, value: str, note: str = "", cls: str = "", id_: str | None = None) -> html.Div:
     v = html.Div(value, className="value", id=id_) if id_ else html.Div(value, className="value")
     return html.Div([html.Div(label, className="label"), v, html.Div(note, className="note")],
                     className=f"kpi {cls}")
-
-
-def _pct(x: float | None) -> str:
-    return "—" if x is None else f"{x:.0%}" if x in (0.0, 1.0) else f"{x:.1%}"
 
 
 def run_header(name: str, cache: RunCache) -> list:
@@ -436,7 +448,8 @@ def compare_body(runs: Runs, picked: Sequence[str], metric: str) -> tuple[list, 
             continue
         try:
             f = cache.frame(COMPARE)
-            cov = safe(lambda: F.coverage_figure(f, 0.5, info.findings, title="Coverage vs reset fraction",
+            cov = safe(lambda: F.coverage_figure(f, info.thresholds.coverage_min, info.findings,
+                                                 title="Coverage vs reset fraction",
                                                  height=F.HEIGHT + 10))
             frames[name] = f if metric == "coverage" else cache.frame(metric_spec(metric))
             table_in[name] = (info.meta, cache.totals())
@@ -457,8 +470,7 @@ def compare_body(runs: Runs, picked: Sequence[str], metric: str) -> tuple[list, 
     body.append(html.H2("Side by side"))
     body.append(html.Div(cards, className="side"))
     body.append(html.H2("Overlay"))
-    terms = DERIVED.get(metric)
-    body.append(html.Div(dgraph("cmp-overlay", safe(lambda: F.compare_figure(frames, metric, terms=terms))),
+    body.append(html.Div(dgraph("cmp-overlay", safe(lambda: F.compare_figure(frames, metric))),
                          className="fig"))
     body.append(html.H2("Efficiency (from the traces)"))
     body.append(efficiency_html(table_in))

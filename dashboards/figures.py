@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from diagnostics.loading import DERIVED
+from diagnostics import figures as registry
 
 Figure = dict[str, Any]
 
@@ -37,19 +37,9 @@ HEIGHT = 250
 SMOOTH_STEPS = 20     # rolling window (steps) of the smoothed readings at full detail
 PER_STEP_MAX = 120    # at full detail, a faint per-step line is drawn under the smoothed one up to this many steps
 
-# Metrics offered on the compare page: derived ratio (or stored counter) name -> label.
-METRICS: dict[str, str] = {
-    "coverage": "encoder gradient coverage", "reset_fraction": "reset fraction", "loss_mean": "loss per slot",
-    "lm_loss_mean": "LM loss per slot", "exact_inflight": "exact accuracy, in-flight (ETRM)",
-    "exact_halted": "exact accuracy, at halt (TRM)", "token_acc_inflight": "token accuracy, in-flight",
-    "token_acc_halted": "token accuracy, at halt", "encode_ratio": "slots encoded / needed",
-    "mean_inflight_step": "mean in-flight step", "mean_halt_step": "mean halting step",
-    "q_precision": "q-halt precision", "q_recall": "q-halt recall", "q_base_rate": "q-halt base rate",
-    "drop_fraction": "dropped sample fraction", "grad_norm_encoder": "encoder gradient norm",
-    "grad_norm_rest": "rest-of-model gradient norm",
-}
-PERCENT = {"coverage", "reset_fraction", "exact_inflight", "exact_halted", "token_acc_inflight", "token_acc_halted",
-           "q_precision", "q_recall", "q_base_rate", "drop_fraction"}
+# Metrics offered on the compare page: every registered figure, by name -> label (diagnostics.figures).
+METRICS: dict[str, str] = {name: fig.label for name, fig in registry.REGISTRY.items()}
+PERCENT = {name for name, fig in registry.REGISTRY.items() if fig.percent}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -166,29 +156,27 @@ def markers(findings: Sequence[Mapping[str, Any]], focus: int | None = None, xre
     return out
 
 
-def rolling_ratio(f: pd.DataFrame, nums: Sequence[str], dens: Sequence[str], steps: int) -> pd.Series:
-    """Ratio of sums over the last ``steps`` steps at each bucket (exact: sums, not means of means)."""
+def rolling_figure(f: pd.DataFrame, name: str, steps: int) -> pd.Series | None:
+    """A registered figure over the last ``steps`` steps at each bucket (a ratio of rolling sums); None when the
+    frame lacks its inputs."""
+    fig = registry.REGISTRY.get(name)
+    if fig is None or not all(c in f.columns for c in fig.terms):
+        return None
     width = max(int(f.attrs.get("width", 1)), 1)
-    k = max(1, int(round(steps / width)))
-    num = sum(f[c].fillna(0.0) for c in nums)
-    den = sum(f[c].fillna(0.0) for c in dens)
-    num, den = num.rolling(k, min_periods=1).sum(), den.rolling(k, min_periods=1).sum()
-    return num / den.where(den != 0)
+    n = f["n"] if "n" in f.columns else None
+    return registry.rolling(f, fig, max(1, int(round(steps / width))), n)
 
 
 def reading(f: pd.DataFrame, col: str, name: str, color: str, *, dash: str | None = None, width: float = 2.0,
-            band: bool = True, hover: str = ".3f", values: pd.Series | None = None,
-            terms: tuple[Sequence[str], Sequence[str]] | None = None) -> list[dict[str, Any]]:
+            band: bool = True, hover: str = ".3f", values: pd.Series | None = None) -> list[dict[str, Any]]:
     """A series as the dashboard reads it. Bucketed: the bucket means with their min/max band. At full detail over
     many steps: a ``SMOOTH_STEPS`` rolling reading (a ratio of rolling sums for derived ratios), over a faint
     per-step line while there are few enough steps to read it."""
     raw = values if values is not None else (f[col] if col in f.columns else None)
     if raw is None or not _exact(f) or len(f) <= 2 * SMOOTH_STEPS:
         return series(f, col, name, color, dash=dash, width=width, band=band, hover=hover, values=values)
-    terms = terms or DERIVED.get(col)
-    if terms is not None and all(c in f.columns for c in [*terms[0], *terms[1]]):
-        smooth = rolling_ratio(f, terms[0], terms[1], SMOOTH_STEPS)
-    else:
+    smooth = rolling_figure(f, col, SMOOTH_STEPS)
+    if smooth is None:
         smooth = raw.rolling(SMOOTH_STEPS, min_periods=1).mean()
     out: list[dict[str, Any]] = []
     if len(f) <= PER_STEP_MAX:
@@ -197,12 +185,14 @@ def reading(f: pd.DataFrame, col: str, name: str, color: str, *, dash: str | Non
     return out + series(f, col, name, color, dash=dash, width=width, band=False, hover=hover, values=smooth)
 
 
-def ratio_total(f: pd.DataFrame, nums: Sequence[str], dens: Sequence[str]) -> float | None:
-    """Ratio of column sums over the whole frame (None when a column is missing or the denominator is 0)."""
-    if not all(c in f.columns for c in list(nums) + list(dens)):
+def figure_total(f: pd.DataFrame, name: str) -> float | None:
+    """A registered figure over the whole frame (its sums; None when undefined or its inputs are missing)."""
+    fig = registry.REGISTRY[name]
+    if not all(c in f.columns for c in fig.terms):
         return None
-    den = float(sum(f[c].fillna(0).sum() for c in dens))
-    return float(sum(f[c].fillna(0).sum() for c in nums)) / den if den else None
+    rows = float(f["n"].sum()) if "n" in f.columns else float(len(f))
+    v = registry.value(fig, {c: float(np.nansum(f[c].to_numpy(dtype=float))) for c in fig.terms}, rows)
+    return None if not math.isfinite(v) else v
 
 
 def with_range(fig: Figure, xrange: Sequence[float] | None) -> Figure:
@@ -218,10 +208,10 @@ def with_range(fig: Figure, xrange: Sequence[float] | None) -> Figure:
 
 def loss_figure(f: pd.DataFrame, findings: Sequence[Mapping[str, Any]] = (), focus: int | None = None,
                 title: str = "Loss per slot") -> Figure:
-    if f.empty or "loss_mean" not in f.columns:
+    if f.empty or "loss_per_slot" not in f.columns:
         return empty_figure("no loss recorded yet", title)
-    data = reading(f, "loss_mean", "loss", C["loss"])
-    data += reading(f, "lm_loss_mean", "LM loss", C["lm_loss"], dash="dot", band=False, width=1.5)
+    data = reading(f, "loss_per_slot", "loss", C["loss"])
+    data += reading(f, "lm_loss_per_slot", "LM loss", C["lm_loss"], dash="dot", band=False, width=1.5)
     lay = layout(title, y_title="per slot")
     lay["shapes"] = markers(findings, focus)
     return figure(data, lay)
@@ -268,10 +258,11 @@ def coverage_figure(f: pd.DataFrame, threshold: float = 0.5, findings: Sequence[
             data += series(f, "coverage", "coverage per step", C["coverage"], width=1, band=False, shape="hv",
                            opacity=0.35, hover=".0%")
         data += series(f, "coverage", f"coverage ({smooth_steps}-step)", C["coverage"], width=3, hover=".1%",
-                       values=rolling_ratio(f, ["coverage_num"], ["coverage_den"], smooth_steps))
-        if "resets" in f.columns and "slots" in f.columns:
+                       values=rolling_figure(f, "coverage", smooth_steps))
+        resets = rolling_figure(f, "reset_fraction", smooth_steps)
+        if resets is not None:
             data += series(f, "reset_fraction", f"reset fraction ({smooth_steps}-step)", C["reset"], width=2,
-                           dash="dash", hover=".1%", values=rolling_ratio(f, ["resets"], ["slots"], smooth_steps))
+                           dash="dash", hover=".1%", values=resets)
     else:
         data += series(f, "coverage", "coverage", C["coverage"], width=3, hover=".1%")
         data += series(f, "reset_fraction", "reset fraction", C["reset"], dash="dash", band=False, hover=".1%")
@@ -285,8 +276,8 @@ def coverage_figure(f: pd.DataFrame, threshold: float = 0.5, findings: Sequence[
                               tickangle=0, tickfont={"size": 10})
         lay["yaxis2"] = _axis(anchor="x2", range=[-0.03, 1.18], showticklabels=False, fixedrange=True, ticks="")
         names, vals, cols = [], [], []
-        for n, v, c in (("cover.", ratio_total(f, ["coverage_num"], ["coverage_den"]), C["coverage"]),
-                        ("resets", ratio_total(f, ["resets"], ["slots"]), C["reset"])):
+        for n, v, c in (("cover.", figure_total(f, "coverage"), C["coverage"]),
+                        ("resets", figure_total(f, "reset_fraction"), C["reset"])):
             if v is not None:
                 names.append(n), vals.append(v), cols.append(c)
         data.append({"type": "bar", "x": names, "y": vals, "xaxis": "x2", "yaxis": "y2", "showlegend": False,
@@ -360,14 +351,10 @@ def grad_norm_figure(f: pd.DataFrame, findings: Sequence[Mapping[str, Any]] = ()
     """Per-step gradient norms (bucket means with min/max band); log scale when both are positive."""
     if f.empty or "grad_norm_encoder_mean" not in f.columns:
         return empty_figure("no gradient norms recorded", title)
-    g = f.copy()
-    for c in ("grad_norm_encoder", "grad_norm_rest"):
-        if f"{c}_mean" in g.columns:
-            g[c] = g[f"{c}_mean"]
-    data = reading(g, "grad_norm_encoder", "encoder", C["encoder"], hover=".3g")
-    data += reading(g, "grad_norm_rest", "rest", C["rest"], hover=".3g", dash="dash")
+    data = reading(f, "grad_norm_encoder_mean", "encoder", C["encoder"], hover=".3g")
+    data += reading(f, "grad_norm_rest_mean", "rest", C["rest"], hover=".3g", dash="dash")
     lay = layout(title, y_title="L2 norm")
-    vals = g[[c for c in ("grad_norm_encoder", "grad_norm_rest") if c in g.columns]].to_numpy(dtype=float)
+    vals = f[[c for c in ("grad_norm_encoder_mean", "grad_norm_rest_mean") if c in f.columns]].to_numpy(dtype=float)
     if vals.size and np.nanmin(np.where(vals > 0, vals, np.nan), initial=np.inf) < np.inf:
         lay["yaxis"]["type"] = "log"
     lay["shapes"] = markers(findings, focus)
@@ -375,16 +362,15 @@ def grad_norm_figure(f: pd.DataFrame, findings: Sequence[Mapping[str, Any]] = ()
 
 
 def encoder_work_figure(f: pd.DataFrame, title: str = "Encoder work: slots encoded vs needed") -> Figure:
-    if f.empty or "encoded_mean" not in f.columns:
+    if f.empty or "encoded_per_step" not in f.columns:
         return empty_figure("no encoder work recorded", title)
     data = []
-    if "slots_mean" in f.columns:
-        data.append({"type": "scatter", "mode": "lines", "x": _x(f), "y": _y(f["slots_mean"]), "name": "batch (B)",
-                     "line": {"color": "#e5e7eb", "width": 6}, "hoverinfo": "skip"})
-    data += reading(f, "encoded", "encoded", C["encoded"], band=False, hover=".1f", values=f["encoded_mean"])
-    if "encode_needed_mean" in f.columns:
-        data += reading(f, "encode_needed", "needed", C["needed"], band=False, hover=".1f", dash="dash",
-                        values=f["encode_needed_mean"])
+    if "slots_per_step" in f.columns:
+        data.append({"type": "scatter", "mode": "lines", "x": _x(f), "y": _y(f["slots_per_step"]),
+                     "name": "batch (B)", "line": {"color": "#e5e7eb", "width": 6}, "hoverinfo": "skip"})
+    data += reading(f, "encoded_per_step", "encoded", C["encoded"], band=False, hover=".1f")
+    if "encode_needed_per_step" in f.columns:
+        data += reading(f, "encode_needed_per_step", "needed", C["needed"], band=False, hover=".1f", dash="dash")
     lay = layout(title, y_title="slots per step")
     lay["yaxis"]["rangemode"] = "tozero"
     return figure(data, lay)
@@ -427,12 +413,30 @@ def halting_heatmap(f: pd.DataFrame, title: str = "Halting step over training (s
 
 def q_figure(f: pd.DataFrame, findings: Sequence[Mapping[str, Any]] = (), focus: int | None = None,
              title: str = "Q-halt precision and recall (base rate dashed)") -> Figure:
+    """Precision where it is defined (the Q-head said halt at least once in the bucket), recall and the base rate.
+    Where precision is undefined over the shown steps, the chart says so instead of silently leaving it out."""
     if f.empty or "q_base_rate" not in f.columns:
         return empty_figure("no q-halt counts recorded", title)
+    precision = f["q_precision"] if "q_precision" in f.columns else pd.Series(np.nan, index=f.index)
+    defined = precision.notna()
     data = reading(f, "q_precision", "precision", C["precision"], band=False, hover=".1%")
+    if defined.any() and defined.mean() < 0.5:  # sparse: isolated points would vanish from a line
+        for t in data:
+            t["mode"] = "lines+markers"
+            t["marker"] = {"size": 5, "color": C["precision"]}
     data += reading(f, "q_recall", "recall", C["recall"], band=False, hover=".1%")
     data += reading(f, "q_base_rate", "base rate", C["base"], band=False, hover=".1%", dash="dash")
     lay = layout(title, percent=True)
+    if not defined.any():
+        lay["annotations"].append({"text": "precision undefined: the Q-head never said halt in these steps",
+                                   "x": 0.5, "y": 0.92, "xref": "paper", "yref": "paper", "showarrow": False,
+                                   "font": {"size": 11, "color": C["precision"]}})
+    elif not defined.all():
+        lay["annotations"].append({"text": f"precision drawn where defined ({defined.mean():.0%} of the points: "
+                                           "elsewhere the Q-head never said halt)",
+                                   "x": 0.01, "y": 0.02, "xref": "paper", "yref": "paper", "xanchor": "left",
+                                   "yanchor": "bottom", "showarrow": False,
+                                   "font": {"size": 10, "color": MUTED}})
     lay["shapes"] = markers(findings, focus)
     return figure(data, lay)
 
@@ -440,23 +444,22 @@ def q_figure(f: pd.DataFrame, findings: Sequence[Mapping[str, Any]] = (), focus:
 # ------------------------------------------------------------------------------------------------------------------
 # Alignment tab
 
-ALIGN_SERIES = (("label_mismatch", "labels", C["label"]), ("demo_mismatch", "demos", C["demo"]),
-                ("carry_mismatch", "carry", C["carry"]))
+ALIGN_SERIES = (("label_mismatch_per_step", "labels", C["label"]), ("demo_mismatch_per_step", "demos", C["demo"]),
+                ("carry_mismatch_per_step", "carry", C["carry"]))
 
 
 def alignment_figure(f: pd.DataFrame, findings: Sequence[Mapping[str, Any]] = (), focus: int | None = None,
                      title: str = "Alignment mismatches per step") -> Figure:
-    if f.empty or not any(f"{c}_mean" in f.columns for c, _, _ in ALIGN_SERIES):
+    if f.empty or not any(c in f.columns for c, _, _ in ALIGN_SERIES):
         return empty_figure("no alignment counts recorded", title)
-    g = f.copy()
     data: list[dict[str, Any]] = []
     for c, name, color in ALIGN_SERIES:
-        if f"{c}_mean" in g.columns:
-            g[c] = g[f"{c}_mean"]
-            data += series(g, c, name, color, hover=".2f")
+        if c in f.columns:
+            data += series(f, c, name, color, hover=".2f")
     lay = layout(title, y_title="slots per step")
     lay["yaxis"]["rangemode"] = "tozero"
-    total = sum(float(f[c].fillna(0).sum()) for c, _, _ in ALIGN_SERIES if c in f.columns)
+    total = sum(float(f[c.removesuffix("_per_step")].fillna(0).sum()) for c, _, _ in ALIGN_SERIES
+                if c.removesuffix("_per_step") in f.columns)
     if total == 0:
         lay["annotations"].append({"text": "no mismatches: every slot's labels and demos are its own", "x": 0.5,
                                    "y": 0.6, "xref": "paper", "yref": "paper", "showarrow": False,
@@ -470,11 +473,9 @@ def alignment_figure(f: pd.DataFrame, findings: Sequence[Mapping[str, Any]] = ()
 # Compare
 
 def compare_figure(frames: Mapping[str, pd.DataFrame], metric: str, title: str | None = None,
-                   height: int = HEIGHT + 40, smooth_steps: int = SMOOTH_STEPS,
-                   terms: tuple[Sequence[str], Sequence[str]] | None = None) -> Figure:
-    """One metric overlaid for several runs (one colour per run, in the given order). At full detail a faint
-    per-step line sits behind a ``smooth_steps`` rolling reading (a ratio of rolling sums when ``terms``, the
-    metric's numerator and denominator columns, are given)."""
+                   height: int = HEIGHT + 40, smooth_steps: int = SMOOTH_STEPS) -> Figure:
+    """One registered figure overlaid for several runs (one colour per run, in the given order). At full detail a
+    faint per-step line sits behind a ``smooth_steps`` rolling reading (a ratio of rolling sums)."""
     label = METRICS.get(metric, metric)
     if not frames:
         return empty_figure("pick runs to compare", title or label, height)
@@ -482,23 +483,18 @@ def compare_figure(frames: Mapping[str, pd.DataFrame], metric: str, title: str |
     smoothed = False
     hover = ".1%" if metric in PERCENT else ".3g"
     for i, (name, f) in enumerate(frames.items()):
-        col = metric if metric in f.columns else f"{metric}_mean"
-        if f.empty or col not in f.columns:
+        if f.empty or metric not in f.columns:
             continue
         color = RUN_COLORS[i % len(RUN_COLORS)]
-        g = f.assign(**{metric: f[col]})
         if _exact(f) and len(f) > 2 * smooth_steps:
             smoothed = True
-            if terms is not None and all(c in f.columns for c in [*terms[0], *terms[1]]):
-                smooth = rolling_ratio(f, terms[0], terms[1], smooth_steps)
-            else:
-                smooth = g[metric].rolling(smooth_steps, min_periods=1).mean()
+            smooth = rolling_figure(f, metric, smooth_steps)
             if len(f) <= PER_STEP_MAX:
-                data += series(g, metric, f"{name} per step", color, width=1, band=False, opacity=0.25,
+                data += series(f, metric, f"{name} per step", color, width=1, band=False, opacity=0.25,
                                hover=hover, showlegend=False)
-            data += series(g, metric, name, color, width=2.5, hover=hover, values=smooth)
+            data += series(f, metric, name, color, width=2.5, hover=hover, values=smooth)
         else:
-            data += series(g, metric, name, color, hover=hover, band=col == metric)
+            data += series(f, metric, name, color, hover=hover)
     title = title or (label + (f" ({smooth_steps}-step rolling)" if smoothed else ""))
     if not data:
         return empty_figure(f"no picked run records {label}", title, height)
@@ -509,32 +505,22 @@ EFFICIENCY_ROWS = ("encoder forwards per step", "encoder forwards per sample", "
                    "dynamic halting", "steps per sample", "encoded / needed", "samples consumed", "steps")
 
 
+# Efficiency table rows: label -> registered figure (the rest are plain totals).
+EFFICIENCY_FIGURES = {"encoder forwards per step": "encoded_per_step", "encoder forwards per sample":
+                      "encoded_per_sample", "encoder gradient coverage": "coverage",
+                      "steps per sample": "steps_per_sample", "encoded / needed": "encode_ratio"}
+
+
 def efficiency(meta: Mapping[str, Any], totals: Mapping[str, float]) -> dict[str, Any]:
-    """The progress summary's efficiency numbers for one run, from whole-run sums of its trace: encoder forwards
-    per step and per sample, encoder gradient coverage, whether halting is dynamic, ACT steps per sample."""
-
-    def div(a: str, b: str) -> float | None:
-        den = totals.get(b)
-        return totals[a] / den if a in totals and den else None
-
+    """The progress summary's efficiency numbers for one run, from whole-run sums of its trace (``totals``, with
+    ``steps``): registered figures, and whether halting was dynamic (the share of halts before the maximum step)."""
     mode = meta.get("mode")
-    halts = div("halted_steps", "halted_count")
-    if mode == "fct":
-        dynamic = "no (fct: fixed steps)"
-    elif halts is None:
-        dynamic = "n/a"
-    else:
-        dynamic = f"yes (mean halt step {halts:.2f})"
-    return {
-        "encoder forwards per step": div("encoded", "steps"),
-        "encoder forwards per sample": div("encoded", "samples_consumed"),
-        "encoder gradient coverage": div("coverage_num", "coverage_den"),
-        "dynamic halting": dynamic,
-        "steps per sample": div("real_slots", "samples_consumed"),
-        "encoded / needed": div("encoded", "encode_needed"),
-        "samples consumed": totals.get("samples_consumed"),
-        "steps": totals.get("steps"),
-    }
+    values = registry.of_sums(totals, totals.get("steps", 0.0), mode)
+    out: dict[str, Any] = {row: values.get(name) for row, name in EFFICIENCY_FIGURES.items()}
+    out["dynamic halting"] = registry.dynamic_halting(values, mode)
+    out["samples consumed"] = totals.get("samples_consumed")
+    out["steps"] = totals.get("steps")
+    return {row: out[row] for row in EFFICIENCY_ROWS}
 
 
 def efficiency_table(runs: Mapping[str, tuple[Mapping[str, Any], Mapping[str, float]]]) -> pd.DataFrame:

@@ -1,20 +1,16 @@
-"""Run loading for etrm-dash: which runs exist under ``--runs``, and their traces as bucketed frames.
+"""Run loading for etrm-dash: which runs exist under ``--runs`` (path safety), and each run's data, cached.
 
-Everything here reads the trace store read-only and never follows a path out of the runs root. A run is kept in a
-``RunCache``: small runs (up to ``RAW_MAX_STEPS`` steps) as their raw steps table, bucketed in pandas; large runs as
-bucketed min/max SQL aggregates over the visible range (full detail once a zoom shows few enough steps). A live
-refresh reads only the rows past the last step seen and folds them into what is cached. Any failure to read a run
-(missing, corrupt, locked, half-written) is a ``RunError`` whose message the app shows on that run's error card.
-
-A bucketed frame has one row per bucket: ``step`` (last step in it), ``step_lo``, ``n`` (rows), the sum of each
-stored column asked for, and ``<name>_min``/``<name>_max`` envelopes of per-step values; ``finish`` adds the
-ratio-of-sums means (``coverage``, ``loss_mean``... as ``diagnostics.loading.DERIVED`` defines them), exact at any
-bucket width because numerators and denominators are summed apart.
+Only dashboard concerns live here: run names resolved against the runs root (never followed out of it), and a
+``RunCache`` per run that holds what the pages show and refreshes it incrementally. Every read goes through the one
+trace reader, ``diagnostics.reader`` (read-only; no SQL here), and every figure comes from the registry
+(``diagnostics.figures``). Small runs (up to ``RAW_MAX_STEPS`` steps) are held as their raw steps table, bucketed in
+memory; large runs as bucketed SQL aggregates over the visible range (full detail once a zoom shows few enough
+steps). A live refresh reads only the rows past the last step seen. Any failure to read a run (missing, corrupt,
+locked, half-written) is a ``RunError`` whose message the app shows on that run's error card.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sqlite3
@@ -23,20 +19,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
-import numpy as np
 import pandas as pd
 
+from diagnostics import figures, reader
 from diagnostics.doctor import SEVERITIES, diagnose
-from diagnostics.loading import DERIVED, STALE_AFTER_S, status_from_markers
+from diagnostics.loading import STALE_AFTER_S, status_from_markers
 from diagnostics.profiling import PROFILER_DIR
-from diagnostics.store import SCHEMA_VERSION, TRACE_NAME, read_meta
+from diagnostics.reader import (MAX_BUCKETS, Spec, aggregate_rows, bucket_width, finish, halt_columns,
+                                merge_frames, ratio_spec)
+from diagnostics.store import TRACE_NAME, TraceError
+from diagnostics.thresholds import DoctorConfig
 
-RAW_MAX_STEPS = 50_000       # runs up to this many steps are held raw (exact doctor, pandas bucketing)
-MAX_BUCKETS = 800            # points per series over any visible range
-MAX_TIMING_STEPS = 2_000     # timings of at most this many steps are read per range (sampled evenly beyond)
-CONNECT_TIMEOUT_S = 1.0      # a locked trace fails fast instead of hanging a page
+RAW_MAX_STEPS = 50_000       # runs up to this many steps are held raw (exact doctor, in-memory bucketing)
 MAX_DEPTH = 3                # how deep under --runs to look for traces
 
 
@@ -98,312 +94,30 @@ def _mtime(db: Path) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Reading the store
+# What each page reads: registered figures (with their min/max envelopes) and the sums beside them
 
-def connect(run_dir: Path) -> sqlite3.Connection:
-    """A read-only connection with a short lock timeout; ``RunError`` for a trace that is not a readable v1 trace."""
-    db = Path(run_dir) / TRACE_NAME
-    if not db.is_file():
-        raise RunError(f"no {TRACE_NAME} in {run_dir.name}")
-    if db.stat().st_size == 0:
-        raise RunError(f"{run_dir.name}: the trace is empty (half-written: the trainer has not committed yet)")
-    try:
-        conn = sqlite3.connect(f"file:{quote(str(db))}?mode=ro", uri=True, timeout=CONNECT_TIMEOUT_S,
-                               check_same_thread=False)
-    except sqlite3.Error as exc:
-        raise RunError(f"{run_dir.name}: cannot open the trace ({_one_line(exc)})") from None
-    try:
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if "meta" not in tables or "steps" not in tables:
-            raise RunError(f"{run_dir.name}: the trace has no schema yet (half-written, or not an etrm trace)")
-        row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        if row is None:
-            raise RunError(f"{run_dir.name}: the trace has no schema version (half-written, or not an etrm trace)")
-        if str(row[0]) != str(SCHEMA_VERSION):
-            raise RunError(f"{run_dir.name}: trace schema {row[0]}, this dashboard reads {SCHEMA_VERSION}")
-    except RunError:
-        conn.close()
-        raise
-    except sqlite3.Error as exc:
-        conn.close()
-        raise RunError(describe_sqlite_error(run_dir.name, exc)) from None
-    return conn
-
-
-def describe_sqlite_error(name: str, exc: BaseException) -> str:
-    text = _one_line(exc)
-    if "locked" in text or "busy" in text:
-        return f"{name}: the trace is locked by another process ({text}); it will be retried"
-    if "not a database" in text or "malformed" in text or "corrupt" in text:
-        return f"{name}: the trace is corrupt ({text})"
-    return f"{name}: the trace could not be read ({text})"
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
-
-
-def _columns(conn: sqlite3.Connection) -> list[str]:
-    return [r[1] for r in conn.execute("PRAGMA table_info(steps)") if r[1] != "step"]
-
-
-def _q(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Bucketing specs: which sums and envelopes a page needs
-
-@dataclass(frozen=True)
-class Spec:
-    """Columns to sum per bucket and per-step values whose min/max envelope to keep (derived ratio names or stored
-    column names)."""
-
-    sums: tuple[str, ...]
-    envelopes: tuple[str, ...] = ()
-
-    def resolve(self, columns: Iterable[str]) -> "Spec":
-        """Only what this trace has: sums of present columns (plus ratio inputs), envelopes whose inputs exist."""
-        have = set(columns)
-        sums = list(dict.fromkeys(c for c in self.sums if c in have))
-        envs = []
-        for e in self.envelopes:
-            if e in DERIVED:
-                nums, dens = DERIVED[e]
-                if all(c in have for c in nums + dens):
-                    envs.append(e)
-                    sums.extend(c for c in nums + dens if c not in sums)
-            elif e in have:
-                envs.append(e)
-                if e not in sums:
-                    sums.append(e)
-        return Spec(tuple(sums), tuple(envs))
-
-
-def ratio_spec(*names: str, extra: Iterable[str] = ()) -> Spec:
-    """A spec with the ratio terms of ``names`` summed and their envelopes kept."""
-    sums: list[str] = list(extra)
-    for n in names:
-        if n in DERIVED:
-            nums, dens = DERIVED[n]
-            sums.extend(nums + dens)
-        else:
-            sums.append(n)
-    return Spec(tuple(dict.fromkeys(sums)), tuple(names))
-
-
-def halt_columns(columns: Iterable[str]) -> list[str]:
-    """``halt_at_k`` columns in k order."""
-    ks = sorted(int(c[8:]) for c in columns if c.startswith("halt_at_") and c[8:].isdigit())
-    return [f"halt_at_{k}" for k in ks]
-
-
-OVERVIEW = ratio_spec("loss_mean", "exact_inflight", "exact_halted", "coverage",
-                      extra=("resets", "slots", "inflight_step_sum", "real_slots", "halted_steps", "halted_count"))
-COVERAGE = ratio_spec("coverage", "reset_fraction", "grad_norm_encoder", "grad_norm_rest",
-                      extra=("encoded", "encode_needed", "puzzle_ids_with_grad"))
-ALIGNMENT = ratio_spec("label_mismatch", "demo_mismatch", "carry_mismatch", extra=("aligned_den",))
-TIMING = Spec(("encoded", "encode_needed", "slots", "resets"))
+OVERVIEW = ratio_spec("loss_per_slot", "lm_loss_per_slot", "exact_inflight", "exact_halted", "coverage",
+                      "reset_fraction", "mean_inflight_step", "mean_halt_step")
+COVERAGE = ratio_spec("coverage", "reset_fraction", "grad_norm_encoder_mean", "grad_norm_rest_mean",
+                      "encoded_per_step", "encode_needed_per_step", "slots_per_step", "puzzle_rows_trained_per_step")
+ALIGNMENT = ratio_spec("label_mismatch_per_step", "demo_mismatch_per_step", "carry_mismatch_per_step",
+                       extra=("aligned_den",))
+TIMING = ratio_spec("encoded_per_step", "encode_needed_per_step", "slots_per_step", "reset_fraction")
 # The compare page: coverage beside resets for the cards, and the efficiency table's whole-run sums, in one pass.
-COMPARE = ratio_spec("coverage", extra=("resets", "slots", "encoded", "encode_needed", "samples_consumed",
-                                         "real_slots", "halted_steps", "halted_count"))
+COMPARE = ratio_spec("coverage", "reset_fraction",
+                     extra=tuple(t for name in ("encoded_per_step", "encoded_per_sample", "steps_per_sample",
+                                                "encode_ratio", "early_halt_share", "mean_halt_step")
+                                 for t in figures.REGISTRY[name].terms))
 
 
 def halting_spec(columns: Iterable[str]) -> Spec:
-    return Spec(("halted", "q_tp", "q_fp", "q_fn", "q_correct", "real_slots", "inflight_step_sum", "halted_steps",
-                 "halted_count", "q_says_halt", "explore_vetoes", *halt_columns(columns)))
+    return ratio_spec("q_precision", "q_recall", "q_base_rate", "mean_inflight_step", "mean_halt_step",
+                      "early_halt_share", extra=("q_says_halt", "explore_vetoes", *halt_columns(columns)))
 
 
 def metric_spec(metric: str) -> Spec:
-    """The spec for one compare metric: a derived ratio (with its envelope) or a stored counter (mean per step)."""
+    """The spec for one compare metric: a registered figure, with its envelope."""
     return ratio_spec(metric)
-
-
-def envelope_sql(name: str) -> str:
-    """The per-step value of an envelope as SQL (a REAL division is NULL where the denominator is 0)."""
-    if name in DERIVED:
-        nums, dens = DERIVED[name]
-        num = " + ".join(f"COALESCE({_q(c)}, 0)" for c in nums)
-        den = " + ".join(f"COALESCE({_q(c)}, 0)" for c in dens)
-        return f"(1.0 * ({num}) / NULLIF({den}, 0))"
-    return _q(name)
-
-
-def envelope_values(raw: pd.DataFrame, name: str) -> pd.Series:
-    """The same per-step values in pandas."""
-    if name in DERIVED:
-        nums, dens = DERIVED[name]
-        num = sum((raw[c].fillna(0.0) for c in nums[1:]), raw[nums[0]].fillna(0.0))
-        den = sum((raw[c].fillna(0.0) for c in dens[1:]), raw[dens[0]].fillna(0.0))
-        return num.astype(float) / den.astype(float).where(den != 0)
-    return raw[name].astype(float)
-
-
-def bucket_width(lo: int, hi: int, max_buckets: int = MAX_BUCKETS) -> int:
-    """Steps per bucket so that [lo, hi] makes at most ``max_buckets`` buckets (1 = full detail)."""
-    return max(1, math.ceil((hi - lo + 1) / max_buckets))
-
-
-def aggregate_rows(raw: pd.DataFrame, spec: Spec, width: int, origin: int = 1) -> pd.DataFrame:
-    """Bucket raw per-step rows (indexed by step) into the bucketed-frame layout (sums, ``_min``/``_max``)."""
-    cols = _frame_columns(spec)
-    if raw.empty:
-        return pd.DataFrame({c: pd.Series(dtype=float) for c in cols})
-    steps = raw.index.to_numpy(dtype=np.int64)
-    data = {"step": steps.astype(float), "step_lo": steps.astype(float), "n": np.ones(len(raw))}
-    for c in spec.sums:
-        data[c] = raw[c].to_numpy(dtype=float) if c in raw.columns else np.full(len(raw), np.nan)
-    for e in spec.envelopes:
-        v = envelope_values(raw, e).to_numpy(dtype=float)
-        data[f"{e}_min"], data[f"{e}_max"] = v, v
-    frame = pd.DataFrame(data, columns=cols)
-    if width == 1:
-        return frame
-    return _group(frame, (steps - origin) // width, spec)
-
-
-def merge_frames(a: pd.DataFrame, b: pd.DataFrame, spec: Spec, width: int, origin: int = 1) -> pd.DataFrame:
-    """Fold bucketed frame ``b`` (later steps) into ``a``, re-bucketing both at ``width`` (exact: sums, min, max)."""
-    parts = [x for x in (a, b) if len(x)]
-    if not parts:
-        return a
-    both = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
-    key = (both["step_lo"].to_numpy(dtype=np.int64) - origin) // width
-    return _group(both[_frame_columns(spec)], key, spec)
-
-
-def _frame_columns(spec: Spec) -> list[str]:
-    return ["step", "step_lo", "n", *spec.sums, *(f"{e}_{m}" for e in spec.envelopes for m in ("min", "max"))]
-
-
-def _group(frame: pd.DataFrame, key: np.ndarray, spec: Spec) -> pd.DataFrame:
-    """Rows with equal ``key`` merged: sums added (NaN only where all are NaN), ``_min``/``_max`` and the step
-    bounds reduced; vectorised with ``reduceat`` over the (sorted) keys."""
-    if len(key) > 1 and (np.diff(key) < 0).any():
-        order = np.argsort(key, kind="stable")
-        frame, key = frame.iloc[order], key[order]
-    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-    mins = {"step_lo", *(f"{e}_min" for e in spec.envelopes)}
-    maxs = {"step", *(f"{e}_max" for e in spec.envelopes)}
-    out: dict[str, np.ndarray] = {}
-    for c in frame.columns:
-        v = frame[c].to_numpy(dtype=float)
-        if c in mins:
-            out[c] = np.fmin.reduceat(v, starts)
-        elif c in maxs:
-            out[c] = np.fmax.reduceat(v, starts)
-        else:
-            nan = np.isnan(v)
-            total = np.add.reduceat(np.where(nan, 0.0, v), starts)
-            total[np.add.reduceat(~nan, starts) == 0] = np.nan
-            out[c] = total
-    return pd.DataFrame(out, columns=list(frame.columns))
-
-
-def finish(frame: pd.DataFrame) -> pd.DataFrame:
-    """A bucketed frame with the ratio means added (ratios of sums) and ``<col>_mean`` per step for stored columns."""
-    out = frame.copy()
-    for name, (nums, dens) in DERIVED.items():
-        if all(c in out.columns for c in nums + dens):
-            num = sum((out[c].fillna(0.0) for c in nums[1:]), out[nums[0]].fillna(0.0))
-            den = sum((out[c].fillna(0.0) for c in dens[1:]), out[dens[0]].fillna(0.0))
-            out[name] = num.astype(float) / den.astype(float).where(den != 0)
-    n = out["n"].astype(float).where(out["n"] > 0) if "n" in out.columns else None
-    if n is not None:
-        for c in list(out.columns):
-            if c not in ("step", "step_lo", "n") and not c.endswith(("_min", "_max")) and c not in DERIVED:
-                out[f"{c}_mean"] = out[c] / n
-    out.attrs.update(frame.attrs)
-    return out
-
-
-def sql_buckets(run_dir: Path, spec: Spec, lo: int, hi: int, width: int, threads: int = 2) -> pd.DataFrame:
-    """Bucketed sums and min/max envelopes over steps [lo, hi], one aggregate query per bucket (SQLite scans each
-    bucket's rowid range once; no temporary GROUP BY b-tree). Large ranges are split over ``threads`` connections."""
-    exprs = ["MAX(step)", "MIN(step)", "COUNT(*)"] + [f"SUM({_q(c)})" for c in spec.sums]
-    for e in spec.envelopes:
-        v = envelope_sql(e)
-        exprs += [f"MIN({v})", f"MAX({v})"]
-    sql = f"SELECT {', '.join(exprs)} FROM steps WHERE step BETWEEN ? AND ?"
-    starts = list(range(lo, hi + 1, width))
-    cols = _frame_columns(spec)
-    parts: list[list[tuple] | None] = [None] * max(1, threads)
-    errors: list[BaseException] = []
-
-    def work(k: int, chunk: list[int]) -> None:
-        try:
-            conn = connect(run_dir)
-            try:
-                parts[k] = [conn.execute(sql, (s, min(s + width - 1, hi))).fetchone() for s in chunk]
-            finally:
-                conn.close()
-        except (sqlite3.Error, RunError) as exc:
-            errors.append(exc)
-
-    n_threads = threads if (hi - lo + 1) > 200_000 and threads > 1 else 1
-    size = math.ceil(len(starts) / n_threads)
-    chunks = [starts[i * size:(i + 1) * size] for i in range(n_threads)]
-    if n_threads == 1:
-        work(0, chunks[0])
-    else:
-        ts = [threading.Thread(target=work, args=(k, c)) for k, c in enumerate(chunks)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-    if errors:
-        err = errors[0]
-        raise err if isinstance(err, RunError) else RunError(describe_sqlite_error(run_dir.name, err))
-    rows = [r for p in parts if p for r in p if r[2]]
-    return pd.DataFrame.from_records(rows, columns=cols).astype(float)
-
-
-def read_rows(conn: sqlite3.Connection, after: int, columns: list[str] | None = None,
-              upto: int | None = None) -> pd.DataFrame:
-    """Raw steps rows with step > ``after`` (and <= ``upto``), indexed by step, as floats."""
-    cols = ", ".join(["step"] + [_q(c) for c in columns]) if columns is not None else "*"
-    sql, args = f"SELECT {cols} FROM steps WHERE step > ?", [after]
-    if upto is not None:
-        sql += " AND step <= ?"
-        args.append(upto)
-    df = pd.read_sql_query(sql + " ORDER BY step", conn, params=args)
-    df = df.set_index("step")
-    df.index = df.index.astype("int64")
-    return df.astype(float)
-
-
-def read_timings(run_dir: Path, lo: int, hi: int, width: int,
-                 max_steps: int = MAX_TIMING_STEPS) -> pd.DataFrame:
-    """Mean seconds per step of each phase per bucket (averaged over ranks): columns step, phase, seconds.
-
-    Up to ``max_steps`` steps in range are read in full; beyond that, ``max_steps`` evenly spaced steps are read
-    through the (step, rank, phase) index (timings are noisy averages, not counts), and ``attrs['sampled']`` says so.
-    """
-    conn = connect(run_dir)
-    try:
-        span = hi - lo + 1
-        if span <= max_steps:
-            df = pd.read_sql_query("SELECT step, phase, AVG(seconds) AS seconds FROM timings "
-                                   "WHERE step BETWEEN ? AND ? GROUP BY step, phase", conn, params=(lo, hi))
-            sampled = False
-        else:
-            picks = np.unique(np.linspace(lo, hi, max_steps).round().astype(np.int64)).tolist()
-            df = pd.read_sql_query("SELECT step, phase, AVG(seconds) AS seconds FROM timings WHERE step IN "
-                                   "(SELECT value FROM json_each(?)) GROUP BY step, phase", conn,
-                                   params=(json.dumps(picks),))
-            sampled = True
-    except sqlite3.Error as exc:
-        raise RunError(describe_sqlite_error(run_dir.name, exc)) from None
-    finally:
-        conn.close()
-    if df.empty:
-        out = pd.DataFrame(columns=["step", "phase", "seconds"])
-    else:
-        df["bucket"] = (df["step"] - lo) // width
-        out = df.groupby(["bucket", "phase"], sort=True).agg(step=("step", "max"), seconds=("seconds", "mean"))
-        out = out.reset_index()[["step", "phase", "seconds"]]
-    out.attrs["sampled"] = sampled
-    return out
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -421,6 +135,7 @@ class RunInfo:
     updated: float | None = None
     findings: list[dict[str, Any]] = field(default_factory=list)
     findings_source: str = "doctor"
+    thresholds: DoctorConfig = field(default_factory=DoctorConfig)  # the run's own (its trace meta's "doctor")
     error: str | None = None
 
     @property
@@ -479,25 +194,23 @@ class RunCache:
                 grew = self._refresh()
                 self.info.error = None
                 return grew
-            except RunError as exc:
+            except (RunError, TraceError) as exc:
                 self.info.error = str(exc)
             except sqlite3.Error as exc:
-                self.info.error = describe_sqlite_error(self.name, exc)
+                self.info.error = reader.describe_sqlite_error(self.name, exc)
             except (OSError, ValueError, KeyError, TypeError) as exc:
-                self.info.error = f"{self.name}: the trace could not be read ({_one_line(exc)})"
+                self.info.error = f"{self.name}: the trace could not be read ({' '.join(str(exc).split())})"
             return False
 
     def _refresh(self) -> bool:
         self.path = resolve_run(self.root, self.name)  # again: a link may have been swapped since
         db = self.path / TRACE_NAME
         st = db.stat()
-        conn = connect(self.path)
+        conn = reader.connect(self.path)
         try:
-            meta = read_meta(conn)
-            markers = conn.execute("SELECT time, kind FROM markers ORDER BY time, rowid").fetchall()
-            beat = conn.execute("SELECT MAX(time) FROM heartbeat").fetchone()[0]
-            lo, hi = conn.execute("SELECT MIN(step), MAX(step) FROM steps").fetchone()
-            lo, hi = int(lo or 0), int(hi or 0)
+            meta = reader.read_meta(conn)
+            markers, beat = reader.read_status_inputs(conn)
+            lo, hi = reader.step_range(conn)
             inode = (st.st_dev, st.st_ino)
             restarted = (inode != self._inode or len(markers) < self._marker_count
                          or (self._marker_count >= 0 and any(k == "resume" for _, k in markers[self._marker_count:]))
@@ -506,27 +219,26 @@ class RunCache:
                 self.raw, self.frames, self._doctor_step = None, {}, -1
                 self.info.last_step = 0
             self._inode, self._marker_count = inode, len(markers)
-            self.columns = _columns(conn)
+            self.columns = reader.step_columns(conn)
             last = self.info.last_step
             grew = hi > last
             if hi <= RAW_MAX_STEPS:
                 if self.raw is None or grew:
-                    new = read_rows(conn, last if self.raw is not None else 0)
+                    new = reader.read_rows(conn, last if self.raw is not None else 0)
                     self.raw = new if self.raw is None else pd.concat([self.raw, new])
                     self.raw = self.raw.reindex(columns=self.columns)
             else:
                 self.raw = None
                 if grew:
                     self._extend_frames(conn, last, hi)
-            self.evals = _evals(conn)
-            self.alignment = pd.read_sql_query(
-                "SELECT step, slot, sample_id, label_sample_id, demo_sample_id FROM alignment_samples "
-                "ORDER BY step, slot LIMIT 200", conn)
-            stored = pd.read_sql_query("SELECT code, severity, first_step, evidence, message FROM findings", conn)
+            self.evals = reader.read_evals(conn)
+            self.alignment = reader.read_alignment(conn, limit=200)
+            stored = reader.read_findings(conn)
         finally:
             conn.close()
         info = self.info
         info.meta = meta
+        info.thresholds = DoctorConfig.from_meta(meta)
         info.first_step, info.last_step = lo, hi
         info.updated = max([t for t in (beat, *(t for t, _ in markers)) if t is not None] + [_mtime(db)])
         info.status = status_of(markers, beat, _mtime(db))
@@ -534,17 +246,16 @@ class RunCache:
         self.refreshed_at = time.time()
         return grew
 
-    def _findings(self, stored: pd.DataFrame, meta: dict[str, Any]) -> None:
-        """The doctor's findings: recomputed on the raw table for small runs, the trainer's stored ones otherwise."""
-        stored_list = [{"code": r.code, "severity": r.severity,
-                        "first_step": None if pd.isna(r.first_step) else int(r.first_step),
-                        "evidence": _json(r.evidence), "message": r.message} for r in stored.itertuples()]
+    def _findings(self, stored_list: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+        """The doctor's findings (with the run's own thresholds): recomputed on the raw table for small runs, the
+        trainer's stored ones otherwise."""
         if self.raw is not None:
             if self._doctor_step != self.info.last_step:
                 df = self.raw.copy()
                 df.attrs["meta"] = meta
                 align = self.alignment.to_dict("records")
-                found = [f.to_dict() for f in diagnose(df, meta, alignment=align)] if len(df) else []
+                found = ([f.to_dict() for f in diagnose(df, meta, self.info.thresholds, alignment=align)]
+                         if len(df) else [])
                 codes = {f["code"] for f in found}
                 found += [f for f in stored_list if f["code"] not in codes]
                 self.info.findings = _sorted(found)
@@ -559,7 +270,7 @@ class RunCache:
         if not self.frames:
             return
         need = sorted({c for spec in self.frames for c in spec.sums})
-        new = read_rows(conn, last, need) if hi - last <= RAW_MAX_STEPS else None
+        new = reader.read_rows(conn, last, need) if hi - last <= RAW_MAX_STEPS else None
         for spec, (width, frame) in list(self.frames.items()):
             if new is None:  # too much at once: rebuild this frame from SQL on next use
                 del self.frames[spec]
@@ -577,7 +288,7 @@ class RunCache:
             spec = spec.resolve(self.columns)
             first, last = self.info.first_step, self.info.last_step
             if last == 0:
-                return finish(aggregate_rows(pd.DataFrame(), spec, 1))
+                return finish(aggregate_rows(pd.DataFrame(), spec, 1), self.info.meta.get("mode"))
             lo, hi = _clip_range(xrange, first, last)
             width = bucket_width(lo, hi, max_buckets)
             if self.raw is not None:
@@ -586,12 +297,12 @@ class RunCache:
             elif xrange is None:
                 cached = self.frames.get(spec)
                 if cached is None:
-                    cached = (width, sql_buckets(self.path, spec, lo, hi, width))
+                    cached = (width, reader.sql_buckets(self.path, spec, lo, hi, width))
                     self.frames[spec] = cached
                 width, out = cached
             else:
-                out = sql_buckets(self.path, spec, lo, hi, width)
-            out = finish(out)
+                out = reader.sql_buckets(self.path, spec, lo, hi, width)
+            out = finish(out, self.info.meta.get("mode"))
             out.attrs.update(width=width, lo=lo, hi=hi, exact=width == 1)
             return out
 
@@ -603,7 +314,7 @@ class RunCache:
             out.attrs["sampled"] = False
             return out
         lo, hi = _clip_range(xrange, first, last)
-        return read_timings(self.path, lo, hi, bucket_width(lo, hi, max_buckets))
+        return reader.read_timings(self.path, lo, hi, bucket_width(lo, hi, max_buckets))
 
     def totals(self) -> dict[str, float]:
         """Whole-run sums of the ``COMPARE`` columns (the efficiency table's inputs) and ``steps``: the sums of the
@@ -612,6 +323,19 @@ class RunCache:
         sums = {c: float(f[c].sum()) for c in COMPARE.resolve(self.columns).sums if c in f.columns}
         sums["steps"] = float(f["n"].sum()) if len(f) else 0.0
         return sums
+
+    def window(self, steps: int = 100) -> tuple[tuple[int, int], dict[str, float]]:
+        """The last ``steps`` steps and every registered figure over them (the run card's numbers)."""
+        with self.lock:
+            first, last = self.info.first_step, self.info.last_step
+        lo = max(first, last - steps + 1)
+        if last == 0:
+            return (0, 0), {}
+        tail = self.frame(ratio_spec(*figures.REGISTRY), (lo, last), max_buckets=1)
+        if not len(tail):
+            return (lo, last), {}
+        sums = {c: float(tail[c].sum()) for c in self.columns if c in tail.columns}
+        return (lo, last), figures.of_sums(sums, float(tail["n"].sum()), self.info.meta.get("mode"))
 
     def profiler_traces(self) -> list[Path]:
         """Profiler traces under the run's ``profiler/`` folder (kept inside the runs root)."""
@@ -632,22 +356,6 @@ def _clip_range(xrange: tuple[float, float] | None, first: int, last: int) -> tu
     if hi < lo:
         return first, last
     return lo, hi
-
-
-def _evals(conn: sqlite3.Connection) -> pd.DataFrame:
-    long = pd.read_sql_query("SELECT step, name, value FROM evals ORDER BY step", conn)
-    if long.empty:
-        return pd.DataFrame(index=pd.Index([], dtype="int64", name="step"))
-    wide = long.pivot_table(index="step", columns="name", values="value", aggfunc="last")
-    wide.columns.name = None
-    return wide.astype(float)
-
-
-def _json(text: Any) -> Any:
-    try:
-        return json.loads(text)
-    except (TypeError, json.JSONDecodeError):
-        return text
 
 
 def _sorted(findings: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from diagnostics.doctor import LiveDoctor
+from diagnostics.thresholds import DoctorConfig
 from diagnostics.store import TRACE_NAME, TraceWriter
 
 PHASES = ("data", "h2d", "encoder", "inner", "loss", "trace", "backward", "optimizer")
@@ -21,15 +22,9 @@ PHASE_SECONDS = (0.004, 0.001, 0.012, 0.030, 0.002, 0.001, 0.045, 0.006)
 
 def counter_names(max_steps_per_sample: int) -> list[str]:
     """The per-step columns of a trace made by the default probes (with gradient norms)."""
-    base = ["coverage_num", "coverage_den", "puzzle_ids_with_grad", "resets", "samples_consumed", "samples_dropped",
-            "slots", "encoded", "encode_needed", "label_mismatch", "demo_mismatch", "carry_mismatch", "aligned_den",
-            "halted", "inflight_step_sum", "real_slots", "q_says_halt", "explore_vetoes", "q_tp", "q_fp", "q_fn",
-            "q_correct"]
-    halts = [f"halt_at_{k}" for k in range(1, max_steps_per_sample + 1)]
-    loss = ["loss", "lm_loss", "q_halt_loss", "q_continue_loss", "halted_count", "halted_exact", "halted_token_acc",
-            "halted_steps", "halted_q_halt_acc", "inflight_count", "inflight_exact", "inflight_token_acc",
-            "inflight_steps", "inflight_q_halt_acc", "non_finite", "grad_norm_encoder", "grad_norm_rest"]
-    return base + halts + loss
+    from diagnostics.probes import default_probes
+
+    return [name for p in default_probes(max_steps_per_sample, {"encoder": [], "rest": []}) for name, _ in p.counters]
 
 
 def _chunk(rng: np.random.Generator, first: int, n: int, total: int, B: int, M: int, mode: str) -> dict:
@@ -69,6 +64,9 @@ def _chunk(rng: np.random.Generator, first: int, n: int, total: int, B: int, M: 
     }
     for k in range(M):
         out[f"halt_at_{k + 1}"] = hist[:, k]
+    out["halted_early"] = halted - hist[:, M - 1]
+    for name in counter_names(M):  # counters this generator does not model (context diversity) stay 0
+        out.setdefault(name, np.zeros(n))
     return {"steps": steps, **out}
 
 
@@ -88,7 +86,8 @@ def _fast_multinomial(rng: np.random.Generator, counts: np.ndarray, p: np.ndarra
 
 def write_synthetic(run_dir: str | Path, steps: int, *, mode: str = "cached", batch_size: int = 64,
                     max_steps_per_sample: int = 16, timings: bool = True, finished: bool = True,
-                    chunk: int = 50_000, seed: int = 0, preset: str = "synthetic") -> Path:
+                    chunk: int = 50_000, seed: int = 0, preset: str = "synthetic",
+                    doctor: dict | None = None) -> Path:
     """Write a ``steps``-step synthetic trace into ``run_dir`` (created); returns the directory."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -96,13 +95,15 @@ def write_synthetic(run_dir: str | Path, steps: int, *, mode: str = "cached", ba
     M, B = max_steps_per_sample, batch_size
     meta = {"model": "etrm", "mode": mode, "fault": "none", "preset": preset, "sampler": "refill",
             "batch_size": B, "max_steps_per_sample": M, "max_steps": steps, "trace_every": 20, "device": "cpu"}
+    if doctor is not None:  # the run's doctor thresholds, as the trainer stores its config's [doctor]
+        meta["doctor"] = doctor
     w = TraceWriter(run_dir / TRACE_NAME, meta)
     names = counter_names(M)
     w.add_counters((n, "synthetic", n) for n in names)
     w.conn.commit()
     w.conn.execute("PRAGMA synchronous=OFF")
     w.marker("start", 0)
-    doctor = LiveDoctor(meta)  # as the trainer does: findings stored the first time they hold
+    live = LiveDoctor(meta, DoctorConfig.from_meta(meta))  # as the trainer does: findings stored when first held
     for first in range(1, steps + 1, chunk):
         n = min(chunk, steps - first + 1)
         c = _chunk(rng, first, n, steps, B, M, mode)
@@ -115,7 +116,7 @@ def write_synthetic(run_dir: str | Path, steps: int, *, mode: str = "cached", ba
                              for j, ph in enumerate(PHASES)])
         frame = {"step": c["steps"].tolist(), **{name: np.asarray(c[name], dtype=float).tolist() for name in names}}
         rows = [dict(zip(frame, vals)) for vals in zip(*frame.values())]
-        for finding in doctor.update(rows):
+        for finding in live.update(rows):
             finding.store(w)
         w.heartbeat(first + n - 1)
         w.commit()

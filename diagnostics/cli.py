@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from diagnostics import figures
 from diagnostics.doctor import DoctorConfig, Finding, diagnose, has_error, summary
 from diagnostics.loading import as_json_value, load_evals, load_run
 from diagnostics.store import TraceError
@@ -38,14 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", nargs=2, metavar=("FORMAT", "FILE"),
                    help="also write the steps table (with derived ratios) as csv or parquet")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a doctor threshold, e.g. --set window=20 --set coverage_min=0.3")
+                   help="what-if: re-judge with another threshold, e.g. --set window=20 --set coverage_min=0.3 "
+                        "(read-only: the run, its config and its stored findings are unchanged)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        cfg = DoctorConfig().with_overrides(args.set)
+        DoctorConfig().with_overrides(args.set)  # bad --set input fails before the trace is read
         if args.export and args.export[0] not in ("csv", "parquet"):
             raise _BadInput(f"--export format must be csv or parquet, not {args.export[0]!r}")
         df = load_run(args.run)
@@ -53,8 +55,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (_BadInput, TraceError, ValueError) as exc:
         return _fail(exc)
     meta = df.attrs.get("meta", {})
+    cfg = DoctorConfig.from_meta(meta).with_overrides(args.set)  # the run's own thresholds, then any what-if
+    if args.set:
+        print(f"{PROG}: what-if with {', '.join(args.set)}: findings recomputed with these thresholds; read-only, "
+              "the run's config and stored findings are unchanged", file=sys.stderr)
     findings = diagnose(df, meta, cfg)
     info = summary(df, meta, cfg=cfg)
+    info["what_if"] = list(args.set)
     if len(evals):
         info["last_eval"] = as_json_value({"step": int(evals.index[-1]), **evals.iloc[-1].to_dict()})
     if args.export:
@@ -107,7 +114,7 @@ def _report(run: str, info: dict[str, Any], findings: list[Finding]) -> None:
     table.add_column("what", style="bold")
     table.add_column("value")
     for key, value in info.items():
-        if key == "last_eval" or value is None:
+        if key in ("last_eval", "figures", "final", "thresholds", "what_if") or value is None:
             continue
         text = escape(_fmt(value))
         if key == "status":
@@ -116,6 +123,20 @@ def _report(run: str, info: dict[str, Any], findings: list[Finding]) -> None:
     if "last_eval" in info:
         table.add_row("last_eval", escape(_fmt(info["last_eval"])))
     console.print(table)
+    final = info.get("final") or {}
+    window = final.get("window")
+    figs = Table(title="figures (diagnostics.figures)", title_justify="left")
+    figs.add_column("figure", style="bold")
+    figs.add_column("whole run", justify="right")
+    figs.add_column(f"steps {window[0]}..{window[1]}" if window else "last window", justify="right")
+    for name, value in (info.get("figures") or {}).items():
+        fig = figures.REGISTRY[name]
+        last = final.get(name)
+        figs.add_row(f"{fig.label} [dim]({name})[/]", figures.format_value(fig, value),
+                     figures.format_value(fig, last))
+    console.print(figs)
+    if info.get("what_if"):
+        console.print(f"[yellow]what-if[/] ({', '.join(info['what_if'])}): read-only, the run is unchanged")
     if not findings:
         console.print("[green]no findings[/]: no rule holds on this run")
         return

@@ -12,58 +12,17 @@ Adding a rule: subclass ``Rule`` and append an instance to ``RULES``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from diagnostics.loading import DERIVED, as_json_value
-
-_DERIVED_NAMES = frozenset(DERIVED)
+from diagnostics import figures
+from diagnostics.loading import as_json_value
+from diagnostics.thresholds import DoctorConfig
 
 SEVERITIES = ("error", "warning", "info")
-
-
-@dataclass(frozen=True)
-class DoctorConfig:
-    """Thresholds of the rules; every field can be overridden (``etrm-doctor --set window=20``)."""
-
-    window: int = 10                 # steps per window for gradient-starvation and wasted-encoder-compute
-    coverage_min: float = 0.5        # gradient-starvation: window coverage below this
-    encode_ratio_max: float = 1.5    # wasted-encoder-compute: slots encoded / slots needed above this
-    halting_window: int = 20         # steps per window for halting-collapse
-    halting_min_halts: int = 8       # halting-collapse: judge a window only with at least this many halts
-    q_min_tp: int = 5                # Q-head has learned: at least this many true Q-halts in a window ...
-    #                                  ... with precision above the base rate (and, for "never halts", this many
-    #                                  correct sequences in the window it could have halted on)
-    early_halt_share: float = 0.85   # halting-collapse: share of halts at step 1 (exploration vetoes some)
-    premature_exact_share: float = 0.5  # halting-collapse at step 1 only while fewer halted answers are right
-    first_samples: int = 5           # label-misalignment: offending slots listed in the evidence
-    collapse_warmup: int = 20        # encoder-collapse: steps before the rule judges (a fresh encoder may be flat)
-    collapse_window: int = 10        # encoder-collapse: steps per window
-    collapse_share_min: float = 1e-5  # encoder-collapse: cross-puzzle variance / mean squared context norm below
-    #                                  this (healthy demo dips to 2.5e-4 early on; constant-context reads 0)
-
-    def __post_init__(self) -> None:
-        for name in ("window", "halting_window", "collapse_window"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"DoctorConfig.{name} must be at least 1")
-
-    def with_overrides(self, items: Iterable[str]) -> "DoctorConfig":
-        """A copy with ``key=value`` overrides applied (values parsed as the field's type)."""
-        kinds = {f.name: type(getattr(self, f.name)) for f in fields(self)}
-        changes: dict[str, Any] = {}
-        for item in items:
-            key, sep, value = item.partition("=")
-            key = key.strip()
-            if not sep or key not in kinds:
-                raise ValueError(f"unknown doctor setting {item!r}; known: {', '.join(kinds)}")
-            try:
-                changes[key] = kinds[key](value)
-            except ValueError:
-                raise ValueError(f"doctor setting {key} needs a {kinds[key].__name__}, got {value!r}") from None
-        return replace(self, **changes)
 
 
 @dataclass
@@ -198,6 +157,12 @@ def _rolling_sum(v: np.ndarray, w: int) -> np.ndarray:
     return c[idx] - c[np.maximum(idx - w, 0)]
 
 
+def _fig(name: str, sums: Mapping[str, float]) -> float | None:
+    """A registered figure (``diagnostics.figures``) from window or run sums; None where it is undefined."""
+    v = figures.value(figures.REGISTRY[name], sums)
+    return None if v != v else v
+
+
 def _div(num: float, den: float) -> float | None:
     return num / den if den else None
 
@@ -225,10 +190,10 @@ class GradientStarvation(Rule):
 
     def finding(self, at, cfg, meta, extra):
         s, t = at.sums, at.totals
-        cov, resets = _div(s["coverage_num"], s["coverage_den"]), _div(s["resets"], s["slots"])
+        cov, resets = _fig("coverage", s), _fig("reset_fraction", s)
         ev = {"window": [at.start, at.end], "coverage_mean": cov, "reset_fraction_mean": resets,
-              "threshold": cfg.coverage_min, "run_coverage_mean": _div(t["coverage_num"], t["coverage_den"]),
-              "run_reset_fraction_mean": _div(t["resets"], t["slots"]), "mode": meta.get("mode")}
+              "threshold": cfg.coverage_min, "run_coverage_mean": _fig("coverage", t),
+              "run_reset_fraction_mean": _fig("reset_fraction", t), "mode": meta.get("mode")}
         msg = (f"encoder gradient coverage {_pct(cov)} over steps {at.start}..{at.end} (threshold "
                f"{cfg.coverage_min}): most slots' encoder outputs get no gradient")
         if cov is not None and resets is not None and abs(cov - resets) < 1e-9:
@@ -286,9 +251,9 @@ class WastedEncoderCompute(Rule):
 
     def finding(self, at, cfg, meta, extra):
         s, t = at.sums, at.totals
-        r = _div(s["encoded"], s["encode_needed"])
+        r = _fig("encode_ratio", s)
         ev = {"window": [at.start, at.end], "encoded": int(s["encoded"]), "encode_needed": int(s["encode_needed"]),
-              "ratio": r, "threshold": cfg.encode_ratio_max, "run_ratio": _div(t["encoded"], t["encode_needed"]),
+              "ratio": r, "threshold": cfg.encode_ratio_max, "run_ratio": _fig("encode_ratio", t),
               "mode": meta.get("mode")}
         msg = (f"the encoder ran on {int(s['encoded'])} slots where {int(s['encode_needed'])} needed it over steps "
                f"{at.start}..{at.end} (ratio {'inf' if r is None else f'{r:.2f}'}, threshold "
@@ -391,12 +356,10 @@ class HaltingCollapse(Rule):
         at_one = (s["halt_at_1"] >= cfg.early_halt_share * s["halted"]) and (
             s["halted_exact"] < cfg.premature_exact_share * s["halted_count"])
         kind = "all-halt-at-step-1" if at_one else "none-before-max-steps"
-        said = s["q_tp"] + s["q_fp"]
         ev = {"kind": kind, "window": [at.start, at.end], "halts": int(s["halted"]),
               "halts_at_step_1": int(s["halt_at_1"]), "halts_at_max_steps": int(s["halt_at_max"]),
-              "share_at_step_1": _div(s["halt_at_1"], s["halted"]), "q_precision": _div(s["q_tp"], said),
-              "halted_exact_share": _div(s["halted_exact"], s["halted_count"]),
-              "q_base_rate": _div(s["q_correct"], s["real_slots"]), "q_learned_at": at.latch_step,
+              "share_at_step_1": _div(s["halt_at_1"], s["halted"]), "q_precision": _fig("q_precision", s),
+              "halted_exact_share": _fig("exact_halted", s), "q_base_rate": _fig("q_base_rate", s), "q_learned_at": at.latch_step,
               "max_steps_per_sample": self.max_steps(meta, [])}
         if at_one:
             msg = (f"{ev['halts_at_step_1']} of {ev['halts']} halts at step 1 over steps {at.start}..{at.end} with "
@@ -424,7 +387,7 @@ class DroppedSamples(Rule):
         t = at.totals
         dropped, consumed = int(t["samples_dropped"]), int(t["samples_consumed"])
         ev = {"samples_dropped": dropped, "samples_consumed": consumed,
-              "drop_fraction": _div(dropped, dropped + consumed), "steps_affected": at.steps_with["samples_dropped"]}
+              "drop_fraction": _fig("drop_fraction", t), "steps_affected": at.steps_with["samples_dropped"]}
         msg = (f"{dropped} fresh samples were fed to continuing slots and dropped ({consumed} consumed), from step "
                f"{at.end}: upstream TRM's feed; each sample is seen fewer times than the data loader suggests")
         return self.make(ev, at.end, msg)
@@ -455,34 +418,31 @@ class EncoderCollapse(Rule):
     def features(self, cols, meta):
         judged = ((np.nan_to_num(cols["context_puzzles"]) >= 2)
                   & (np.nan_to_num(cols["context_sq_norm"]) > 0)).astype(float)
-        out = {"after_warmup": cols["_after_warmup"], "judged": judged,
-               "cross": np.nan_to_num(cols["context_cross_ss"]) * judged,
-               "sq_norm": np.nan_to_num(cols["context_sq_norm"]) * judged,
-               "puzzles": np.nan_to_num(cols["context_puzzles"]) * judged,
-               "rows": np.nan_to_num(cols["context_rows"]) * judged}
-        for c in ("context_within_ss", "context_ms", "token_ms"):
+        # the counters, kept on judged steps only, under their own names (the registry's figures read them)
+        out = {"after_warmup": cols["_after_warmup"], "judged": judged}
+        for c in ("context_cross_ss", "context_sq_norm", "context_puzzles", "context_rows", "context_within_ss",
+                  "context_ms", "token_ms"):
             if c in cols:
                 out[c] = np.nan_to_num(cols[c]) * judged
         return out
 
     def holds(self, w, latch, cfg, meta):
-        return ((w["after_warmup"] >= cfg.collapse_window) & (w["judged"] > 0) & (w["sq_norm"] > 0)
-                & (w["cross"] < cfg.collapse_share_min * w["sq_norm"]))
+        return ((w["after_warmup"] >= cfg.collapse_window) & (w["judged"] > 0) & (w["context_sq_norm"] > 0)
+                & (w["context_cross_ss"] < cfg.collapse_share_min * w["context_sq_norm"]))
 
     def finding(self, at, cfg, meta, extra):
         s, t = at.sums, at.totals
-        share = _div(s["cross"], s["sq_norm"])
+        share = _fig("context_cross_share", s)
         ev = {"window": [at.start, at.end], "cross_puzzle_share": share, "threshold": cfg.collapse_share_min,
               "warmup_steps": cfg.collapse_warmup, "judged_steps": int(s["judged"]),
-              "puzzles_per_step": _div(s["puzzles"], s["judged"]), "rows_per_step": _div(s["rows"], s["judged"]),
-              "within_puzzle_share": (_div(s["context_within_ss"], s["sq_norm"])
-                                      if "context_within_ss" in s else None),
-              "context_to_token_rms": (float(np.sqrt(s["context_ms"] / s["token_ms"]))
-                                       if s.get("token_ms") and "context_ms" in s else None),
-              "run_cross_puzzle_share": _div(t["cross"], t["sq_norm"]), "mode": meta.get("mode")}
+              "puzzles_per_step": _div(s["context_puzzles"], s["judged"]),
+              "rows_per_step": _div(s["context_rows"], s["judged"]),
+              "within_puzzle_share": _fig("context_within_share", s),
+              "context_to_token_rms": _fig("context_to_token_rms", s),
+              "run_cross_puzzle_share": _fig("context_cross_share", t), "mode": meta.get("mode")}
         msg = (f"the encoder context is nearly identical across puzzles over steps {at.start}..{at.end}: the "
                f"cross-puzzle share of its spread is {share:.2e} (threshold {cfg.collapse_share_min:g}, after "
-               f"{cfg.collapse_warmup} warm-up steps, {s['puzzles'] / s['judged']:.1f} puzzles per step); the "
+               f"{cfg.collapse_warmup} warm-up steps, {s['context_puzzles'] / s['judged']:.1f} puzzles per step); the "
                "context ignores the demos, so the model cannot tell tasks apart")
         return self.make(ev, at.end, msg)
 
@@ -558,50 +518,39 @@ def has_error(findings: Iterable[Finding]) -> bool:
 
 def summary(df: pd.DataFrame, meta: Mapping[str, Any] | None = None, status: str | None = None,
             cfg: DoctorConfig | None = None) -> dict[str, Any]:
-    """The run in numbers: size, status, coverage, resets, encoder work, alignment, halting, final accuracy and loss.
+    """The run in numbers: size, status, counts, and every registered figure (``diagnostics.figures``).
 
-    Run-wide values are ratios of sums over every step; ``*_final`` values are over the last ``cfg.window`` steps.
+    ``figures``: each figure over every step (a ratio of sums); ``final``: over the last ``cfg.window`` steps
+    (``final["window"]`` names them); ``dynamic_halting`` says whether any slot halted before the maximum step.
     """
     meta = df.attrs.get("meta", {}) if meta is None else meta
     cfg = cfg or DoctorConfig()
+    mode = meta.get("mode")
     status = status if status is not None else df.attrs.get("status")
-    last = df.sort_index().tail(cfg.window)
+    df = df.sort_index()
+    last = df.tail(cfg.window)
 
-    def tot(frame: pd.DataFrame, *names: str) -> float | None:
-        if not all(n in frame.columns for n in names):
-            return None
-        return float(sum(frame[n].fillna(0.0).sum() for n in names))
+    def count(*names: str) -> int | None:
+        have = [n for n in names if n in df.columns]
+        return int(sum(np.nansum(df[n].to_numpy(dtype=float)) for n in have)) if have else None
 
-    def rat(frame: pd.DataFrame, num: tuple[str, ...], den: tuple[str, ...]) -> float | None:
-        a, b = tot(frame, *num), tot(frame, *den)
-        return None if a is None or b is None or b == 0 else a / b
-
-    def count(name: str) -> int | None:
-        v = tot(df, name)
-        return None if v is None else int(v)
-
-    align = [tot(df, c) for c in ALIGNMENT_COLUMNS if c in df.columns]
+    run = figures.over(df, mode=mode)
+    final = figures.over(last, mode=mode)
     out: dict[str, Any] = {
-        "model": meta.get("model"), "mode": meta.get("mode"), "preset": meta.get("preset"),
+        "model": meta.get("model"), "mode": mode, "preset": meta.get("preset"),
         "sampler": meta.get("sampler"), "fault": meta.get("fault"), "batch_size": meta.get("batch_size"),
         "max_steps_per_sample": meta.get("max_steps_per_sample"), "status": status,
         "steps": int(len(df)), "first_step": int(df.index.min()) if len(df) else None,
         "last_step": int(df.index.max()) if len(df) else None, "max_steps": meta.get("max_steps"),
-        "encoder_coverage_mean": rat(df, ("coverage_num",), ("coverage_den",)),
-        "encoder_coverage_min": (float(df["coverage"].min()) if "coverage" in df.columns
-                                 and df["coverage"].notna().any() else None),
-        "reset_fraction_mean": rat(df, ("resets",), ("slots",)),
-        "encoded_per_needed": rat(df, ("encoded",), ("encode_needed",)),
         "samples_consumed": count("samples_consumed"), "samples_dropped": count("samples_dropped"),
-        "alignment_mismatches": int(sum(align)) if align else None,
+        "alignment_mismatches": count(*ALIGNMENT_COLUMNS),
         "non_finite_steps": int((df["non_finite"].fillna(0) > 0).sum()) if "non_finite" in df.columns else None,
-        "mean_inflight_step": rat(df, ("inflight_step_sum",), ("real_slots",)),
-        "q_precision": rat(df, ("q_tp",), ("q_tp", "q_fp")),
-        "q_recall": rat(df, ("q_tp",), ("q_tp", "q_fn")),
-        "q_base_rate": rat(df, ("q_correct",), ("real_slots",)),
-        "exact_inflight_final": rat(last, ("inflight_exact",), ("inflight_count",)),
-        "exact_halted_final": rat(last, ("halted_exact",), ("halted_count",)),
-        "loss_final": rat(last, ("loss",), ("slots",)),
+        "coverage_min": (float(df["coverage"].min()) if "coverage" in df.columns
+                         and df["coverage"].notna().any() else None),
+        "dynamic_halting": figures.dynamic_halting(run, mode),
+        "figures": run,
+        "final": {"window": [int(last.index.min()), int(last.index.max())] if len(last) else None, **final},
+        "thresholds": cfg.to_dict(),
     }
     return as_json_value(out)
 
@@ -665,7 +614,7 @@ class LiveDoctor:
         the resume; returns the findings that held in it (already reported, not to be warned about again)."""
         if not len(df):
             return []
-        stored = [c for c in df.columns if c not in _DERIVED_NAMES]
+        stored = [c for c in df.columns if c not in figures.REGISTRY and c != "step"]
         frame = df[stored].sort_index()
         rows = [{"step": int(s), **dict(zip(stored, vals))}
                 for s, vals in zip(frame.index, frame.itertuples(index=False, name=None))]

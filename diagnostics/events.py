@@ -19,6 +19,16 @@ EVENTS_VERSION = 2
 Tensor = torch.Tensor
 
 
+def q_says_halt(q_halt_logits: Tensor, q_continue_logits: Optional[Tensor] = None) -> Tensor:
+    """The one "Q says halt" rule: q_halt > 0, or q_halt > q_continue where the Q-continue variant is on.
+
+    Used alike by the halting decision, the loss's Q accuracy, the halting probe and evaluation.
+    """
+    if q_continue_logits is not None:
+        return q_halt_logits > q_continue_logits
+    return q_halt_logits > 0
+
+
 @dataclass
 class PhaseClock:
     """Phase timings of one step: CUDA events on GPU (read at flush), perf_counter on CPU. Never syncs."""

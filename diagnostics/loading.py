@@ -1,8 +1,8 @@
 """Reading a run's trace into pandas: the steps table with derived ratios, evals, timings, findings and run status.
 
 Everything opens the trace read-only (a live trainer may be writing it) and turns a missing or corrupt trace into a
-``TraceError`` with a one-line message. Ratios are derived from the stored numerator/denominator columns and are NaN
-where the denominator is 0.
+``TraceError`` with a one-line message. Derived columns are the figures of ``diagnostics.figures.REGISTRY``, per step,
+NaN where the denominator is 0.
 """
 
 from __future__ import annotations
@@ -17,26 +17,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
+from diagnostics import figures
 from diagnostics.store import TRACE_NAME, TraceError, open_trace, read_meta
-
-# Derived columns: name -> (numerator terms, denominator terms); each term is a stored column, summed.
-DERIVED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "coverage": (("coverage_num",), ("coverage_den",)),
-    "reset_fraction": (("resets",), ("slots",)),
-    "encode_ratio": (("encoded",), ("encode_needed",)),
-    "exact_inflight": (("inflight_exact",), ("inflight_count",)),
-    "exact_halted": (("halted_exact",), ("halted_count",)),
-    "token_acc_inflight": (("inflight_token_acc",), ("inflight_count",)),
-    "token_acc_halted": (("halted_token_acc",), ("halted_count",)),
-    "mean_inflight_step": (("inflight_step_sum",), ("real_slots",)),
-    "mean_halt_step": (("halted_steps",), ("halted_count",)),
-    "q_precision": (("q_tp",), ("q_tp", "q_fp")),
-    "q_recall": (("q_tp",), ("q_tp", "q_fn")),
-    "q_base_rate": (("q_correct",), ("real_slots",)),
-    "drop_fraction": (("samples_dropped",), ("samples_dropped", "samples_consumed")),
-    "loss_mean": (("loss",), ("slots",)),
-    "lm_loss_mean": (("lm_loss",), ("slots",)),
-}
 
 LIFECYCLE = {"start": "live", "resume": "live", "end": "finished", "finished": "finished",
              "stopped": "stopped", "crashed": "crashed"}
@@ -59,33 +41,33 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-def ratio(num: pd.Series, den: pd.Series) -> pd.Series:
-    """``num / den`` with NaN where the denominator is 0 or missing."""
-    den = den.astype(float)
-    return num.astype(float) / den.where(den != 0)
-
-
-def add_derived(df: pd.DataFrame) -> pd.DataFrame:
-    """Add the ratio columns of ``DERIVED`` whose inputs are present (in place; existing columns are kept)."""
-    for name, (nums, dens) in DERIVED.items():
-        if name in df.columns or not all(c in df.columns for c in nums + dens):
-            continue
-        num = sum((df[c].fillna(0.0) for c in nums[1:]), df[nums[0]].fillna(0.0))
-        den = sum((df[c].fillna(0.0) for c in dens[1:]), df[dens[0]].fillna(0.0))
-        df[name] = ratio(num, den)
+def add_derived(df: pd.DataFrame, mode: str | None = None) -> pd.DataFrame:
+    """Add the per-step value of every registered figure whose inputs are present (in place; stored columns are
+    never replaced)."""
+    for name, values in figures.columns(df, mode=mode).items():
+        if name not in df.columns:
+            df[name] = values
     return df
 
 
 def load_run(path: str | Path) -> pd.DataFrame:
-    """The steps table indexed by step, with derived ratios; ``attrs``: ``meta``, ``status``, ``alignment_samples``."""
+    """The steps table, one row per step, indexed by step and with a ``step`` column too.
+
+    Stored counters keep their names and per-step meaning: ``loss`` is the step's loss summed over slots,
+    ``coverage_num``/``coverage_den`` its counts. Every registered figure that applies to the run's mode is added
+    per step under its own name (``loss_per_slot``, ``coverage``, ``exact_inflight``...: see
+    ``diagnostics.figures.REGISTRY`` and docs/diagnostics.md). ``attrs``: ``meta``, ``status``,
+    ``alignment_samples``. The index is unnamed so that ``df["step"]`` and ``df.sort_values("step")`` are not
+    ambiguous.
+    """
     with _trace(path) as conn:
         meta = read_meta(conn)
         df = pd.read_sql_query("SELECT * FROM steps ORDER BY step", conn)
         alignment = _alignment(conn)
-    df = df.set_index("step")
-    df.index = df.index.astype("int64")
     df = df.astype(float)
-    add_derived(df)
+    df["step"] = df["step"].astype("int64")
+    df.index = pd.Index(df["step"].to_numpy(), dtype="int64")
+    add_derived(df, meta.get("mode"))
     df.attrs["meta"] = meta
     df.attrs["status"] = run_status(path)
     df.attrs["alignment_samples"] = alignment.to_dict("records")

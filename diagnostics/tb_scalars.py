@@ -1,7 +1,7 @@
 """TensorBoard scalars of a traced run (``--tensorboard``), so that it also shows in a tool users already have open.
 
-Written at flush time only, never from the training step: each flush becomes one point per scalar at its last step,
-a ratio of the flushed rows' sums (so the point is exact for those steps, as the trace store's re-bucketing is).
+Written at flush time only, never from the training step: each flush becomes one point per registered figure at its
+last step, the figure over the flushed rows (a ratio of their sums, so the point is exact for those steps).
 Evaluations become ``eval/*`` points. The per-step truth stays in ``trace.sqlite``.
 """
 
@@ -11,56 +11,24 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from diagnostics import figures
+
 TENSORBOARD_DIR = "tensorboard"
 
-# tag -> (numerator columns, denominator columns, transform); the columns are trace counters, summed over the rows.
-SCALARS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
-    "train/coverage": (("coverage_num",), ("coverage_den",), "ratio"),
-    "train/reset_fraction": (("resets",), ("slots",), "ratio"),
-    "train/loss": (("loss",), ("slots",), "ratio"),
-    "train/lm_loss": (("lm_loss",), ("slots",), "ratio"),
-    "train/exact_inflight": (("inflight_exact",), ("inflight_count",), "ratio"),
-    "train/exact_halted": (("halted_exact",), ("halted_count",), "ratio"),
-    "train/mean_halt_step": (("halted_steps",), ("halted_count",), "ratio"),
-    "train/mean_inflight_step": (("inflight_step_sum",), ("real_slots",), "ratio"),
-    "train/encode_ratio": (("encoded",), ("encode_needed",), "ratio"),
-    "train/drop_fraction": (("samples_dropped",), ("samples_dropped", "samples_consumed"), "ratio"),
-    "train/context_cross_puzzle_share": (("context_cross_ss",), ("context_sq_norm",), "ratio"),
-    "train/context_to_token_rms": (("context_ms",), ("token_ms",), "sqrt"),
-}
-
-
-def flush_scalars(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
-    """The scalars of one flush: each tag whose columns are present and whose denominator is non-zero."""
-    out: dict[str, float] = {}
-    if not rows:
-        return out
-    for tag, (nums, dens, kind) in SCALARS.items():
-        if any(c not in rows[0] for c in nums + dens):
-            continue
-        num = sum(_finite(r.get(c)) for r in rows for c in nums)
-        den = sum(_finite(r.get(c)) for r in rows for c in dens)
-        if den > 0:
-            value = num / den
-            out[tag] = math.sqrt(value) if kind == "sqrt" else value
-    return out
-
-
-def _finite(v: Any) -> float:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return 0.0
-    return f if math.isfinite(f) else 0.0
+def flush_scalars(rows: Sequence[Mapping[str, float]], mode: str | None = None) -> dict[str, float]:
+    """The scalars of one flush: ``train/<figure>`` for every registered figure defined over the rows
+    (``diagnostics.figures``; a figure whose denominator is 0 over the flush gets no point)."""
+    return {f"train/{name}": v for name, v in figures.of_rows(rows, mode).items() if math.isfinite(v)}
 
 
 class TensorBoardScalars:
     """A ``SummaryWriter`` into ``log_dir`` fed with flushed trace rows and evaluation results."""
 
-    def __init__(self, log_dir: str | Path) -> None:
+    def __init__(self, log_dir: str | Path, mode: str | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package (a dependency)
 
         self.log_dir = Path(log_dir)
+        self.mode = mode
         self._make = lambda: SummaryWriter(log_dir=str(self.log_dir))
         self.writer: Any = None
 
@@ -74,7 +42,7 @@ class TensorBoardScalars:
         if not rows:
             return {}
         step = int(max(r["step"] for r in rows))
-        values = flush_scalars(rows)
+        values = flush_scalars(rows, self.mode)
         w = self._w()
         for tag, value in values.items():
             w.add_scalar(tag, value, step)

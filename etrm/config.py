@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from diagnostics.thresholds import DoctorConfig
+
 MODELS = ("trm", "etrm")
 ENCODER_MODES = ("reencode", "cached", "fct")
 FAULTS = (
@@ -276,6 +278,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    doctor: DoctorConfig = field(default_factory=DoctorConfig)  # the doctor's thresholds (diagnostics.thresholds)
 
     def __post_init__(self) -> None:
         _choice("", "model", self.model, MODELS)
@@ -286,9 +289,14 @@ class Config:
             raise ConfigError(f"fault={self.fault} is not valid here; allowed only with model=etrm")
 
     @property
+    def mode(self) -> str:
+        """The run's mode, defined here only: ``trm`` for TRM, else the encoder mode (reencode, cached, fct)."""
+        return "trm" if self.model == "trm" else self.encoder.mode
+
+    @property
     def fct_mode(self) -> bool:
         """True when every batch runs a fixed number of steps (ETRM-FCT)."""
-        return self.model == "etrm" and self.encoder.mode == "fct"
+        return self.mode == "fct"
 
     @property
     def max_steps_per_sample(self) -> int:
@@ -323,6 +331,10 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         return cls(**kwargs)
     except TypeError as exc:  # pragma: no cover - a dataclass signature mismatch, not user input
         raise ConfigError(str(exc)) from None
+    except ConfigError:
+        raise
+    except ValueError as exc:  # a section that validates with ValueError (the doctor's thresholds)
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from None
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:

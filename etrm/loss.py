@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from diagnostics.events import StepEvents
+from diagnostics.events import StepEvents, q_says_halt
 from etrm.config import LossConfig
 from etrm.model.act import StepOutput
 
@@ -73,7 +73,10 @@ class ACTLoss:
                 "q_halt_loss": q_halt_loss.detach(), "q_continue_loss": q_cont_loss.detach(),
             }
             token_acc = n_correct / divisor
-            q_right = (out.q_halt_logits >= 0) == seq_correct
+            # the Q-continue variant is on when the step's events carry its logits (or, without events, a target)
+            q_cont = (getattr(events, "q_continue_logits", None) if events is not None
+                      else out.q_continue_logits if out.target_q_continue is not None else None)
+            q_right = q_says_halt(out.q_halt_logits, q_cont) == seq_correct
             for name, sel in (("halted", valid & out.halted), ("inflight", valid)):
                 metrics[f"{name}.count"] = sel.sum()
                 metrics[f"{name}.exact"] = (sel & seq_correct).sum()

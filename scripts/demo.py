@@ -176,7 +176,7 @@ def main() -> int:
         word = {0: "healthy", 1: "ERROR"}.get(v["rc"], "bad input")
         good = v["rc"] == job.expect
         ok &= good
-        cov = s.get("encoder_coverage_mean")
+        cov = (s.get("figures") or {}).get("coverage")
         ev = s.get("last_eval") or {}
         facts = (f"coverage {cov:.3f}" if cov is not None else "coverage n/a") + (
             f", held-out exact {ev['exact']:.3f}" if "exact" in ev else "")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from diagnostics.events import StepEvents
-from diagnostics.probes.base import Probe, Row, Tensor, count
+from diagnostics.probes.base import Figure, Probe, Row, Tensor, count
 
 KEEP_FIRST = 32
 
@@ -22,6 +22,10 @@ class AlignmentProbe(Probe):
         ("carry_mismatch", "continuing slots whose sample or puzzle id changed without a reset"),
         ("aligned_den", "real slots checked"),
     )
+    figures = tuple(
+        Figure(f"{kind}_mismatch_per_step", f"{kind} mismatches per step", (f"{kind}_mismatch",), (), "per step",
+               f"slots per step whose {what} belong to another sample")
+        for kind, what in (("label", "loss labels"), ("demo", "demos"), ("carry", "carried identity")))
 
     def __init__(self) -> None:
         self.pending: list[Tensor] = []  # one packed [3, B] tensor per step since the last flush

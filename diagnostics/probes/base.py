@@ -6,6 +6,7 @@ later, from a gradient hook or after backward. The tracer owns the buffers and r
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
@@ -23,11 +24,43 @@ class Row(Protocol):
     def later(self, name: str) -> Callable[[Tensor], None]: ...
 
 
+MODES = ("reencode", "cached", "fct", "trm")
+ETRM_MODES = ("reencode", "cached", "fct")
+ADAPTIVE_MODES = ("reencode", "cached", "trm")  # modes whose slots may halt before the maximum step
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A figure a probe makes from its counters: ``sum(num) / sum(den)`` over any step range (per step when ``den``
+    is empty), so re-bucketing stays exact. ``scale``: "fraction" (drawn as %), "per slot", "per step", "step",
+    "ratio"; ``sqrt`` takes the root of the ratio (an RMS ratio from mean squares). ``modes``: where it applies."""
+
+    name: str
+    label: str
+    num: tuple[str, ...]
+    den: tuple[str, ...]
+    scale: str
+    description: str
+    modes: tuple[str, ...] = MODES
+    sqrt: bool = False
+
+    @property
+    def terms(self) -> tuple[str, ...]:
+        """Every stored counter the figure reads."""
+        return tuple(dict.fromkeys(self.num + self.den))
+
+    @property
+    def percent(self) -> bool:
+        return self.scale == "fraction"
+
+
 class Probe:
-    """Base class: ``counters`` are (name, description) pairs; ``observe`` fills them for one step."""
+    """Base class: ``counters`` are (name, description) pairs; ``observe`` fills them for one step. ``figures``
+    are the derived figures it declares from its counters (``diagnostics.figures`` does their arithmetic)."""
 
     name = "probe"
     counters: tuple[tuple[str, str], ...] = ()
+    figures: tuple[Figure, ...] = ()
 
     def observe(self, events: StepEvents, metrics: dict[str, Tensor], row: Row) -> None:
         raise NotImplementedError

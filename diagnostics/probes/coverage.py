@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from diagnostics.events import StepEvents
-from diagnostics.probes.base import Probe, Row, Tensor, count
+from diagnostics.probes.base import Figure, Probe, Row, Tensor, count
 
 
 class CoverageProbe(Probe):
@@ -20,6 +20,12 @@ class CoverageProbe(Probe):
         ("coverage_num", "slots whose fresh encoder-output row got a non-zero gradient"),
         ("coverage_den", "slots in the batch (B)"),
         ("puzzle_ids_with_grad", "TRM: distinct puzzle ids whose table row got a non-zero gradient"),
+    )
+    figures = (
+        Figure("coverage", "encoder gradient coverage", ("coverage_num",), ("coverage_den",), "fraction",
+               "share of slots whose fresh encoder-output row (TRM: puzzle-table row) got a non-zero gradient"),
+        Figure("puzzle_rows_trained_per_step", "puzzle-table rows trained per step", ("puzzle_ids_with_grad",), (),
+               "per step", "distinct puzzle-table rows that got a non-zero gradient, per step", modes=("trm",)),
     )
 
     def observe(self, events: StepEvents, metrics: dict[str, Tensor], row: Row) -> None:
@@ -56,6 +62,12 @@ class GradNormProbe(Probe):
     name = "grad_norm"
     counters = (("grad_norm_encoder", "L2 norm of encoder parameter gradients"),
                 ("grad_norm_rest", "L2 norm of all other parameter gradients"))
+    figures = (
+        Figure("grad_norm_encoder_mean", "encoder gradient norm", ("grad_norm_encoder",), (), "per step",
+               "mean per step of the encoder's (TRM: puzzle table's) gradient L2 norm, before clipping"),
+        Figure("grad_norm_rest_mean", "rest-of-model gradient norm", ("grad_norm_rest",), (), "per step",
+               "mean per step of every other parameter's gradient L2 norm, before clipping"),
+    )
 
     def __init__(self, groups: dict[str, list[torch.nn.Parameter]]) -> None:
         self.groups = groups

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from diagnostics.events import StepEvents
-from diagnostics.probes.base import Probe, Row, Tensor
+from diagnostics.probes.base import ETRM_MODES, Figure, Probe, Row, Tensor
 from diagnostics.probes.coverage import distinct_count
 
 
@@ -35,6 +35,19 @@ class ContextDiversityProbe(Probe):
         ("context_ms", "sum over rows of the context's mean square per element (unpooled)"),
         ("token_ms", "token embeddings' mean square per element, times context_rows (RMS ratio = "
                      "sqrt(context_ms / token_ms))"),
+    )
+    figures = (
+        Figure("context_cross_share", "cross-puzzle share of the context", ("context_cross_ss",),
+               ("context_sq_norm",), "fraction",
+               "cross-puzzle sum of squares of the token-pooled context over its sum of squared norms "
+               "(near 0: the context ignores the demos)", modes=ETRM_MODES),
+        Figure("context_within_share", "within-puzzle share of the context", ("context_within_ss",),
+               ("context_sq_norm",), "fraction",
+               "within-puzzle sum of squares of the token-pooled context over its sum of squared norms",
+               modes=ETRM_MODES),
+        Figure("context_to_token_rms", "context RMS / token RMS", ("context_ms",), ("token_ms",), "ratio",
+               "RMS per element of the encoder context over the token embeddings' RMS", modes=ETRM_MODES,
+               sqrt=True),
     )
 
     def observe(self, events: StepEvents, metrics: dict[str, Tensor], row: Row) -> None:

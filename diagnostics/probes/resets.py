@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from diagnostics.events import StepEvents
-from diagnostics.probes.base import Probe, Row, Tensor, count
+from diagnostics.probes.base import Figure, Probe, Row, Tensor, count
 
 
 class ResetProbe(Probe):
@@ -13,6 +13,14 @@ class ResetProbe(Probe):
         ("samples_consumed", "real samples that entered a slot this step"),
         ("samples_dropped", "real fresh samples fed to continuing slots, which did not take them"),
         ("slots", "slots in the batch (B)"),
+    )
+    figures = (
+        Figure("reset_fraction", "reset fraction", ("resets",), ("slots",), "fraction",
+               "share of slots that took a new sample this step"),
+        Figure("drop_fraction", "dropped sample fraction", ("samples_dropped",),
+               ("samples_dropped", "samples_consumed"), "fraction",
+               "share of fresh samples fed to continuing slots, which did not take them (the trm sampler's feed)"),
+        Figure("slots_per_step", "batch (B)", ("slots",), (), "per step", "slots per step (the global batch)"),
     )
 
     def observe(self, events: StepEvents, metrics: dict[str, Tensor], row: Row) -> None:

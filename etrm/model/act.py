@@ -50,7 +50,7 @@ class ACTModel(nn.Module):
         self.cfg = cfg
         self.shape = shape
         self.is_trm = cfg.model == "trm"
-        self.mode = "trm" if self.is_trm else cfg.encoder.mode
+        self.mode = cfg.mode
         self.fault = cfg.fault
         self.max_steps = cfg.max_steps_per_sample
         self.core = ReasoningCore(cfg.arch, shape.vocab_size, shape.seq_len)
@@ -203,12 +203,16 @@ class ACTModel(nn.Module):
         self.eval()
         try:
             carry = self.initial_carry(batch)
-            preds, q_halts = [], []
+            preds, q_halts, q_conts = [], [], []
             for _ in range(self.max_steps):
                 carry, out, _ = self(carry, batch)
                 preds.append(out.logits.argmax(-1))
                 q_halts.append(out.q_halt_logits)
-            return {"preds": torch.stack(preds), "q_halt_logits": torch.stack(q_halts), "labels": carry.data["labels"]}
+                q_conts.append(out.q_continue_logits)
+            res = {"preds": torch.stack(preds), "q_halt_logits": torch.stack(q_halts), "labels": carry.data["labels"]}
+            if self.cfg.act.q_continue:  # "Q says halt" is then q_halt > q_continue (diagnostics.events.q_says_halt)
+                res["q_continue_logits"] = torch.stack(q_conts)
+            return res
         finally:
             self.train(was_training)
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from diagnostics.events import CarryView
+from diagnostics.events import CarryView, q_says_halt
 
 Tensor = torch.Tensor
 
@@ -105,7 +105,7 @@ def decide_halt(
     if force is not None:
         q_says = force.to(torch.bool)
         return is_last | q_says, q_says, no, is_last
-    q_says = (q_halt > q_continue) if use_q_continue else (q_halt > 0)
+    q_says = q_says_halt(q_halt, q_continue if use_q_continue else None)
     veto = no
     if exploration_prob > 0 and max_steps > 1:
         explore = torch.rand(steps.shape, device=steps.device, generator=generator) < exploration_prob

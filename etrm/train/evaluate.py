@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diagnostics.events import q_says_halt
 from etrm.loss import IGNORE_LABEL
 
 
@@ -20,10 +21,11 @@ def exact_and_token(preds: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return (correct == count) & (count > 0), correct / count.clamp_min(1)
 
 
-def would_halt_step(q_halt_per_step: torch.Tensor) -> torch.Tensor:
-    """0-based index of the first step whose q_halt > 0 (the last step when none): [T, B] -> [B]."""
+def would_halt_step(q_halt_per_step: torch.Tensor, q_continue_per_step: torch.Tensor | None = None) -> torch.Tensor:
+    """0-based index of the first step where the Q-head says halt (``diagnostics.events.q_says_halt``; the last
+    step when none): [T, B] -> [B]."""
     t = q_halt_per_step.shape[0]
-    says = q_halt_per_step > 0
+    says = q_says_halt(q_halt_per_step, q_continue_per_step)
     first = torch.where(says.any(0), says.int().argmax(0), t - 1)
     return first
 
@@ -126,7 +128,7 @@ def evaluate(model, dataset, batch_size: int, device: torch.device, autocast,
         real = batch["sample_id"] >= 0
         labels = res["labels"]
         exact, token = exact_and_token(res["preds"][-1], labels)
-        step = would_halt_step(res["q_halt_logits"])
+        step = would_halt_step(res["q_halt_logits"], res.get("q_continue_logits"))
         halt_preds = res["preds"].gather(0, step.view(1, -1, 1).expand(1, *labels.shape))[0]
         h_exact, h_token = exact_and_token(halt_preds, labels)
         for key, val in (("exact", exact), ("token", token), ("halt.exact", h_exact), ("halt.token", h_token),

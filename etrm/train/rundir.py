@@ -13,8 +13,7 @@ CONFIG_NAME = "config.toml"
 
 def auto_name(cfg: Config, preset: str | None) -> str:
     """A readable name: preset (or model), mode, fault when set, and a timestamp."""
-    mode = "trm" if cfg.model == "trm" else cfg.encoder.mode
-    parts = [preset or cfg.model, mode]
+    parts = [preset or cfg.model, cfg.mode]
     if cfg.fault != "none":
         parts.append(cfg.fault)
     parts.append(time.strftime("%Y%m%d-%H%M%S"))

@@ -142,6 +142,7 @@ class Trainer:
             "sampler": cfg.train.sampler, "batch_size": cfg.train.batch_size,
             "max_steps_per_sample": cfg.max_steps_per_sample, "max_steps": cfg.train.max_steps,
             "trace_every": cfg.train.trace_every, "device": self.device.type, "config": cfg.to_dict(),
+            "doctor": cfg.doctor.to_dict(),
         }
         if preset is None and self.step:  # resumed (the CLI knows no preset then): keep the one the trace names
             del meta["preset"]
@@ -167,7 +168,7 @@ class Trainer:
         self.step_hooks.append(self.tracer.on_step)
         if not self.dist.is_main:
             return
-        self.doctor = LiveDoctor(meta)
+        self.doctor = LiveDoctor(meta, cfg.doctor)
         if self.step:  # resumed: findings that already held must not fire (and be re-stored) again
             self.doctor.replay(load_run(self.run_dir))
 
@@ -192,7 +193,7 @@ class Trainer:
         if self.tracer is None:
             raise UserError("--tensorboard writes the trace's rows: enable tracing first (--trace)")
         if self.dist.is_main:
-            self.scalars = TensorBoardScalars(self.run_dir / TENSORBOARD_DIR)
+            self.scalars = TensorBoardScalars(self.run_dir / TENSORBOARD_DIR, self.model.mode)
         return self.scalars
 
     # ----------------------------------------------------------------------------------------------------------

@@ -91,3 +91,51 @@ def test_no_url_serves_a_file_from_outside_the_root(served, runs_root):
             assert b"root:" not in exc.read(), path
             continue
         assert "root:" not in body, path
+
+
+def _find(component, id_: str):
+    """The component with ``id_`` inside a Dash tree."""
+    if getattr(component, "id", None) == id_:
+        return component
+    kids = getattr(component, "children", None)
+    for kid in kids if isinstance(kids, list) else [kids] if kids is not None else []:
+        if hasattr(kid, "to_plotly_json"):
+            found = _find(kid, id_)
+            if found is not None:
+                return found
+    return None
+
+
+def test_run_card_shows_the_traces_own_sums_over_its_window(runs_root):
+    """"loss per slot" on the card is sum(loss) / sum(slots) over the steps it names (it showed the per-step sum,
+    batch-size times larger, because two figures were both called ``loss_mean``)."""
+    from diagnostics import figures
+    from diagnostics.loading import load_run
+
+    for name in ("cached", "reencode"):
+        cache = Runs(runs_root).get(name)
+        card = A.kpis(cache.info, cache)
+        df = load_run(runs_root / name)
+        last = df.loc[max(1, cache.info.last_step - A.CARD_STEPS + 1):]
+        expect = figures.over(last)
+        for fig in A.CARD_FIGURES:
+            shown = _find(card, f"card-{fig}").children
+            assert shown == figures.format_value(figures.REGISTRY[fig], expect[fig]), (name, fig)
+        assert f"steps {int(last.index[0]):,}..{int(last.index[-1]):,}" in texts(card)
+        assert "encoder coverage" in texts(card) and "loss per slot" in texts(card)
+
+
+def test_starvation_band_is_the_runs_own_threshold(tmp_path):
+    """The band and the card's colour follow ``doctor.coverage_min`` of the run (it was a hard-coded 0.5)."""
+    from dashboards.synthetic import write_synthetic
+
+    write_synthetic(tmp_path / "r", 200, mode="cached", batch_size=16, max_steps_per_sample=4, timings=False,
+                    doctor={"coverage_min": 0.2})
+    cache = Runs(tmp_path).get("r")
+    assert cache.info.thresholds.coverage_min == 0.2
+    fig = A.tab_figures(cache, "overview")["coverage"]
+    lines = [s for s in fig["layout"]["shapes"] if s.get("type") == "line" and s.get("yref") == "y"]
+    assert lines and lines[0]["y0"] == 0.2
+    assert any("coverage < 0.2" in a["text"] for a in fig["layout"]["annotations"])
+    cov = _find(A.kpis(cache.info, cache), "card-coverage")
+    assert cov is not None

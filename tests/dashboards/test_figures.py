@@ -9,7 +9,8 @@ import plotly.graph_objects as go
 import pytest
 
 from dashboards import figures as F
-from dashboards.runs import (ALIGNMENT, COVERAGE, OVERVIEW, aggregate_rows, finish, halting_spec, ratio_spec)
+from dashboards.runs import ALIGNMENT, COVERAGE, OVERVIEW, halting_spec
+from diagnostics.reader import aggregate_rows, finish, ratio_spec
 
 B, M = 8, 4
 
@@ -144,7 +145,7 @@ def test_empty_inputs_give_figures_that_say_why():
 def test_compare_figure_overlays_one_series_per_run():
     frames = {"a": framed(raw_steps(mode="cached"), ratio_spec("coverage")),
               "b": framed(raw_steps(mode="reencode"), ratio_spec("coverage"))}
-    fig = F.compare_figure(frames, "coverage", terms=(("coverage_num",), ("coverage_den",)))
+    fig = F.compare_figure(frames, "coverage")
     valid(fig)
     shown = [t for t in fig["data"] if t.get("showlegend", True)]
     assert [t["name"] for t in shown] == ["a", "b"]
@@ -153,11 +154,15 @@ def test_compare_figure_overlays_one_series_per_run():
 
 def test_efficiency_table_from_trace_totals():
     cached = {"steps": 40, "encoded": 80, "samples_consumed": 80, "coverage_num": 80, "coverage_den": 320,
-              "real_slots": 320, "halted_steps": 320, "halted_count": 80, "encode_needed": 80}
-    reencode = {**cached, "encoded": 320, "coverage_num": 320, "encode_needed": 320}
+              "real_slots": 320, "halted_steps": 320, "halted_count": 80, "encode_needed": 80, "halted": 80,
+              "halted_early": 20}
+    reencode = {**cached, "encoded": 320, "coverage_num": 320, "encode_needed": 320, "halted_early": 0}
     table = F.efficiency_table({"cached": ({"mode": "cached"}, cached), "reencode": ({"mode": "reencode"}, reencode),
                                 "fct": ({"mode": "fct"}, reencode)})
     assert list(table.columns) == ["cached", "reencode", "fct"]
+    # from what happened: no slot halted before the maximum step is "no", whatever the mode (it used to say "yes")
+    assert table.loc["dynamic halting", "reencode"].startswith("no (no halt before")
+    assert table.loc["dynamic halting", "cached"] == "yes (25.0% of halts before the maximum step)"
     assert table.loc["encoder forwards per step"].tolist() == ["2.00", "8.00", "8.00"]
     assert table.loc["encoder gradient coverage"].tolist() == ["25.0%", "100.0%", "100.0%"]
     assert table.loc["steps per sample", "cached"] == "4.00"
@@ -171,3 +176,17 @@ def test_with_range_fixes_the_step_axis():
     assert fig["layout"]["xaxis"]["range"] == [5.0, 25.0]
     blank = F.with_range(F.empty_figure("nothing"), (5, 25))
     assert "range" not in blank["layout"]["xaxis"]
+
+
+def test_q_chart_draws_precision_where_defined_and_says_when_it_is_not():
+    raw = raw_steps()
+    never = raw.assign(q_tp=0.0, q_fp=0.0)  # the Q-head never said halt: precision is undefined everywhere
+    fig = F.q_figure(framed(never, halting_spec(never.columns)))
+    assert not [t for t in fig["data"] if t["name"] == "precision"]
+    assert any("precision undefined" in a["text"] for a in fig["layout"]["annotations"])
+    sparse = raw.assign(q_tp=0.0, q_fp=0.0)
+    sparse.loc[sparse.index[::10], ["q_tp", "q_fp"]] = [1.0, 1.0]  # said halt on one step in ten
+    fig = F.q_figure(framed(sparse, halting_spec(sparse.columns)))
+    prec = [t for t in fig["data"] if t["name"].startswith("precision")]
+    assert prec and all("markers" in t["mode"] for t in prec)
+    assert any("where defined" in a["text"] for a in fig["layout"]["annotations"])

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from dashboards import runs as R
+from diagnostics import reader
 from dashboards.synthetic import write_synthetic
 from diagnostics.store import TRACE_NAME, TraceWriter
 
@@ -54,16 +55,16 @@ def test_runs_inside_resolve_and_discovery_skips_links_out(tree):
 
 def test_sql_buckets_equal_pandas_bucketing_of_the_raw_rows(tmp_path):
     run = synthetic(tmp_path, "s", 1234, max_steps_per_sample=4)
-    conn = R.connect(run)
-    raw = R.read_rows(conn, 0)
+    conn = reader.connect(run)
+    raw = reader.read_rows(conn, 0)
     conn.close()
     spec = R.COVERAGE.resolve(raw.columns)
     for width, lo, hi in ((1, 1, 1234), (7, 1, 1234), (50, 101, 1100)):
-        sql = R.sql_buckets(run, spec, lo, hi, width, threads=2)
-        pan = R.aggregate_rows(raw.loc[lo:hi], spec, width, origin=lo)
+        sql = reader.sql_buckets(run, spec, lo, hi, width, threads=2)
+        pan = reader.aggregate_rows(raw.loc[lo:hi], spec, width, origin=lo)
         pd.testing.assert_frame_equal(sql.reset_index(drop=True), pan.reset_index(drop=True), check_dtype=False,
                                       rtol=1e-9)
-    f = R.finish(R.sql_buckets(run, spec, 1, 1234, 100))
+    f = reader.finish(reader.sql_buckets(run, spec, 1, 1234, 100))
     expect = raw["coverage_num"].sum() / raw["coverage_den"].sum()
     assert (f["coverage_num"].sum() / f["coverage_den"].sum()) == pytest.approx(expect)
     per_step = raw["coverage_num"] / raw["coverage_den"]
@@ -73,12 +74,12 @@ def test_sql_buckets_equal_pandas_bucketing_of_the_raw_rows(tmp_path):
 
 def test_merging_buckets_is_exact(tmp_path):
     run = synthetic(tmp_path, "s", 500)
-    conn = R.connect(run)
-    raw = R.read_rows(conn, 0)
+    conn = reader.connect(run)
+    raw = reader.read_rows(conn, 0)
     conn.close()
     spec = R.OVERVIEW.resolve(raw.columns)
-    whole = R.aggregate_rows(raw, spec, 20)
-    parts = R.merge_frames(R.aggregate_rows(raw.loc[:230], spec, 10), R.aggregate_rows(raw.loc[231:], spec, 10),
+    whole = reader.aggregate_rows(raw, spec, 20)
+    parts = reader.merge_frames(reader.aggregate_rows(raw.loc[:230], spec, 10), reader.aggregate_rows(raw.loc[231:], spec, 10),
                            spec, 20)
     pd.testing.assert_frame_equal(whole, parts[whole.columns], check_dtype=False)
 
@@ -99,8 +100,8 @@ def test_large_runs_are_bucketed_and_zoom_gives_full_detail(tmp_path, monkeypatc
 
 def test_timings_are_sampled_over_long_ranges(tmp_path):
     run = write_synthetic(tmp_path / "t", 600, chunk=600)
-    full = R.read_timings(run, 1, 600, 10, max_steps=1000)
-    sampled = R.read_timings(run, 1, 600, 10, max_steps=100)
+    full = reader.read_timings(run, 1, 600, 10, max_steps=1000)
+    sampled = reader.read_timings(run, 1, 600, 10, max_steps=100)
     assert not full.attrs["sampled"] and sampled.attrs["sampled"]
     assert set(full["phase"]) == set(sampled["phase"]) and len(full) == 60 * full["phase"].nunique()
 
@@ -109,8 +110,8 @@ def test_timings_are_sampled_over_long_ranges(tmp_path):
 
 def append_steps(run: Path, first: int, n: int) -> None:
     """Add rows as a trainer's flush would (same columns as the synthetic run)."""
-    conn = R.connect(run)
-    cols = R._columns(conn)
+    conn = reader.connect(run)
+    cols = reader.step_columns(conn)
     last = conn.execute(f"SELECT * FROM steps WHERE step = {first - 1}").fetchone()
     conn.close()
     w = TraceWriter(run / TRACE_NAME)
@@ -128,13 +129,13 @@ def test_refresh_reads_only_rows_past_the_last_step(tmp_path, monkeypatch, raw_m
     before = cache.frame(R.OVERVIEW, max_buckets=50)
     assert cache.info.status == "live" and cache.info.last_step == 300
     seen: list[int] = []
-    real = R.read_rows
+    real = reader.read_rows
 
     def spy(conn, after, *a, **k):
         seen.append(after)
         return real(conn, after, *a, **k)
 
-    monkeypatch.setattr(R, "read_rows", spy)
+    monkeypatch.setattr(reader, "read_rows", spy)
     assert cache.refresh() is False and seen == []  # nothing new: no row read
     append_steps(run, 301, 40)
     assert cache.refresh() is True

@@ -42,7 +42,7 @@ def test_healthy_runs_have_no_warning_or_error(name, sampler, sim, meta, make_ru
     findings = diagnose(df)
     assert [f for f in findings if f.severity != "info"] == []
     assert {f.code for f in findings} == ({"dropped-samples"} if sampler == "trm" else set())
-    assert summary(df)["encoder_coverage_mean"] == 1.0
+    assert summary(df)["figures"]["coverage"] == 1.0
     assert not has_error(findings)
 
 
@@ -57,7 +57,7 @@ def test_gradient_starvation_in_cached_mode_shows_coverage_equal_to_reset_fracti
     assert f.evidence["window"] == [step - 9, step]
     assert f.evidence["coverage_mean"] == pytest.approx(cov)
     assert f.evidence["coverage_mean"] == f.evidence["reset_fraction_mean"]
-    assert f.evidence["run_coverage_mean"] == summary(df)["encoder_coverage_mean"] == summary(df)["reset_fraction_mean"]
+    assert f.evidence["run_coverage_mean"] == summary(df)["figures"]["coverage"] == summary(df)["figures"]["reset_fraction"]
     assert "reset fraction" in f.message
 
 
@@ -268,14 +268,29 @@ def test_live_doctor_with_missing_counters_and_nan_rows(meta):
 def test_summary_fields(sim, meta, make_run):
     df = load_run(make_run("s", sim(mode="cached", M=8), meta("cached", M=8)))
     s = summary(df)
-    for key in ("encoder_coverage_mean", "steps", "status", "exact_inflight_final", "reset_fraction_mean",
-                "encoded_per_needed", "q_precision", "q_recall", "q_base_rate", "mean_inflight_step", "loss_final"):
+    for key in ("steps", "status", "figures", "final", "dynamic_halting", "thresholds", "samples_consumed"):
         assert key in s
+    for name in ("coverage", "reset_fraction", "encode_ratio", "q_precision", "q_recall", "q_base_rate",
+                 "mean_inflight_step", "loss_per_slot", "exact_inflight", "early_halt_share"):
+        assert name in s["figures"] and name in s["final"]
     assert s["steps"] == 60 and s["status"] == "finished" and s["mode"] == "cached"
-    assert s["encoder_coverage_mean"] == pytest.approx(df["coverage_num"].sum() / df["coverage_den"].sum())
+    assert s["figures"]["coverage"] == pytest.approx(df["coverage_num"].sum() / df["coverage_den"].sum())
     last = df.tail(10)
-    assert s["exact_inflight_final"] == pytest.approx(last["inflight_exact"].sum() / last["inflight_count"].sum())
+    assert s["final"]["window"] == [51, 60]
+    assert s["final"]["exact_inflight"] == pytest.approx(last["inflight_exact"].sum() / last["inflight_count"].sum())
+    assert s["final"]["loss_per_slot"] == pytest.approx(last["loss"].sum() / last["slots"].sum())
     assert all(not isinstance(v, float) or np.isfinite(v) for v in s.values())
+
+
+def test_summary_says_dynamic_halting_from_what_happened(sim, meta, make_run):
+    """Every slot runs to the maximum step: halting is not dynamic, whatever the mode (it used to say "yes")."""
+    never = summary(load_run(make_run("max", sim(mode="reencode", halting="max", M=4), meta("reencode", M=4))))
+    assert never["figures"]["early_halt_share"] == 0.0
+    assert never["dynamic_halting"].startswith("no")
+    mixed = summary(load_run(make_run("mix", sim(mode="reencode", halting="mixed", M=4), meta("reencode", M=4))))
+    assert 0 < mixed["figures"]["early_halt_share"] < 1 and mixed["dynamic_halting"].startswith("yes")
+    fct = summary(load_run(make_run("fct", sim(mode="fct", M=4), meta("fct", M=4))))
+    assert "early_halt_share" not in fct["figures"] and fct["dynamic_halting"].startswith("no (fct")
 
 
 @pytest.mark.parametrize("name", ["one", "cached", "label"])

@@ -24,7 +24,7 @@ def test_healthy_run_exits_0_with_a_report(sim, meta, make_run, capsys):
     run = make_run("healthy", sim(), meta())
     assert main([str(run)]) == 0
     out = capsys.readouterr().out
-    assert "no findings" in out and "encoder_coverage_mean" in out
+    assert "no findings" in out and "encoder gradient coverage" in out and "(coverage)" in out
 
 
 def test_json_shape(sim, meta, make_run, capsys):
@@ -33,7 +33,7 @@ def test_json_shape(sim, meta, make_run, capsys):
     assert code == 0
     assert set(doc) >= {"summary", "findings"} and doc["findings"] == []
     s = doc["summary"]
-    assert s["encoder_coverage_mean"] == 1.0 and s["steps"] == 60 and s["status"] == "finished"
+    assert s["figures"]["coverage"] == 1.0 and s["steps"] == 60 and s["status"] == "finished"
     assert s["last_eval"] == {"step": 60, "exact": 0.5}
 
 
@@ -45,7 +45,7 @@ def test_cached_run_exits_1_with_gradient_starvation(sim, meta, make_run, capsys
     assert set(f) == {"code", "severity", "first_step", "evidence", "message"}
     assert f["severity"] == "error" and f["first_step"] == 10
     assert f["evidence"]["coverage_mean"] == f["evidence"]["reset_fraction_mean"]
-    assert doc["summary"]["encoder_coverage_mean"] == doc["summary"]["reset_fraction_mean"] < 0.5
+    assert doc["summary"]["figures"]["coverage"] == doc["summary"]["figures"]["reset_fraction"] < 0.5
     # the rich report names it too
     assert main([str(run)]) == 1
     out = capsys.readouterr().out

@@ -20,7 +20,9 @@ def test_load_run_indexes_by_step_with_derived_ratios(sim, meta, make_run):
     rows[3]["halted_count"], rows[3]["halted_exact"] = 0.0, 0.0
     run = make_run("r", rows, meta("cached", M=8))
     df = diagnostics.load_run(run)
-    assert df.index.name == "step" and list(df.index) == list(range(1, 61))
+    assert list(df.index) == list(range(1, 61)) and (df["step"] == df.index).all()
+    assert df.index.name is None  # unnamed, so that df["step"], sort_values("step"), merge(on="step") are not ambiguous
+    assert df.sort_values("step")["step"].iloc[-1] == 60
     assert df.attrs["meta"]["mode"] == "cached" and df.attrs["meta"]["max_steps_per_sample"] == 8
     assert df.attrs["status"] == "finished"
     r = rows[9]
@@ -34,6 +36,18 @@ def test_load_run_indexes_by_step_with_derived_ratios(sim, meta, make_run):
     assert df.loc[10, "q_base_rate"] == r["q_correct"] / r["real_slots"]
     assert math.isnan(df.loc[4, "exact_halted"])  # no slot halted: NaN, not 0 and not inf
     assert not np.isinf(df.select_dtypes("number").to_numpy()).any()
+
+
+def test_load_run_keeps_loss_as_the_per_step_sum_and_adds_loss_per_slot(sim, meta, make_run):
+    """The stored ``loss`` stays the step's sum over slots; ``loss_per_slot`` divides by the slots (the 64x
+    disagreement of the run card came from two figures sharing the name ``loss_mean``)."""
+    rows = sim(mode="cached", M=8)
+    df = diagnostics.load_run(make_run("r", rows, meta("cached", M=8)))
+    r = rows[9]
+    assert df.loc[10, "loss"] == r["loss"]
+    assert df.loc[10, "loss_per_slot"] == pytest.approx(r["loss"] / r["slots"])
+    assert df.loc[10, "lm_loss_per_slot"] == pytest.approx(r["lm_loss"] / r["slots"])
+    assert "loss_mean" not in df.columns
 
 
 def test_load_run_on_a_run_dir_or_the_trace_file(sim, meta, make_run):

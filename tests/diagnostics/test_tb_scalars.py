@@ -17,8 +17,8 @@ TINY = [
     "data.train_tasks=8", "data.heldout_tasks=2", "train.batch_size=8", "train.eval_batch_size=8",
     "train.lr_warmup_steps=2", "train.trace_every=5", "train.eval_every=10", "act.halt_max_steps=2",
 ]
-EXPECTED = {"train/coverage", "train/reset_fraction", "train/loss", "train/exact_inflight", "train/exact_halted",
-            "train/mean_halt_step", "train/mean_inflight_step", "train/context_cross_puzzle_share",
+EXPECTED = {"train/coverage", "train/reset_fraction", "train/loss_per_slot", "train/exact_inflight", "train/exact_halted",
+            "train/mean_halt_step", "train/mean_inflight_step", "train/context_cross_share",
             "train/context_to_token_rms", "eval/exact", "eval/token", "eval/halt.step"}
 
 
@@ -53,7 +53,7 @@ def test_tensorboard_flag_writes_the_expected_tags(tmp_path):
     # each point is the ratio of sums over its flush's rows, as the trace store has them
     df = load_run(run)
     block = df.loc[6:10]
-    loss = [e.value for e in acc.Scalars("train/loss") if e.step == 10][0]
+    loss = [e.value for e in acc.Scalars("train/loss_per_slot") if e.step == 10][0]
     assert loss == pytest.approx(block["loss"].sum() / block["slots"].sum(), rel=1e-6)
     halt = [e.value for e in acc.Scalars("train/mean_halt_step") if e.step == 10]
     if block["halted_count"].sum() > 0:

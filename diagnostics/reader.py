@@ -1,0 +1,381 @@
+"""The one trace reader: everything a view of a run reads from its ``trace.sqlite``, read-only.
+
+A live trainer may be writing the trace (WAL), so every connection is read-only with a short lock timeout, and any
+failure is a ``TraceError`` with a one-line message. No reader ever writes to a trace. Served here: the meta, the
+step range and columns, steps after step N (a live tail), bucketed sums and min/max envelopes over any step range
+(``Spec``, ``sql_buckets``; ``aggregate_rows``/``merge_frames`` do the same in memory), phase timings, evals,
+findings, markers and heartbeat (the run-status inputs), and the first offending alignment samples. Figures are
+added to bucketed frames by ``finish`` from the registry (``diagnostics.figures``).
+
+A bucketed frame has one row per bucket: ``step`` (last step in it), ``step_lo``, ``n`` (rows), the sum of each
+stored column asked for, and ``<name>_min``/``<name>_max`` envelopes of per-step values; the figures are exact at
+any bucket width because numerators and denominators are summed apart.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+from urllib.parse import quote
+
+import numpy as np
+import pandas as pd
+
+from diagnostics import figures
+from diagnostics.store import SCHEMA_VERSION, TRACE_NAME, TraceError, read_meta
+
+MAX_BUCKETS = 800            # points per series over any visible range
+MAX_TIMING_STEPS = 2_000     # timings of at most this many steps are read per range (sampled evenly beyond)
+CONNECT_TIMEOUT_S = 1.0      # a locked trace fails fast instead of hanging a page
+
+
+def readable(version: Any) -> bool:
+    """Whether this etrm reads a trace of schema ``version`` (every version from 1 to the current one)."""
+    try:
+        v = int(version)
+    except (TypeError, ValueError):
+        return False
+    return 1 <= v <= SCHEMA_VERSION
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Reading the store
+
+def connect(run_dir: Path, timeout: float = CONNECT_TIMEOUT_S) -> sqlite3.Connection:
+    """A read-only connection with a short lock timeout; ``TraceError`` (one line) for a trace that is missing,
+    half-written, corrupt or of a schema this version cannot read (it reads 1..``SCHEMA_VERSION``)."""
+    run_dir = Path(run_dir)
+    db = run_dir if run_dir.is_file() else run_dir / TRACE_NAME
+    if not db.is_file():
+        raise TraceError(f"no {TRACE_NAME} in {run_dir.name}")
+    if db.stat().st_size == 0:
+        raise TraceError(f"{run_dir.name}: the trace is empty (half-written: the trainer has not committed yet)")
+    try:
+        conn = sqlite3.connect(f"file:{quote(str(db))}?mode=ro", uri=True, timeout=timeout,
+                               check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise TraceError(f"{run_dir.name}: cannot open the trace ({_one_line(exc)})") from None
+    try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "meta" not in tables or "steps" not in tables:
+            raise TraceError(f"{run_dir.name}: the trace has no schema yet (half-written, or not an etrm trace)")
+        row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if row is None:
+            raise TraceError(f"{run_dir.name}: the trace has no schema version (half-written, or not an etrm trace)")
+        if not readable(row[0]):
+            raise TraceError(f"{run_dir.name}: trace schema {row[0]}, this etrm reads 1 to {SCHEMA_VERSION}; "
+                             "upgrade etrm")
+    except TraceError:
+        conn.close()
+        raise
+    except sqlite3.Error as exc:
+        conn.close()
+        raise TraceError(describe_sqlite_error(run_dir.name, exc)) from None
+    return conn
+
+
+def describe_sqlite_error(name: str, exc: BaseException) -> str:
+    text = _one_line(exc)
+    if "locked" in text or "busy" in text:
+        return f"{name}: the trace is locked by another process ({text}); it will be retried"
+    if "not a database" in text or "malformed" in text or "corrupt" in text:
+        return f"{name}: the trace is corrupt ({text})"
+    return f"{name}: the trace could not be read ({text})"
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def step_columns(conn: sqlite3.Connection) -> list[str]:
+    """The stored per-step columns (every counter; not ``step``)."""
+    return [r[1] for r in conn.execute("PRAGMA table_info(steps)") if r[1] != "step"]
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Bucketing specs: which sums and envelopes a page needs
+
+@dataclass(frozen=True)
+class Spec:
+    """Columns to sum per bucket and per-step values whose min/max envelope to keep (derived ratio names or stored
+    column names)."""
+
+    sums: tuple[str, ...]
+    envelopes: tuple[str, ...] = ()
+
+    def resolve(self, columns: Iterable[str]) -> "Spec":
+        """Only what this trace has: sums of present columns (plus figure inputs), envelopes whose inputs exist
+        (a figure's root, ``sqrt``, has no envelope: its per-step value is not a plain ratio in SQL)."""
+        have = set(columns)
+        sums = list(dict.fromkeys(c for c in self.sums if c in have))
+        envs = []
+        for e in self.envelopes:
+            fig = figures.REGISTRY.get(e)
+            if fig is not None:
+                if all(c in have for c in fig.terms) and not fig.sqrt:
+                    envs.append(e)
+                    sums.extend(c for c in fig.terms if c not in sums)
+            elif e in have:
+                envs.append(e)
+                if e not in sums:
+                    sums.append(e)
+        return Spec(tuple(sums), tuple(envs))
+
+
+def ratio_spec(*names: str, extra: Iterable[str] = ()) -> Spec:
+    """A spec with the ratio terms of ``names`` summed and their envelopes kept."""
+    sums: list[str] = list(extra)
+    for n in names:
+        if n in figures.REGISTRY:
+            sums.extend(figures.REGISTRY[n].terms)
+        else:
+            sums.append(n)
+    return Spec(tuple(dict.fromkeys(sums)), tuple(names))
+
+
+def halt_columns(columns: Iterable[str]) -> list[str]:
+    """``halt_at_k`` columns in k order."""
+    ks = sorted(int(c[8:]) for c in columns if c.startswith("halt_at_") and c[8:].isdigit())
+    return [f"halt_at_{k}" for k in ks]
+
+
+def envelope_sql(name: str) -> str:
+    """The per-step value of an envelope as SQL: a figure's (``diagnostics.figures.per_step_sql``) or a column."""
+    fig = figures.REGISTRY.get(name)
+    return figures.per_step_sql(fig, _q) if fig is not None else _q(name)
+
+
+def envelope_values(raw: pd.DataFrame, name: str) -> pd.Series:
+    """The same per-step values in pandas."""
+    fig = figures.REGISTRY.get(name)
+    return figures.series(raw, fig) if fig is not None else raw[name].astype(float)
+
+
+def bucket_width(lo: int, hi: int, max_buckets: int = MAX_BUCKETS) -> int:
+    """Steps per bucket so that [lo, hi] makes at most ``max_buckets`` buckets (1 = full detail)."""
+    return max(1, math.ceil((hi - lo + 1) / max_buckets))
+
+
+def aggregate_rows(raw: pd.DataFrame, spec: Spec, width: int, origin: int = 1) -> pd.DataFrame:
+    """Bucket raw per-step rows (indexed by step) into the bucketed-frame layout (sums, ``_min``/``_max``)."""
+    cols = _frame_columns(spec)
+    if raw.empty:
+        return pd.DataFrame({c: pd.Series(dtype=float) for c in cols})
+    steps = raw.index.to_numpy(dtype=np.int64)
+    data = {"step": steps.astype(float), "step_lo": steps.astype(float), "n": np.ones(len(raw))}
+    for c in spec.sums:
+        data[c] = raw[c].to_numpy(dtype=float) if c in raw.columns else np.full(len(raw), np.nan)
+    for e in spec.envelopes:
+        v = envelope_values(raw, e).to_numpy(dtype=float)
+        data[f"{e}_min"], data[f"{e}_max"] = v, v
+    frame = pd.DataFrame(data, columns=cols)
+    if width == 1:
+        return frame
+    return _group(frame, (steps - origin) // width, spec)
+
+
+def merge_frames(a: pd.DataFrame, b: pd.DataFrame, spec: Spec, width: int, origin: int = 1) -> pd.DataFrame:
+    """Fold bucketed frame ``b`` (later steps) into ``a``, re-bucketing both at ``width`` (exact: sums, min, max)."""
+    parts = [x for x in (a, b) if len(x)]
+    if not parts:
+        return a
+    both = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+    key = (both["step_lo"].to_numpy(dtype=np.int64) - origin) // width
+    return _group(both[_frame_columns(spec)], key, spec)
+
+
+def _frame_columns(spec: Spec) -> list[str]:
+    return ["step", "step_lo", "n", *spec.sums, *(f"{e}_{m}" for e in spec.envelopes for m in ("min", "max"))]
+
+
+def _group(frame: pd.DataFrame, key: np.ndarray, spec: Spec) -> pd.DataFrame:
+    """Rows with equal ``key`` merged: sums added (NaN only where all are NaN), ``_min``/``_max`` and the step
+    bounds reduced; vectorised with ``reduceat`` over the (sorted) keys."""
+    if len(key) > 1 and (np.diff(key) < 0).any():
+        order = np.argsort(key, kind="stable")
+        frame, key = frame.iloc[order], key[order]
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    mins = {"step_lo", *(f"{e}_min" for e in spec.envelopes)}
+    maxs = {"step", *(f"{e}_max" for e in spec.envelopes)}
+    out: dict[str, np.ndarray] = {}
+    for c in frame.columns:
+        v = frame[c].to_numpy(dtype=float)
+        if c in mins:
+            out[c] = np.fmin.reduceat(v, starts)
+        elif c in maxs:
+            out[c] = np.fmax.reduceat(v, starts)
+        else:
+            nan = np.isnan(v)
+            total = np.add.reduceat(np.where(nan, 0.0, v), starts)
+            total[np.add.reduceat(~nan, starts) == 0] = np.nan
+            out[c] = total
+    return pd.DataFrame(out, columns=list(frame.columns))
+
+
+def finish(frame: pd.DataFrame, mode: str | None = None) -> pd.DataFrame:
+    """A bucketed frame with every available registered figure added per bucket (``diagnostics.figures``: a ratio
+    of the bucket's sums, per step over its ``n`` steps for figures without a denominator)."""
+    out = frame.copy()
+    n = out["n"].to_numpy(dtype=float) if "n" in out.columns else None
+    for name, values in figures.columns(out, n=n, mode=mode).items():
+        out[name] = values
+    out.attrs.update(frame.attrs)
+    return out
+
+
+def sql_buckets(run_dir: Path, spec: Spec, lo: int, hi: int, width: int, threads: int = 2) -> pd.DataFrame:
+    """Bucketed sums and min/max envelopes over steps [lo, hi], one aggregate query per bucket (SQLite scans each
+    bucket's rowid range once; no temporary GROUP BY b-tree). Large ranges are split over ``threads`` connections."""
+    exprs = ["MAX(step)", "MIN(step)", "COUNT(*)"] + [f"SUM({_q(c)})" for c in spec.sums]
+    for e in spec.envelopes:
+        v = envelope_sql(e)
+        exprs += [f"MIN({v})", f"MAX({v})"]
+    sql = f"SELECT {', '.join(exprs)} FROM steps WHERE step BETWEEN ? AND ?"
+    starts = list(range(lo, hi + 1, width))
+    cols = _frame_columns(spec)
+    parts: list[list[tuple] | None] = [None] * max(1, threads)
+    errors: list[BaseException] = []
+
+    def work(k: int, chunk: list[int]) -> None:
+        try:
+            conn = connect(run_dir)
+            try:
+                parts[k] = [conn.execute(sql, (s, min(s + width - 1, hi))).fetchone() for s in chunk]
+            finally:
+                conn.close()
+        except (sqlite3.Error, TraceError) as exc:
+            errors.append(exc)
+
+    n_threads = threads if (hi - lo + 1) > 200_000 and threads > 1 else 1
+    size = math.ceil(len(starts) / n_threads)
+    chunks = [starts[i * size:(i + 1) * size] for i in range(n_threads)]
+    if n_threads == 1:
+        work(0, chunks[0])
+    else:
+        ts = [threading.Thread(target=work, args=(k, c)) for k, c in enumerate(chunks)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    if errors:
+        err = errors[0]
+        raise err if isinstance(err, TraceError) else TraceError(describe_sqlite_error(run_dir.name, err))
+    rows = [r for p in parts if p for r in p if r[2]]
+    return pd.DataFrame.from_records(rows, columns=cols).astype(float)
+
+
+def read_rows(conn: sqlite3.Connection, after: int, columns: list[str] | None = None,
+              upto: int | None = None) -> pd.DataFrame:
+    """Raw steps rows with step > ``after`` (and <= ``upto``), indexed by step, as floats."""
+    cols = ", ".join(["step"] + [_q(c) for c in columns]) if columns is not None else "*"
+    sql, args = f"SELECT {cols} FROM steps WHERE step > ?", [after]
+    if upto is not None:
+        sql += " AND step <= ?"
+        args.append(upto)
+    df = pd.read_sql_query(sql + " ORDER BY step", conn, params=args)
+    df = df.set_index("step")
+    df.index = df.index.astype("int64")
+    return df.astype(float)
+
+
+def read_timings(run_dir: Path, lo: int, hi: int, width: int,
+                 max_steps: int = MAX_TIMING_STEPS) -> pd.DataFrame:
+    """Mean seconds per step of each phase per bucket (averaged over ranks): columns step, phase, seconds.
+
+    Up to ``max_steps`` steps in range are read in full; beyond that, ``max_steps`` evenly spaced steps are read
+    through the (step, rank, phase) index (timings are noisy averages, not counts), and ``attrs['sampled']`` says so.
+    """
+    conn = connect(run_dir)
+    try:
+        span = hi - lo + 1
+        if span <= max_steps:
+            df = pd.read_sql_query("SELECT step, phase, AVG(seconds) AS seconds FROM timings "
+                                   "WHERE step BETWEEN ? AND ? GROUP BY step, phase", conn, params=(lo, hi))
+            sampled = False
+        else:
+            picks = np.unique(np.linspace(lo, hi, max_steps).round().astype(np.int64)).tolist()
+            df = pd.read_sql_query("SELECT step, phase, AVG(seconds) AS seconds FROM timings WHERE step IN "
+                                   "(SELECT value FROM json_each(?)) GROUP BY step, phase", conn,
+                                   params=(json.dumps(picks),))
+            sampled = True
+    except sqlite3.Error as exc:
+        raise TraceError(describe_sqlite_error(Path(run_dir).name, exc)) from None
+    finally:
+        conn.close()
+    if df.empty:
+        out = pd.DataFrame(columns=["step", "phase", "seconds"])
+    else:
+        df["bucket"] = (df["step"] - lo) // width
+        out = df.groupby(["bucket", "phase"], sort=True).agg(step=("step", "max"), seconds=("seconds", "mean"))
+        out = out.reset_index()[["step", "phase", "seconds"]]
+    out.attrs["sampled"] = sampled
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Evals, findings, markers, alignment samples
+
+def read_evals(conn: sqlite3.Connection) -> pd.DataFrame:
+    """Evaluation results, one row per eval step (index) and one column per metric."""
+    long = pd.read_sql_query("SELECT step, name, value FROM evals ORDER BY step", conn)
+    if long.empty:
+        return pd.DataFrame(index=pd.Index([], dtype="int64", name="step"))
+    wide = long.pivot_table(index="step", columns="name", values="value", aggfunc="last")
+    wide.columns.name = None
+    return wide.astype(float)
+
+
+def read_findings(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """The findings the trainer stored: code, severity, first_step, evidence (a dict), message."""
+    rows = conn.execute("SELECT code, severity, first_step, evidence, message FROM findings").fetchall()
+    return [{"code": c, "severity": s, "first_step": None if f is None else int(f), "evidence": _json(e),
+             "message": m} for c, s, f, e, m in rows]
+
+
+def read_markers(conn: sqlite3.Connection) -> pd.DataFrame:
+    """Lifecycle markers in the order written: time, kind, step, detail."""
+    return pd.read_sql_query("SELECT time, kind, step, detail FROM markers ORDER BY time, rowid", conn)
+
+
+def read_status_inputs(conn: sqlite3.Connection) -> tuple[list[tuple[float, str]], float | None]:
+    """What the run-status rule reads: (time, kind) markers in order and the last heartbeat time."""
+    markers = conn.execute("SELECT time, kind FROM markers ORDER BY time, rowid").fetchall()
+    beat = conn.execute("SELECT MAX(time) FROM heartbeat").fetchone()[0]
+    return markers, beat
+
+
+def read_alignment(conn: sqlite3.Connection, limit: int | None = None) -> pd.DataFrame:
+    """The first offending slots kept by the alignment probe: step, slot, sample_id, label_sample_id,
+    demo_sample_id."""
+    sql = ("SELECT step, slot, sample_id, label_sample_id, demo_sample_id FROM alignment_samples "
+           "ORDER BY step, slot")
+    return pd.read_sql_query(sql + (f" LIMIT {int(limit)}" if limit is not None else ""), conn)
+
+
+def step_range(conn: sqlite3.Connection) -> tuple[int, int]:
+    """The first and last stored step (0, 0 when there is none)."""
+    lo, hi = conn.execute("SELECT MIN(step), MAX(step) FROM steps").fetchone()
+    return int(lo or 0), int(hi or 0)
+
+
+def _json(text: Any) -> Any:
+    try:
+        return json.loads(text)
+    except (TypeError, json.JSONDecodeError):
+        return text
+
+
+__all__ = ["CONNECT_TIMEOUT_S", "MAX_BUCKETS", "MAX_TIMING_STEPS", "Spec", "aggregate_rows", "bucket_width",
+           "connect", "describe_sqlite_error", "envelope_sql", "envelope_values", "finish", "halt_columns",
+           "merge_frames", "ratio_spec", "read_alignment", "read_evals", "read_findings", "read_markers", "read_meta",
+           "read_rows", "read_status_inputs", "read_timings", "readable", "sql_buckets", "step_columns",
+           "step_range"]

@@ -1,0 +1,72 @@
+"""The doctor's thresholds: one dataclass, part of a run's config (``[doctor]`` in ``config.toml``) and of its trace
+meta (``meta["doctor"]``). The live doctor judges with them, the dashboard draws them (the starvation band, the run
+card's colours), and ``etrm-doctor --set`` re-judges a stored run with other values as a read-only what-if.
+
+Light on purpose (no pandas, no torch): ``etrm.config`` imports it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Iterable, Mapping
+
+
+@dataclass(frozen=True)
+class DoctorConfig:
+    """Thresholds of the rules; every field can be overridden (``etrm-doctor --set window=20``)."""
+
+    window: int = 10                 # steps per window for gradient-starvation and wasted-encoder-compute
+    coverage_min: float = 0.5        # gradient-starvation: window coverage below this
+    encode_ratio_max: float = 1.5    # wasted-encoder-compute: slots encoded / slots needed above this
+    halting_window: int = 20         # steps per window for halting-collapse
+    halting_min_halts: int = 8       # halting-collapse: judge a window only with at least this many halts
+    q_min_tp: int = 5                # Q-head has learned: at least this many true Q-halts in a window ...
+    #                                  ... with precision above the base rate (and, for "never halts", this many
+    #                                  correct sequences in the window it could have halted on)
+    early_halt_share: float = 0.85   # halting-collapse: share of halts at step 1 (exploration vetoes some)
+    premature_exact_share: float = 0.5  # halting-collapse at step 1 only while fewer halted answers are right
+    first_samples: int = 5           # label-misalignment: offending slots listed in the evidence
+    collapse_warmup: int = 20        # encoder-collapse: steps before the rule judges (a fresh encoder may be flat)
+    collapse_window: int = 10        # encoder-collapse: steps per window
+    collapse_share_min: float = 1e-5  # encoder-collapse: cross-puzzle variance / mean squared context norm below
+    #                                  this (healthy demo dips to 2.5e-4 early on; constant-context reads 0)
+
+    def __post_init__(self) -> None:
+        for name in ("window", "halting_window", "collapse_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DoctorConfig.{name} must be at least 1")
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any]) -> "DoctorConfig":
+        """The thresholds a run was traced with (``meta["doctor"]``, from its config's ``[doctor]``); the defaults
+        for traces written before thresholds were stored, and for any key this version does not know."""
+        stored = meta.get("doctor") if isinstance(meta, Mapping) else None
+        if not isinstance(stored, Mapping):
+            return cls()
+        known = {f.name: type(getattr(cls(), f.name)) for f in fields(cls)}
+        kept = {}
+        for k, v in stored.items():
+            if k in known and isinstance(v, (int, float)) and not isinstance(v, bool):
+                kept[k] = known[k](v)
+        try:
+            return cls(**kept)
+        except ValueError:
+            return cls()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def with_overrides(self, items: Iterable[str]) -> "DoctorConfig":
+        """A copy with ``key=value`` overrides applied (values parsed as the field's type)."""
+        kinds = {f.name: type(getattr(self, f.name)) for f in fields(self)}
+        changes: dict[str, Any] = {}
+        for item in items:
+            key, sep, value = item.partition("=")
+            key = key.strip()
+            if not sep or key not in kinds:
+                raise ValueError(f"unknown doctor setting {item!r}; known: {', '.join(kinds)}")
+            try:
+                changes[key] = kinds[key](value)
+            except ValueError:
+                raise ValueError(f"doctor setting {key} needs a {kinds[key].__name__}, got {value!r}") from None
+        return replace(self, **changes)
