@@ -33,7 +33,7 @@ from diagnostics.doctor import DoctorConfig, Finding, LiveDoctor
 from diagnostics.events import PhaseClock, StepEvents
 from diagnostics.probes import default_probes
 from diagnostics.step_metrics import IGNORE_LABEL, correctness, slot_metrics
-from diagnostics.store import TRACE_NAME, TraceError, TraceWriter
+from diagnostics.store import TRACE_NAME, TraceWriter
 from diagnostics.tracer import Tracer
 
 Tensor = torch.Tensor
@@ -112,10 +112,12 @@ def field_of(obj: Any, name: str, what: str = "carry") -> Any:
 
 def content_ids(*parts: Tensor) -> Tensor:
     """A per-row id from content ([B] int64 in [0, 2^31 - 1)): equal rows give equal ids, different rows different
-    ones but for a ~2^-31 chance. On the device, no sync: a position-weighted sum modulo a prime."""
+    ones but for a ~2^-31 chance. On the device, no sync: a sum of the values under pseudo-random position weights
+    (a mixing hash of the position, so no structured difference such as a swap or a shift cancels out), mod a prime."""
     flat = torch.cat([p.reshape(p.shape[0], -1).to(torch.int64) for p in parts], 1)
-    pos = torch.arange(1, flat.shape[1] + 1, device=flat.device, dtype=torch.int64)
-    weights = torch.remainder(pos * 2654435761 + 97531, _PRIME)
+    mix = torch.arange(1, flat.shape[1] + 1, device=flat.device, dtype=torch.int64) * 0x2545F4914F6CDD1D
+    mix = (mix ^ (mix >> 29)) * 0x5851F42D4C957F2D  # int64 products wrap: a deterministic scramble
+    weights = torch.remainder(mix ^ (mix >> 32), _PRIME)
     terms = torch.remainder(torch.remainder(flat + 1, _PRIME) * weights, _PRIME)  # each < 2^31: sums cannot wrap
     return torch.remainder(terms.sum(1), _PRIME)
 
@@ -234,8 +236,8 @@ class TracedRun:
                  doctor: Optional[DoctorConfig] = None) -> None:
         self.run_dir = Path(run_dir)
         if (self.run_dir / TRACE_NAME).exists():
-            raise TraceError(f"{self.run_dir} already holds a trace; pick a new run directory (nothing was "
-                             "overwritten)")
+            raise FileExistsError(f"{self.run_dir} already holds a trace; pick a new run directory (nothing was "
+                                  "overwritten)")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.spec, self.shape, self.device = spec, shape, torch.device(device)
         self.meta = spec.meta(self.device.type)
