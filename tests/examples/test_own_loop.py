@@ -12,7 +12,6 @@ import json
 import re
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -34,7 +33,6 @@ TINY = ["arch.hidden_size=16", "arch.num_heads=2", "arch.L_layers=1", "arch.L_cy
         "arch.puzzle_emb_len=2", "data.canvas=4", "data.min_grid=2", "data.max_grid=3", "data.num_demos=2",
         "data.train_tasks=8", "data.heldout_tasks=2", f"train.batch_size={BATCH}", f"train.eval_batch_size={BATCH}",
         "train.eval_every=1000", "train.lr_warmup_steps=2", "train.sampler=trm"]
-MARK = re.compile(r"#\s*etrm\b")
 
 _script = Path(sys.executable).with_name("etrm-doctor")
 DOCTOR = [str(_script)] if _script.is_file() else [sys.executable, "-m", "diagnostics.cli"]
@@ -129,39 +127,26 @@ def _plain(o):
     return o.to_plotly_json() if hasattr(o, "to_plotly_json") else str(o)
 
 
-def marked_lines(own_loop: Path) -> list[str]:
-    return [line.strip() for name in ("pretrain.py", "act_loss.py")
-            for line in (own_loop / name).read_text().splitlines() if MARK.search(line)]
-
-
 def test_own_loop_tracing_is_at_most_20_marked_lines_listed_in_the_docs(own_loop):
-    lines = marked_lines(own_loop)
+    import plain
+
+    lines = plain.marked_lines()
     assert 0 < len(lines) <= 20, len(lines)
     doc = (own_loop.parents[1] / "docs" / "own-loop.md").read_text()
     for line in lines:
-        code = MARK.split(line)[0].strip()
+        code = plain.MARK.split(line)[0].strip()
         assert code in doc, f"docs/own-loop.md does not show the added line {code!r}"
 
 
 def test_own_loop_without_the_marked_lines_is_the_plain_loop(own_loop, tmp_path):
     """Deleting every marked line leaves a loop that imports nothing of etrm and still trains."""
+    import plain
     import torch
 
-    plain = {}
-    for name in ("act_loss", "pretrain"):
-        src = "\n".join(line for line in (own_loop / f"{name}.py").read_text().splitlines() if not MARK.search(line))
+    for name in plain.TRACED_FILES:
+        src = plain.plain_source(name)
         ours = [line for line in src.splitlines() if re.match(r"(from|import)\s+(etrm|diagnostics|dashboards)\b", line)]
         assert not ours, ours
-        plain[name] = src
-    act_loss = types.ModuleType("act_loss")
-    exec(compile(plain["act_loss"], "act_loss_plain", "exec"), act_loss.__dict__)
-    saved = sys.modules.get("act_loss")
-    sys.modules["act_loss"] = act_loss
-    try:
-        loop = types.ModuleType("pretrain_plain")
-        exec(compile(plain["pretrain"], "pretrain_plain", "exec"), loop.__dict__)
-    finally:
-        if saved is not None:
-            sys.modules["act_loss"] = saved
-    loss = loop.pretrain(tmp_path / "unused", "healthy", steps=5, batch_size=4)
+    assert "from diagnostics import" in (own_loop / "pretrain.py").read_text()  # the check above can fail
+    loss = plain.plain_pretrain().pretrain(tmp_path / "unused", "healthy", steps=5, batch_size=4)
     assert torch.isfinite(torch.tensor(loss)) and not (tmp_path / "unused").exists()
