@@ -164,7 +164,9 @@ def build_events(spec: RunSpec, before: Any, after: Any, batch: Mapping[str, Ten
         q_says = torch.zeros_like(halted)
     else:
         q_says = q_halt > q_cont if spec.q_continue_halts and q_cont is not None else q_halt > 0
-    puzzle = (lambda d: field_of(d, shape.puzzle_id, "data").to(torch.int64))
+    def puzzle(data: Any) -> Tensor:
+        return field_of(data, shape.puzzle_id, "data").to(torch.int64)
+
     return StepEvents(
         reset=reset, steps=steps, halted=halted,
         sample_id_before=sid_before, sample_id_after=sid_after,
@@ -259,9 +261,9 @@ class TracedRun:
         the fresh rows, before any mixing with cached context, for coverage, encoder work and diversity."""
 
         def hook(mod: nn.Module, args: Any, output: Any) -> None:
-            if mod.training and torch.is_grad_enabled():
-                self.encoder_output(output if isinstance(output, Tensor) else next(
-                    o for o in output if isinstance(o, Tensor)))
+            rows = output if isinstance(output, Tensor) else next((o for o in output if isinstance(o, Tensor)), None)
+            if rows is not None and mod.training and torch.is_grad_enabled():
+                self.encoder_output(rows)
 
         self._handles.append(module.register_forward_hook(hook))
 

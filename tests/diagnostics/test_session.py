@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from diagnostics.loading import load_run, run_status
+from diagnostics.loading import load_run, load_timings, run_status
 from diagnostics.session import (UNKNOWN_ID, CarryShape, RunSpec, TracedRun, build_events, content_ids, field_of,
                                  trace_run)
 from diagnostics.store import TRACE_NAME
@@ -112,6 +112,8 @@ def test_lifecycle_flush_cadence_findings_and_markers(tmp_path):
     seen = []
     spec = RunSpec(model="toy", mode="reencode", batch_size=B, max_steps=7, max_steps_per_sample=3, trace_every=5)
     with trace_run(tmp_path / "ok", spec, model, encoder=model.encoder, on_finding=seen.append) as run:
+        with run.phase("forward"):
+            pass
         for _ in range(4):
             toy_step(model, run)
         assert run.tracer.steps == [1, 2, 3, 4]     # nothing flushed before the cadence
@@ -124,6 +126,8 @@ def test_lifecycle_flush_cadence_findings_and_markers(tmp_path):
     df = load_run(tmp_path / "ok")
     assert df.index.to_list() == list(range(1, 8)) and (df["coverage_num"] == B).all()
     assert df.attrs["meta"]["source"] == "own-loop" and run_status(tmp_path / "ok") == "finished"
+    timings = load_timings(tmp_path / "ok")
+    assert timings[["step", "phase"]].values.tolist() == [[1, "forward"]]  # timed phases belong to the next step
 
     with pytest.raises(RuntimeError):
         with trace_run(tmp_path / "boom", spec, model, encoder=model.encoder) as run:

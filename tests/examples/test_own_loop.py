@@ -150,3 +150,19 @@ def test_own_loop_without_the_marked_lines_is_the_plain_loop(own_loop, tmp_path)
     assert "from diagnostics import" in (own_loop / "pretrain.py").read_text()  # the check above can fail
     loss = plain.plain_pretrain().pretrain(tmp_path / "unused", "healthy", steps=5, batch_size=4)
     assert torch.isfinite(torch.tensor(loss)) and not (tmp_path / "unused").exists()
+
+
+def test_own_loop_script_refuses_bad_input_in_one_line(own_loop, tmp_path, capsys):
+    import pretrain
+
+    assert pretrain.main(["--variant", "cache", "--run-dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unknown --variant 'cache'" in err and not (tmp_path / "x").exists()
+    run = tmp_path / "taken"
+    assert pretrain.main(["--steps", "3", "--batch-size", "4", "--run-dir", str(run)]) == 0
+    before = (run / "trace.sqlite").read_bytes()
+    capsys.readouterr()
+    assert pretrain.main(["--steps", "3", "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "already holds a trace" in err
+    assert (run / "trace.sqlite").read_bytes() == before
