@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 import torch
 from torch import nn
 
-from diagnostics.doctor import DoctorConfig, Finding, LiveDoctor
+from diagnostics.doctor import DoctorConfig, Finding, LiveDoctor, NonFiniteLoss
 from diagnostics.events import PhaseClock, StepEvents
 from diagnostics.probes import default_probes
 from diagnostics.step_metrics import IGNORE_LABEL, correctness, slot_metrics
@@ -140,6 +140,9 @@ def build_events(spec: RunSpec, before: Any, after: Any, batch: Mapping[str, Ten
     """
     reset = field_of(before, shape.halted).to(torch.bool)
     b = reset.shape[0]
+    if b != spec.batch_size:  # a shape, known on the host: no sync
+        raise ValueError(f"the carry has {b} slots but RunSpec.batch_size is {spec.batch_size}; the batch size of "
+                         "a traced run is fixed (drop the last partial batch, as upstream's loader does)")
     data_before, data_after = field_of(before, shape.data), field_of(after, shape.data)
     sid_before, sid_after, fed = _ids(data_before, shape), _ids(data_after, shape), _ids(batch, shape)
     own_labels, fed_labels, used = (content_ids(x) for x in (field_of(data_after, shape.labels, "data"),
@@ -317,7 +320,8 @@ class TracedRun:
             self.tracer.submit(finding.store)
             if self.on_finding is not None:
                 self.on_finding(finding)
-        self.non_finite = self.non_finite or any((r.get("non_finite") or 0) > 0 for r in rows)
+        self.non_finite = (self.non_finite or any((r.get("non_finite") or 0) > 0 for r in rows)
+                           or any(f.code == NonFiniteLoss.code for f in found))  # a gradient's, too
         self.findings.extend(found)
         return found
 

@@ -68,6 +68,9 @@ def test_a_missing_field_or_a_bad_spec_is_a_one_line_error():
         field_of({"halted": 1}, "done")
     with pytest.raises(ValueError, match="mode must be one of reencode, cached, fct, trm"):
         RunSpec(model="x", mode="cache", batch_size=4, max_steps=10, max_steps_per_sample=3)
+    small = carry([0, 1, 2], [True] * 3, [1] * 3)
+    with pytest.raises(ValueError, match="carry has 3 slots but RunSpec.batch_size is 4"):
+        build_events(SPEC, small, small, sample([0, 1, 2]), outputs([0.0] * 3), small["current_data"]["labels"])
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         RunSpec(model="x", mode="trm", batch_size=0, max_steps=10, max_steps_per_sample=3)
 
@@ -149,3 +152,19 @@ def test_a_dict_carry_with_its_own_names_and_sample_ids(tmp_path):
     ev = build_events(SPEC, before, after, batch, outputs([0.0] * 4), batch["labels"], shape=shape)
     assert ev.sample_id_after.tolist() == [5, 6, -1, 8] == ev.label_sample_id.tolist()
     assert ev.puzzle_id_after.tolist() == [1, 1, 0, 2] and ev.encoder_out is None and not ev.encoded.any()
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_also_says_stop(tmp_path):
+    model = Toy()
+    spec = RunSpec(model="toy", mode="reencode", batch_size=B, max_steps=4, max_steps_per_sample=3, trace_every=2)
+    found = []
+    with trace_run(tmp_path / "g", spec, model, encoder=model.encoder, on_finding=found.append) as run:
+        toy_step(model, run)
+        toy_step(model, run)
+        assert not run.non_finite
+        handle = model.head.weight.register_hook(lambda g: g * float("nan"))
+        toy_step(model, run)
+        toy_step(model, run)
+        handle.remove()
+        assert run.non_finite and [f.code for f in found] == ["non-finite-loss"]
+        assert found[0].evidence["columns"] == ["grad_norm_rest"]
