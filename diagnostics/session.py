@@ -72,11 +72,12 @@ class RunSpec:
                 raise ValueError(f"RunSpec.{name} must be a positive integer, not {value!r}")
 
     def meta(self, device: str) -> dict[str, Any]:
-        """The trace's meta table, under the bundled trainer's keys (plus ``source: own-loop``)."""
-        return {"model": self.model, "mode": self.mode, "fault": self.fault, "preset": "", "source": "own-loop",
-                "sampler": self.sampler, "batch_size": self.batch_size,
+        """The trace's meta table, under the bundled trainer's keys (plus ``source: own-loop``); ``extra`` adds
+        keys but cannot replace these (the doctor's rules read them)."""
+        return {"preset": "", **dict(self.extra), "model": self.model, "mode": self.mode, "fault": self.fault,
+                "source": "own-loop", "sampler": self.sampler, "batch_size": self.batch_size,
                 "max_steps_per_sample": self.max_steps_per_sample, "max_steps": self.max_steps,
-                "trace_every": self.trace_every, "device": device, **dict(self.extra)}
+                "trace_every": self.trace_every, "device": device}
 
 
 @dataclass(frozen=True)

@@ -168,3 +168,11 @@ def test_a_non_finite_gradient_with_a_finite_loss_also_says_stop(tmp_path):
         handle.remove()
         assert run.non_finite and [f.code for f in found] == ["non-finite-loss"]
         assert found[0].evidence["columns"] == ["grad_norm_rest"]
+
+
+def test_meta_holds_the_description_and_extra_keys_cannot_replace_it():
+    meta = RunSpec(model="mine", mode="cached", batch_size=2, max_steps=3, max_steps_per_sample=2,
+                   extra={"mode": "reencode", "preset": "fork", "lr": 1e-4}).meta("cuda")
+    assert (meta["model"], meta["mode"], meta["batch_size"], meta["max_steps"], meta["max_steps_per_sample"],
+            meta["device"], meta["sampler"], meta["source"]) == ("mine", "cached", 2, 3, 2, "cuda", "trm", "own-loop")
+    assert meta["preset"] == "fork" and meta["lr"] == 1e-4
