@@ -141,9 +141,6 @@ def build_events(spec: RunSpec, before: Any, after: Any, batch: Mapping[str, Ten
     """
     reset = field_of(before, shape.halted).to(torch.bool)
     b = reset.shape[0]
-    if b != spec.batch_size:  # a shape, known on the host: no sync
-        raise ValueError(f"the carry has {b} slots but RunSpec.batch_size is {spec.batch_size}; the batch size of "
-                         "a traced run is fixed (drop the last partial batch, as upstream's loader does)")
     data_before, data_after = field_of(before, shape.data), field_of(after, shape.data)
     sid_before, sid_after, fed = _ids(data_before, shape), _ids(data_after, shape), _ids(batch, shape)
     own_labels, fed_labels, used = (content_ids(x) for x in (field_of(data_after, shape.labels, "data"),
@@ -296,6 +293,10 @@ class TracedRun:
         if len(self._rows) > 1:
             raise ValueError(f"the watched module ran {len(self._rows)} times with grad in one step; hand the "
                              "fresh rows over with run.encoder_output(rows) instead")
+        slots = field_of(before, self.shape.halted).shape[0]
+        if slots != self.spec.batch_size:  # a shape, known on the host: no sync
+            raise ValueError(f"the carry has {slots} slots but RunSpec.batch_size is {self.spec.batch_size}; the "
+                             "batch size of a traced run is fixed (drop the last partial batch, as upstream does)")
         rows = self._rows[0] if self._rows else None
         events = build_events(self.spec, before, after, batch, outputs, labels, rows, self.shape, self._clock)
         logits = field_of(outputs, self.shape.logits, "outputs")

@@ -68,9 +68,6 @@ def test_a_missing_field_or_a_bad_spec_is_a_one_line_error():
         field_of({"halted": 1}, "done")
     with pytest.raises(ValueError, match="mode must be one of reencode, cached, fct, trm"):
         RunSpec(model="x", mode="cache", batch_size=4, max_steps=10, max_steps_per_sample=3)
-    small = carry([0, 1, 2], [True] * 3, [1] * 3)
-    with pytest.raises(ValueError, match="carry has 3 slots but RunSpec.batch_size is 4"):
-        build_events(SPEC, small, small, sample([0, 1, 2]), outputs([0.0] * 3), small["current_data"]["labels"])
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         RunSpec(model="x", mode="trm", batch_size=0, max_steps=10, max_steps_per_sample=3)
 
@@ -137,6 +134,11 @@ def test_lifecycle_flush_cadence_findings_and_markers(tmp_path):
             toy_step(model, run)
             raise RuntimeError("the user's loop failed")
     assert run_status(tmp_path / "boom") == "crashed"
+    small = carry([0, 1, 2], [True] * 3, [1] * 3)
+    with pytest.raises(ValueError, match="carry has 3 slots but RunSpec.batch_size is 4"):
+        with trace_run(tmp_path / "small", spec, model) as run:
+            run.step(small, small, sample([0, 1, 2]), outputs([0.0] * 3), torch.zeros(()),
+                     small["current_data"]["labels"])
     with pytest.raises(ValueError, match="ran 2 times with grad in one step"):
         with trace_run(tmp_path / "twice", spec, model, encoder=model.encoder) as run:
             toy_step(model, run, encode_twice=True)
