@@ -275,9 +275,9 @@ class TracedRun:
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        """Time a phase of the coming step (perf_counter on CPU, CUDA events on GPU; read at a flush)."""
-        if self._clock is None:
-            self._clock = PhaseClock(cuda=self.device.type == "cuda")
+        """Time a phase (perf_counter on CPU, CUDA events on GPU; read at a flush). A phase belongs to the step
+        being recorded: from after the previous ``after_backward`` to this step's ``after_backward``."""
+        self._clock = self._clock or PhaseClock(cuda=self.device.type == "cuda")
         self._clock.start(name)
         try:
             yield
@@ -298,17 +298,19 @@ class TracedRun:
             raise ValueError(f"the carry has {slots} slots but RunSpec.batch_size is {self.spec.batch_size}; the "
                              "batch size of a traced run is fixed (drop the last partial batch, as upstream does)")
         rows = self._rows[0] if self._rows else None
+        self._clock = self._clock or PhaseClock(cuda=self.device.type == "cuda")  # phases until after_backward
         events = build_events(self.spec, before, after, batch, outputs, labels, rows, self.shape, self._clock)
         logits = field_of(outputs, self.shape.logits, "outputs")
         metrics = loss_metrics(events, loss, logits, labels, terms, self.shape.ignore_label)
         self.tracer.on_step(self.steps, events, metrics)
         self.steps += 1
-        self._rows, self._clock = [], None
+        self._rows = []
         return events
 
     def after_backward(self) -> list[Finding]:
         """Gradient norms (before clipping and the optimizer); on the cadence, a flush. Its new findings."""
         self.tracer.after_backward()
+        self._clock = None
         if self.steps % self.spec.trace_every == 0 or self.steps == self.spec.max_steps:
             return self.flush()
         return []

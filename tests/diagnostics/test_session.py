@@ -3,6 +3,8 @@ run directory's lifecycle, bad input. The whole loop (example and faults) is tes
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -90,7 +92,8 @@ class Toy(nn.Module):
         self.head = nn.Linear(V, V)
 
 
-def toy_step(model: Toy, run: TracedRun, loss_scale: float = 1.0, encode_twice: bool = False) -> None:
+def toy_step(model: Toy, run: TracedRun, loss_scale: float = 1.0, encode_twice: bool = False,
+             timed: bool = False) -> None:
     before = carry([0, 1, 2, 3], [True] * B, [3] * B)
     batch = sample([0, 1, 2, 3])
     after = carry([0, 1, 2, 3], [False] * B, [1] * B)
@@ -102,7 +105,8 @@ def toy_step(model: Toy, run: TracedRun, loss_scale: float = 1.0, encode_twice: 
     loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") * loss_scale
     out = {"logits": logits, "q_halt_logits": torch.full((B,), -5.0)}
     run.step(before, after, batch, out, loss, labels=labels, terms={"lm_loss": loss})
-    loss.backward()
+    with run.phase("backward") if timed else contextlib.nullcontext():
+        loss.backward()
     run.after_backward()
     model.zero_grad()
 
@@ -114,7 +118,8 @@ def test_lifecycle_flush_cadence_findings_and_markers(tmp_path):
     with trace_run(tmp_path / "ok", spec, model, encoder=model.encoder, on_finding=seen.append) as run:
         with run.phase("forward"):
             pass
-        for _ in range(4):
+        toy_step(model, run, timed=True)
+        for _ in range(3):
             toy_step(model, run)
         assert run.tracer.steps == [1, 2, 3, 4]     # nothing flushed before the cadence
         toy_step(model, run)
@@ -127,7 +132,7 @@ def test_lifecycle_flush_cadence_findings_and_markers(tmp_path):
     assert df.index.to_list() == list(range(1, 8)) and (df["coverage_num"] == B).all()
     assert df.attrs["meta"]["source"] == "own-loop" and run_status(tmp_path / "ok") == "finished"
     timings = load_timings(tmp_path / "ok")
-    assert timings[["step", "phase"]].values.tolist() == [[1, "forward"]]  # timed phases belong to the next step
+    assert timings[["step", "phase"]].values.tolist() == [[1, "backward"], [1, "forward"]]  # both step 1's
 
     with pytest.raises(RuntimeError):
         with trace_run(tmp_path / "boom", spec, model, encoder=model.encoder) as run:
