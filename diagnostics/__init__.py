@@ -9,8 +9,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["EVENTS_VERSION", "CarryView", "PhaseClock", "StepEvents", "load_run"]
-_HOME = {"load_run": "diagnostics.loading"}
+__all__ = ["EVENTS_VERSION", "CarryShape", "CarryView", "PhaseClock", "RunSpec", "StepEvents", "TracedRun",
+           "build_events", "load_run", "trace_run"]
+_HOME = {"load_run": "diagnostics.loading",
+         **{name: "diagnostics.session" for name in ("CarryShape", "RunSpec", "TracedRun", "build_events", "trace_run")}}
 
 
 def __getattr__(name: str) -> Any:

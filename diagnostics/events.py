@@ -14,7 +14,9 @@ import torch
 
 # 1: the first contract. 2: optional ``token_embed_rms`` (ETRM: RMS of the token-embedding table), for the context
 # diversity probe's context-to-token norm ratio; producers that leave it None still satisfy version 2.
-EVENTS_VERSION = 2
+# 3: no field changed; the own-loop session API (``diagnostics.session``: RunSpec, CarryShape, TracedRun,
+# build_events) joined the contract, building version-3 events from an upstream-shaped step.
+EVENTS_VERSION = 3
 
 Tensor = torch.Tensor
 

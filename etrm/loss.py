@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from diagnostics.events import StepEvents, q_says_halt
+from diagnostics.events import StepEvents
+from diagnostics.step_metrics import IGNORE_LABEL, correctness, slot_metrics
 from etrm.config import LossConfig
 from etrm.model.act import StepOutput
 
-IGNORE_LABEL = -100
 
 
 def stablemax_log_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -47,17 +47,10 @@ class ACTLoss:
 
     def __call__(self, out: StepOutput, events: StepEvents | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         labels = out.labels
-        mask = labels != IGNORE_LABEL
-        counts = mask.sum(-1)
-        divisor = counts.clamp_min(1)
-        valid = counts > 0
-        lm_loss = (self.ce(out.logits, labels).sum(-1) / divisor).sum()
+        right = correctness(out.logits, labels)
+        counts, n_correct, seq_correct, valid = right.counts, right.n_correct, right.seq_correct, right.valid
+        lm_loss = (self.ce(out.logits, labels).sum(-1) / counts.clamp_min(1)).sum()
 
-        with torch.no_grad():
-            preds = out.logits.argmax(-1)
-            correct = mask & (preds == labels)
-            n_correct = correct.sum(-1)
-            seq_correct = valid & (n_correct == counts)
         validf = valid.to(out.q_halt_logits.dtype)
         q_halt_loss = (F.binary_cross_entropy_with_logits(
             out.q_halt_logits, seq_correct.to(out.q_halt_logits.dtype), reduction="none") * validf).sum()
@@ -72,17 +65,10 @@ class ACTLoss:
                 "loss": loss.detach(), "lm_loss": lm_loss.detach(),
                 "q_halt_loss": q_halt_loss.detach(), "q_continue_loss": q_cont_loss.detach(),
             }
-            token_acc = n_correct / divisor
             # the Q-continue variant is on when the step's events carry its logits (or, without events, a target)
             q_cont = (getattr(events, "q_continue_logits", None) if events is not None
                       else out.q_continue_logits if out.target_q_continue is not None else None)
-            q_right = q_says_halt(out.q_halt_logits, q_cont) == seq_correct
-            for name, sel in (("halted", valid & out.halted), ("inflight", valid)):
-                metrics[f"{name}.count"] = sel.sum()
-                metrics[f"{name}.exact"] = (sel & seq_correct).sum()
-                metrics[f"{name}.token_acc"] = (token_acc * sel).sum()
-                metrics[f"{name}.steps"] = (out.steps * sel).sum()
-                metrics[f"{name}.q_halt_acc"] = (sel & q_right).sum()
+            metrics.update(slot_metrics(right, out.q_halt_logits, out.halted, out.steps, q_cont))
             non_finite = ~torch.isfinite(loss)
         if events is not None:
             events.seq_correct, events.token_correct, events.token_count = seq_correct, n_correct, counts

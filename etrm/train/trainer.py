@@ -24,7 +24,7 @@ from diagnostics.loading import load_run
 from diagnostics.probes import default_probes
 from diagnostics.profiling import PROFILER_DIR, ProfilerWindows, WindowSchedule
 from diagnostics.runtime_check import InvariantChecker
-from diagnostics.store import TRACE_NAME, TraceWriter
+from diagnostics.session import grad_groups, open_writer
 from diagnostics.tb_scalars import TENSORBOARD_DIR, TensorBoardScalars
 from diagnostics.tracer import Tracer
 from etrm.config import Config
@@ -150,13 +150,8 @@ class Trainer:
             meta["world_size"] = self.dist.world
         writer = None
         if self.dist.is_main:  # every rank traces (the counters are summed at each flush); rank 0 stores
-            writer = TraceWriter(self.run_dir / TRACE_NAME, meta)
-            writer.truncate_after(self.step)
-            writer.marker("resume" if self.step else "start", self.step)
-            writer.commit()
-        enc = {id(p) for p in self.model.encoder.parameters()} if hasattr(self.model, "encoder") else set()
-        groups = {"encoder": [p for p in self.model.parameters() if id(p) in enc],
-                  "rest": [p for p in self.model.parameters() if id(p) not in enc]}
+            writer = open_writer(self.run_dir, meta, self.step)
+        groups = grad_groups(self.model, getattr(self.model, "encoder", None))
         probes = default_probes(cfg.max_steps_per_sample, groups)
         columns = [name for p in probes for name, _ in p.counters]
         reduce = gather = None

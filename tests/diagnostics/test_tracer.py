@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from pathlib import Path
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from diagnostics.probes import default_probes
+from diagnostics.session import RunSpec, trace_run
 from diagnostics.store import TraceWriter
 from diagnostics.tracer import Tracer
 from etrm.config import Config
@@ -153,3 +156,84 @@ def test_tracer_memory_is_flat(tmp_path):
         sizes.append((tracer.buffer.numel(), len(tracer.steps), len(tracer.rows), len(tracer.clocks)))
     assert len(set(sizes)) == 1 and sizes[0][1:] == (0, 0, 0)
     tracer.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The own-loop session (diagnostics.session) on code that is not etrm's: the same no-sync rule
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "own_loop"
+
+
+@pytest.mark.parametrize("variant", ["healthy", "labels-from-batch", "full-batch-encode", "cached"])
+def test_own_loop_traced_step_adds_no_host_sync(tmp_path, monkeypatch, variant):
+    """The example's upstream-shaped loop through the session: building the events, the probes, backward with the
+    coverage hook (caught by a forward hook on the encoder) and ``after_backward`` read nothing back. The ``cached``
+    model's subset encode (a boolean index) is the model's own sync, so its forward runs outside the detector."""
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    from act_loss import ACTLossHead
+    from pretrain import MODE, VARIANTS
+    from tasks import FewShotTasks, TaskConfig, upstream_feed
+    from tiny_etrm import ModelConfig, TinyETRM
+
+    torch.manual_seed(0)
+    encoder, labels_from_batch = VARIANTS[variant]
+    data = FewShotTasks(TaskConfig())
+    model = TinyETRM(ModelConfig(vocab=data.cfg.colours, seq_len=data.cfg.seq_len, encoder=encoder))
+    head = ACTLossHead(model, labels_from_batch=labels_from_batch)
+    batches = upstream_feed(data, 6)
+    carry = head.initial_carry(next(batches))
+    spec = RunSpec(model="tiny-etrm", mode=MODE[encoder], batch_size=6, max_steps=100, max_steps_per_sample=4,
+                   trace_every=50)
+    run = trace_run(tmp_path / "run", spec, model, encoder=model.encoder)
+    for _ in range(6):
+        batch = next(batches)
+        with contextlib.nullcontext() if encoder == "cached" else FailOnSync():
+            new, loss, metrics, outputs = head(carry, batch)
+        with FailOnSync():
+            run.step(carry, new, batch, outputs, loss, labels=outputs["labels"], terms=metrics)
+            loss.backward()
+            assert run.after_backward() == []  # no flush due: nothing read back
+        carry = new
+        model.zero_grad()
+    rows = run.tracer.flush()
+    run.close()
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert [r["resets"] for r in rows] == [6, 0, 0, 0, 6, 0]  # the untrained Q-head never halts: max steps 4
+    for r in rows:
+        fresh = r["resets"] if encoder != "reencode" else 6
+        assert r["coverage_num"] == fresh and r["encode_needed"] == fresh
+        assert r["encoded"] == (6 if encoder != "cached" else fresh)
+        assert r["label_mismatch"] == (6 - r["resets"] if labels_from_batch else 0)
+        assert r["grad_norm_encoder"] > 0 or fresh == 0
+
+
+def test_session_on_a_dict_carry_trm_model_adds_no_host_sync(tmp_path, monkeypatch):
+    """``CarryShape``'s defaults read upstream's dict carry too (tests/properties' ToyACT, TRM-like: a puzzle
+    embedding, no encoder): its looked-up rows get gradient in every slot, read without a sync."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "properties"))
+    import torch.nn.functional as F
+    from example_user_model import ToyAdapter
+
+    torch.manual_seed(0)
+    toy = ToyAdapter(batch_size=5)
+    model = toy.model
+    spec = RunSpec(model="toy", mode="trm", batch_size=5, max_steps=100, max_steps_per_sample=model.max_steps,
+                   trace_every=50)
+    run = trace_run(tmp_path / "run", spec, model, encoder=model.puzzle)
+    carry = model.initial_carry(toy.make_batch([-1] * 5))
+    for step in range(4):
+        batch = toy.make_batch(list(range(5 * step, 5 * step + 5)))  # upstream's feed: fresh everywhere
+        new, outputs = model(carry, batch)
+        labels = new["current_data"]["labels"]
+        with FailOnSync():
+            loss = F.cross_entropy(outputs["logits"].flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                   reduction="sum")
+            run.step(carry, new, batch, outputs, loss, labels=labels)
+            loss.backward()
+            run.after_backward()
+        carry = new
+        model.zero_grad()
+    rows = run.tracer.flush()
+    run.close()
+    assert all(r["coverage_num"] == r["coverage_den"] == 5 for r in rows)
+    assert all(1 <= r["puzzle_ids_with_grad"] <= 5 for r in rows) and sum(r["label_mismatch"] for r in rows) == 0
