@@ -89,7 +89,7 @@ def test_own_loop_variant_gets_the_bundled_trainers_findings(variant, own_runs, 
     continuing = df["slots"] - df["resets"]
     if variant == "healthy":
         assert (df["coverage_num"] == BATCH).all() and (df["encoded"] == df["encode_needed"]).all()
-        assert df["label_mismatch"].sum() == 0 and summary["encoder_coverage_mean"] == 1.0
+        assert df["label_mismatch"].sum() == 0 and summary["figures"]["coverage"] == 1.0
     if variant in ("cached", "full-batch-encode"):  # only the slots encoded fresh this step get gradient
         assert (df["coverage_num"] == df["resets"]).all() and (df["resets"] < BATCH).any()
         assert (df["encode_needed"] == df["resets"]).all()
