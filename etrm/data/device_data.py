@@ -1,0 +1,79 @@
+"""A ``GridDataset`` resident on the training device, and its batch gather as device index ops (no host round trip).
+
+The rows stay in their compact host dtypes (uint8 tokens, int16 labels, int32 ids) and are widened to the int64/bool
+batch ``GridDataset.batch`` returns, value for value, at gather time. ``fits_on_device`` is the memory estimate that
+decides between this and the pinned-host path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from etrm.data.dataset import BLANK_PUZZLE_ID, GridDataset
+from etrm.data.tokens import IGNORE_LABEL, PAD
+
+# The training set may take at most this fraction of the device's free memory (the rest is the model's).
+DEVICE_DATA_FRACTION = 0.25
+ROW_KEYS = ("inputs", "labels", "puzzle_ids", "demo_inputs", "demo_outputs", "demo_mask", "demo_slots")
+
+
+def dataset_bytes(ds: GridDataset) -> int:
+    """Bytes the dataset's arrays take (what a device copy needs)."""
+    return sum(int(a.nbytes) for a in (getattr(ds, k) for k in ROW_KEYS) if a is not None)
+
+
+def fits_on_device(ds: GridDataset, device: torch.device, fraction: float = DEVICE_DATA_FRACTION) -> bool:
+    """Whether ``ds`` goes on ``device``: on CUDA when it needs at most ``fraction`` of the free memory; on the CPU
+    always (the arrays are shared with the host dataset, nothing is copied)."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return dataset_bytes(ds) <= fraction * free
+
+
+def _where_rows(valid: torch.Tensor, rows: torch.Tensor, fill: Any) -> torch.Tensor:
+    return torch.where(valid.view(-1, *([1] * (rows.dim() - 1))), rows, torch.full_like(rows, fill))
+
+
+class DeviceGridData:
+    """The rows of a ``GridDataset`` as tensors on ``device``."""
+
+    def __init__(self, ds: GridDataset, device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.num_samples = len(ds)
+        self.pooled = ds.demo_slots is not None
+        self.has_demos = ds.has_demos
+
+        def put(arr: np.ndarray | None) -> torch.Tensor | None:
+            if arr is None:
+                return None
+            return torch.from_numpy(np.ascontiguousarray(arr)).to(self.device)
+
+        self.tensors: dict[str, torch.Tensor | None] = {k: put(getattr(ds, k)) for k in ROW_KEYS}
+
+    def batch(self, slot_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``GridDataset.batch`` on the device: rows ``slot_ids`` ([B] int64 on the device, -1 = padding row)."""
+        t = self.tensors
+        valid = slot_ids >= 0
+        safe = slot_ids.clamp(min=0)
+        out = {
+            "inputs": _where_rows(valid, t["inputs"][safe].long(), PAD),
+            "labels": _where_rows(valid, t["labels"][safe].long(), IGNORE_LABEL),
+            "puzzle_id": _where_rows(valid, t["puzzle_ids"][safe].long(), BLANK_PUZZLE_ID),
+            "sample_id": torch.where(valid, slot_ids, -1),
+        }
+        if self.pooled:
+            slots = _where_rows(valid, t["demo_slots"][safe].long(), -1)
+            mask = slots >= 0
+            pooled_at = slots.clamp(min=0)
+            for key in ("demo_inputs", "demo_outputs"):
+                out[key] = torch.where(mask[..., None], t[key][pooled_at].long(), PAD)
+            out["demo_mask"] = mask
+        elif self.has_demos:
+            out["demo_inputs"] = _where_rows(valid, t["demo_inputs"][safe].long(), PAD)
+            out["demo_outputs"] = _where_rows(valid, t["demo_outputs"][safe].long(), PAD)
+            out["demo_mask"] = _where_rows(valid, t["demo_mask"][safe], False)
+        return out
