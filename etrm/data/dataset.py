@@ -31,6 +31,7 @@ class GridDataset:
     # int32 names each row's demos in the pool (-1: none) and demo_mask is left None (it is demo_slots >= 0).
     demo_slots: np.ndarray | None = None
     arc_index: Any = None  # ARC eval sets: how each row maps back to its task (etrm.data.arc.ArcIndex)
+    arc_variants: Any = None  # ARC training sets: base grids and each row's variant (etrm.data.arc.ArcVariants)
     info: dict[str, Any] = field(default_factory=dict)  # facts about how the set was built (printed by the trainer)
 
     def __len__(self) -> int:

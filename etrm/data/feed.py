@@ -2,7 +2,8 @@
 
 ``train.data_path``:
 - ``device``: the training set on the device and a device sampler (``etrm.data.device_sampler``); a step's batch is
-  chosen and gathered from the reset mask without reading it back.
+  chosen and gathered from the reset mask without reading it back. An ARC set goes up as its base grids and variant
+  table, its augmentations rendered on the device when drawn (``etrm.data.arc_device``).
 - ``host``: the sampler on the host reads the reset mask back every step (a sync), gathers the batch there and copies
   it up (through pinned memory on CUDA). Upstream's way; kept for comparison and for sets too large for the device.
 - ``auto``: ``device`` when the memory estimate (``etrm.data.device_data.fits_on_device``) says the set fits, else
@@ -13,13 +14,13 @@ Both paths feed the same ids in the same order for the same seed and reset masks
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 import torch
 
 from etrm.data.dataset import GridDataset
-from etrm.data.device_data import DeviceGridData, fits_on_device
+from etrm.data.device_data import DeviceGridData, fits_on_device, resident_data
 from etrm.data.device_sampler import DeviceRefillSampler, DeviceTRMSampler
 from etrm.config import DATA_PATHS
 from etrm.data.samplers import RefillSampler, TRMSampler, build_sampler
@@ -60,7 +61,7 @@ class DeviceFeed:
 
     on_device = True
 
-    def __init__(self, data: DeviceGridData, sampler: DeviceRefillSampler | DeviceTRMSampler) -> None:
+    def __init__(self, data: DeviceGridData | Any, sampler: DeviceRefillSampler | DeviceTRMSampler) -> None:
         self.data, self.sampler = data, sampler
         self._dropped = torch.zeros((), dtype=torch.int64, device=data.device)
         self._dropped_before = 0
@@ -102,5 +103,5 @@ def build_feed(data_path: str, sampler: str, ds: GridDataset, batch_size: int, s
     if resolve_data_path(data_path, ds, device) == "host":
         return HostFeed(ds, build_sampler(sampler, len(ds), batch_size, seed), device)
     if sampler == "refill":
-        return DeviceFeed(DeviceGridData(ds, device), DeviceRefillSampler(len(ds), seed, device))
-    return DeviceFeed(DeviceGridData(ds, device), DeviceTRMSampler(len(ds), batch_size, seed, device))
+        return DeviceFeed(resident_data(ds, device), DeviceRefillSampler(len(ds), seed, device))
+    return DeviceFeed(resident_data(ds, device), DeviceTRMSampler(len(ds), batch_size, seed, device))

@@ -58,3 +58,24 @@ def test_checkpoint_resumes_across_data_paths(first, second, make_trainer, tmp_p
     assert torch.equal(whole.carry.data["sample_id"], resumed.carry.data["sample_id"])
     assert whole.sampler.state_dict() == resumed.sampler.state_dict()
     assert whole.samples_dropped == resumed.samples_dropped
+
+
+@pytest.mark.parametrize("preset_mode", ["trm", "etrm"])
+def test_arc_rows_rendered_on_the_device_train_as_the_host_rows(preset_mode, make_trainer, record_events):
+    """ARC on the device path: base grids and the variant table on the device, each drawn row rendered there;
+    the steps see the same batches as on the host path (augmentations and translation included)."""
+    small = ["data.max_train_tasks=6", "data.max_eval_tasks=2", "data.num_aug=2", "data.canvas=10",
+             "data.max_demos=2", f"model={preset_mode}", "arch.puzzle_emb_len=2"]
+    runs = {}
+    for path in ("host", "device"):
+        torch.manual_seed(0)
+        trainer = make_trainer("arc1-small", f"train.data_path={path}", *small)
+        rows = record_events(trainer)
+        for _ in range(3):
+            trainer.train_step()
+        runs[path] = (trainer, rows)
+    assert type(runs["device"][0].feed.data).__name__ == "ArcDeviceData"
+    for h, d in zip(runs["host"][1], runs["device"][1]):
+        assert torch.equal(h["batch_sample_id"], d["batch_sample_id"])
+    for k, v in weights(runs["host"][0]).items():
+        assert torch.equal(v, weights(runs["device"][0])[k]), k
