@@ -10,12 +10,12 @@ One short script for when a GPU is at hand (under 10 minutes by default; ``--bud
 - traced vs untraced step time, interleaved blocks (alternating order), median ratio;
 - peak memory (``torch.cuda.max_memory_allocated``) during a traced and an untraced block;
 - the variants table, one row per variant printed as soon as it finishes (``VARIANTS``: eager, torch.compile and
-  ``mode="reduce-overhead"`` CUDA graphs; traced and untraced; the device and the host data path): warm-up (compile)
-  seconds, host syncs per step (counted under sync-debug "warn", flushes excluded), median step time, samples/s and
-  peak memory. A variant the step does not allow (e.g. CUDA graphs over a data-dependent shape) prints its error.
+  ``mode="reduce-overhead"`` CUDA graphs; traced and untraced; the device, pinned and host data paths): warm-up
+  (compile) seconds, host syncs per step (counted under sync-debug "warn", flushes excluded), median step time,
+  samples/s and peak memory. A variant the step does not allow (e.g. CUDA graphs over a data-dependent shape) prints its error.
 
-    python benchmarks/gpu_check.py [--preset demo] [--steps 100] [--rounds 6] [--block 10] [--variants eager,compiled,...]
-                                   [key=value ...]
+    python benchmarks/gpu_check.py [--preset demo] [--steps 100] [--rounds 6] [--block 10]
+                                   [--variants eager,compiled,...] [key=value ...]
 
 Default run: ``demo`` (re-encode) with hidden 512 and batch 256 on 10x10 grids. Use re-encode, fct or trm:
 ``cached`` mode's subset encode syncs by design (the model reads how many slots to encode). Exit 0 when tracing
@@ -62,6 +62,7 @@ VARIANTS = {
     "eager": Variant("eager", False),
     "eager-traced": Variant("eager", True),
     "eager-host-data": Variant("eager", False, "host"),
+    "eager-pinned-data": Variant("eager", False, "pinned"),
     "compiled": Variant("default", False),
     "compiled-traced": Variant("default", True),
     "cudagraphs": Variant("reduce-overhead", False),

@@ -26,7 +26,7 @@ FAULTS = (
 )
 LOSSES = ("stablemax", "softmax")
 SAMPLERS = ("refill", "trm")
-DATA_PATHS = ("auto", "device", "host")  # where a step's samples are chosen and gathered (etrm.data.feed)
+DATA_PATHS = ("auto", "device", "pinned", "host")  # where a step's samples are chosen and gathered (etrm.data.feed)
 DATASETS = ("fewshot", "arc1", "arc2", "sudoku", "trm-folder")
 LR_SCHEDULES = ("cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
@@ -209,7 +209,7 @@ class TrainConfig:
     ema: bool = True
     ema_rate: float = 0.99
     sampler: str = "refill"
-    data_path: str = "auto"  # device: no host sync per step; host: upstream's way; auto: device when it fits
+    data_path: str = "auto"  # device / pinned: no host sync per step; host: upstream's way; auto: device if it fits
     eval_every: int = 100
     eval_batch_size: int = 64
     checkpoint_every: int = 100

@@ -55,14 +55,37 @@ def _where_rows(valid: torch.Tensor, rows: torch.Tensor, fill: Any) -> torch.Ten
     return torch.where(valid.view(-1, *([1] * (rows.dim() - 1))), rows, torch.full_like(rows, fill))
 
 
+def gather_rows(t: dict[str, Any], slot_ids: torch.Tensor, at: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """``GridDataset.batch`` from compact row tensors ``t`` (``ROW_KEYS``; pooled demos when ``demo_slots`` is
+    there): batch position k holds row ``at[k]`` (default ``slot_ids[k]``) as sample ``slot_ids[k]`` (-1: padding)."""
+    valid = slot_ids >= 0
+    safe = (slot_ids if at is None else at).clamp(min=0)
+    out = {
+        "inputs": _where_rows(valid, t["inputs"][safe].long(), PAD),
+        "labels": _where_rows(valid, t["labels"][safe].long(), IGNORE_LABEL),
+        "puzzle_id": _where_rows(valid, t["puzzle_ids"][safe].long(), BLANK_PUZZLE_ID),
+        "sample_id": torch.where(valid, slot_ids, -1),
+    }
+    if t.get("demo_slots") is not None:
+        slots = _where_rows(valid, t["demo_slots"][safe].long(), -1)
+        mask = slots >= 0
+        pooled_at = slots.clamp(min=0)
+        for key in ("demo_inputs", "demo_outputs"):
+            out[key] = torch.where(mask[..., None], t[key][pooled_at].long(), PAD)
+        out["demo_mask"] = mask
+    elif t.get("demo_inputs") is not None:
+        out["demo_inputs"] = _where_rows(valid, t["demo_inputs"][safe].long(), PAD)
+        out["demo_outputs"] = _where_rows(valid, t["demo_outputs"][safe].long(), PAD)
+        out["demo_mask"] = _where_rows(valid, t["demo_mask"][safe], False)
+    return out
+
+
 class DeviceGridData:
     """The rows of a ``GridDataset`` as tensors on ``device``."""
 
     def __init__(self, ds: GridDataset, device: torch.device) -> None:
         self.device = torch.device(device)
         self.num_samples = len(ds)
-        self.pooled = ds.demo_slots is not None
-        self.has_demos = ds.has_demos
 
         def put(arr: np.ndarray | None) -> torch.Tensor | None:
             if arr is None:
@@ -73,24 +96,4 @@ class DeviceGridData:
 
     def batch(self, slot_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """``GridDataset.batch`` on the device: rows ``slot_ids`` ([B] int64 on the device, -1 = padding row)."""
-        t = self.tensors
-        valid = slot_ids >= 0
-        safe = slot_ids.clamp(min=0)
-        out = {
-            "inputs": _where_rows(valid, t["inputs"][safe].long(), PAD),
-            "labels": _where_rows(valid, t["labels"][safe].long(), IGNORE_LABEL),
-            "puzzle_id": _where_rows(valid, t["puzzle_ids"][safe].long(), BLANK_PUZZLE_ID),
-            "sample_id": torch.where(valid, slot_ids, -1),
-        }
-        if self.pooled:
-            slots = _where_rows(valid, t["demo_slots"][safe].long(), -1)
-            mask = slots >= 0
-            pooled_at = slots.clamp(min=0)
-            for key in ("demo_inputs", "demo_outputs"):
-                out[key] = torch.where(mask[..., None], t[key][pooled_at].long(), PAD)
-            out["demo_mask"] = mask
-        elif self.has_demos:
-            out["demo_inputs"] = _where_rows(valid, t["demo_inputs"][safe].long(), PAD)
-            out["demo_outputs"] = _where_rows(valid, t["demo_outputs"][safe].long(), PAD)
-            out["demo_mask"] = _where_rows(valid, t["demo_mask"][safe], False)
-        return out
+        return gather_rows(self.tensors, slot_ids)

@@ -35,6 +35,7 @@ class DeviceFill:
     slot_ids: torch.Tensor
     batch_ids: torch.Tensor
     dropped: torch.Tensor
+    at: torch.Tensor  # [B] each batch position's index into the sampler's window (-1: padding)
 
 
 def upload(ids: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -46,23 +47,29 @@ def upload(ids: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 class _IdWindow:
-    """Stream positions ``[base, end)`` of a permutation stream, resident on the device, in whole chunks."""
+    """Stream positions ``[base, end)`` of a permutation stream, resident on the device, in whole chunks (and, with
+    ``rows``, the rows of those positions)."""
 
-    def __init__(self, stream: _PermutationStream, device: torch.device, chunk: int, start: int) -> None:
+    def __init__(self, stream: _PermutationStream, device: torch.device, chunk: int, start: int,
+                 rows: Any = None) -> None:
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         self.stream, self.device, self.chunk = stream, device, int(chunk)
         self.base = self.end = (start // self.chunk) * self.chunk
         self.ids = torch.empty(0, dtype=torch.int64, device=device)
+        self.rows = rows
+        if rows is not None:
+            rows.restart(stream, self.chunk)
 
     def reach(self, position: int) -> None:
         """Upload chunks until the window holds every position below ``position``."""
-        if self.end >= position:
-            return
-        n = -(-(position - self.end) // self.chunk) * self.chunk
-        self.stream.consumed = self.end
-        self.ids = torch.cat([self.ids, upload(self.stream.take(n), self.device)])
-        self.end += n
+        while self.end < position:
+            self.stream.consumed = self.end
+            ids = self.stream.take(self.chunk)
+            self.ids = torch.cat([self.ids, upload(ids, self.device)])
+            if self.rows is not None:
+                self.rows.append(ids, self.end)
+            self.end += self.chunk
 
     def drop_below(self, position: int) -> None:
         """Free the whole chunks below ``position`` (consumed for sure)."""
@@ -70,6 +77,8 @@ class _IdWindow:
         if cut > 0:
             self.ids = self.ids[cut:].clone()
             self.base += cut
+            if self.rows is not None:
+                self.rows.drop(cut)
 
 
 class _PositionSnapshot:
@@ -120,16 +129,17 @@ class DeviceRefillSampler(_DeviceStreamSampler):
     kind = "refill"
 
     def __init__(self, num_samples: int, seed: int, device: torch.device, chunk: int = DEFAULT_CHUNK,
-                 snapshot_every: int = SNAPSHOT_EVERY) -> None:
+                 snapshot_every: int = SNAPSHOT_EVERY, rows: Any = None) -> None:
         super().__init__(num_samples, seed)
         if snapshot_every < 1:
             raise ValueError(f"snapshot_every must be >= 1, got {snapshot_every}")
         self.device, self.chunk, self.snapshot_every = torch.device(device), int(chunk), int(snapshot_every)
+        self.rows = rows
         self._restart(0)
 
     def _restart(self, consumed: int) -> None:
         self._pos = torch.full((), consumed, dtype=torch.int64, device=self.device)
-        self._window = _IdWindow(self._stream, self.device, self.chunk, consumed)
+        self._window = _IdWindow(self._stream, self.device, self.chunk, consumed, self.rows)
         self._upper = consumed  # bound on the device position, known on the host
         self._slots = 0  # slots filled so far (the host's count: B per step)
         self._fills = 0
@@ -144,6 +154,8 @@ class DeviceRefillSampler(_DeviceStreamSampler):
     def fill(self, reset: torch.Tensor) -> DeviceFill:
         """Give each reset slot (``reset``: [B] bool on the device) the next id in slot order; others get -1."""
         b = reset.shape[0]
+        if self._fills and self._fills % self.snapshot_every == 0:  # before this step's indices are taken
+            self._refresh()
         self._window.reach(self._upper + b)
         order = torch.cumsum(reset, 0) - 1  # the k-th reset slot takes the k-th next id
         at = (self._pos - self._window.base + order).clamp(min=0)
@@ -152,9 +164,7 @@ class DeviceRefillSampler(_DeviceStreamSampler):
         self._upper += b
         self._slots += b
         self._fills += 1
-        if self._fills % self.snapshot_every == 0:
-            self._refresh()
-        return DeviceFill(slot_ids, slot_ids, self._zero)
+        return DeviceFill(slot_ids, slot_ids, self._zero, torch.where(reset, at, -1))
 
     def _refresh(self) -> None:
         """Tighten the host's bound from the last snapshot, free consumed chunks, and take the next snapshot."""
@@ -173,17 +183,18 @@ class DeviceTRMSampler(_DeviceStreamSampler):
     kind = "trm"
 
     def __init__(self, num_samples: int, batch_size: int, seed: int, device: torch.device,
-                 chunk: int = DEFAULT_CHUNK) -> None:
+                 chunk: int = DEFAULT_CHUNK, rows: Any = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
         super().__init__(num_samples, seed)
-        self.device, self.chunk = torch.device(device), int(chunk)
+        self.device, self.chunk, self.rows = torch.device(device), int(chunk), rows
+        self._arange = torch.arange(self.batch_size, device=self.device)
         self._restart(0)
 
     def _restart(self, consumed: int) -> None:
         self._consumed = consumed
-        self._window = _IdWindow(self._stream, self.device, self.chunk, consumed)
+        self._window = _IdWindow(self._stream, self.device, self.chunk, consumed, self.rows)
 
     @property
     def consumed(self) -> int:
@@ -200,6 +211,7 @@ class DeviceTRMSampler(_DeviceStreamSampler):
         b, start = self.batch_size, self._consumed
         self._window.reach(start + b)
         self._window.drop_below(start)
-        fed = self._window.ids[start - self._window.base:start - self._window.base + b]
+        first = start - self._window.base
+        fed = self._window.ids[first:first + b]
         self._consumed += b
-        return DeviceFill(torch.where(reset, fed, -1), fed, (~reset).sum())
+        return DeviceFill(torch.where(reset, fed, -1), fed, (~reset).sum(), self._arange + first)

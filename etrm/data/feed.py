@@ -5,9 +5,11 @@
   chosen and gathered from the reset mask without reading it back. An ARC set goes up as its base grids and variant
   table, its augmentations rendered on the device when drawn (``etrm.data.arc_device``).
 - ``host``: the sampler on the host reads the reset mask back every step (a sync), gathers the batch there and copies
-  it up (through pinned memory on CUDA). Upstream's way; kept for comparison and for sets too large for the device.
+  it up (through pinned memory on CUDA). Upstream's way; kept for comparison.
+- ``pinned``: the set stays in (pinned) host memory; the device sampler's window stages the rows it may draw next
+  on the device, a chunk ahead, from a background thread (``etrm.data.staged``); no host sync in a step either.
 - ``auto``: ``device`` when the memory estimate (``etrm.data.device_data.fits_on_device``) says the set fits, else
-  ``host``.
+  ``pinned``.
 
 Both paths feed the same ids in the same order for the same seed and reset masks, and share one checkpoint format.
 """
@@ -21,8 +23,9 @@ import torch
 
 from etrm.data.dataset import GridDataset
 from etrm.data.device_data import DeviceGridData, fits_on_device, resident_data
-from etrm.data.device_sampler import DeviceRefillSampler, DeviceTRMSampler
+from etrm.data.device_sampler import DeviceFill, DeviceRefillSampler, DeviceTRMSampler
 from etrm.config import DATA_PATHS
+from etrm.data.staged import StagedRows
 from etrm.data.samplers import RefillSampler, TRMSampler, build_sampler
 
 AnySampler = Union[RefillSampler, TRMSampler, DeviceRefillSampler, DeviceTRMSampler]
@@ -57,13 +60,16 @@ class HostFeed:
 
 class DeviceFeed:
     """The device path: ``draw`` picks the ids from the reset mask on the device; ``gather`` indexes the resident
-    set. The dropped count (``trm``) is a device counter, read only when ``samples_dropped`` is asked for."""
+    set (or, on the pinned path, the rows staged for the sampler's window). The dropped count (``trm``) is a device
+    counter, read only when ``samples_dropped`` is asked for."""
 
     on_device = True
 
-    def __init__(self, data: DeviceGridData | Any, sampler: DeviceRefillSampler | DeviceTRMSampler) -> None:
+    def __init__(self, data: DeviceGridData | StagedRows | Any,
+                 sampler: DeviceRefillSampler | DeviceTRMSampler) -> None:
         self.data, self.sampler = data, sampler
-        self._dropped = torch.zeros((), dtype=torch.int64, device=data.device)
+        self.staged = isinstance(data, StagedRows)
+        self._dropped = torch.zeros((), dtype=torch.int64, device=sampler.device)
         self._dropped_before = 0
 
     @property
@@ -76,13 +82,15 @@ class DeviceFeed:
         self._dropped_before = int(value)
         self._dropped.zero_()
 
-    def draw(self, reset: torch.Tensor) -> torch.Tensor:
+    def draw(self, reset: torch.Tensor) -> DeviceFill:
         fill = self.sampler.fill(reset)
         self._dropped += fill.dropped
-        return fill.batch_ids
+        return fill
 
-    def gather(self, batch_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.data.batch(batch_ids)
+    def gather(self, fill: DeviceFill) -> dict[str, torch.Tensor]:
+        if self.staged:
+            return self.data.batch(fill.batch_ids, fill.at)
+        return self.data.batch(fill.batch_ids)
 
 
 Feed = Union[HostFeed, DeviceFeed]
@@ -93,15 +101,18 @@ def resolve_data_path(name: str, ds: GridDataset, device: torch.device) -> str:
     if name not in DATA_PATHS:
         raise ValueError(f"unknown data path {name!r}; allowed: {', '.join(DATA_PATHS)}")
     if name == "auto":
-        return "device" if fits_on_device(ds, device) else "host"
+        return "device" if fits_on_device(ds, device) else "pinned"
     return name
 
 
 def build_feed(data_path: str, sampler: str, ds: GridDataset, batch_size: int, seed: int,
                device: torch.device) -> Feed:
     """The feed ``train.data_path`` and ``train.sampler`` (``refill`` or ``trm``) name, on ``device``."""
-    if resolve_data_path(data_path, ds, device) == "host":
+    path = resolve_data_path(data_path, ds, device)
+    if path == "host":
         return HostFeed(ds, build_sampler(sampler, len(ds), batch_size, seed), device)
+    staged = StagedRows(ds, device) if path == "pinned" else None
+    data = staged if staged is not None else resident_data(ds, device)
     if sampler == "refill":
-        return DeviceFeed(resident_data(ds, device), DeviceRefillSampler(len(ds), seed, device))
-    return DeviceFeed(resident_data(ds, device), DeviceTRMSampler(len(ds), batch_size, seed, device))
+        return DeviceFeed(data, DeviceRefillSampler(len(ds), seed, device, rows=staged))
+    return DeviceFeed(data, DeviceTRMSampler(len(ds), batch_size, seed, device, rows=staged))

@@ -236,9 +236,9 @@ class Trainer:
         """Fresh samples for the slots that halted last step: ``data`` chooses their ids from the reset mask, ``h2d``
         brings their rows to the device (on the device path both stay on the device: no host sync)."""
         with _phase(clock, "data", self.profiling):
-            batch_ids = self.feed.draw(self.carry.halted)
+            drawn = self.feed.draw(self.carry.halted)
         with _phase(clock, "h2d", self.profiling):
-            return self.feed.gather(batch_ids)
+            return self.feed.gather(drawn)
 
     def train_step(self) -> tuple[StepEvents, dict[str, torch.Tensor]]:
         """One ACT step for every slot, one backward, one optimizer step. Returns the step's events and metrics."""

@@ -36,7 +36,7 @@ def audit_training(trainer: Trainer, steps: int = STEPS) -> tuple[SyncAudit, lis
 
 def assert_no_read_back(tmp_path, model: str, mode: str, **train) -> None:
     torch.manual_seed(0)
-    audit, per_step = audit_training(make_trainer(tmp_path, model, mode, data_path="device", **train))
+    audit, per_step = audit_training(make_trainer(tmp_path, model, mode, **{"data_path": "device", **train}))
     assert per_step == [0] * STEPS, format_reads(audit.reads)
 
 
@@ -55,6 +55,11 @@ def test_sync_audit_trm(tmp_path):
 def test_sync_audit_trm_sampler(tmp_path):
     """Upstream's whole-batch feed on the device path: no read-back either (the dropped count stays on the device)."""
     assert_no_read_back(tmp_path, "etrm", "reencode", sampler="trm")
+
+
+def test_sync_audit_pinned_data_path(tmp_path):
+    """Rows staged from host memory by the sampler's window: no read-back in the step either."""
+    assert_no_read_back(tmp_path, "etrm", "reencode", data_path="pinned")
 
 
 def test_sync_audit_cached(tmp_path):
