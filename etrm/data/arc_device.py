@@ -37,11 +37,18 @@ def pad_grids(grids: list[np.ndarray], side: int) -> tuple[np.ndarray, np.ndarra
     return out, shapes
 
 
+def dihedral_coeffs(device: torch.device) -> torch.Tensor:
+    """``DIHEDRAL_COEFFS`` as an [8, 7] int64 tensor on ``device`` (made once: a host-to-device copy waits)."""
+    return torch.tensor(DIHEDRAL_COEFFS, dtype=torch.int64, device=device)
+
+
 def render(grids: torch.Tensor, shapes: torch.Tensor, which: torch.Tensor, tid: torch.Tensor, perm: torch.Tensor,
-           top: torch.Tensor, left: torch.Tensor, canvas: int) -> torch.Tensor:
+           top: torch.Tensor, left: torch.Tensor, canvas: int, coeff_table: torch.Tensor | None = None) -> torch.Tensor:
     """Flat [B, canvas*canvas] int64 tokens: base grid ``which[k]`` under transform ``tid[k]`` and colour permutation
-    ``perm[k]`` ([B, 10]), placed at (``top[k]``, ``left[k]``) with its EOS edges, PAD elsewhere."""
-    coeffs = torch.tensor(DIHEDRAL_COEFFS, dtype=torch.int64, device=grids.device)[tid]  # [B, 7]
+    ``perm[k]`` ([B, 10]), placed at (``top[k]``, ``left[k]``) with its EOS edges, PAD elsewhere. ``coeff_table``:
+    ``dihedral_coeffs`` on the device (pass it in a training step)."""
+    table = dihedral_coeffs(grids.device) if coeff_table is None else coeff_table
+    coeffs = table[tid]  # [B, 7]
     h, w = shapes[which, 0], shapes[which, 1]
     swap = coeffs[:, 6].bool()
     out_h, out_w = torch.where(swap, w, h), torch.where(swap, h, w)
@@ -77,6 +84,7 @@ class ArcDeviceData:
         self.canvas = int(round(ds.seq_len ** 0.5))
         grids, shapes = pad_grids(variants.grids, self.canvas)
         self.grids, self.shapes = torch.from_numpy(grids).to(device), torch.from_numpy(shapes).to(device)
+        self.coeffs = dihedral_coeffs(self.device)
 
         def table(t) -> dict[str, torch.Tensor]:
             return {k: torch.from_numpy(getattr(t, k)).to(device) for k in ("source", "tid", "perm", "offset")}
@@ -90,7 +98,7 @@ class ArcDeviceData:
     def _render(self, t: dict[str, torch.Tensor], at: torch.Tensor, side: int) -> torch.Tensor:
         offset = t["offset"][at]
         return render(self.grids, self.shapes, t["source"][at, side], t["tid"][at], t["perm"][at],
-                      offset[:, 0], offset[:, 1], self.canvas)
+                      offset[:, 0], offset[:, 1], self.canvas, self.coeffs)
 
     def batch(self, slot_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         from etrm.data.dataset import BLANK_PUZZLE_ID

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from diagnostics.sync_audit import SyncAudit, format_reads
 from etrm.data.arc import Variant, encode_at, load_arc_tasks
 from etrm.data.arc_device import pad_grids, render
 
@@ -49,7 +50,10 @@ def test_arc_device_batch_equals_the_host_batch(view):
     if view == "trm":  # ETRM trains on test pairs, mostly one per task: the one pair kept in place
         assert (ds.arc_variants.rows.offset > 0).any()
     ids = np.arange(-1, len(ds), dtype=np.int64)
-    host, dev = ds.batch(ids), data.batch(torch.from_numpy(ids))
+    with SyncAudit("cpu") as audit:  # rendering reads nothing back
+        dev = data.batch(torch.from_numpy(ids))
+    assert audit.count() == 0, format_reads(audit.reads)
+    host = ds.batch(ids)
     assert host.keys() == dev.keys()
     for k in host:
         assert dev[k].dtype == host[k].dtype and torch.equal(dev[k], host[k]), k
