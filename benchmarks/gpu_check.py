@@ -1,20 +1,25 @@
-"""GPU check: traced bf16 steps of a mid-size preset under ``torch.cuda.set_sync_debug_mode("error")``.
+"""GPU check: traced bf16 steps of a mid-size preset under ``torch.cuda.set_sync_debug_mode("error")``, and a table
+of eager vs compiled vs CUDA-graph steps.
 
-One short script for when a GPU is at hand. It trains a traced and an untraced copy of the same run and prints one
-summary block:
-- sync check: ``--steps`` traced steps (default 100), each under sync-debug mode "error", so that any host sync in
-  the step raises. The data phase is left out: the refill sampler reads the reset mask back by design (it decides
-  which slots get new samples). On a failure the remaining steps run under "warn" to list every sync site, each
-  marked as tracing's (``diagnostics/``) or the model's/trainer's own;
+One short script for when a GPU is at hand (under 10 minutes by default; ``--budget-s`` bounds it). It prints:
+- sync check: ``--steps`` traced steps (default 100), each whole step (data path included: the device data path
+  reads nothing back) under sync-debug mode "error", so that any host sync in the step raises. On a failure the
+  remaining steps run under "warn" to list every sync site, each marked as tracing's (``diagnostics/``) or the
+  model's/trainer's own;
 - phase timings from the tracer's CUDA events (the trace store's timings table), median ms per phase;
 - traced vs untraced step time, interleaved blocks (alternating order), median ratio;
-- peak memory (``torch.cuda.max_memory_allocated``) during a traced and an untraced block.
+- peak memory (``torch.cuda.max_memory_allocated``) during a traced and an untraced block;
+- the variants table, one row per variant printed as soon as it finishes (``VARIANTS``: eager, torch.compile and
+  ``mode="reduce-overhead"`` CUDA graphs; traced and untraced; the device, pinned and host data paths): warm-up
+  (compile) seconds, host syncs per step (counted under sync-debug "warn", flushes excluded), median step time,
+  samples/s and peak memory. A variant the step does not allow (e.g. CUDA graphs over a data-dependent shape) prints its error.
 
-    python benchmarks/gpu_check.py [--preset demo] [--steps 100] [--rounds 6] [--block 10] [key=value ...]
+    python benchmarks/gpu_check.py [--preset demo] [--steps 100] [--rounds 6] [--block 10]
+                                   [--variants eager,compiled,...] [key=value ...]
 
-Default run: ``demo`` (re-encode) with hidden 512 and batch 256 on 10x10 grids, a few minutes at most. Use re-encode,
-fct or trm: ``cached`` mode's subset encode syncs by design (the model reads how many slots to encode). Exit 0 when
-tracing added no sync (and, with no GPU here, after saying so), 1 when it did, 2 on bad arguments.
+Default run: ``demo`` (re-encode) with hidden 512 and batch 256 on 10x10 grids. Use re-encode, fct or trm:
+``cached`` mode's subset encode syncs by design (the model reads how many slots to encode). Exit 0 when tracing
+added no sync (and, with no GPU here, after saying so), 1 when it did, 2 on bad arguments.
 """
 
 from __future__ import annotations
@@ -40,6 +45,30 @@ SYNCING_MODES = {"cached": "cached mode's subset encode reads the reset count ba
 REPO = Path(__file__).resolve().parents[1]
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One row of the variants table: how the step is compiled, whether it is traced, which data path feeds it."""
+
+    compile: str  # "eager", "default" (torch.compile) or "reduce-overhead" (torch.compile with CUDA graphs)
+    traced: bool
+    data_path: str = "device"
+
+    @property
+    def overrides(self) -> list[str]:
+        return [f"train.data_path={self.data_path}"]
+
+
+VARIANTS = {
+    "eager": Variant("eager", False),
+    "eager-traced": Variant("eager", True),
+    "eager-host-data": Variant("eager", False, "host"),
+    "eager-pinned-data": Variant("eager", False, "pinned"),
+    "compiled": Variant("default", False),
+    "compiled-traced": Variant("default", True),
+    "cudagraphs": Variant("reduce-overhead", False),
+}
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="gpu_check.py", description=__doc__.split("\n\n")[0])
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, after the defaults")
@@ -48,16 +77,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=6, help="interleaved timing rounds (default 6)")
     p.add_argument("--block", type=int, default=10, help="steps per timed block (default 10)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per trainer first (default 5)")
-    p.add_argument("--budget-s", type=float, default=240.0,
-                   help="stop adding timing rounds after this many seconds (default 240; one round always runs)")
+    p.add_argument("--sync-steps", type=int, default=10, help="steps per variant whose syncs are counted (default 10)")
+    p.add_argument("--budget-s", type=float, default=180.0,
+                   help="stop adding timing rounds after this many seconds (default 180; one round always runs)")
+    p.add_argument("--variants", default=",".join(VARIANTS), metavar="A,B,...",
+                   help=f"rows of the variants table, comma-separated (default all: {','.join(VARIANTS)}; "
+                        "an empty string skips the table)")
+    p.add_argument("--table-budget-s", type=float, default=330.0,
+                   help="skip the remaining variants after this many seconds of the table (default 330)")
     p.add_argument("--preset-only", action="store_true",
                    help=f"use the preset as it is, without the mid-size defaults ({' '.join(DEFAULT_OVERRIDES)})")
     args = p.parse_intermixed_args(argv)
-    for name, low in (("steps", 1), ("rounds", 1), ("block", 1), ("warmup", 0)):
+    for name, low in (("steps", 1), ("rounds", 1), ("block", 1), ("warmup", 0), ("sync_steps", 1)):
         if getattr(args, name) < low:
-            p.error(f"--{name} must be at least {low}, got {getattr(args, name)}")
-    if args.budget_s <= 0:
-        p.error(f"--budget-s must be positive, got {args.budget_s}")
+            p.error(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
+    args.variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"--variants: unknown {', '.join(unknown)}; allowed: {', '.join(VARIANTS)}")
+    for name in ("budget_s", "table_budget_s"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     return args
 
 
@@ -112,8 +152,7 @@ def format_summary(r: CheckResult) -> str:
     row("overrides", " ".join(r.overrides) or "-")
     if not r.sync_sites and r.sync_error is None:
         row("sync check", f"PASS: {r.traced_steps} traced steps under set_sync_debug_mode(\"error\"), no host sync "
-                          f"(after {CHECK_WARMUP} unchecked steps; data phase excluded: the sampler reads the reset "
-                          "mask by design)")
+                          f"(after {CHECK_WARMUP} unchecked steps; the whole step, data path included)")
     else:
         verdict = "FAIL" if r.tracing_syncs else "PASS for tracing"
         row("sync check", f"{verdict}: {len(r.sync_sites)} sync site(s) in the traced step"
@@ -162,21 +201,6 @@ def _site(frames: Sequence[Any]) -> tuple[str, str] | None:
             continue
         return f"{rel}:{fr.lineno}", "tracing" if rel.startswith("diagnostics/") else "model/trainer"
     return None
-
-
-def _exclude_data_phase(trainer: Any) -> None:
-    """The sampler's host read of the reset mask is the trainer's by design: run ``next_batch`` unchecked."""
-    original = trainer.next_batch
-
-    def next_batch(clock=None):
-        previous = torch.cuda.get_sync_debug_mode()
-        torch.cuda.set_sync_debug_mode(0)
-        try:
-            return original(clock)
-        finally:
-            torch.cuda.set_sync_debug_mode(previous)
-
-    trainer.next_batch = next_batch
 
 
 def _flush_due(trainer: Any) -> None:
@@ -250,7 +274,6 @@ def run_check(args: argparse.Namespace, device: torch.device | None = None) -> C
         (root / name).mkdir()
         if traced:
             trainer.enable_trace(args.preset)
-        _exclude_data_phase(trainer)
         return trainer
 
     traced = build("traced", True)
@@ -318,13 +341,147 @@ def run_check(args: argparse.Namespace, device: torch.device | None = None) -> C
     return result
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The variants table
+
+@dataclass
+class Row:
+    """One variant's figures (``error`` set instead when the variant could not run)."""
+
+    name: str
+    warmup_s: float = 0.0
+    syncs_per_step: float | None = None
+    step_ms: float | None = None
+    samples_per_s: float | None = None
+    peak_mib: float | None = None
+    error: str | None = None
+
+
+TABLE_HEADER = (f"{'variant':<17} {'compile':<16} {'traced':<6} {'data':<6} {'warm-up s':>9} {'syncs/step':>10} "
+                f"{'step ms':>9} {'samples/s':>10} {'peak MiB':>9}")
+
+
+def format_row(row: Row, variant: Variant) -> str:
+    head = f"{row.name:<17} {variant.compile:<16} {'yes' if variant.traced else 'no':<6} {variant.data_path:<6}"
+    if row.error is not None:
+        return f"{head} failed: {row.error}"
+    return (f"{head} {row.warmup_s:>9.1f} {row.syncs_per_step:>10.2f} {row.step_ms:>9.2f} "
+            f"{row.samples_per_s:>10.0f} {row.peak_mib:>9,.0f}")
+
+
+def compile_modules(trainer: Any, mode: str) -> None:
+    """torch.compile the recursion core and the encoder in place, as ``train.compile=true`` does, in ``mode``."""
+    kwargs = {} if mode == "default" else {"mode": mode}
+    trainer.model.core.compile(**kwargs)
+    if hasattr(trainer.model, "encoder"):
+        trainer.model.encoder.compile(**kwargs)
+
+
+def count_syncs(step: Any, trainer: Any, steps: int) -> float:
+    """Host syncs per step under sync-debug "warn" (each synchronizing call warns once); flushes not counted."""
+    total = 0
+    for _ in range(steps):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        total += sum("synchroniz" in str(w.message).lower() for w in caught)
+        _flush_due(trainer)
+    return total / steps
+
+
+def measure_variant(name: str, variant: Variant, cfg_data: dict, device: torch.device, root: Path,
+                    args: argparse.Namespace) -> Row:
+    """Build the variant's trainer, warm it up (compiling), count its syncs, time it; any failure is the row's."""
+    from etrm.config import Config, apply_overrides
+    from etrm.train.trainer import Trainer
+
+    row = Row(name)
+    trainer = None
+    try:
+        torch.manual_seed(0)
+        cfg = Config.from_dict(apply_overrides(cfg_data, variant.overrides))
+        trainer = Trainer(cfg, root / name, device=device)
+        (root / name).mkdir()
+        if variant.traced:
+            trainer.enable_trace(args.preset)
+        if variant.compile != "eager":
+            compile_modules(trainer, variant.compile)
+        graphs = variant.compile == "reduce-overhead"
+
+        def step() -> Any:
+            if graphs:  # a new step: CUDA-graph outputs of the last one may be overwritten from here on
+                torch.compiler.cudagraph_mark_step_begin()
+            return trainer.train_step()
+
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(max(args.warmup, CHECK_WARMUP)):
+            step()
+            _flush_due(trainer)
+        torch.cuda.synchronize()
+        row.warmup_s = time.perf_counter() - t0
+        row.syncs_per_step = count_syncs(step, trainer, args.sync_steps)
+        torch.cuda.reset_peak_memory_stats()
+        seconds, samples = [], []
+        for _ in range(args.rounds):
+            resets = torch.zeros((), dtype=torch.long, device=device)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(args.block):
+                events, _ = step()
+                resets += events.reset.sum()
+                _flush_due(trainer)
+            torch.cuda.synchronize()
+            seconds.append((time.perf_counter() - t0) / args.block)
+            samples.append(int(resets.item()) / (seconds[-1] * args.block))
+        row.step_ms = statistics.median(seconds) * 1e3
+        row.samples_per_s = statistics.median(samples)
+        row.peak_mib = torch.cuda.max_memory_allocated() / 2**20
+    except Exception as exc:  # a variant the step does not allow: its error is the row
+        row.error = " ".join(f"{type(exc).__name__}: {exc}".split())[:160]
+    finally:
+        if trainer is not None and trainer.tracer is not None:
+            trainer.tracer.close()
+        torch.compiler.reset()
+    return row
+
+
+def run_table(args: argparse.Namespace, device: torch.device | None = None, out: Any = print) -> list[Row]:
+    """Measure each variant of ``--variants`` in turn; ``out`` gets the header and each row as it finishes."""
+    from etrm.config import apply_overrides
+    from etrm.presets import load_preset
+
+    if not args.variants:
+        return []
+    device = device or torch.device("cuda")
+    cfg_data = apply_overrides(load_preset(args.preset), overrides_for(args))
+    t_start = time.perf_counter()
+    rows: list[Row] = []
+    out(f"variants (preset {args.preset}, {args.rounds} blocks x {args.block} steps each after {args.warmup} warm-up "
+        f"steps; syncs counted over {args.sync_steps} steps; rows run one after another)")
+    out(TABLE_HEADER)
+    with tempfile.TemporaryDirectory(prefix="etrm-gpu-table-") as tmp:
+        for name in args.variants:
+            if time.perf_counter() - t_start > args.table_budget_s:
+                rows.append(Row(name, error=f"skipped: --table-budget-s {args.table_budget_s:g} reached"))
+            else:
+                rows.append(measure_variant(name, VARIANTS[name], cfg_data, device, Path(tmp), args))
+            out(format_row(rows[-1], VARIANTS[name]))
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
         print(no_gpu_message())
         return 0
     result = run_check(args)
-    print(format_summary(result))
+    print(format_summary(result), flush=True)
+    run_table(args, out=lambda line: print(line, flush=True))
     return 0 if result.passed else 1
 
 

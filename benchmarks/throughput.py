@@ -1,21 +1,31 @@
-"""Training throughput of the bundled presets, measured side by side in one process.
+"""Training throughput, measured side by side in one process: presets, data paths, eager vs compiled.
 
-Builds one Trainer per preset, warms each up, then interleaves timed blocks of ACT steps (round 1: A, B; round 2:
-A, B; ...) so that a noisy, shared machine slows every preset alike. Prints, per preset, the median over rounds of
-ACT steps/s (one ACT step = one optimizer step) and of samples/s (fresh samples consumed = slots reset), and the
-ratio of each preset to the first. It measures; it asserts nothing.
+Builds one Trainer per arm, warms each up, then interleaves timed blocks of ACT steps (round 1: A, B; round 2: B, A;
+...) so that a noisy, shared machine slows every arm alike. Per arm it prints the median over rounds of ACT steps/s
+(one ACT step = one optimizer step) and samples/s (fresh samples consumed = slots reset), with the per-round min and
+max, and the ratio to the comparison's first arm. It measures; it asserts nothing.
 
-    python benchmarks/throughput.py [--steps 20] [--rounds 5] [--warmup 5] [--device auto|cpu|cuda] [--threads N]
-                                    [--presets demo demo-trm] [key=value ...]
+    python benchmarks/throughput.py [--compare presets|data-path|compile] [--presets demo demo-trm]
+                                    [--steps 20] [--rounds 5] [--warmup 5] [--device auto|cpu|cuda] [--threads N]
+                                    [key=value ...]
+
+- ``presets`` (default): the presets against the first one.
+- ``data-path``: per preset, ``train.data_path=host`` (the reset mask read back every step, the batch built on the
+  host) against ``device`` (no host sync in the step).
+- ``compile``: per preset, eager against ``train.compile=true``; also the compile time (the compiled arm's warm-up
+  minus the eager one's) and the break-even step count (compile seconds / seconds saved per step).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,17 +34,28 @@ from etrm.config import Config, apply_overrides
 from etrm.presets import load_preset
 from etrm.train.trainer import Trainer, pick_device
 
+COMPARISONS = {
+    "presets": [("", [])],
+    "data-path": [("host", ["train.data_path=host"]), ("device", ["train.data_path=device"])],
+    "compile": [("eager", ["train.compile=false"]), ("compiled", ["train.compile=true"])],
+}
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides applied to every preset")
-    p.add_argument("--presets", nargs="+", default=["demo", "demo-trm"], help="presets to compare (first = base)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides applied to every arm")
+    p.add_argument("--compare", choices=list(COMPARISONS), default="presets", help="what to compare (see above)")
+    p.add_argument("--presets", nargs="+", default=["demo", "demo-trm"], help="presets to run (first = base)")
     p.add_argument("--steps", type=int, default=20, help="ACT steps per timed block")
-    p.add_argument("--rounds", type=int, default=5, help="timed blocks per preset, interleaved")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps per preset before the first round")
+    p.add_argument("--rounds", type=int, default=5, help="timed blocks per arm, interleaved")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per arm before the first round")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int, help="torch intra-op threads on CPU (default: torch's choice)")
-    return p.parse_intermixed_args(argv)
+    args = p.parse_intermixed_args(argv)
+    for name in ("steps", "rounds", "warmup"):
+        if getattr(args, name) < (0 if name == "warmup" else 1):
+            p.error(f"--{name} must be at least {0 if name == 'warmup' else 1}")
+    return args
 
 
 def sync(device: torch.device) -> None:
@@ -56,52 +77,114 @@ def timed_block(trainer: Trainer, steps: int) -> tuple[float, int]:
     return time.perf_counter() - t0, int(resets.item())
 
 
+@dataclass
+class Arm:
+    """One trainer under test and its measurements."""
+
+    name: str
+    preset: str
+    trainer: Trainer
+    warmup_s: float = 0.0
+    steps_per_s: list[float] = field(default_factory=list)
+    samples_per_s: list[float] = field(default_factory=list)
+
+    @property
+    def step_s(self) -> float:
+        return 1.0 / statistics.median(self.steps_per_s)
+
+
+def break_even_steps(compile_s: float, eager_step_s: float, compiled_step_s: float) -> float:
+    """Steps after which compiling has paid for itself (``inf`` when the compiled step is not faster)."""
+    saved = eager_step_s - compiled_step_s
+    return compile_s / saved if saved > 0 else math.inf
+
+
+def build_arms(args: argparse.Namespace, device: torch.device, root: Path) -> list[list[Arm]]:
+    """Groups of arms compared with each other: one group for ``presets``, one per preset otherwise."""
+    groups = []
+    variants = COMPARISONS[args.compare]
+    for preset in args.presets:
+        group = []
+        for label, extra in variants:
+            data = apply_overrides(load_preset(preset), [*args.overrides, *extra, f'train.device="{device.type}"'])
+            name = f"{preset} {label}".strip()
+            torch.manual_seed(0)
+            group.append(Arm(name, preset, Trainer(Config.from_dict(data), root / name.replace(" ", "-"), device)))
+        groups.append(group)
+    return [[a for g in groups for a in g]] if args.compare == "presets" else groups
+
+
+def describe(arm: Arm) -> str:
+    tr, cfg = arm.trainer, arm.trainer.cfg
+    mode = "trm" if cfg.model == "trm" else cfg.encoder.mode
+    return (f"  {arm.name}: model {cfg.model} mode {mode}, {tr.model.num_trainable_parameters():,} params, batch "
+            f"{cfg.train.batch_size}, hidden {cfg.arch.hidden_size}, H x L cycles {cfg.arch.H_cycles} x "
+            f"{cfg.arch.L_cycles}, max ACT steps {cfg.max_steps_per_sample}, data path "
+            f"{'device' if tr.feed.on_device else 'host'}, compile {cfg.train.compile}")
+
+
+def measure(groups: list[list[Arm]], args: argparse.Namespace) -> None:
+    arms = [a for g in groups for a in g]
+    for arm in arms:  # the compiled arm's first steps include the compilation
+        t0 = time.perf_counter()
+        if args.warmup:
+            timed_block(arm.trainer, args.warmup)
+        arm.warmup_s = time.perf_counter() - t0
+    for r in range(args.rounds):
+        for arm in (arms if r % 2 == 0 else arms[::-1]):
+            seconds, resets = timed_block(arm.trainer, args.steps)
+            arm.steps_per_s.append(args.steps / seconds)
+            arm.samples_per_s.append(resets / seconds)
+
+
+def print_group(group: list[Arm], args: argparse.Namespace) -> None:
+    base = group[0]
+    print(f"\n{'arm':<20} {'ACT steps/s':>12} {'(min..max)':>16} {'samples/s':>11} {'(min..max)':>16} "
+          f"{'steps/s vs ' + base.name:>28} {'per-round ratio (min..max)':>27}")
+    for arm in group:
+        s, m = arm.steps_per_s, arm.samples_per_s
+        ratios = [a / b for a, b in zip(s, base.steps_per_s)]
+        print(f"{arm.name:<20} {statistics.median(s):>12.2f} {f'({min(s):.2f}..{max(s):.2f})':>16} "
+              f"{statistics.median(m):>11.1f} {f'({min(m):.1f}..{max(m):.1f})':>16} "
+              f"{statistics.median(s) / statistics.median(base.steps_per_s):>28.3f} "
+              f"{f'({min(ratios):.3f}..{max(ratios):.3f})':>27}")
+    if args.compare == "compile" and args.warmup:
+        eager, compiled = group
+        compile_s = max(compiled.warmup_s - eager.warmup_s, 0.0)
+        even = break_even_steps(compile_s, eager.step_s, compiled.step_s)
+        print(f"  {compiled.preset}: step {eager.step_s * 1e3:.1f} ms eager, {compiled.step_s * 1e3:.1f} ms compiled "
+              f"(x{compiled.step_s / eager.step_s:.3f}); compile {compile_s:.1f} s (warm-up {compiled.warmup_s:.1f} s "
+              f"vs {eager.warmup_s:.1f} s eager); break-even after "
+              + ("never (the compiled step is not faster)" if math.isinf(even) else f"{even:,.0f} steps"))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    tmp = tempfile.TemporaryDirectory(prefix="etrm-bench-")
-    trainers: dict[str, Trainer] = {}
-    for name in args.presets:
-        data = apply_overrides(load_preset(name), [*args.overrides, f'train.device="{device.type}"'])
-        trainers[name] = Trainer(Config.from_dict(data), Path(tmp.name) / name, device=device)
-
-    print(f"device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-          + f" | torch {torch.__version__} | threads {torch.get_num_threads()} | {args.rounds} rounds x "
-          f"{args.steps} steps per preset, {args.warmup} warm-up steps")
-    for name, tr in trainers.items():
-        cfg = tr.cfg
-        mode = "trm" if cfg.model == "trm" else cfg.encoder.mode
-        print(f"  {name}: model {cfg.model} mode {mode}, {tr.model.num_trainable_parameters():,} params, batch "
-              f"{cfg.train.batch_size}, hidden {cfg.arch.hidden_size}, H x L cycles {cfg.arch.H_cycles} x "
-              f"{cfg.arch.L_cycles}, max ACT steps {cfg.max_steps_per_sample}")
-
-    for tr in trainers.values():
-        if args.warmup:
-            timed_block(tr, args.warmup)
-
-    steps_per_s: dict[str, list[float]] = {n: [] for n in trainers}
-    samples_per_s: dict[str, list[float]] = {n: [] for n in trainers}
-    for _ in range(args.rounds):
-        for name, tr in trainers.items():
-            seconds, resets = timed_block(tr, args.steps)
-            steps_per_s[name].append(args.steps / seconds)
-            samples_per_s[name].append(resets / seconds)
-
-    base = args.presets[0]
-    med_steps = {n: statistics.median(v) for n, v in steps_per_s.items()}
-    med_samples = {n: statistics.median(v) for n, v in samples_per_s.items()}
-    print()
-    print(f"{'preset':<12} {'ACT steps/s':>12} {'(min..max)':>16} {'samples/s':>11} {'(min..max)':>16} "
-          f"{'steps/s vs ' + base:>18} {'samples/s vs ' + base:>20}")
-    for name in trainers:
-        s, m = steps_per_s[name], samples_per_s[name]
-        print(f"{name:<12} {med_steps[name]:>12.2f} {f'({min(s):.2f}..{max(s):.2f})':>16} "
-              f"{med_samples[name]:>11.1f} {f'({min(m):.1f}..{max(m):.1f})':>16} "
-              f"{med_steps[name] / med_steps[base]:>18.3f} {med_samples[name] / med_samples[base]:>20.3f}")
-    tmp.cleanup()
+    with tempfile.TemporaryDirectory(prefix="etrm-bench-") as tmp:
+        groups = build_arms(args, device, Path(tmp))
+        load = " | load average " + " ".join(f"{x:.2f}" for x in _loadavg()) if _loadavg() else ""
+        print(f"device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+              + f" | torch {torch.__version__} | threads {torch.get_num_threads()} | compare {args.compare} | "
+              f"{args.rounds} rounds x {args.steps} steps per arm, {args.warmup} warm-up steps{load}")
+        for group in groups:
+            for arm in group:
+                print(describe(arm))
+        measure(groups, args)
+        for group in groups:
+            print_group(group, args)
+        if _loadavg():
+            print("\nload average after: " + " ".join(f"{x:.2f}" for x in _loadavg()))
     return 0
+
+
+def _loadavg() -> tuple[float, ...]:
+    try:
+        return os.getloadavg()
+    except (AttributeError, OSError):
+        return ()
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ FAULTS = (
 )
 LOSSES = ("stablemax", "softmax")
 SAMPLERS = ("refill", "trm")
+DATA_PATHS = ("auto", "device", "pinned", "host")  # where a step's samples are chosen and gathered (etrm.data.feed)
 DATASETS = ("fewshot", "arc1", "arc2", "sudoku", "maze", "trm-folder")
 LR_SCHEDULES = ("cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
@@ -221,6 +222,7 @@ class TrainConfig:
     ema: bool = True
     ema_rate: float = 0.99
     sampler: str = "refill"
+    data_path: str = "auto"  # device / pinned: no host sync per step; host: upstream's way; auto: device if it fits
     eval_every: int = 100
     eval_batch_size: int = 64
     checkpoint_every: int = 100
@@ -240,6 +242,7 @@ class TrainConfig:
             _unit(s, name, getattr(self, name))
         _choice(s, "lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _choice(s, "sampler", self.sampler, SAMPLERS)
+        _choice(s, "data_path", self.data_path, DATA_PATHS)
         _choice(s, "device", self.device, DEVICES)
 
 

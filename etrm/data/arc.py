@@ -199,8 +199,43 @@ class ArcIndex:
 # ---------------------------------------------------------------------------------------------------------------
 # Building the datasets
 
+@dataclass
+class VariantTable:
+    """How every row (or demo-pool entry) was made from the base grids: base input and output grid, dihedral id,
+    colour permutation and translation. ``etrm.data.arc_device`` renders rows from it on the device."""
+
+    source: np.ndarray  # [N, 2] int64 indices into the base grids (input, output)
+    tid: np.ndarray  # [N] int64
+    perm: np.ndarray  # [N, 10] int64
+    offset: np.ndarray  # [N, 2] int64 (top, left)
+
+
+@dataclass
+class ArcVariants:
+    """A training set as base grids plus how each row (and, ETRM, each demo-pool entry) was made from them."""
+
+    grids: list[np.ndarray]
+    rows: VariantTable
+    pool: VariantTable | None = None
+
+
+@dataclass
+class BaseGrids:
+    """The untransformed grids every variant is made from (``etrm.data.arc_device.pad_grids`` packs them)."""
+
+    grids: list[np.ndarray] = field(default_factory=list)
+
+    def add_task(self, task: ArcTask) -> list[tuple[int, int]]:
+        """Register the task's demo and test pairs; their (input, output) indices, demos first."""
+        out = []
+        for a, b in task.demos + task.tests:
+            out.append((len(self.grids), len(self.grids) + 1))
+            self.grids += [a, b]
+        return out
+
+
 class _Rows:
-    """Accumulates encoded rows (and, for ETRM, their demo slots) before stacking."""
+    """Accumulates encoded rows (and, for ETRM, their demo slots) before stacking, with how each was made."""
 
     def __init__(self, canvas: int) -> None:
         self.canvas = canvas
@@ -208,13 +243,25 @@ class _Rows:
         self.outputs: list[np.ndarray] = []
         self.ids: list[int] = []
         self.slots: list[list[int]] = []
+        self.made: list[tuple[int, int, int, tuple[int, ...], int, int]] = []
 
-    def add(self, pair: Pair, pid: int, offset: tuple[int, int] = (0, 0), slots: list[int] | None = None) -> None:
+    def add(self, pair: Pair, pid: int, offset: tuple[int, int] = (0, 0), slots: list[int] | None = None,
+            source: tuple[tuple[int, int], Variant] | None = None) -> None:
         self.inputs.append(encode_at(pair[0], self.canvas, *offset))
         self.outputs.append(encode_at(pair[1], self.canvas, *offset))
         self.ids.append(pid)
         if slots is not None:
             self.slots.append(slots)
+        if source is not None:
+            (src_in, src_out), v = source
+            self.made.append((src_in, src_out, v.tid, v.perm, *offset))
+
+    def table(self) -> VariantTable:
+        m = self.made
+        return VariantTable(source=np.asarray([r[:2] for r in m], dtype=np.int64).reshape(-1, 2),
+                            tid=np.asarray([r[2] for r in m], dtype=np.int64),
+                            perm=np.asarray([r[3] for r in m], dtype=np.int64).reshape(-1, 10),
+                            offset=np.asarray([r[4:] for r in m], dtype=np.int64).reshape(-1, 2))
 
     def dataset(self, pool: "_Rows | None", k: int, vocab: int = VOCAB_SIZE) -> GridDataset:
         s = self.canvas * self.canvas
@@ -295,8 +342,10 @@ def build_arc(train_tasks: Sequence[ArcTask], eval_tasks: Sequence[ArcTask], can
     num_tests: dict[str, int] = {}
     next_id = 1
     n_train_variants = n_eval_variants = 0
+    bases = BaseGrids()  # the training rows' base grids: the device renders training rows from them
     for split, tasks in (("train", train_kept), ("eval", eval_kept)):
         for ti, task in enumerate(tasks):
+            base = bases.add_task(task) if split == "train" or view == "trm" else []
             rng = np.random.default_rng([seed, 0 if split == "train" else 1, ti])
             if split == "eval":
                 num_tests[task.name] = len(task.tests)
@@ -310,8 +359,8 @@ def build_arc(train_tasks: Sequence[ArcTask], eval_tasks: Sequence[ArcTask], can
                     n_eval_variants += 1
                 if view == "trm":
                     trained = demos + tests if split == "train" else demos
-                    for pair, off in zip(trained, _offsets(trained, canvas, rng, translate)):
-                        train_rows.add(pair, pid, off)
+                    for q, (pair, off) in enumerate(zip(trained, _offsets(trained, canvas, rng, translate))):
+                        train_rows.add(pair, pid, off, source=(base[q], v))
                     if split == "eval":
                         for qi, pair in enumerate(tests):
                             eval_rows.add(pair, pid)
@@ -321,16 +370,18 @@ def build_arc(train_tasks: Sequence[ArcTask], eval_tasks: Sequence[ArcTask], can
                     pool = pools[split]
                     demos = demos[:k]
                     slots = list(range(len(pool.ids), len(pool.ids) + len(demos)))
-                    for pair in demos:
-                        pool.add(pair, pid)
+                    for q, pair in enumerate(demos):
+                        pool.add(pair, pid, source=(base[q], v) if split == "train" else None)
                     if split == "train":
-                        for pair, off in zip(tests, _offsets(tests, canvas, rng, translate)):
-                            train_rows.add(pair, pid, off, slots)
+                        n_demos = len(task.demos)
+                        for q, (pair, off) in enumerate(zip(tests, _offsets(tests, canvas, rng, translate))):
+                            train_rows.add(pair, pid, off, slots, source=(base[n_demos + q], v))
                     else:
                         for qi, pair in enumerate(tests):
                             eval_rows.add(pair, pid, slots=slots)
                             index_rows.append((ti, qi, v.tid, v.perm))
     train_ds = train_rows.dataset(pools["train"] if pools else None, k)
+    train_ds.arc_variants = ArcVariants(bases.grids, train_rows.table(), pools["train"].table() if pools else None)
     eval_ds = eval_rows.dataset(pools["eval"] if pools else None, k)
     eval_ds.arc_index = ArcIndex(
         canvas=canvas, task_names=[t.name for t in eval_kept],

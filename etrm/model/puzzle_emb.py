@@ -62,12 +62,13 @@ class SignSGD:
             ids, row_grad = _gather(ids), _gather(row_grad)
         elif row_grad is None:
             return
-        uniq, inverse = torch.unique(ids, return_inverse=True)
-        grad = torch.zeros(uniq.shape[0], rows.shape[1], dtype=row_grad.dtype, device=rows.device)
-        grad.index_add_(0, inverse, row_grad)
+        group = _groups(ids)
+        grad = torch.zeros(ids.shape[0], rows.shape[1], dtype=row_grad.dtype, device=rows.device)
+        grad.index_add_(0, group, row_grad)
         lr, wd = self.param_groups[0]["lr"], self.param_groups[0]["weight_decay"]
         w = self.emb.weights
-        w[uniq] = w[uniq] * (1.0 - lr * wd) - lr * torch.sign(grad).to(w.dtype)
+        # Every occurrence of an id writes the same new row (its group's summed gradient), so duplicates agree.
+        w[ids] = w[ids] * (1.0 - lr * wd) - lr * torch.sign(grad[group]).to(w.dtype)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.emb.last_ids = self.emb.last_rows = None
@@ -77,6 +78,18 @@ class SignSGD:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.param_groups = [dict(g) for g in state["param_groups"]]
+
+
+def _groups(ids: torch.Tensor) -> torch.Tensor:
+    """Per position, a group index shared by equal ids (0..B-1), found by sorting: ``torch.unique``'s inverse
+    without its data-dependent output size, which would read the device back (a host sync)."""
+    order = torch.argsort(ids)
+    ranked = ids[order]
+    first = torch.ones_like(ranked, dtype=torch.bool)
+    first[1:] = ranked[1:] != ranked[:-1]
+    group = torch.empty_like(ids)
+    group[order] = torch.cumsum(first, 0) - 1
+    return group
 
 
 def _gather(t: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from diagnostics.tb_scalars import TENSORBOARD_DIR, TensorBoardScalars
 from diagnostics.tracer import Tracer
 from etrm.config import Config
 from etrm.data.build import build_datasets
-from etrm.data.samplers import RefillSampler, TRMSampler
+from etrm.data.feed import Feed, build_feed, to_device
 from etrm.errors import UserError
 from etrm.loss import ACTLoss
 from etrm.model import ACTModel, Carry
@@ -105,11 +105,10 @@ class Trainer:
         self.optimizers = self._build_optimizers()
         self.ema = EMA(self.model, tc.ema_rate) if tc.ema else None
         self.eval_model = ACTModel(cfg, shape).to(self.device) if tc.ema else self.model
-        if tc.sampler == "refill":
-            self.sampler: RefillSampler | TRMSampler = RefillSampler(len(self.train_ds), tc.seed)
-        else:
-            self.sampler = TRMSampler(len(self.train_ds), self.local_batch, tc.seed)
-        distributed.shard_sampler(self.sampler, self.dist)
+        # The data path (train.data_path): the sampler and the training set on the device (no host sync per step),
+        # or on the host. Either way the sampler is this rank's share under torchrun.
+        self.feed: Feed = build_feed(tc.data_path, tc.sampler, self.train_ds, self.local_batch, tc.seed, self.device)
+        self.sampler = distributed.shard_sampler(self.feed.sampler, self.dist)
         if tc.compile:  # in place: parameter names (checkpoints) stay those of the plain modules
             self.model.core.compile()
             if hasattr(self.model, "encoder"):
@@ -124,7 +123,6 @@ class Trainer:
                 self.model, find_unused_parameters=unused, **distributed.no_buffer_sync())
         self.carry: Carry = self.model.initial_carry(self._to_device(self._padding_batch()))
         self.step = 0
-        self.samples_dropped = 0
         self.step_hooks: list[StepHook] = []
         self.stop_requested = False
         self.tracer: Tracer | None = None
@@ -212,10 +210,16 @@ class Trainer:
         return self.train_ds.batch(np.full(self.local_batch, -1, dtype=np.int64))
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """On CUDA: through pinned memory, without waiting (each batch is a fresh host tensor, never reused)."""
-        if self.device.type != "cuda":
-            return {k: v.to(self.device) for k, v in batch.items()}
-        return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+        return to_device(batch, self.device)
+
+    @property
+    def samples_dropped(self) -> int:
+        """Fed ids the ``trm`` sampler dropped so far (on the device path a read of a device counter)."""
+        return self.feed.samples_dropped
+
+    @samples_dropped.setter
+    def samples_dropped(self, value: int) -> None:
+        self.feed.samples_dropped = value
 
     def autocast(self):
         """bf16 autocast on CUDA; fp32 on CPU (bf16 is several times slower on CPUs without bf16 units)."""
@@ -225,14 +229,12 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------------------
     def next_batch(self, clock: PhaseClock | None = None) -> dict[str, torch.Tensor]:
-        """Fresh samples for the slots that halted last step (the sampler needs the reset mask on the host)."""
+        """Fresh samples for the slots that halted last step: ``data`` chooses their ids from the reset mask, ``h2d``
+        brings their rows to the device (on the device path both stay on the device: no host sync)."""
         with _phase(clock, "data", self.profiling):
-            reset = self.carry.halted.cpu().numpy()
-            fill = self.sampler.fill(reset)
-            self.samples_dropped += len(fill.dropped_ids)
-            batch = self.train_ds.batch(fill.batch_ids)
+            drawn = self.feed.draw(self.carry.halted)
         with _phase(clock, "h2d", self.profiling):
-            return self._to_device(batch)
+            return self.feed.gather(drawn)
 
     def train_step(self) -> tuple[StepEvents, dict[str, torch.Tensor]]:
         """One ACT step for every slot, one backward, one optimizer step. Returns the step's events and metrics."""

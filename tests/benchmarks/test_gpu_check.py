@@ -45,7 +45,8 @@ def test_defaults_and_overrides(gpu_check):
 
 
 @pytest.mark.parametrize("argv", [["--steps", "0"], ["--rounds", "0"], ["--block", "-1"], ["--warmup", "-2"],
-                                  ["--budget-s", "0"], ["--steps", "many"], ["--no-such-flag"]])
+                                  ["--budget-s", "0"], ["--steps", "many"], ["--no-such-flag"],
+                                  ["--variants", "eager,warp-speed"], ["--sync-steps", "0"]])
 def test_bad_arguments_exit_2(gpu_check, argv, capsys):
     with pytest.raises(SystemExit) as exc:
         gpu_check.parse_args(argv)
@@ -179,3 +180,26 @@ def test_a_sync_in_a_probe_fails_the_check_and_is_located(gpu_check, monkeypatch
     [(site, who)] = r.sync_sites
     assert site.startswith("diagnostics/probes/diversity.py:") and who == "tracing"
     assert "FAIL: 1 sync site(s)" in gpu_check.format_summary(r)
+
+
+def test_the_variants_table_prints_each_row_as_it_finishes(gpu_check, monkeypatch):
+    fake = FakeCuda()
+    for name, fn in (("set_sync_debug_mode", fake.set_sync_debug_mode),
+                     ("get_sync_debug_mode", fake.get_sync_debug_mode), ("synchronize", lambda *a: None),
+                     ("reset_peak_memory_stats", lambda *a: None), ("max_memory_allocated", lambda *a: 5 * 2**20)):
+        monkeypatch.setattr(torch.cuda, name, fn)
+    args = gpu_check.parse_args(["--rounds", "1", "--block", "2", "--warmup", "1", "--sync-steps", "2",
+                                 "--variants", "eager,eager-traced,eager-host-data", *TINY])
+    lines: list[str] = []
+    rows = gpu_check.run_table(args, device=torch.device("cpu"), out=lines.append)
+    assert [r.name for r in rows] == ["eager", "eager-traced", "eager-host-data"]
+    assert all(r.error is None and r.step_ms > 0 and r.samples_per_s > 0 and r.peak_mib == 5.0 for r in rows)
+    assert lines[1] == gpu_check.TABLE_HEADER and len(lines) == 2 + len(rows)
+    assert lines[4].startswith("eager-host-data") and " host " in lines[4]
+    assert fake.modes.count("warn") == 3 * 2 and fake.mode == 0  # syncs counted per step, mode restored
+    # a variant that cannot run prints its error in its row; one past the budget says it was skipped
+    failed = gpu_check.Row("cudagraphs", error="RuntimeError: boom")
+    assert "failed: RuntimeError: boom" in gpu_check.format_row(failed, gpu_check.VARIANTS["cudagraphs"])
+    args = gpu_check.parse_args(["--variants", "eager", "--table-budget-s", "1e-9", *TINY])
+    [skipped] = gpu_check.run_table(args, device=torch.device("cpu"), out=lines.append)
+    assert skipped.error.startswith("skipped")
