@@ -26,7 +26,8 @@ import plotly.utils
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dashboards import app as A  # noqa: E402
-from dashboards.runs import RunCache, Runs, connect, _columns  # noqa: E402
+from dashboards.runs import RunCache, Runs  # noqa: E402
+from diagnostics.reader import connect, step_columns as _columns  # noqa: E402
 from dashboards.synthetic import write_synthetic  # noqa: E402
 from diagnostics.store import TRACE_NAME, TraceWriter  # noqa: E402
 

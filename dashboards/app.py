@@ -137,19 +137,24 @@ def tab_figures(cache: RunCache, tab: str, xrange: Sequence[float] | None = None
     meta, findings, mode = info.meta, info.findings, info.meta.get("mode")
     xr = tuple(xrange) if xrange else None
     threshold = info.thresholds.coverage_min  # the run's own doctor threshold (its config's [doctor])
+    trm = mode == "trm"  # TRM trains puzzle-table rows where ETRM trains an encoder: the titles say which
+    cov_title = ("Puzzle-table row gradient coverage vs reset fraction" if trm
+                 else "Encoder gradient coverage vs reset fraction")
     out: dict[str, Any] = {}
     if tab == "overview":
         f = cache.frame(OVERVIEW, xr)
         out["loss"] = safe(lambda: F.loss_figure(f, findings, focus))
         out["accuracy"] = safe(lambda: F.accuracy_figure(f, _evals_in(cache, xr), findings, focus))
-        out["coverage"] = safe(lambda: F.coverage_figure(f, threshold, findings, focus))
+        out["coverage"] = safe(lambda: F.coverage_figure(f, threshold, findings, focus, title=cov_title))
         out["halting"] = safe(lambda: F.halting_summary_figure(f, mode, findings, focus))
         out["timing"] = safe(lambda: F.timing_figure(cache.timings(xr)))
     elif tab == "coverage":
         f = cache.frame(COVERAGE, xr)
-        out["coverage-detail"] = safe(lambda: F.coverage_figure(f, threshold, findings, focus,
+        out["coverage-detail"] = safe(lambda: F.coverage_figure(f, threshold, findings, focus, title=cov_title,
                                                                 height=F.HEIGHT + 80))
-        out["grad-norm"] = safe(lambda: F.grad_norm_figure(f, findings, focus))
+        out["grad-norm"] = safe(lambda: F.grad_norm_figure(f, findings, focus, title=(
+            "Gradient norm: puzzle-table rows vs rest of the model" if trm else
+            "Gradient norm: encoder vs rest of the model")))
         out["encoder-work"] = safe(lambda: F.encoder_work_figure(f))
     elif tab == "halting":
         if mode == "fct":

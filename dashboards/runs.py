@@ -297,11 +297,13 @@ class RunCache:
             elif xrange is None:
                 cached = self.frames.get(spec)
                 if cached is None:
-                    cached = (width, reader.sql_buckets(self.path, spec, lo, hi, width))
+                    got = reader.sql_buckets(self.path, spec, lo, hi, width)
+                    cached = (int(got.attrs.get("width", width)), got)  # rollups: a multiple of their width
                     self.frames[spec] = cached
                 width, out = cached
             else:
                 out = reader.sql_buckets(self.path, spec, lo, hi, width)
+                width = int(out.attrs.get("width", width))
             out = finish(out, self.info.meta.get("mode"))
             out.attrs.update(width=width, lo=lo, hi=hi, exact=width == 1)
             return out

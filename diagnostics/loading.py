@@ -7,7 +7,6 @@ NaN where the denominator is 0.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -17,7 +16,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from diagnostics import figures
+from diagnostics import figures, reader
 from diagnostics.store import TRACE_NAME, TraceError, open_trace, read_meta
 
 LIFECYCLE = {"start": "live", "resume": "live", "end": "finished", "finished": "finished",
@@ -63,7 +62,7 @@ def load_run(path: str | Path) -> pd.DataFrame:
     with _trace(path) as conn:
         meta = read_meta(conn)
         df = pd.read_sql_query("SELECT * FROM steps ORDER BY step", conn)
-        alignment = _alignment(conn)
+        alignment = reader.read_alignment(conn)
     df = df.astype(float)
     df["step"] = df["step"].astype("int64")
     df.index = pd.Index(df["step"].to_numpy(), dtype="int64")
@@ -74,26 +73,16 @@ def load_run(path: str | Path) -> pd.DataFrame:
     return df
 
 
-def _alignment(conn: sqlite3.Connection) -> pd.DataFrame:
-    return pd.read_sql_query("SELECT step, slot, sample_id, label_sample_id, demo_sample_id FROM alignment_samples "
-                             "ORDER BY step, slot", conn)
-
-
 def load_alignment(path: str | Path) -> pd.DataFrame:
     """The first offending slots kept by the alignment probe: step, slot, sample_id, label_sample_id, demo_sample_id."""
     with _trace(path) as conn:
-        return _alignment(conn)
+        return reader.read_alignment(conn)
 
 
 def load_evals(path: str | Path) -> pd.DataFrame:
     """Evaluation results, one row per eval step and one column per metric."""
     with _trace(path) as conn:
-        long = pd.read_sql_query("SELECT step, name, value FROM evals ORDER BY step", conn)
-    if long.empty:
-        return pd.DataFrame(index=pd.Index([], dtype="int64", name="step"))
-    wide = long.pivot(index="step", columns="name", values="value")
-    wide.columns.name = None
-    return wide.astype(float)
+        return reader.read_evals(conn)
 
 
 def load_timings(path: str | Path) -> pd.DataFrame:
@@ -105,22 +94,14 @@ def load_timings(path: str | Path) -> pd.DataFrame:
 def load_findings(path: str | Path) -> pd.DataFrame:
     """The findings the trainer stored (code, severity, first_step, evidence as a dict, message)."""
     with _trace(path) as conn:
-        df = pd.read_sql_query("SELECT code, severity, first_step, evidence, message FROM findings", conn)
-    df["evidence"] = [_json(e) for e in df["evidence"]]
-    return df
+        rows = reader.read_findings(conn)
+    return pd.DataFrame(rows, columns=["code", "severity", "first_step", "evidence", "message"])
 
 
 def load_markers(path: str | Path) -> pd.DataFrame:
     """Lifecycle markers in the order written: time, kind, step, detail."""
     with _trace(path) as conn:
-        return pd.read_sql_query("SELECT time, kind, step, detail FROM markers ORDER BY time, rowid", conn)
-
-
-def _json(text: Any) -> Any:
-    try:
-        return json.loads(text)
-    except (TypeError, json.JSONDecodeError):
-        return text
+        return reader.read_markers(conn)
 
 
 def status_from_markers(markers: Sequence[tuple[float, str]], beat: float | None, fallback: list[float],
@@ -147,8 +128,7 @@ def run_status(path: str | Path, stale_after: float = STALE_AFTER_S, now: float 
     """
     now = time.time() if now is None else now
     with _trace(path) as conn:
-        markers = conn.execute("SELECT time, kind FROM markers ORDER BY time, rowid").fetchall()
-        beat = conn.execute("SELECT MAX(time) FROM heartbeat").fetchone()[0]
+        markers, beat = reader.read_status_inputs(conn)
     p = Path(path)
     db = p / TRACE_NAME if p.is_dir() else p
     wal = db.with_name(db.name + "-wal")  # a reader's own -shm/-wal (empty) must not count as a write

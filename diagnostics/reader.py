@@ -27,20 +27,11 @@ import numpy as np
 import pandas as pd
 
 from diagnostics import figures
-from diagnostics.store import SCHEMA_VERSION, TRACE_NAME, TraceError, read_meta
+from diagnostics.store import ROLLUP_WIDTHS, SCHEMA_VERSION, TRACE_NAME, TraceError, read_meta, readable, rollup_table
 
 MAX_BUCKETS = 800            # points per series over any visible range
 MAX_TIMING_STEPS = 2_000     # timings of at most this many steps are read per range (sampled evenly beyond)
 CONNECT_TIMEOUT_S = 1.0      # a locked trace fails fast instead of hanging a page
-
-
-def readable(version: Any) -> bool:
-    """Whether this etrm reads a trace of schema ``version`` (every version from 1 to the current one)."""
-    try:
-        v = int(version)
-    except (TypeError, ValueError):
-        return False
-    return 1 <= v <= SCHEMA_VERSION
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -232,9 +223,70 @@ def finish(frame: pd.DataFrame, mode: str | None = None) -> pd.DataFrame:
     return out
 
 
+def rollup_widths(conn: sqlite3.Connection) -> tuple[int, ...]:
+    """The rollup levels this trace has (schema 2 writes ``ROLLUP_WIDTHS``; a version-1 trace has none)."""
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    return tuple(w for w in ROLLUP_WIDTHS if rollup_table(w) in tables)
+
+
 def sql_buckets(run_dir: Path, spec: Spec, lo: int, hi: int, width: int, threads: int = 2) -> pd.DataFrame:
-    """Bucketed sums and min/max envelopes over steps [lo, hi], one aggregate query per bucket (SQLite scans each
-    bucket's rowid range once; no temporary GROUP BY b-tree). Large ranges are split over ``threads`` connections."""
+    """Bucketed sums and min/max envelopes over steps [lo, hi] (``attrs["width"]``: the width used).
+
+    From the writer's rollups when the trace has them and buckets are at least one rollup wide: buckets are then a
+    multiple of the rollup width, on the trace's step grid (bucket k holds steps k*width+1 .. (k+1)*width), and the
+    read is about (hi - lo) / rollup rows plus raw rows at the edges (at most a rollup's worth each, and the open
+    bucket the writer has not completed yet), whatever the run's length. Otherwise one aggregate query per bucket over the raw rows (a summary in memory of the reader;
+    no reader ever writes)."""
+    if all(e in figures.REGISTRY for e in spec.envelopes):
+        conn = connect(run_dir)
+        try:
+            r = max((w for w in rollup_widths(conn) if w <= width), default=None)
+            if r is not None:
+                return _rollup_buckets(conn, spec, lo, hi, width, r)
+        except sqlite3.Error as exc:
+            raise TraceError(describe_sqlite_error(Path(run_dir).name, exc)) from None
+        finally:
+            conn.close()
+    out = _raw_buckets(run_dir, spec, lo, hi, width, threads)
+    out.attrs.update(width=width, rollup=1)
+    return out
+
+
+def _rollup_buckets(conn: sqlite3.Connection, spec: Spec, lo: int, hi: int, width: int, r: int) -> pd.DataFrame:
+    """``sql_buckets`` from the rollup table of width ``r``: whole rollup buckets inside [lo, hi], raw rows at the
+    edges, grouped into buckets of a multiple of ``r`` on the step grid."""
+    big = math.ceil(width / r) * r
+    # rollup buckets wholly inside [lo, hi] and complete (the writer stores a bucket once its last step is in)
+    stored = conn.execute(f"SELECT MAX(bucket) FROM {rollup_table(r)}").fetchone()[0]
+    b_first, b_last = math.ceil((lo - 1) / r), min(hi // r - 1, -1 if stored is None else int(stored))
+    cols = _frame_columns(spec)
+    parts: list[pd.DataFrame] = []
+    if b_first <= b_last:
+        exprs = ["step_hi", "step_lo", "n", *(_q(c) for c in spec.sums),
+                 *(_q(f"{e}__{m}") for e in spec.envelopes for m in ("min", "max"))]
+        got = conn.execute(f"SELECT {', '.join(exprs)} FROM {rollup_table(r)} WHERE bucket BETWEEN ? AND ? "
+                           "ORDER BY bucket", (b_first, b_last)).fetchall()
+        parts.append(pd.DataFrame.from_records(got, columns=cols).astype(float))
+        edges = [(lo, b_first * r), ((b_last + 1) * r + 1, hi)]
+    else:
+        edges = [(lo, hi)]
+    for a, b in edges:
+        if a <= b:
+            raw = read_rows(conn, a - 1, list(spec.sums), upto=b)
+            if len(raw):
+                parts.append(aggregate_rows(raw, spec, 1))
+    if not parts:
+        out = pd.DataFrame({c: pd.Series(dtype=float) for c in cols})
+    else:
+        frame = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+        out = _group(frame, (frame["step_lo"].to_numpy(dtype=np.int64) - 1) // big, spec)
+    out.attrs.update(width=big, rollup=r)
+    return out
+
+
+def _raw_buckets(run_dir: Path, spec: Spec, lo: int, hi: int, width: int, threads: int = 2) -> pd.DataFrame:
+    """Bucketed sums and envelopes from the raw rows, one aggregate query per bucket (SQLite scans each bucket's
+    rowid range once; no temporary GROUP BY b-tree). Large ranges are split over ``threads`` connections."""
     exprs = ["MAX(step)", "MIN(step)", "COUNT(*)"] + [f"SUM({_q(c)})" for c in spec.sums]
     for e in spec.envelopes:
         v = envelope_sql(e)
@@ -377,5 +429,5 @@ def _json(text: Any) -> Any:
 __all__ = ["CONNECT_TIMEOUT_S", "MAX_BUCKETS", "MAX_TIMING_STEPS", "Spec", "aggregate_rows", "bucket_width",
            "connect", "describe_sqlite_error", "envelope_sql", "envelope_values", "finish", "halt_columns",
            "merge_frames", "ratio_spec", "read_alignment", "read_evals", "read_findings", "read_markers", "read_meta",
-           "read_rows", "read_status_inputs", "read_timings", "readable", "sql_buckets", "step_columns",
+           "read_rows", "read_status_inputs", "read_timings", "readable", "rollup_widths", "sql_buckets", "step_columns",
            "step_range"]

@@ -139,3 +139,18 @@ def test_starvation_band_is_the_runs_own_threshold(tmp_path):
     assert any("coverage < 0.2" in a["text"] for a in fig["layout"]["annotations"])
     cov = _find(A.kpis(cache.info, cache), "card-coverage")
     assert cov is not None
+
+
+def test_trm_runs_say_puzzle_table_rows_where_etrm_runs_say_encoder(tmp_path):
+    from dashboards.synthetic import write_synthetic
+
+    for mode in ("trm", "reencode"):
+        write_synthetic(tmp_path / mode, 100, mode=mode, batch_size=8, max_steps_per_sample=4, timings=False)
+    runs = Runs(tmp_path)
+    trm, etrm = runs.get("trm"), runs.get("reencode")
+    title = lambda c, tab, fid: A.tab_figures(c, tab)[fid]["layout"]["title"]["text"]  # noqa: E731
+    assert title(trm, "overview", "coverage").startswith("Puzzle-table row")
+    assert title(etrm, "overview", "coverage").startswith("Encoder")
+    assert "puzzle-table rows" in title(trm, "coverage", "grad-norm")
+    assert "puzzle-table row coverage" in texts(A.kpis(trm.info, trm))
+    assert "encoder coverage" in texts(A.kpis(etrm.info, etrm))

@@ -78,6 +78,20 @@ def test_set_overrides_thresholds(sim, meta, make_run, capsys):
     assert code == 1 and doc["findings"][0]["first_step"] == 30
 
 
+def test_the_runs_own_thresholds_judge_and_set_is_a_read_only_what_if(sim, meta, make_run, capsys):
+    """A run traced with ``doctor.coverage_min=0.05`` is judged with it; ``--set`` re-judges without writing."""
+    run = make_run("own", sim(mode="cached", M=8), meta("cached", M=8, doctor={"coverage_min": 0.05}))
+    code, doc = run_json(capsys, str(run))
+    assert code == 0 and doc["findings"] == [] and doc["summary"]["thresholds"]["coverage_min"] == 0.05
+    db = run / TRACE_NAME
+    before = db.read_bytes(), sorted(p.name for p in run.iterdir())
+    code = main([str(run), "--json", "--set", "coverage_min=0.5"])
+    out, err = capsys.readouterr()
+    assert code == 1 and json.loads(out)["summary"]["what_if"] == ["coverage_min=0.5"]
+    assert "what-if" in err and "read-only" in err
+    assert (db.read_bytes(), sorted(p.name for p in run.iterdir())) == before  # nothing written
+
+
 def _one_error_line(capsys) -> str:
     err = capsys.readouterr().err
     assert "Traceback" not in err

@@ -1,0 +1,112 @@
+"""Rollups (trace schema 2): written in the same transaction as their rows, equal to the sums of their rows after
+a resume's truncation, and readable by the reader exactly as an in-memory summary of the rows."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import numpy as np
+import pytest
+
+from diagnostics import figures, reader
+from diagnostics.store import ROLLUP_WIDTHS, SCHEMA_VERSION, TRACE_NAME, TraceWriter, rollup_table
+
+NAMES = ["coverage_num", "coverage_den", "resets", "slots", "loss", "q_tp", "q_fp", "grad_norm_encoder"]
+
+
+def rows(first: int, n: int, seed: int = 0) -> list[tuple]:
+    rng = np.random.default_rng(seed + first)
+    out = []
+    for s in range(first, first + n):
+        v = rng.integers(0, 9, len(NAMES)).astype(float).tolist()
+        v[3] = 8.0
+        if s % 7 == 0:
+            v[-1] = None  # a NaN gradient norm is stored as NULL: it counts 0 in sums, nothing in min/max
+        out.append((s, *v))
+    return out
+
+
+def check_buckets_equal_rows(db) -> int:
+    """Every rollup bucket against SQL sums of its rows; returns the number of buckets checked."""
+    conn = sqlite3.connect(db)
+    checked = 0
+    for w in ROLLUP_WIDTHS:
+        got = conn.execute(f"SELECT bucket, n, step_lo, step_hi, {', '.join(NAMES)} FROM {rollup_table(w)} "
+                           "ORDER BY bucket").fetchall()
+        want = conn.execute(f"SELECT (step - 1) / {w}, COUNT(*), MIN(step), MAX(step), "
+                            f"{', '.join(f'TOTAL({c})' for c in NAMES)} FROM steps GROUP BY (step - 1) / {w} "
+                            "ORDER BY 1").fetchall()
+        # every bucket but the open one (holding the last step, still an accumulator in the writer) is stored
+        assert got == want[:-1], w
+        mins = conn.execute(f"SELECT bucket, loss_per_slot__min, loss_per_slot__max, q_precision__min "
+                            f"FROM {rollup_table(w)} ORDER BY bucket").fetchall()
+        want_env = conn.execute(f"SELECT (step - 1) / {w}, MIN(loss / slots), MAX(loss / slots), "
+                                f"MIN(1.0 * q_tp / NULLIF(q_tp + q_fp, 0)) FROM steps GROUP BY 1 ORDER BY 1").fetchall()
+        assert [(b, a, c) for b, a, c, _ in mins] == [(b, a, c) for b, a, c, _ in want_env[:-1]]
+        assert [m[3] for m in mins] == pytest.approx([e[3] for e in want_env[:-1]], nan_ok=True)
+        checked += len(got)
+    conn.close()
+    return checked
+
+
+def writer(tmp_path) -> TraceWriter:
+    w = TraceWriter(tmp_path / TRACE_NAME, {"mode": "cached"})
+    w.add_counters((n, "t", n) for n in NAMES)
+    return w
+
+
+def test_rollups_equal_their_rows_after_writes_and_a_resume_truncation(tmp_path):
+    db = tmp_path / TRACE_NAME
+    w = writer(tmp_path)
+    for first in range(1, 301, 20):  # flushes of 20 rows, as the tracer writes them
+        w.write_steps(NAMES, rows(first, 20))
+        w.commit()
+    assert check_buckets_equal_rows(db) > 0
+    w.truncate_after(130)  # --resume from a checkpoint at step 130: later rows go, and with them their sums
+    assert check_buckets_equal_rows(db) > 0
+    w.write_steps(NAMES, rows(131, 50, seed=1))  # the resumed run writes the steps again, with new values
+    w.write_steps(NAMES, rows(170, 3, seed=2))   # and a step written twice is recomputed, not double-counted
+    w.commit()
+    check_buckets_equal_rows(db)
+    w.close()
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
+
+
+def test_a_version_1_trace_resumed_gets_its_rollups(tmp_path):
+    db = tmp_path / TRACE_NAME
+    w = writer(tmp_path)
+    w.write_steps(NAMES, rows(1, 100))
+    w.commit()
+    for t in ROLLUP_WIDTHS:  # as a version-1 writer left it: no rollup tables
+        w.conn.execute(f"DROP TABLE {rollup_table(t)}")
+    w.conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    w.close()
+    conn = reader.connect(tmp_path)  # readers accept every version from 1 to the current one
+    assert reader.rollup_widths(conn) == ()
+    conn.close()
+    TraceWriter(db).close()
+    check_buckets_equal_rows(db)
+
+
+def test_the_reader_uses_rollups_and_matches_the_in_memory_summary(tmp_path):
+    w = writer(tmp_path)
+    w.write_steps(NAMES, rows(1, 20_000))
+    w.close()
+    spec = reader.ratio_spec("coverage", "loss_per_slot", "q_precision", "grad_norm_encoder_mean").resolve(NAMES)
+    conn = reader.connect(tmp_path)
+    raw = reader.read_rows(conn, 0)
+    assert reader.rollup_widths(conn) == ROLLUP_WIDTHS
+    conn.close()
+    for lo, hi in ((1, 20_000), (77, 19_999), (5_000, 9_000)):
+        got = reader.sql_buckets(tmp_path, spec, lo, hi, reader.bucket_width(lo, hi, 50))
+        width = got.attrs["width"]
+        assert got.attrs["rollup"] > 1 and width % got.attrs["rollup"] == 0
+        want = reader.aggregate_rows(raw.loc[lo:hi], spec, width, origin=1)
+        assert got["n"].sum() == hi - lo + 1
+        cols = ["step", "step_lo", "n", *spec.sums]
+        assert got[cols].to_numpy() == pytest.approx(want[cols].to_numpy())
+        env = [c for c in got.columns if c.endswith(("_min", "_max"))]
+        assert env and got[env].to_numpy() == pytest.approx(want[env].to_numpy(), nan_ok=True)
+        f = reader.finish(got)
+        assert f["loss_per_slot"].to_numpy() == pytest.approx(reader.finish(want)["loss_per_slot"].to_numpy())
