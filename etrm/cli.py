@@ -207,8 +207,7 @@ def _main(argv: list[str] | None) -> int:
         rows["tensorboard"] = f"tensorboard --logdir {run_dir / 'tensorboard'}"
     reporter.summary("etrm-train summary", rows)
     if result.non_finite:
-        print(f"etrm-train: error: non-finite loss before step {result.step}; the run stopped and its last good "
-              "checkpoint is kept", file=sys.stderr)
+        print(f"etrm-train: error: {result.message}", file=sys.stderr)
         return 1
     return 0
 
