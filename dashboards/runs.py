@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
 import numpy as np
 import pandas as pd
@@ -31,7 +31,7 @@ import pandas as pd
 from diagnostics.doctor import SEVERITIES, diagnose
 from diagnostics.loading import DERIVED, STALE_AFTER_S, status_from_markers
 from diagnostics.profiling import PROFILER_DIR
-from diagnostics.store import SCHEMA_VERSION, TRACE_NAME, read_meta
+from diagnostics.store import SCHEMA_VERSION, TRACE_NAME, read_meta, read_only_uri
 
 RAW_MAX_STEPS = 50_000       # runs up to this many steps are held raw (exact doctor, pandas bucketing)
 MAX_BUCKETS = 800            # points per series over any visible range
@@ -108,7 +108,7 @@ def connect(run_dir: Path) -> sqlite3.Connection:
     if db.stat().st_size == 0:
         raise RunError(f"{run_dir.name}: the trace is empty (half-written: the trainer has not committed yet)")
     try:
-        conn = sqlite3.connect(f"file:{quote(str(db))}?mode=ro", uri=True, timeout=CONNECT_TIMEOUT_S,
+        conn = sqlite3.connect(read_only_uri(db), uri=True, timeout=CONNECT_TIMEOUT_S,
                                check_same_thread=False)
     except sqlite3.Error as exc:
         raise RunError(f"{run_dir.name}: cannot open the trace ({_one_line(exc)})") from None

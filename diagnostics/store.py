@@ -134,6 +134,12 @@ def _num(value: Any) -> Any:
     return value
 
 
+def read_only_uri(db: Path) -> str:
+    """The SQLite URI that opens ``db`` read-only: the path percent-escaped (``#``, ``?``, ``%``, spaces, non-ASCII),
+    so that no character of it can end the path early and drop ``mode=ro``."""
+    return Path(db).absolute().as_uri() + "?mode=ro"
+
+
 def open_trace(path: Path) -> sqlite3.Connection:
     """Open a run's trace read-only (a live trainer may be writing); a missing or corrupt one is a TraceError."""
     p = Path(path)
@@ -141,7 +147,7 @@ def open_trace(path: Path) -> sqlite3.Connection:
     if not db.is_file():
         raise TraceError(f"no trace at {db}; train with --trace, or check the run directory")
     try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+        conn = sqlite3.connect(read_only_uri(db), uri=True, timeout=10)
         version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     except sqlite3.DatabaseError as exc:
         raise TraceError(f"trace {db} is corrupt or not an etrm trace ({exc}); re-run with --trace") from None
