@@ -9,6 +9,7 @@ read shows an error card; a callback never lets an exception reach the browser.
 
 from __future__ import annotations
 
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -500,6 +501,10 @@ def create_app(runs_root: str | Path, refresh_ms: int = REFRESH_MS) -> Dash:
                 return fn(*args)
             except dash.exceptions.PreventUpdate:
                 raise
+            except RunError as exc:  # a refused or unreadable run: its card says why; one log line, no traceback
+                text = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+                print(f"etrm-dash: {text}", file=sys.stderr, flush=True)
+                return fallback(text)
             except Exception as exc:  # noqa: BLE001
                 traceback.print_exc()
                 return fallback(f"{type(exc).__name__}: {' '.join(str(exc).split())}")

@@ -49,7 +49,7 @@ def _trace(path: str | Path) -> Iterator[sqlite3.Connection]:
     conn = open_trace(Path(path))
     try:
         yield conn
-    except sqlite3.DatabaseError as exc:
+    except (sqlite3.DatabaseError, pd.errors.DatabaseError) as exc:  # pandas wraps errors of its own queries
         raise TraceError(f"trace at {path} could not be read ({_one_line(exc)}); it may be corrupt") from None
     finally:
         conn.close()

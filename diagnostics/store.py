@@ -62,7 +62,7 @@ class TraceWriter:
         self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.executescript(_TABLES)
         existing = dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
-        if "schema_version" in existing and int(existing["schema_version"]) != SCHEMA_VERSION:
+        if "schema_version" in existing and schema_version(existing["schema_version"], self.path) != SCHEMA_VERSION:
             raise TraceError(f"{self.path} has trace schema {existing['schema_version']}, this etrm writes "
                              f"{SCHEMA_VERSION}; start a new run directory")
         rows = {"schema_version": str(SCHEMA_VERSION), **{k: _meta_value(v) for k, v in (meta or {}).items()}}
@@ -134,6 +134,15 @@ def _num(value: Any) -> Any:
     return value
 
 
+def schema_version(value: Any, db: Path) -> int:
+    """``meta.schema_version`` as an int; anything else is a TraceError naming the file."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise TraceError(f"trace {db} has schema_version {value!r}, not a number: it is not an etrm trace (or it "
+                         "was edited); re-run with --trace") from None
+
+
 def read_only_uri(db: Path) -> str:
     """The SQLite URI that opens ``db`` read-only: the path percent-escaped (``#``, ``?``, ``%``, spaces, non-ASCII),
     so that no character of it can end the path early and drop ``mode=ro``."""
@@ -153,7 +162,7 @@ def open_trace(path: Path) -> sqlite3.Connection:
         raise TraceError(f"trace {db} is corrupt or not an etrm trace ({exc}); re-run with --trace") from None
     if version is None:
         raise TraceError(f"trace {db} has no schema version; it is not an etrm trace")
-    if int(version[0]) != SCHEMA_VERSION:
+    if schema_version(version[0], db) != SCHEMA_VERSION:
         raise TraceError(f"trace {db} has schema {version[0]}, this etrm reads {SCHEMA_VERSION}; "
                          "upgrade etrm or re-run")
     return conn

@@ -10,17 +10,19 @@ there as ``rank<R>.pt``, to check that ranks agree.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from diagnostics.runtime_check import InvariantChecker, InvariantError
 from diagnostics.store import TRACE_NAME
 from etrm.config import Config, ConfigError, apply_overrides, load_toml
 from etrm.errors import UserError
 from etrm.presets import load_preset
-from etrm.train.rundir import CONFIG_NAME, auto_name, create_run_dir
+from etrm.train.rundir import CONFIG_NAME, auto_name, check_run_dir_parent, create_run_dir
 
 DEFAULT_PRESET = "demo"
 
@@ -55,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_config(args: argparse.Namespace) -> tuple[Config, str | None]:
     """Preset, then --config file, then key=value overrides, then the flag shortcuts."""
     data: dict[str, Any] = {}
-    preset = args.preset or (None if args.config else DEFAULT_PRESET)
-    if preset:
+    preset = args.preset if args.preset is not None else (None if args.config else DEFAULT_PRESET)
+    if preset is not None:  # an empty --preset is an unknown name, not the default
         data = load_preset(preset)
     if args.config:
         data = _merge(data, load_toml(args.config))
@@ -84,7 +86,7 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 def _resume_config(args: argparse.Namespace, run_dir: Path) -> Config:
     """A resumed run keeps its own config; only --max-steps and --device may change."""
-    if args.preset or args.config or args.overrides or args.seed is not None:
+    if args.preset is not None or args.config is not None or args.overrides or args.seed is not None:
         raise UserError("--resume continues a run with its own config; drop --preset, --config, --seed and overrides")
     cfg_file = run_dir / CONFIG_NAME
     if not cfg_file.is_file():
@@ -131,13 +133,13 @@ def _main(argv: list[str] | None) -> int:
     else:
         cfg, preset = resolve_config(args)
         run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / auto_name(cfg, preset)
+        if not run_dir.exists():
+            check_run_dir_parent(run_dir)
 
     import torch
-    from rich.markup import escape
 
     from etrm.train import distributed  # heavy imports after argument checks
-    from etrm.train.console import Reporter
-    from etrm.train.trainer import Trainer, pick_device
+    from etrm.train.trainer import pick_device
 
     env = distributed.env_from_torchrun()
     device = distributed.rank_device(pick_device(cfg.train.device), env)
@@ -150,12 +152,53 @@ def _main(argv: list[str] | None) -> int:
     if not args.resume and run_dir.exists():
         raise UserError(f"run directory {run_dir} already exists; pass --resume to continue it or choose "
                         "another --run-dir")
+    made: dict[str, Any] = {}
+    with _out_of_memory(cfg, run_dir, made, env):
+        return _train(args, cfg, preset, run_dir, env, device, made)
 
-    trainer = Trainer(cfg, run_dir, device=device, dist_env=env)  # DDP's construction: every rank checked above
+
+@contextlib.contextmanager
+def _out_of_memory(cfg: Config, run_dir: Path, made: dict[str, Any], env: Any) -> Iterator[None]:
+    """A ``MemoryError`` or ``torch.OutOfMemoryError`` becomes one line with the memory estimate; a run directory
+    this invocation created, and that holds no checkpoint yet, is removed (nothing half-made is left)."""
+    import torch
+
+    from etrm.train import memory
+
+    try:
+        yield
+    except (MemoryError, torch.OutOfMemoryError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and not memory.is_out_of_memory(exc):
+            raise
+        trainer = made.get("trainer")
+        estimate = trainer.memory_estimate if trainer is not None else memory.estimate_bytes(cfg, 1)
+        kept = ""
+        if made.get("created") and env.is_main:
+            if trainer is None or trainer.checkpoint_step is None:
+                shutil.rmtree(run_dir, ignore_errors=True)
+                kept = f"; {run_dir} was removed"
+            else:
+                kept = f"; {run_dir} keeps the checkpoint of step {trainer.checkpoint_step}"
+        raise UserError(f"out of memory (these sizes need {memory.describe(estimate)}, by estimate); lower "
+                        f"{memory.SIZES}{kept}") from None
+
+
+def _train(args: argparse.Namespace, cfg: Config, preset: str | None, run_dir: Path, env: Any, device: Any,
+           made: dict[str, Any]) -> int:
+    """Build the trainer, make or resume the run directory, train, and print the summary."""
+    import torch
+    from rich.markup import escape
+
+    from etrm.train import distributed
+    from etrm.train.console import Reporter
+    from etrm.train.trainer import Trainer
+
+    trainer = made["trainer"] = Trainer(cfg, run_dir, device=device, dist_env=env)  # every rank checked above
     if args.resume:
         trainer.resume()
     elif env.is_main:
         create_run_dir(run_dir, cfg)
+        made["created"] = True
     trace = args.trace or args.tensorboard or (args.resume and (run_dir / TRACE_NAME).exists())
     if distributed.broadcast_object(trace, env):  # rank 0's view of the run directory decides for every rank
         trainer.enable_trace(preset)

@@ -34,7 +34,7 @@ from etrm.errors import UserError
 from etrm.loss import ACTLoss
 from etrm.model import ACTModel, Carry
 from etrm.model.puzzle_emb import SignSGD
-from etrm.train import distributed, finite_guard
+from etrm.train import distributed, finite_guard, memory
 from etrm.train.checkpoint import load_checkpoint, save_checkpoint
 from etrm.train.console import Reporter, format_eval
 from etrm.train.distributed import SINGLE, DistEnv
@@ -100,6 +100,7 @@ class Trainer:
         self.local_batch = distributed.local_batch(tc.batch_size, self.dist)
         torch.manual_seed(tc.seed)
         self.train_ds, self.eval_ds, shape = build_datasets(cfg)
+        self.memory_estimate = memory.check_fits(cfg, shape.seq_len, shape.num_puzzle_ids, self.device, self.dist.world)
         self.model = ACTModel(cfg, shape).to(self.device)
         self.model.halt_seed = distributed.halt_seed(tc.seed, self.dist)  # each rank explores on its own draws
         self.loss_fn = ACTLoss(cfg.loss)
