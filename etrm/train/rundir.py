@@ -45,7 +45,7 @@ def create_run_dir(path: Path, cfg: Config) -> Path:
     missing = [p for p in [path, *path.absolute().parents] if not p.exists()]
     try:
         path.mkdir(parents=True)
-        (path / CONFIG_NAME).write_text(dump_toml(cfg.to_dict()))
+        write_config(path, cfg)
     except OSError as exc:
         with contextlib.suppress(OSError):
             (path / CONFIG_NAME).unlink()
@@ -54,4 +54,13 @@ def create_run_dir(path: Path, cfg: Config) -> Path:
                 made.rmdir()
         raise UserError(f"cannot create run directory {path} ({exc.strerror or exc}); choose another "
                         "--run-dir") from None
+    return path
+
+
+def write_config(run_dir: Path, cfg: Config) -> Path:
+    """Write the resolved config as ``run_dir/config.toml``, atomically (temp file, then rename)."""
+    path = Path(run_dir) / CONFIG_NAME
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(dump_toml(cfg.to_dict()))
+    os.replace(tmp, path)
     return path

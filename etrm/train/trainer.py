@@ -509,7 +509,7 @@ class Trainer:
             raise UserError(f"checkpoint in {self.run_dir} does not match this run's config ({detail[:200]}); "
                             "resume with the run's own config or start a new run") from None
 
-    def resume(self) -> None:
-        """Restore the run's checkpoint (``--resume``)."""
-        self.load_state_dict(load_checkpoint(self.run_dir))
+    def resume(self, state: dict[str, Any] | None = None) -> None:
+        """Restore the run's checkpoint (``--resume``), or ``state`` when the caller has read it already."""
+        self.load_state_dict(load_checkpoint(self.run_dir) if state is None else state)
         self.checkpoint_step = self.step

@@ -115,7 +115,7 @@ def test_resume_with_checkpoint_of_another_config(trained_run: Path, tmp_path: P
     cfg.write_text(cfg.read_text().replace("hidden_size = 16", "hidden_size = 32"))
     before = dir_snapshot(run_dir)
     code = main(["--resume", "--run-dir", str(run_dir), "--max-steps", "6"])
-    assert_one_line_error(code, capsys.readouterr().err, "does not match")
+    assert_one_line_error(code, capsys.readouterr().err, "arch.hidden_size", "differs from the checkpoint")
     assert dir_snapshot(run_dir) == before
 
 
