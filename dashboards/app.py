@@ -54,6 +54,14 @@ def status_pill(status: str) -> html.Span:
     return html.Span([html.Span(className="dot"), status], className=f"status {status}")
 
 
+def restart_pill(info: RunInfo) -> list[html.Span]:
+    """``restarted N×`` when torchrun restarted the run's workers (each resumed from the last checkpoint)."""
+    if not info.restarts:
+        return []
+    return [html.Span(f"restarted {info.restarts}×", className="badge v-warning", id="restart-pill",
+                      title="torchrun restarted the workers; each restart resumed from the last checkpoint")]
+
+
 def verdict_badge(info: RunInfo, big: bool = False) -> html.Span:
     """The doctor's verdict as a coloured badge: green healthy, red error (first code), amber warning, grey n/a."""
     v = info.verdict
@@ -332,7 +340,7 @@ def run_header(name: str, cache: RunCache) -> list:
     return [
         html.Div([
             html.Div([html.H1(name), html.Div(chips(info.meta))], className="title"),
-            html.Div([status_pill(info.status), verdict_badge(info, big=True)], className="right"),
+            html.Div([status_pill(info.status), *restart_pill(info), verdict_badge(info, big=True)], className="right"),
         ], className="run-head"),
         kpis(info, cache),
         html.H2("Findings" + ("" if info.findings_source == "doctor" else " (stored by the trainer's live doctor)")),

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from diagnostics.doctor import SEVERITIES, diagnose
+from diagnostics.liveness import trainer_alive
 from diagnostics.loading import DERIVED, STALE_AFTER_S, status_from_markers
 from diagnostics.profiling import PROFILER_DIR
 from diagnostics.store import SCHEMA_VERSION, TRACE_NAME, read_meta, read_only_uri
@@ -422,6 +423,7 @@ class RunInfo:
     findings: list[dict[str, Any]] = field(default_factory=list)
     findings_source: str = "doctor"
     error: str | None = None
+    restarts: int = 0  # torchrun restarts (``restart`` markers)
 
     @property
     def verdict(self) -> str:
@@ -445,10 +447,11 @@ class RunInfo:
         return self.findings[0]["code"] if self.findings else "healthy"
 
 
-def status_of(markers: list[tuple[float, str]], beat: float | None, mtime: float, now: float | None = None) -> str:
+def status_of(markers: list[tuple[float, str]], beat: float | None, mtime: float, now: float | None = None,
+              alive: bool | None = None) -> str:
     """``live``, ``finished``, ``stopped`` or ``crashed``: ``diagnostics.loading``'s rule, on rows already read."""
     now = time.time() if now is None else now
-    return status_from_markers(markers, beat, [mtime] if mtime else [], now, STALE_AFTER_S)
+    return status_from_markers(markers, beat, [mtime] if mtime else [], now, STALE_AFTER_S, alive=alive)
 
 
 class RunCache:
@@ -500,7 +503,8 @@ class RunCache:
             lo, hi = int(lo or 0), int(hi or 0)
             inode = (st.st_dev, st.st_ino)
             restarted = (inode != self._inode or len(markers) < self._marker_count
-                         or (self._marker_count >= 0 and any(k == "resume" for _, k in markers[self._marker_count:]))
+                         or (self._marker_count >= 0 and any(k in ("resume", "restart")
+                                                             for _, k in markers[self._marker_count:]))
                          or hi < self.info.last_step)
             if restarted:
                 self.raw, self.frames, self._doctor_step = None, {}, -1
@@ -529,7 +533,8 @@ class RunCache:
         info.meta = meta
         info.first_step, info.last_step = lo, hi
         info.updated = max([t for t in (beat, *(t for t, _ in markers)) if t is not None] + [_mtime(db)])
-        info.status = status_of(markers, beat, _mtime(db))
+        info.status = status_of(markers, beat, _mtime(db), alive=trainer_alive(self.path))
+        info.restarts = sum(kind == "restart" for _, kind in markers)
         self._findings(stored, meta)
         self.refreshed_at = time.time()
         return grew

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
+from diagnostics import killpoints, liveness
 from diagnostics.runtime_check import InvariantChecker, InvariantError
 from diagnostics.store import TRACE_NAME
 from etrm.config import Config, ConfigError, apply_overrides, load_toml
@@ -191,8 +192,16 @@ def _main(argv: list[str] | None) -> int:
         raise UserError(f"run directory {run_dir} already exists; pass --resume to continue it or choose "
                         "another --run-dir")
     made: dict[str, Any] = {"state": state, "applied": applied, "restart": restart}
-    with _out_of_memory(cfg, run_dir, made, env):
+    with contextlib.ExitStack() as made["held"], _out_of_memory(cfg, run_dir, made, env):
         return _train(args, cfg, preset, run_dir, env, device, made)
+
+
+def _hold(made: dict[str, Any], run_dir: Path) -> None:
+    """Rank 0 holds the run's lock while it trains (``diagnostics.liveness``: readers tell a killed trainer)."""
+    try:
+        made["held"].enter_context(liveness.hold(run_dir))
+    except liveness.LockHeld as exc:
+        raise UserError(str(exc)) from None
 
 
 @contextlib.contextmanager
@@ -233,6 +242,8 @@ def _train(args: argparse.Namespace, cfg: Config, preset: str | None, run_dir: P
 
     trainer = made["trainer"] = Trainer(cfg, run_dir, device=device, dist_env=env)  # every rank checked above
     restart, continued = made["restart"], made["state"] is not None or (made["restart"] and run_dir.exists())
+    if continued and env.is_main:
+        _hold(made, run_dir)  # before anything of the run is written: a second trainer on it is refused
     if made["state"] is not None:
         trainer.resume(made["state"])
         made["state"] = None  # the checkpoint's tensors are the trainer's now
@@ -241,6 +252,7 @@ def _train(args: argparse.Namespace, cfg: Config, preset: str | None, run_dir: P
     elif not continued and env.is_main:
         create_run_dir(run_dir, cfg)
         made["created"] = True
+        _hold(made, run_dir)
     trace = args.trace or args.tensorboard or (args.resume and (run_dir / TRACE_NAME).exists())
     if distributed.broadcast_object(trace, env):  # rank 0's view of the run directory decides for every rank
         trainer.enable_trace(preset)
@@ -252,6 +264,8 @@ def _train(args: argparse.Namespace, cfg: Config, preset: str | None, run_dir: P
     trainer.enable_profile(requested=args.profile)
     if args.check_invariants:
         trainer.checker = InvariantChecker(trainer.model.max_steps)
+    if os.environ.get(killpoints.ENV):  # tests only: see diagnostics.killpoints
+        trainer.step_hooks.append(killpoints.step_hook)
     reporter = Reporter(total=cfg.train.max_steps, start=trainer.step) if env.is_main else _Quiet()
     if continued:
         how = f"torchrun restart {restart}: " if restart and not args.resume else ""
