@@ -9,6 +9,7 @@ read shows an error card; a callback never lets an exception reach the browser.
 
 from __future__ import annotations
 
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -52,6 +53,14 @@ def run_href(name: str, step: int | None = None) -> str:
 
 def status_pill(status: str) -> html.Span:
     return html.Span([html.Span(className="dot"), status], className=f"status {status}")
+
+
+def restart_pill(info: RunInfo) -> list[html.Span]:
+    """``restarted N×`` when torchrun restarted the run's workers (each resumed from the last checkpoint)."""
+    if not info.restarts:
+        return []
+    return [html.Span(f"restarted {info.restarts}×", className="badge v-warning", id="restart-pill",
+                      title="torchrun restarted the workers; each restart resumed from the last checkpoint")]
 
 
 def verdict_badge(info: RunInfo, big: bool = False) -> html.Span:
@@ -348,7 +357,7 @@ def run_header(name: str, cache: RunCache) -> list:
     return [
         html.Div([
             html.Div([html.H1(name), html.Div(chips(info.meta))], className="title"),
-            html.Div([status_pill(info.status), verdict_badge(info, big=True)], className="right"),
+            html.Div([status_pill(info.status), *restart_pill(info), verdict_badge(info, big=True)], className="right"),
         ], className="run-head"),
         kpis(info, cache),
         html.H2("Findings" + ("" if info.findings_source == "doctor" else " (stored by the trainer's live doctor)")),
@@ -517,6 +526,10 @@ def create_app(runs_root: str | Path, refresh_ms: int = REFRESH_MS) -> Dash:
                 return fn(*args)
             except dash.exceptions.PreventUpdate:
                 raise
+            except RunError as exc:  # a refused or unreadable run: its card says why; one log line, no traceback
+                text = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+                print(f"etrm-dash: {text}", file=sys.stderr, flush=True)
+                return fallback(text)
             except Exception as exc:  # noqa: BLE001
                 traceback.print_exc()
                 return fallback(f"{type(exc).__name__}: {' '.join(str(exc).split())}")

@@ -1,14 +1,18 @@
 """``etrm-dash [--runs DIR] [--host 127.0.0.1] [--port 8050]``: serve the dashboard of the runs under DIR.
 
 Binds to loopback unless told otherwise (the dashboard has no authentication), opens every trace read-only, serves
-nothing outside DIR, and prints the URL. Exit 2 on bad input (missing runs directory, bad port).
+nothing outside DIR, answers only requests addressed to it (``dashboards.security``: Host and Origin checks), and
+prints the URL. Exit 2 on bad input (missing runs directory, bad port, a port in use or an address that cannot be
+bound), before any URL is printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import logging
+import socket
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -33,7 +37,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", default="runs", metavar="DIR", help="directory holding the run directories (./runs)")
     p.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default 8050)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also serve requests whose Host is NAME (repeatable; for --host 0.0.0.0, the names other "
+                        "machines use to reach it). Loopback names and the bound address are always served")
     return p
+
+
+def check_bindable(host: str, port: int) -> None:
+    """Bind ``host:port`` once (as the server will, address reuse on) and let go; a ``_BadInput`` saying why not,
+    so that a port in use or an address this machine does not have fails before any URL is printed."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise _BadInput(f"cannot serve on {host}:{port}: unknown host ({exc}); pass an address of this machine "
+                        "with --host") from None
+    family, kind, proto, _, addr = infos[0]
+    try:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+    except OSError as exc:
+        hint = "another program uses it; pass another --port" if exc.errno == errno.EADDRINUSE else \
+            "pass an address of this machine with --host, or another --port"
+        raise _BadInput(f"cannot serve on {host}:{port} ({exc.strerror or exc}); {hint}") from None
 
 
 def url_for(host: str, port: int) -> str:
@@ -60,12 +86,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise _BadInput(f"no runs directory at {root} (make one, or pass --runs DIR)")
         if not 0 < args.port < 65536:
             raise _BadInput(f"--port must be 1..65535, not {args.port}")
+        check_bindable(args.host, args.port)
     except _BadInput as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     from dashboards.app import create_app  # after argument checks: importing Dash takes a moment
+    from dashboards.security import allowed_hosts, protect
 
     app = create_app(root)
+    protect(app.server, allowed_hosts(args.host, args.allow_host))
     print(f"{PROG}: serving the runs under {root.resolve()} at {url_for(args.host, args.port)}", flush=True)
     if not is_loopback(args.host):
         print(f"{PROG}: warning: bound to {args.host}, reachable from other machines; the dashboard has no "
@@ -73,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request; errors still show
     try:
         app.run(host=args.host, port=args.port, debug=False)
-    except OSError as exc:
+    except (OSError, SystemExit) as exc:  # taken between the check and the bind: werkzeug exits with its own lines
         print(f"{PROG}: error: cannot serve on {args.host}:{args.port} ({exc})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -25,6 +25,7 @@ import pandas as pd
 
 from diagnostics import figures, reader
 from diagnostics.doctor import SEVERITIES, diagnose
+from diagnostics.liveness import trainer_alive
 from diagnostics.loading import STALE_AFTER_S, status_from_markers
 from diagnostics.profiling import PROFILER_DIR
 from diagnostics.reader import (MAX_BUCKETS, Spec, aggregate_rows, bucket_width, finish, halt_columns,
@@ -137,6 +138,7 @@ class RunInfo:
     findings_source: str = "doctor"
     thresholds: DoctorConfig = field(default_factory=DoctorConfig)  # the run's own (its trace meta's "doctor")
     error: str | None = None
+    restarts: int = 0  # torchrun restarts (``restart`` markers)
 
     @property
     def verdict(self) -> str:
@@ -160,10 +162,11 @@ class RunInfo:
         return self.findings[0]["code"] if self.findings else "healthy"
 
 
-def status_of(markers: list[tuple[float, str]], beat: float | None, mtime: float, now: float | None = None) -> str:
+def status_of(markers: list[tuple[float, str]], beat: float | None, mtime: float, now: float | None = None,
+              alive: bool | None = None) -> str:
     """``live``, ``finished``, ``stopped`` or ``crashed``: ``diagnostics.loading``'s rule, on rows already read."""
     now = time.time() if now is None else now
-    return status_from_markers(markers, beat, [mtime] if mtime else [], now, STALE_AFTER_S)
+    return status_from_markers(markers, beat, [mtime] if mtime else [], now, STALE_AFTER_S, alive=alive)
 
 
 class RunCache:
@@ -213,7 +216,8 @@ class RunCache:
             lo, hi = reader.step_range(conn)
             inode = (st.st_dev, st.st_ino)
             restarted = (inode != self._inode or len(markers) < self._marker_count
-                         or (self._marker_count >= 0 and any(k == "resume" for _, k in markers[self._marker_count:]))
+                         or (self._marker_count >= 0 and any(k in ("resume", "restart")
+                                                             for _, k in markers[self._marker_count:]))
                          or hi < self.info.last_step)
             if restarted:
                 self.raw, self.frames, self._doctor_step = None, {}, -1
@@ -241,7 +245,8 @@ class RunCache:
         info.thresholds = DoctorConfig.from_meta(meta)
         info.first_step, info.last_step = lo, hi
         info.updated = max([t for t in (beat, *(t for t, _ in markers)) if t is not None] + [_mtime(db)])
-        info.status = status_of(markers, beat, _mtime(db))
+        info.status = status_of(markers, beat, _mtime(db), alive=trainer_alive(self.path))
+        info.restarts = sum(kind == "restart" for _, kind in markers)
         self._findings(stored, meta)
         self.refreshed_at = time.time()
         return grew

@@ -1,7 +1,8 @@
 """``etrm-doctor RUN [--json] [--export csv|parquet FILE]``: findings of a run, recomputed from its steps table.
 
-Exit 0 when no error finding holds, 1 when one does, 2 on bad input (missing or corrupt run, bad arguments). The
-trace is opened read-only: the doctor never writes to a run.
+Exit 0 when no error finding holds, 1 when one does, 2 on bad input (missing or corrupt run, bad arguments). With
+``--export`` the exit is 0 once the file is written (scripts that export must not fail on a finding), unless
+``--strict`` is given. The trace is opened read-only: the doctor never writes to a run.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON with 'summary' and 'findings' instead of a report")
     p.add_argument("--export", nargs=2, metavar=("FORMAT", "FILE"),
                    help="also write the steps table (with derived ratios) as csv or parquet")
+    p.add_argument("--strict", action="store_true",
+                   help="with --export, still exit 1 when an error finding holds (without --export it always does)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="what-if: re-judge with another threshold, e.g. --set window=20 --set coverage_min=0.3 "
                         "(read-only: the run, its config and its stored findings are unchanged)")
@@ -75,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          indent=2))
     else:
         _report(str(args.run), info, findings)
-    return 1 if has_error(findings) else 0
+    return 1 if has_error(findings) and (args.strict or not args.export) else 0
 
 
 def _fail(exc: BaseException) -> int:

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from diagnostics import figures, reader
+from diagnostics.liveness import trainer_alive
 from diagnostics.store import TRACE_NAME, TraceError, open_trace, read_meta
 
 LIFECYCLE = {"start": "live", "resume": "live", "end": "finished", "finished": "finished",
@@ -30,7 +31,7 @@ def _trace(path: str | Path) -> Iterator[sqlite3.Connection]:
     conn = open_trace(Path(path))
     try:
         yield conn
-    except sqlite3.DatabaseError as exc:
+    except (sqlite3.DatabaseError, pd.errors.DatabaseError) as exc:  # pandas wraps errors of its own queries
         raise TraceError(f"trace at {path} could not be read ({_one_line(exc)}); it may be corrupt") from None
     finally:
         conn.close()
@@ -105,10 +106,11 @@ def load_markers(path: str | Path) -> pd.DataFrame:
 
 
 def status_from_markers(markers: Sequence[tuple[float, str]], beat: float | None, fallback: list[float],
-                        now: float, stale_after: float = STALE_AFTER_S) -> str:
-    """The status rule, pure: the last lifecycle marker decides, unless it is ``start``/``resume``; then the run is
-    live while its last sign of life (heartbeat, that marker, else the ``fallback`` times) is younger than
-    ``stale_after`` seconds, and crashed after."""
+                        now: float, stale_after: float = STALE_AFTER_S, alive: bool | None = None) -> str:
+    """The status rule, pure: the last lifecycle marker decides, unless it is ``start``/``resume``; then ``alive``
+    (``diagnostics.liveness``: whether the trainer's process holds the run, when that can be told on this host)
+    decides, and failing that the run is live while its last sign of life (heartbeat, that marker, else the
+    ``fallback`` times) is younger than ``stale_after`` seconds, and crashed after."""
     last_kind, last_time = None, None
     for t, kind in markers:
         if kind in LIFECYCLE:
@@ -117,6 +119,8 @@ def status_from_markers(markers: Sequence[tuple[float, str]], beat: float | None
             beat = t if beat is None else max(beat, t)
     if last_kind is not None and LIFECYCLE[last_kind] != "live":
         return LIFECYCLE[last_kind]
+    if alive is not None:
+        return "live" if alive else "crashed"
     signs = [t for t in (beat, last_time) if t is not None] or list(fallback)
     return "live" if signs and now - max(signs) <= stale_after else "crashed"
 
@@ -133,7 +137,7 @@ def run_status(path: str | Path, stale_after: float = STALE_AFTER_S, now: float 
     db = p / TRACE_NAME if p.is_dir() else p
     wal = db.with_name(db.name + "-wal")  # a reader's own -shm/-wal (empty) must not count as a write
     fallback = [f.stat().st_mtime for f in (db, wal) if f.is_file() and f.stat().st_size > 0]
-    return status_from_markers(markers, beat, fallback, now, stale_after)
+    return status_from_markers(markers, beat, fallback, now, stale_after, alive=trainer_alive(db))
 
 
 def as_json_value(value: Any) -> Any:

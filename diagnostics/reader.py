@@ -21,13 +21,12 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
-from urllib.parse import quote
 
 import numpy as np
 import pandas as pd
 
 from diagnostics import figures
-from diagnostics.store import ROLLUP_WIDTHS, SCHEMA_VERSION, TRACE_NAME, TraceError, read_meta, readable, rollup_table
+from diagnostics.store import ROLLUP_WIDTHS, SCHEMA_VERSION, TRACE_NAME, TraceError, read_meta, read_only_uri, readable, rollup_table
 
 MAX_BUCKETS = 800            # points per series over any visible range
 MAX_TIMING_STEPS = 2_000     # timings of at most this many steps are read per range (sampled evenly beyond)
@@ -47,7 +46,7 @@ def connect(run_dir: Path, timeout: float = CONNECT_TIMEOUT_S) -> sqlite3.Connec
     if db.stat().st_size == 0:
         raise TraceError(f"{run_dir.name}: the trace is empty (half-written: the trainer has not committed yet)")
     try:
-        conn = sqlite3.connect(f"file:{quote(str(db))}?mode=ro", uri=True, timeout=timeout,
+        conn = sqlite3.connect(read_only_uri(db), uri=True, timeout=timeout,
                                check_same_thread=False)
     except sqlite3.Error as exc:
         raise TraceError(f"{run_dir.name}: cannot open the trace ({_one_line(exc)})") from None

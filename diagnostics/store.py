@@ -85,7 +85,7 @@ class TraceWriter:
         self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.executescript(_TABLES)
         existing = dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
-        if "schema_version" in existing and not readable(existing["schema_version"]):
+        if "schema_version" in existing and not readable(schema_version(existing["schema_version"], self.path)):
             raise TraceError(f"{self.path} has trace schema {existing['schema_version']}, this etrm writes "
                              f"{SCHEMA_VERSION}; start a new run directory")
         had_rows = self.conn.execute("SELECT 1 FROM steps LIMIT 1").fetchone() is not None
@@ -339,6 +339,21 @@ def _num(value: Any) -> Any:
     return value
 
 
+def schema_version(value: Any, db: Path) -> int:
+    """``meta.schema_version`` as an int; anything else is a TraceError naming the file."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise TraceError(f"trace {db} has schema_version {value!r}, not a number: it is not an etrm trace (or it "
+                         "was edited); re-run with --trace") from None
+
+
+def read_only_uri(db: Path) -> str:
+    """The SQLite URI that opens ``db`` read-only: the path percent-escaped (``#``, ``?``, ``%``, spaces, non-ASCII),
+    so that no character of it can end the path early and drop ``mode=ro``."""
+    return Path(db).absolute().as_uri() + "?mode=ro"
+
+
 def open_trace(path: Path) -> sqlite3.Connection:
     """Open a run's trace read-only (a live trainer may be writing); a missing or corrupt one is a TraceError."""
     p = Path(path)
@@ -346,13 +361,13 @@ def open_trace(path: Path) -> sqlite3.Connection:
     if not db.is_file():
         raise TraceError(f"no trace at {db}; train with --trace, or check the run directory")
     try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+        conn = sqlite3.connect(read_only_uri(db), uri=True, timeout=10)
         version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     except sqlite3.DatabaseError as exc:
         raise TraceError(f"trace {db} is corrupt or not an etrm trace ({exc}); re-run with --trace") from None
     if version is None:
         raise TraceError(f"trace {db} has no schema version; it is not an etrm trace")
-    if not readable(version[0]):
+    if not readable(schema_version(version[0], db)):
         raise TraceError(f"trace {db} has schema {version[0]}, this etrm reads 1 to {SCHEMA_VERSION}; "
                          "upgrade etrm or re-run")
     return conn

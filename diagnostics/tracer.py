@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 
 from diagnostics.events import PhaseClock, StepEvents
+from diagnostics.killpoints import kill_point
 from diagnostics.probes.base import Probe
 from diagnostics.store import TraceWriter
 
@@ -181,6 +182,7 @@ class Tracer:
                 if extras.get("alignment_samples"):
                     w.write_alignment(extras["alignment_samples"])
                 w.heartbeat(steps[-1])
+                kill_point("flush-commit", steps[-1])  # tests: rows written, not committed
 
             self.thread.rows_written += len(step_rows)
             self.thread.jobs.put(job)

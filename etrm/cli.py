@@ -10,18 +10,23 @@ there as ``rank<R>.pt``, to check that ranks agree.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+from diagnostics import killpoints, liveness
 from diagnostics.runtime_check import InvariantChecker, InvariantError
 from diagnostics.store import TRACE_NAME
 from etrm.config import Config, ConfigError, apply_overrides, load_toml
 from etrm.data.maze import VALID_PATH_KEY
 from etrm.errors import UserError
 from etrm.presets import load_preset
-from etrm.train.rundir import CONFIG_NAME, auto_name, create_run_dir
+from etrm.train import elastic
+from etrm.train.resume import check_overrides, compare, finished_message
+from etrm.train.rundir import CONFIG_NAME, auto_name, check_run_dir_parent, create_run_dir, write_config
 
 DEFAULT_PRESET = "demo"
 
@@ -56,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_config(args: argparse.Namespace) -> tuple[Config, str | None]:
     """Preset, then --config file, then key=value overrides, then the flag shortcuts."""
     data: dict[str, Any] = {}
-    preset = args.preset or (None if args.config else DEFAULT_PRESET)
-    if preset:
+    preset = args.preset if args.preset is not None else (None if args.config else DEFAULT_PRESET)
+    if preset is not None:  # an empty --preset is an unknown name, not the default
         data = load_preset(preset)
     if args.config:
         data = _merge(data, load_toml(args.config))
@@ -84,13 +89,39 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 def _resume_config(args: argparse.Namespace, run_dir: Path) -> Config:
-    """A resumed run keeps its own config; only --max-steps and --device may change."""
-    if args.preset or args.config or args.overrides or args.seed is not None:
-        raise UserError("--resume continues a run with its own config; drop --preset, --config, --seed and overrides")
+    """A resumed run keeps its own config; only the allow-list (``etrm.train.resume.RESUMABLE``: --max-steps,
+    --device, cadence overrides) may change."""
+    if args.preset is not None or args.config is not None or args.seed is not None:
+        raise UserError("--resume continues a run with its own config; drop --preset, --config and --seed")
+    check_overrides(args.overrides)
     cfg_file = run_dir / CONFIG_NAME
     if not cfg_file.is_file():
         raise UserError(f"{run_dir} is not a run directory (no {CONFIG_NAME}); check --run-dir")
-    return Config.from_dict(apply_overrides(load_toml(cfg_file), _flag_overrides(args)))
+    return Config.from_dict(apply_overrides(load_toml(cfg_file), list(args.overrides) + _flag_overrides(args)))
+
+
+def _continuation(args: argparse.Namespace, cfg: Config, run_dir: Path, restart: int) -> tuple[Any, list[str]]:
+    """The checkpoint to continue from (``--resume``, or a torchrun restart finding the run it started) and the
+    allowed config changes it gets; ``(None, [])`` for a new run, or a restart from before the first checkpoint.
+
+    The config to continue with must be the checkpoint's but for ``RESUMABLE``; on a restart it must also be the
+    run's ``config.toml``'s (the restarted command is the original one)."""
+    from etrm.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
+
+    if not args.resume and not (restart and run_dir.exists()):
+        return None, []
+    cfg_file = run_dir / CONFIG_NAME
+    if not args.resume:
+        if not cfg_file.is_file():
+            raise UserError(f"torchrun restart {restart}: {run_dir} exists but holds no {CONFIG_NAME}; it is not this "
+                            "run's directory")
+        compare(cfg.to_dict(), load_toml(cfg_file), f"the restarted command's config (vs {cfg_file})")
+        if not (run_dir / CHECKPOINT_NAME).is_file():
+            return None, []
+    state = load_checkpoint(run_dir)
+    source = str(cfg_file) + (" with this command's overrides" if args.overrides or args.max_steps else "")
+    applied = compare(cfg.to_dict(), state.get("config") or cfg.to_dict(), source)
+    return state, applied
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,14 +162,24 @@ def _main(argv: list[str] | None) -> int:
         cfg, preset = _resume_config(args, run_dir), None
     else:
         cfg, preset = resolve_config(args)
+        if elastic.max_restarts() and not args.run_dir:
+            raise UserError("torchrun --max-restarts needs --run-dir: a restarted group finds the run to resume "
+                            "there (an automatic name differs on each start)")
         run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / auto_name(cfg, preset)
+        if not run_dir.exists():
+            check_run_dir_parent(run_dir)
+    restart = elastic.restart_count()
+    state, applied = _continuation(args, cfg, run_dir, restart)
+    if state is not None and int(state["step"]) >= cfg.train.max_steps:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"etrm-train: {finished_message(run_dir, int(state['step']), cfg.train.max_steps)}",
+                  file=sys.stderr)
+        return 0
 
     import torch
-    from rich.markup import escape
 
     from etrm.train import distributed  # heavy imports after argument checks
-    from etrm.train.console import Reporter
-    from etrm.train.trainer import Trainer, pick_device
+    from etrm.train.trainer import pick_device
 
     env = distributed.env_from_torchrun()
     device = distributed.rank_device(pick_device(cfg.train.device), env)
@@ -148,24 +189,91 @@ def _main(argv: list[str] | None) -> int:
         names = [str(run_dir)]
         torch.distributed.broadcast_object_list(names, src=0)
         run_dir = Path(names[0])
-    if not args.resume and run_dir.exists():
+    if not args.resume and not restart and run_dir.exists():
         raise UserError(f"run directory {run_dir} already exists; pass --resume to continue it or choose "
                         "another --run-dir")
+    made: dict[str, Any] = {"state": state, "applied": applied, "restart": restart}
+    with contextlib.ExitStack() as made["held"], _out_of_memory(cfg, run_dir, made, env):
+        return _train(args, cfg, preset, run_dir, env, device, made)
 
-    trainer = Trainer(cfg, run_dir, device=device, dist_env=env)  # DDP's construction: every rank checked above
-    if args.resume:
-        trainer.resume()
-    elif env.is_main:
+
+def _hold(made: dict[str, Any], run_dir: Path) -> None:
+    """Rank 0 holds the run's lock while it trains (``diagnostics.liveness``: readers tell a killed trainer)."""
+    try:
+        made["held"].enter_context(liveness.hold(run_dir))
+    except liveness.LockHeld as exc:
+        raise UserError(str(exc)) from None
+
+
+@contextlib.contextmanager
+def _out_of_memory(cfg: Config, run_dir: Path, made: dict[str, Any], env: Any) -> Iterator[None]:
+    """A ``MemoryError`` or ``torch.OutOfMemoryError`` becomes one line with the memory estimate; a run directory
+    this invocation created, and that holds no checkpoint yet, is removed (nothing half-made is left)."""
+    import torch
+
+    from etrm.train import memory
+
+    try:
+        yield
+    except (MemoryError, torch.OutOfMemoryError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and not memory.is_out_of_memory(exc):
+            raise
+        trainer = made.get("trainer")
+        estimate = trainer.memory_estimate if trainer is not None else memory.estimate_bytes(cfg, 1)
+        kept = ""
+        if made.get("created") and env.is_main:
+            if trainer is None or trainer.checkpoint_step is None:
+                shutil.rmtree(run_dir, ignore_errors=True)
+                kept = f"; {run_dir} was removed"
+            else:
+                kept = f"; {run_dir} keeps the checkpoint of step {trainer.checkpoint_step}"
+        raise UserError(f"out of memory (these sizes need {memory.describe(estimate)}, by estimate); lower "
+                        f"{memory.SIZES}{kept}") from None
+
+
+def _train(args: argparse.Namespace, cfg: Config, preset: str | None, run_dir: Path, env: Any, device: Any,
+           made: dict[str, Any]) -> int:
+    """Build the trainer, make or resume the run directory, train, and print the summary."""
+    import torch
+    from rich.markup import escape
+
+    from etrm.train import distributed
+    from etrm.train.console import Reporter
+    from etrm.train.trainer import Trainer
+
+    trainer = made["trainer"] = Trainer(cfg, run_dir, device=device, dist_env=env)  # every rank checked above
+    restart, continued = made["restart"], made["state"] is not None or (made["restart"] and run_dir.exists())
+    if continued and env.is_main:
+        _hold(made, run_dir)  # before anything of the run is written: a second trainer on it is refused
+    if made["state"] is not None:
+        trainer.resume(made["state"])
+        made["state"] = None  # the checkpoint's tensors are the trainer's now
+        if made["applied"] and env.is_main:  # so that the next resume compares against what this one ran with
+            write_config(run_dir, cfg)
+    elif not continued and env.is_main:
         create_run_dir(run_dir, cfg)
+        made["created"] = True
+        _hold(made, run_dir)
     trace = args.trace or args.tensorboard or (args.resume and (run_dir / TRACE_NAME).exists())
     if distributed.broadcast_object(trace, env):  # rank 0's view of the run directory decides for every rank
         trainer.enable_trace(preset)
+        if restart and trainer.tracer is not None:  # the dashboard marks it; rows past the checkpoint were dropped
+            step, detail = trainer.step, f"torchrun restart {restart}"
+            trainer.tracer.submit(lambda w: w.marker("restart", step, detail))
     if args.tensorboard:
         trainer.enable_tensorboard()
     trainer.enable_profile(requested=args.profile)
     if args.check_invariants:
         trainer.checker = InvariantChecker(trainer.model.max_steps)
+    if os.environ.get(killpoints.ENV):  # tests only: see diagnostics.killpoints
+        trainer.step_hooks.append(killpoints.step_hook)
     reporter = Reporter(total=cfg.train.max_steps, start=trainer.step) if env.is_main else _Quiet()
+    if continued:
+        how = f"torchrun restart {restart}: " if restart and not args.resume else ""
+        reporter.line(escape(f"{how}resumed from step {trainer.step}" if trainer.checkpoint_step is not None else
+                             f"{how}no checkpoint yet: starting again from step 0 in {run_dir}"))
+        for line in made["applied"]:
+            reporter.line(escape(f"changed on resume: {line}"))
     mode = "trm" if cfg.model == "trm" else cfg.encoder.mode
     where = f"{trainer.device}" + (f" x {env.world} ranks ({trainer.local_batch} slots each)" if env.enabled else "")
     reporter.line(f"run {run_dir} | model {cfg.model} mode {mode} | {trainer.model.num_trainable_parameters():,} "
@@ -211,8 +319,7 @@ def _main(argv: list[str] | None) -> int:
         rows["tensorboard"] = f"tensorboard --logdir {run_dir / 'tensorboard'}"
     reporter.summary("etrm-train summary", rows)
     if result.non_finite:
-        print(f"etrm-train: error: non-finite loss before step {result.step}; the run stopped and its last good "
-              "checkpoint is kept", file=sys.stderr)
+        print(f"etrm-train: error: {result.message}", file=sys.stderr)
         return 1
     return 0
 

@@ -7,6 +7,7 @@ One config system: presets (TOML), ``--config FILE.toml`` and dotted ``key=value
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -43,13 +44,18 @@ def _choice(section: str, name: str, value: Any, allowed: tuple) -> None:
         raise ConfigError(f"{section}{name}={value!r} is not valid; allowed: {', '.join(map(str, allowed))}")
 
 
+def _number(value: Any) -> bool:
+    """A real, finite number (not a bool): NaN and infinities compare false with every bound, so test them first."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _positive(section: str, name: str, value: Any, minimum: float = 1) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < minimum:
+    if not _number(value) or value < minimum:
         raise ConfigError(f"{section}{name}={value!r} is not valid; allowed: a number >= {minimum}")
 
 
 def _unit(section: str, name: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+    if not _number(value) or not 0.0 <= value <= 1.0:
         raise ConfigError(f"{section}{name}={value!r} is not valid; allowed: a number in [0, 1]")
 
 

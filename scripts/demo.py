@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from diagnostics.store import read_only_uri
+
 # name -> (etrm-train arguments, the doctor's expected exit status)
 RUNS: dict[str, tuple[list[str], int]] = {
     "reencode": (["--preset", "demo"], 0),
@@ -65,7 +67,7 @@ def traced_step(run_dir: Path) -> int:
     if not db.exists():
         return 0
     try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.2) as conn:
+        with sqlite3.connect(read_only_uri(db), uri=True, timeout=0.2) as conn:
             row = conn.execute("SELECT MAX(step) FROM steps").fetchone()
         return int(row[0] or 0)
     except sqlite3.Error:

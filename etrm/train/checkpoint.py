@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from diagnostics.killpoints import kill_point
 from etrm.errors import UserError
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -19,6 +20,7 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
     path = Path(run_dir) / CHECKPOINT_NAME
     tmp = path.with_suffix(".pt.tmp")
     torch.save(state, tmp)
+    kill_point("checkpoint-tmp", int(state.get("step", -1)))  # tests: the temporary file whole, not yet renamed
     os.replace(tmp, path)
     return path
 

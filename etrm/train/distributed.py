@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -69,7 +70,24 @@ def init(env: DistEnv, device: torch.device) -> None:
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    store = _attempt_store(env)
+    if store is None:
+        dist.init_process_group(backend=backend)
+    else:
+        dist.init_process_group(backend=backend, store=store, rank=env.rank, world_size=env.world)
+
+
+def _attempt_store(env: DistEnv) -> dist.Store | None:
+    """Under ``torchrun``'s agent store, the store keyed by this start's restart count. The agent keeps one store
+    across ``--max-restarts``, so a restarted group would read the dead group's addresses (gloo then fails to
+    connect); a prefix per attempt keeps them apart. None outside torchrun's agent store (the default then)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "MASTER_ADDR" not in os.environ:
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world, is_master=False,
+                           timeout=timedelta(minutes=10))
+    return dist.PrefixStore(f"etrm/attempt_{attempt}", client)
 
 
 def shutdown() -> None:

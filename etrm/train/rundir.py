@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from pathlib import Path
 
@@ -20,10 +22,44 @@ def auto_name(cfg: Config, preset: str | None) -> str:
     return "-".join(dict.fromkeys(parts))
 
 
+def check_run_dir_parent(path: Path) -> None:
+    """Refuse, before anything is built, a run directory that cannot be made: one under a file (or a link to
+    one), or whose nearest existing ancestor is not writable."""
+    parent = Path(path).absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"cannot create run directory {path}: {parent} is a file, not a directory; choose another "
+                        "--run-dir")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot create run directory {path}: {parent} is not writable; choose another --run-dir")
+
+
 def create_run_dir(path: Path, cfg: Config) -> Path:
-    """Create ``path`` and write the resolved config; refuse a directory that already exists."""
+    """Create ``path`` and write the resolved config; refuse a directory that already exists. A failure (e.g. under
+    /proc or /sys, where even root cannot create one) is a UserError and leaves no directory behind."""
     if path.exists():
         raise UserError(f"run directory {path} already exists; pass --resume to continue it or choose another --run-dir")
-    path.mkdir(parents=True)
-    (path / CONFIG_NAME).write_text(dump_toml(cfg.to_dict()))
+    check_run_dir_parent(path)
+    missing = [p for p in [path, *path.absolute().parents] if not p.exists()]
+    try:
+        path.mkdir(parents=True)
+        write_config(path, cfg)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            (path / CONFIG_NAME).unlink()
+        for made in missing:  # innermost first
+            with contextlib.suppress(OSError):
+                made.rmdir()
+        raise UserError(f"cannot create run directory {path} ({exc.strerror or exc}); choose another "
+                        "--run-dir") from None
+    return path
+
+
+def write_config(run_dir: Path, cfg: Config) -> Path:
+    """Write the resolved config as ``run_dir/config.toml``, atomically (temp file, then rename)."""
+    path = Path(run_dir) / CONFIG_NAME
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(dump_toml(cfg.to_dict()))
+    os.replace(tmp, path)
     return path

@@ -34,7 +34,7 @@ from etrm.errors import UserError
 from etrm.loss import ACTLoss
 from etrm.model import ACTModel, Carry
 from etrm.model.puzzle_emb import SignSGD
-from etrm.train import distributed
+from etrm.train import distributed, finite_guard, memory
 from etrm.train.checkpoint import load_checkpoint, save_checkpoint
 from etrm.train.console import Reporter, format_eval
 from etrm.train.distributed import SINGLE, DistEnv
@@ -77,6 +77,7 @@ class RunResult:
     step: int
     stopped_early: bool
     non_finite: bool = False
+    message: str = ""  # why the run stopped early (the non-finite guard's line)
     last_eval: dict[str, float] = field(default_factory=dict)
     baselines: dict[str, float] = field(default_factory=dict)
     steps_per_s: float = 0.0
@@ -99,6 +100,7 @@ class Trainer:
         self.local_batch = distributed.local_batch(tc.batch_size, self.dist)
         torch.manual_seed(tc.seed)
         self.train_ds, self.eval_ds, shape = build_datasets(cfg)
+        self.memory_estimate = memory.check_fits(cfg, shape.seq_len, shape.num_puzzle_ids, self.device, self.dist.world)
         self.model = ACTModel(cfg, shape).to(self.device)
         self.model.halt_seed = distributed.halt_seed(tc.seed, self.dist)  # each rank explores on its own draws
         self.loss_fn = ACTLoss(cfg.loss)
@@ -131,6 +133,7 @@ class Trainer:
         self.profiling: ProfilerWindows | None = None  # exists only when asked for, or to profile a finding
         self.scalars: TensorBoardScalars | None = None
         self.until_step: int | None = None  # the step the current ``run`` ends at
+        self.checkpoint_step: int | None = None  # the step of the checkpoint on disk (written or resumed from)
 
     def enable_trace(self, preset: str | None = None) -> None:
         """Trace every step into ``run_dir/trace.sqlite`` (call after the run directory exists, or after resume)."""
@@ -261,6 +264,8 @@ class Trainer:
             self.checker.after_backward(step=self.step + 1)
         if self.tracer is not None:
             self.tracer.after_backward()
+        puzzle_rows = self.model.puzzle_emb.last_rows if self.model.is_trm else None
+        metrics.update(finite_guard.grad_flags(self.model, puzzle_rows, self.device))
         with _phase(clock, "optimizer", self.profiling):
             if tc.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
@@ -334,13 +339,15 @@ class Trainer:
                         rows = self.tracer.flush()
                         if self.dist.is_main:
                             self.on_trace_rows(rows, reporter)
+                    ema_state = self.ema.state_dict() if self.ema is not None else {}
+                    acc.update(finite_guard.state_flags(self.model, ema_state, self.optimizers, self.device))
                     stats = self._global_stats(acc)
                     acc = {}
                     if self.dist.enabled and stats.pop("stop_requested") > 0:
                         stop = True
-                    if stats["non_finite"] > 0:
-                        reporter.warn(f"non-finite loss within steps {step_log + 1}..{self.step}; stopping, the last "
-                                      "good checkpoint is kept")
+                    if bad := finite_guard.failed(stats):  # before any eval or checkpoint of this state
+                        result.message = finite_guard.stop_message(bad, step_log + 1, self.step, self.checkpoint_step)
+                        reporter.warn(escape(result.message))
                         result.stopped_early = result.non_finite = True
                         result.step = self.step
                         self._end_trace("stopped", "non-finite loss")
@@ -405,6 +412,7 @@ class Trainer:
         state = self.state_dict()
         if self.dist.is_main:
             save_checkpoint(self.run_dir, state)
+        self.checkpoint_step = self.step
 
     def on_trace_rows(self, rows: list[dict[str, float]], reporter: Reporter) -> None:
         """Flushed trace rows go to the live doctor; a finding is printed and stored the first time it holds. The
@@ -499,6 +507,7 @@ class Trainer:
             raise UserError(f"checkpoint in {self.run_dir} does not match this run's config ({detail[:200]}); "
                             "resume with the run's own config or start a new run") from None
 
-    def resume(self) -> None:
-        """Restore the run's checkpoint (``--resume``)."""
-        self.load_state_dict(load_checkpoint(self.run_dir))
+    def resume(self, state: dict[str, Any] | None = None) -> None:
+        """Restore the run's checkpoint (``--resume``), or ``state`` when the caller has read it already."""
+        self.load_state_dict(load_checkpoint(self.run_dir) if state is None else state)
+        self.checkpoint_step = self.step

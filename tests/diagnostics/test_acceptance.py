@@ -351,13 +351,13 @@ def test_sigkill_leaves_a_loadable_trace_and_resume_continues_it_exactly_once(sa
         proc.communicate()
     assert proc.returncode == -signal.SIGKILL
 
-    # what is left loads, has no gap, and reads as crashed once its heartbeat is stale
+    # what is left loads, has no gap, and reads as crashed at once: its trainer's lock is free (diagnostics.liveness)
     killed = load_run(run)
     n = int(killed.index.max())
     assert 40 <= n < 400
     assert_contiguous(killed, n)
     assert list(load_markers(run)["kind"]) == ["start"]
-    assert run_status(run, stale_after=1e9) == "live"  # no end marker: judged by the heartbeat's age alone
+    assert run_status(run, stale_after=1e9) == "crashed"  # a fresh heartbeat does not make a killed trainer live
     assert run_status(run, now=time.time() + STALE_AFTER_S + 1) == "crashed"
     assert run_status(run, stale_after=0.0, now=time.time() + 1) == "crashed"
     code, report = doctor(run)

@@ -153,3 +153,14 @@ def test_console_script(sim, meta, make_run):
     proc = subprocess.run([str(script), str(run), "--json"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert json.loads(proc.stdout)["findings"][0]["code"] == "gradient-starvation"
+
+
+def test_export_exits_0_on_a_run_with_an_error_finding_unless_strict(sim, meta, make_run, tmp_path, capsys):
+    """Scripts that export must not fail because the run has a finding; ``--strict`` keeps exit 1."""
+    run = make_run("cached", sim(mode="cached", M=8), meta("cached", M=8))
+    out = tmp_path / "steps.csv"
+    assert main([str(run), "--export", "csv", str(out)]) == 0 and out.is_file()
+    assert "gradient-starvation" in capsys.readouterr().out  # the finding is still reported
+    out.unlink()
+    assert main([str(run), "--export", "csv", str(out), "--strict"]) == 1 and out.is_file()
+    assert main([str(run)]) == 1  # without --export an error finding is exit 1, as before

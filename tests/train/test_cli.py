@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from diagnostics.liveness import LOCK_NAME
 from etrm.cli import main
 from etrm.config import Config
 from etrm.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
@@ -115,7 +116,7 @@ def test_resume_with_checkpoint_of_another_config(trained_run: Path, tmp_path: P
     cfg.write_text(cfg.read_text().replace("hidden_size = 16", "hidden_size = 32"))
     before = dir_snapshot(run_dir)
     code = main(["--resume", "--run-dir", str(run_dir), "--max-steps", "6"])
-    assert_one_line_error(code, capsys.readouterr().err, "does not match")
+    assert_one_line_error(code, capsys.readouterr().err, "arch.hidden_size", "differs from the checkpoint")
     assert dir_snapshot(run_dir) == before
 
 
@@ -177,7 +178,7 @@ def test_mode_trains_end_to_end(mode: str, tmp_path: Path, capsys, tiny, mode_ar
     state = load_checkpoint(run_dir)
     assert state["step"] == 6
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
-    assert sorted(p.name for p in run_dir.iterdir()) == [CHECKPOINT_NAME, CONFIG_NAME]
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted([CHECKPOINT_NAME, CONFIG_NAME, LOCK_NAME])
 
 
 def test_check_invariants_passes_a_healthy_run_and_stops_a_faulty_one(tmp_path: Path, capsys, tiny) -> None:
