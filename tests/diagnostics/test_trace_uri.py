@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dashboards.runs import connect
+from diagnostics.reader import connect
 from diagnostics.cli import main as doctor
 from diagnostics.loading import load_run, run_status
 from diagnostics.store import TRACE_NAME, open_trace
