@@ -18,6 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from diagnostics.events import Mode
 from diagnostics.loading import DERIVED, as_json_value
 
 _DERIVED_NAMES = frozenset(DERIVED)
@@ -349,7 +350,7 @@ class HaltingCollapse(Rule):
     code, severity = "halting-collapse", "warning"
 
     def applies(self, meta):
-        return meta.get("mode") != "fct"
+        return meta.get("mode") != Mode.FCT
 
     def max_steps(self, meta, columns) -> int | None:
         m = meta.get("max_steps_per_sample")
@@ -439,7 +440,7 @@ class EncoderCollapse(Rule):
     code, severity = "encoder-collapse", "warning"
 
     def applies(self, meta):
-        return meta.get("model") != "trm" and meta.get("mode") != "trm"
+        return meta.get("model") != Mode.TRM and meta.get("mode") != Mode.TRM
 
     def needs(self, meta, columns):
         return ("context_rows", "context_puzzles", "context_cross_ss", "context_sq_norm")

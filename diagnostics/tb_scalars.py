@@ -36,14 +36,20 @@ def flush_scalars(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
     if not rows:
         return out
     for tag, (nums, dens, kind) in SCALARS.items():
-        if any(c not in rows[0] for c in nums + dens):
-            continue
-        num = sum(_finite(r.get(c)) for r in rows for c in nums)
-        den = sum(_finite(r.get(c)) for r in rows for c in dens)
-        if den > 0:
-            value = num / den
+        value = ratio_of_sums(rows, nums, dens)
+        if value is not None:
             out[tag] = math.sqrt(value) if kind == "sqrt" else value
     return out
+
+
+def ratio_of_sums(rows: Sequence[Mapping[str, float]], nums: Sequence[str], dens: Sequence[str]) -> float | None:
+    """sum(numerator columns) / sum(denominator columns) over ``rows`` (non-finite values count 0); None when a
+    column is missing or the denominator is 0."""
+    if not rows or any(c not in rows[0] for c in (*nums, *dens)):
+        return None
+    num = sum(_finite(r.get(c)) for r in rows for c in nums)
+    den = sum(_finite(r.get(c)) for r in rows for c in dens)
+    return num / den if den > 0 else None
 
 
 def _finite(v: Any) -> float:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from diagnostics.runtime_check import InvariantChecker, InvariantError
+from diagnostics.runtime_check import InvariantError
 from diagnostics.store import TRACE_NAME
 from etrm.config import Config, ConfigError, apply_overrides, load_toml
 from etrm.errors import UserError
@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "turns --trace on")
     p.add_argument("--check-invariants", action="store_true",
                    help="check carry/label invariants every step (debugging: one host sync per step)")
+    p.add_argument("--wandb", action="store_true",
+                   help="log the trace's figures, evals, findings and the config to Weights & Biases ([wandb] "
+                        "project/name/mode; offline without a login); turns --trace on; needs pip install etrm[wandb]")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (train.max_steps)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="train.device")
     p.add_argument("--seed", type=int, help="train.seed")
@@ -123,6 +126,10 @@ class _Quiet:
 def _main(argv: list[str] | None) -> int:
     # Intermixed, so that overrides may follow options (``--preset demo --max-steps 6 arch.L_cycles=4``).
     args = build_parser().parse_intermixed_args(argv)
+    if args.wandb:
+        from etrm.train.wandb_log import require_wandb
+
+        require_wandb()  # before anything is built or written
     if args.resume:
         if not args.run_dir:
             raise UserError("--resume needs --run-dir pointing at the run to continue")
@@ -133,9 +140,8 @@ def _main(argv: list[str] | None) -> int:
         run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / auto_name(cfg, preset)
 
     import torch
-    from rich.markup import escape
 
-    from etrm.train import distributed  # heavy imports after argument checks
+    from etrm.train import distributed, instruments  # heavy imports after argument checks
     from etrm.train.console import Reporter
     from etrm.train.trainer import Trainer, pick_device
 
@@ -156,25 +162,15 @@ def _main(argv: list[str] | None) -> int:
         trainer.resume()
     elif env.is_main:
         create_run_dir(run_dir, cfg)
-    trace = args.trace or args.tensorboard or (args.resume and (run_dir / TRACE_NAME).exists())
-    if distributed.broadcast_object(trace, env):  # rank 0's view of the run directory decides for every rank
-        trainer.enable_trace(preset)
-    if args.tensorboard:
-        trainer.enable_tensorboard()
-    trainer.enable_profile(requested=args.profile)
-    if args.check_invariants:
-        trainer.checker = InvariantChecker(trainer.model.max_steps)
+    trace = args.trace or args.tensorboard or args.wandb or (args.resume and (run_dir / TRACE_NAME).exists())
+    trace = distributed.broadcast_object(trace, env)  # rank 0's view of the run directory decides for every rank
+    instruments.build(trainer, instruments.Options(trace=trace, preset=preset, profile=args.profile,
+                                                   tensorboard=args.tensorboard, wandb=args.wandb,
+                                                   check_invariants=args.check_invariants))
     reporter = Reporter(total=cfg.train.max_steps, start=trainer.step) if env.is_main else _Quiet()
-    mode = "trm" if cfg.model == "trm" else cfg.encoder.mode
     where = f"{trainer.device}" + (f" x {env.world} ranks ({trainer.local_batch} slots each)" if env.enabled else "")
-    reporter.line(f"run {run_dir} | model {cfg.model} mode {mode} | {trainer.model.num_trainable_parameters():,} "
+    reporter.line(f"run {run_dir} | model {cfg.model} mode {cfg.mode} | {trainer.model.num_trainable_parameters():,} "
                   f"params | train {len(trainer.train_ds)} eval {len(trainer.eval_ds)} samples | {where}")
-    if trainer.profiling is not None and trainer.profiling.windows:
-        sched = trainer.profiling.windows[-1].schedule
-        first, last = trainer.profiling.windows[-1].first_active
-        again = "" if sched.repeat == 1 else (f", every {sched.cycle} steps" +
-                                               (f", {sched.repeat} times" if sched.repeat else " until the end"))
-        reporter.line(escape(f"profiler: recording steps {first}..{last}{again} into {trainer.profiling.out_dir}"))
     try:
         result = trainer.run(cfg.train.max_steps, reporter)
     except InvariantError as exc:
@@ -201,10 +197,7 @@ def _main(argv: list[str] | None) -> int:
             "baseline copy-input exact": f"{base['copy_input.exact']:.3f}",
             "baseline common-output exact": f"{base['common_output.exact']:.3f}",
         })
-    if trainer.profiling is not None and trainer.profiling.trace_files():
-        rows["profiler traces"] = f"{len(trainer.profiling.trace_files())} in {trainer.profiling.out_dir}"
-    if trainer.scalars is not None:
-        rows["tensorboard"] = f"tensorboard --logdir {run_dir / 'tensorboard'}"
+    rows.update(trainer.instruments.summary())
     reporter.summary("etrm-train summary", rows)
     if result.non_finite:
         print(f"etrm-train: error: non-finite loss before step {result.step}; the run stopped and its last good "

@@ -14,7 +14,7 @@ from diagnostics.adapter import ACTAdapter, EvalStep, Supports
 from diagnostics.events import CarryView, StepEvents
 from etrm.config import Config, LossConfig
 from etrm.loss import ACTLoss
-from etrm.model import ACTModel, Carry, ModelShape, StepOutput
+from etrm.model import Carry, ModelShape, StepOutput, build_model
 
 Tensor = torch.Tensor
 VOCAB = 10
@@ -47,7 +47,7 @@ class BundledAdapter(ACTAdapter):
                  data_seed: int = 0) -> None:
         self.cfg = cfg
         self.batch_size, self.seq_len, self.num_demos, self.data_seed = batch_size, seq_len, num_demos, data_seed
-        self.model = ACTModel(cfg, ModelShape(vocab_size=VOCAB, seq_len=seq_len, num_puzzle_ids=NUM_PUZZLES + 1))
+        self.model = build_model(cfg, ModelShape(vocab_size=VOCAB, seq_len=seq_len, num_puzzle_ids=NUM_PUZZLES + 1))
         if self.model.is_trm:  # the table starts at zero; random rows make a wrong row visible
             with torch.no_grad():
                 self.model.puzzle_emb.weights.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(data_seed))
