@@ -2,7 +2,7 @@
 
 Fed at flush time only (never from the training step), on rank 0: each flush's trace figures (ratios of the
 flushed rows' sums) and every eval become W&B history at their step; the resolved config is the W&B config; at the
-end the live doctor's findings become a ``findings`` table and the run summary (``findings``, one
+end the live doctor's findings become a ``findings`` table and the run summary (``finding_codes``, one
 ``finding/<code>`` first step each, and how the run ended). Without a login (``wandb.mode=auto``) the run is
 written offline under ``RUN_DIR/wandb`` (``wandb sync`` uploads it later). The W&B run id is kept in
 ``RUN_DIR/wandb-id`` so that ``--resume`` continues the same W&B run.
@@ -93,7 +93,7 @@ class WandB(Instrument):
             [f.code, f.severity, f.first_step, f.message, str(f.to_dict()["evidence"])] for f in findings])
         self.run.log({"findings": table}, step=step)
         summary = self.run.summary
-        summary["findings"] = ", ".join(f.code for f in findings) or "none"
+        summary["finding_codes"] = ", ".join(f.code for f in findings) or "none"
         for f in findings:
             summary[f"finding/{f.code}"] = f.first_step
         summary["status"], summary["final_step"] = status, step

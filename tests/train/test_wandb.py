@@ -99,7 +99,7 @@ def test_demo_trace_wandb_writes_figures_evals_findings_and_config_offline(tmp_p
     # the findings: a W&B table and the summary, the same the trace holds
     stored = load_findings(run)
     assert "gradient-starvation" in set(stored["code"])
-    assert wb["summary"]["findings"] == ", ".join(stored["code"])
+    assert wb["summary"]["finding_codes"] == ", ".join(stored["code"])
     for code, first in zip(stored["code"], stored["first_step"]):
         assert wb["summary"][f"finding/{code}"] == first
     assert wb["summary"]["status"] == "end" and wb["summary"]["final_step"] == 12
