@@ -193,17 +193,20 @@ class Trace(Instrument):
             self.clock.stop(name)
 
     def on_step(self, record: StepRecord) -> None:
-        self.tracer.on_step(record.step, record.events, record.metrics, clock=self.clock)
+        if not self.closed:  # the trace ends with its run; later steps are not traced
+            self.tracer.on_step(record.step, record.events, record.metrics, clock=self.clock)
 
     def after_backward(self, step: int) -> None:
-        self.tracer.after_backward()
+        if not self.closed:
+            self.tracer.after_backward()
 
     def flush_rows(self) -> Rows:
-        return self.tracer.flush()
+        return [] if self.closed else self.tracer.flush()
 
     def on_eval(self, step: int, values: Mapping[str, float]) -> None:
         values = dict(values)
-        self.tracer.submit(lambda w: w.write_eval(step, values))
+        if not self.closed:
+            self.tracer.submit(lambda w: w.write_eval(step, values))
 
     def on_checkpoint(self, step: int) -> None:
         self.tracer.drain()  # every row up to this step is committed before the checkpoint (resume loses none)

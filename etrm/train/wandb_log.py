@@ -77,12 +77,13 @@ class WandB(Instrument):
 
     def on_flush(self, rows: Rows, step: int) -> None:
         figures = flush_figures(rows)
-        if figures:
+        if figures and not self.finished:
             self.run.log(figures, step=step)
 
     def on_eval(self, step: int, values: Mapping[str, float]) -> None:
         clean = {f"eval/{k}": float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
-        self.run.log(clean, step=step)
+        if not self.finished:
+            self.run.log(clean, step=step)
 
     def on_end(self, step: int, status: str, detail: str) -> None:
         if self.finished:
