@@ -203,9 +203,15 @@ def _site(frames: Sequence[Any]) -> tuple[str, str] | None:
     return None
 
 
+def _tracer(trainer: Any) -> Any:
+    from etrm.train.instruments import Trace
+
+    return trainer.instruments.find(Trace).tracer
+
+
 def _flush_due(trainer: Any) -> None:
-    if trainer.tracer is not None and trainer.step % trainer.cfg.train.trace_every == 0:
-        trainer.tracer.flush()  # the one read-back, outside the checked step as in the trainer's loop
+    if trainer.step % trainer.cfg.train.trace_every == 0:
+        trainer.instruments.flush_rows()  # the one read-back, outside the checked step as in the trainer's loop
 
 
 def sync_checked_steps(trainer: Any, steps: int) -> tuple[str | None, tuple[str, str] | None, int]:
@@ -259,6 +265,7 @@ def run_check(args: argparse.Namespace, device: torch.device | None = None) -> C
     from diagnostics.loading import load_timings
     from etrm.config import Config, apply_overrides
     from etrm.presets import load_preset
+    from etrm.train import instruments
     from etrm.train.trainer import Trainer
 
     t_start = time.perf_counter()
@@ -273,7 +280,7 @@ def run_check(args: argparse.Namespace, device: torch.device | None = None) -> C
         trainer = Trainer(cfg, root / name, device=device)
         (root / name).mkdir()
         if traced:
-            trainer.enable_trace(args.preset)
+            instruments.add_trace(trainer, args.preset)
         return trainer
 
     traced = build("traced", True)
@@ -295,13 +302,12 @@ def run_check(args: argparse.Namespace, device: torch.device | None = None) -> C
     if error is not None:
         result.sync_error = error
         result.traced_steps = done
-        if traced.tracer is not None:  # a step was cut short: start over on a fresh trainer, listing every site
-            traced.tracer.close()
+        _tracer(traced).close()  # a step was cut short: start over on a fresh trainer, listing every site
         traced = build("traced-warn", True)
         result.sync_sites = sync_sites_warned(traced, min(args.steps, 10))
         if site is not None and site[0] not in dict(result.sync_sites):
             result.sync_sites.insert(0, site)
-    traced.tracer.drain()
+    _tracer(traced).drain()
     timings = load_timings(traced.run_dir)
     if len(timings):
         med = timings.groupby("phase")["seconds"].median() * 1e3
@@ -334,8 +340,7 @@ def run_check(args: argparse.Namespace, device: torch.device | None = None) -> C
             break
     result.ratios = [b / a for a, b in zip(base, tr)]
     result.step_ms_untraced, result.step_ms_traced = statistics.median(base), statistics.median(tr)
-    if traced.tracer is not None:
-        traced.tracer.close()
+    _tracer(traced).close()
     tmp.cleanup()
     result.seconds = time.perf_counter() - t_start
     return result

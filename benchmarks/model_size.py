@@ -27,7 +27,7 @@ def paper_counts() -> dict[str, int]:
     out = {}
     for model in ("trm", "etrm"):
         cfg = Config.from_dict({"model": model, "arch": PAPER_ARCH, "encoder": {"num_layers": 2, "set_layers": 1}})
-        out[model] = ACTModel(cfg, ModelShape(12, 900, 1000)).num_trainable_parameters()
+        out[model] = ACTModel(cfg.model_config(), ModelShape(12, 900, 1000)).num_trainable_parameters()
     return out
 
 
@@ -35,7 +35,7 @@ def tiny_step_seconds(model: str, mode: str, steps: int, batch: int = 32, seq: i
     """Median seconds of one ACT step (forward, loss, backward) of the tiny config on CPU."""
     torch.manual_seed(0)
     cfg = Config.from_dict({"model": model, "arch": TINY_ARCH, "encoder": {"mode": mode}})
-    net = ACTModel(cfg, ModelShape(12, seq, 64))
+    net = ACTModel(cfg.model_config(), ModelShape(12, seq, 64))
     loss_fn = ACTLoss(cfg.loss)
     g = torch.Generator().manual_seed(0)
     b = {"inputs": torch.randint(2, 12, (batch, seq), generator=g), "labels": torch.randint(2, 12, (batch, seq), generator=g),

@@ -23,6 +23,7 @@ from diagnostics.store import TraceWriter
 from diagnostics.tracer import Tracer
 from etrm.config import Config, apply_overrides
 from etrm.presets import load_preset
+from etrm.train import instruments
 from etrm.train.trainer import Trainer
 
 
@@ -31,7 +32,7 @@ def build(cfg: Config, root: Path, name: str, traced: bool) -> Trainer:
     trainer = Trainer(cfg, root / name, device=torch.device("cpu"))
     (root / name).mkdir()
     if traced:
-        trainer.enable_trace()
+        instruments.add_trace(trainer)
     return trainer
 
 
@@ -40,18 +41,18 @@ def timed_steps(trainer: Trainer, n: int) -> float:
     t0 = time.perf_counter()
     for _ in range(n):
         trainer.train_step()
-        if trainer.tracer is not None and trainer.step % trainer.cfg.train.trace_every == 0:
-            trainer.tracer.flush()
+        if trainer.step % trainer.cfg.train.trace_every == 0:
+            trainer.instruments.flush_rows()
     return (time.perf_counter() - t0) / n
 
 
 def probe_costs(trainer: Trainer, repeats: int) -> dict[str, float]:
     """Microseconds per step each probe's ``observe`` takes, on the trainer's real events."""
     captured = {}
-    trainer.step_hooks.append(lambda step, ev, m: captured.update(ev=ev, m=m))
+    trainer.add(instruments.OnStep(lambda step, ev, m: captured.update(ev=ev, m=m)))
     trainer.train_step()
     ev, metrics = captured["ev"], captured["m"]
-    tracer = trainer.tracer
+    tracer = trainer.instruments.find(instruments.Trace).tracer
     out = {}
     for probe in tracer.probes:
         row = _NullRow()
@@ -88,7 +89,7 @@ def writer_rows_per_s(root: Path, n_rows: int = 20000, block: int = 20) -> float
 def tracer_memory(trainer: Trainer, steps: int, every: int = 20) -> tuple[int, int]:
     """(python heap bytes held after ``steps`` synthetic steps, device buffer bytes) with flushes every ``every``."""
     captured = {}
-    trainer.step_hooks = [lambda step, ev, m: captured.update(ev=ev, m=m)]
+    trainer.instruments[:] = [instruments.OnStep(lambda step, ev, m: captured.update(ev=ev, m=m))]
     trainer.train_step()
     ev, metrics = captured["ev"], captured["m"]
     # One recorded step replayed many times: detach its encoder output, or every replay would stack another

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from diagnostics import figures
+from diagnostics.events import Mode
 from diagnostics.loading import as_json_value
 from diagnostics.thresholds import DoctorConfig
 
@@ -314,7 +315,7 @@ class HaltingCollapse(Rule):
     code, severity = "halting-collapse", "warning"
 
     def applies(self, meta):
-        return meta.get("mode") != "fct"
+        return meta.get("mode") != Mode.FCT
 
     def max_steps(self, meta, columns) -> int | None:
         m = meta.get("max_steps_per_sample")
@@ -402,7 +403,7 @@ class EncoderCollapse(Rule):
     code, severity = "encoder-collapse", "warning"
 
     def applies(self, meta):
-        return meta.get("model") != "trm" and meta.get("mode") != "trm"
+        return meta.get("model") != Mode.TRM and meta.get("mode") != Mode.TRM
 
     def needs(self, meta, columns):
         return ("context_rows", "context_puzzles", "context_cross_ss", "context_sq_norm")

@@ -8,15 +8,40 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Optional
 
 import torch
 
 # 1: the first contract. 2: optional ``token_embed_rms`` (ETRM: RMS of the token-embedding table), for the context
 # diversity probe's context-to-token norm ratio; producers that leave it None still satisfy version 2.
-# 3: no field changed; the own-loop session API (``diagnostics.session``: RunSpec, CarryShape, TracedRun,
-# build_events) joined the contract, building version-3 events from an upstream-shaped step.
+# 3: ``mode`` is a ``Mode`` and required (version 2 silently defaulted it to "reencode"); its values are unchanged.
+#    The own-loop session API (``diagnostics.session``: RunSpec, CarryShape, TracedRun, build_events) joined the
+#    contract, building version-3 events from an upstream-shaped step.
 EVENTS_VERSION = 3
+
+
+class Mode(StrEnum):
+    """How a step conditions each slot on its task (design.md's mode table); the values are what traces store.
+
+    A ``StrEnum``: a member equals its value, so ``meta["mode"] == Mode.FCT`` holds for a trace's stored string.
+    """
+
+    TRM = "trm"            # TRM: a learned row per puzzle id (the puzzle table), looked up every step
+    REENCODE = "reencode"  # ETRM: the demo encoder runs on every slot every training step
+    CACHED = "cached"      # ETRM: the encoder runs on reset slots only; others reuse their carried context
+    FCT = "fct"            # ETRM, fixed computation time: every slot re-encoded, a fixed number of steps
+    UNKNOWN = "unknown"    # a user model behind the adapter protocol that does not say
+
+    def conditions_every_slot(self, training: bool) -> bool:
+        """Whether every slot gets fresh task conditioning (and its gradient) this step: TRM always; re-encode
+        and FCT while training; cached mode (and ETRM in eval, encoding once per sample) only on reset slots."""
+        return self is Mode.TRM or (training and self in (Mode.REENCODE, Mode.FCT))
+
+    @property
+    def halts_adaptively(self) -> bool:
+        """Whether the Q-head decides halting (every mode but FCT, whose steps are fixed)."""
+        return self is not Mode.FCT
 
 Tensor = torch.Tensor
 
@@ -99,6 +124,8 @@ class StepEvents:
     q_says_halt: Tensor
     explore_veto: Tensor
     is_last_step: Tensor
+    # What kind of step this was (version 3: required)
+    mode: Mode
     # Filled by the loss head
     seq_correct: Optional[Tensor] = None
     token_correct: Optional[Tensor] = None
@@ -107,8 +134,6 @@ class StepEvents:
     non_finite: Optional[Tensor] = None
     # Scale of the token embeddings beside the context (version 2; None when the model does not say)
     token_embed_rms: Optional[Tensor] = None
-    # What kind of step this was
-    mode: str = "reencode"
     training: bool = True
     clock: Optional[PhaseClock] = None
     version: int = EVENTS_VERSION

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import torch
 
-from diagnostics.events import CarryView, StepEvents
+from diagnostics.events import CarryView, Mode, StepEvents
 
 Tensor = torch.Tensor
 
@@ -68,7 +68,7 @@ def expected_needs(events: StepEvents) -> Tensor:
 
     In evaluation a deterministic encoder encodes each sample once, so only fresh samples need it.
     """
-    if events.mode == "trm" or (events.training and events.mode in ("reencode", "fct")):
+    if Mode(events.mode).conditions_every_slot(events.training):
         return torch.ones_like(events.reset)
     return events.reset
 

@@ -2,8 +2,8 @@
 patterns and feeds, and checks the carry and label invariants after every rule.
 
 Rules: a training step with a drawn halting mask (never, all, single slot, alternating, burst, random, or the model's
-own decision) and a drawn feed (``refill``: new ids only into reset slots, -1 padding elsewhere; ``trm``: fresh ids
-everywhere); an eval run on a fresh carry; a checkpoint of the carry, a few steps, a restore and a replay. After each
+own decision) and a drawn feed (``refill``: new ids only into reset slots, -1 padding elsewhere; ``full-batch``:
+fresh ids everywhere, as upstream TRM's loader); an eval run on a fresh carry; a checkpoint of the carry, a few steps, a restore and a replay. After each
 step: every check of ``diagnostics.invariants`` (the carry-only ones for models without events), gradient coverage
 after a backward of the step's loss, reset-from-init equivalence, and (on drawn steps) slot-permutation independence.
 
@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule, run_state_machine_as_test
 
 from diagnostics.adapter import ACTAdapter, AdapterFactory, EvalStep
-from diagnostics.events import CarryView, StepEvents
+from diagnostics.events import CarryView, Mode, StepEvents
 from diagnostics.invariants import STEP_INVARIANTS, GradRows, StepContext, Violation, violations
 
 Tensor = torch.Tensor
@@ -57,7 +57,7 @@ HALTING = st.one_of(
     st.just(("model",)),
 )
 FORCED_HALTING = HALTING.filter(lambda p: p[0] != "model")
-FEEDS = st.sampled_from(("refill", "trm"))
+FEEDS = st.sampled_from(("refill", "full-batch"))
 
 
 def halting_mask(pattern: tuple, batch_size: int) -> Optional[Tensor]:
@@ -108,7 +108,7 @@ def derived_events(before: CarryView, after: CarryView, fed: Tensor, expected_id
         label_sample_id=expected_ids, demo_sample_id=expected_ids,
         encoded=zeros, needs_encode=zeros, encoded_slots=torch.zeros(0, dtype=torch.long), encoder_out=None,
         q_halt_logits=torch.zeros(reset.shape), q_continue_logits=None, q_says_halt=zeros, explore_veto=zeros,
-        is_last_step=zeros, mode="unknown", training=training,
+        is_last_step=zeros, mode=Mode.UNKNOWN, training=training,
     )
 
 
@@ -194,7 +194,7 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
             return ids
 
         def _feed(self, reset: Tensor, feed: str) -> Tensor:
-            if feed == "trm":
+            if feed == "full-batch":
                 return torch.tensor(self._fresh(self.B), dtype=torch.long)
             fed = torch.full((self.B,), -1, dtype=torch.long)
             fed[reset] = torch.tensor(self._fresh(int(reset.sum())), dtype=torch.long)

@@ -114,8 +114,10 @@ class Tracer:
             self.thread.start()
 
     # -- the traced path: no host sync ---------------------------------------------------------------------
-    def on_step(self, step: int, events: StepEvents, metrics: dict[str, Tensor]) -> None:
-        """Run every probe on one step's events (trainer step hook: after the loss, before backward)."""
+    def on_step(self, step: int, events: StepEvents, metrics: dict[str, Tensor],
+                clock: PhaseClock | None = None) -> None:
+        """Run every probe on one step's events (after the loss, before backward); ``clock``: the step's phase
+        timings when the caller keeps them (default: ``events.clock``)."""
         if len(self.steps) == self.capacity:
             self._grow()
         row = _Row(self, len(self.steps))
@@ -125,7 +127,7 @@ class Tracer:
         row.commit()
         self.rows.append(row)
         self.steps.append(step + 1)  # rows are numbered by the optimizer step they complete (1-based)
-        self.clocks.append(events.clock)
+        self.clocks.append(clock if clock is not None else events.clock)
 
     def column_index(self, cols: tuple[int, ...]) -> Tensor:
         """Device index tensor of a column list, made once per distinct list (probes write in a fixed order)."""

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from diagnostics import killpoints, liveness
-from diagnostics.runtime_check import InvariantChecker, InvariantError
+from diagnostics.runtime_check import InvariantError
 from diagnostics.store import TRACE_NAME
 from etrm.config import Config, ConfigError, apply_overrides, load_toml
 from etrm.data.maze import VALID_PATH_KEY
@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "turns --trace on")
     p.add_argument("--check-invariants", action="store_true",
                    help="check carry/label invariants every step (debugging: one host sync per step)")
+    p.add_argument("--wandb", action="store_true",
+                   help="log the trace's figures, evals, findings and the config to Weights & Biases ([wandb] "
+                        "project/name/mode; offline without a login); turns --trace on; needs pip install etrm[wandb]")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (train.max_steps)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="train.device")
     p.add_argument("--seed", type=int, help="train.seed")
@@ -155,6 +158,10 @@ class _Quiet:
 def _main(argv: list[str] | None) -> int:
     # Intermixed, so that overrides may follow options (``--preset demo --max-steps 6 arch.L_cycles=4``).
     args = build_parser().parse_intermixed_args(argv)
+    if args.wandb:
+        from etrm.train.wandb_log import require_wandb
+
+        require_wandb()  # before anything is built or written
     if args.resume:
         if not args.run_dir:
             raise UserError("--resume needs --run-dir pointing at the run to continue")
@@ -237,7 +244,7 @@ def _train(args: argparse.Namespace, cfg: Config, preset: str | None, run_dir: P
     import torch
     from rich.markup import escape
 
-    from etrm.train import distributed
+    from etrm.train import distributed, instruments
     from etrm.train.console import Reporter
     from etrm.train.trainer import Trainer
 
@@ -254,19 +261,17 @@ def _train(args: argparse.Namespace, cfg: Config, preset: str | None, run_dir: P
         create_run_dir(run_dir, cfg)
         made["created"] = True
         _hold(made, run_dir)
-    trace = args.trace or args.tensorboard or (args.resume and (run_dir / TRACE_NAME).exists())
-    if distributed.broadcast_object(trace, env):  # rank 0's view of the run directory decides for every rank
-        trainer.enable_trace(preset)
-        if restart and trainer.tracer is not None:  # the dashboard marks it; rows past the checkpoint were dropped
-            step, detail = trainer.step, f"torchrun restart {restart}"
-            trainer.tracer.submit(lambda w: w.marker("restart", step, detail))
-    if args.tensorboard:
-        trainer.enable_tensorboard()
-    trainer.enable_profile(requested=args.profile)
-    if args.check_invariants:
-        trainer.checker = InvariantChecker(trainer.model.max_steps)
+    trace = args.trace or args.tensorboard or args.wandb or (args.resume and (run_dir / TRACE_NAME).exists())
+    trace = distributed.broadcast_object(trace, env)  # rank 0's view of the run directory decides for every rank
+    instruments.build(trainer, instruments.Options(trace=trace, preset=preset, profile=args.profile,
+                                                   tensorboard=args.tensorboard, wandb=args.wandb,
+                                                   check_invariants=args.check_invariants))
+    tracer = trainer.instruments.find(instruments.Trace)
+    if restart and tracer is not None:  # the dashboard marks it; rows past the checkpoint were dropped
+        step, detail = trainer.step, f"torchrun restart {restart}"
+        tracer.tracer.submit(lambda w: w.marker("restart", step, detail))
     if os.environ.get(killpoints.ENV):  # tests only: see diagnostics.killpoints
-        trainer.step_hooks.append(killpoints.step_hook)
+        trainer.add(instruments.OnStep(killpoints.step_hook))
     reporter = Reporter(total=cfg.train.max_steps, start=trainer.step) if env.is_main else _Quiet()
     if continued:
         how = f"torchrun restart {restart}: " if restart and not args.resume else ""
@@ -274,16 +279,9 @@ def _train(args: argparse.Namespace, cfg: Config, preset: str | None, run_dir: P
                              f"{how}no checkpoint yet: starting again from step 0 in {run_dir}"))
         for line in made["applied"]:
             reporter.line(escape(f"changed on resume: {line}"))
-    mode = "trm" if cfg.model == "trm" else cfg.encoder.mode
     where = f"{trainer.device}" + (f" x {env.world} ranks ({trainer.local_batch} slots each)" if env.enabled else "")
-    reporter.line(f"run {run_dir} | model {cfg.model} mode {mode} | {trainer.model.num_trainable_parameters():,} "
+    reporter.line(f"run {run_dir} | model {cfg.model} mode {cfg.mode} | {trainer.model.num_trainable_parameters():,} "
                   f"params | train {len(trainer.train_ds)} eval {len(trainer.eval_ds)} samples | {where}")
-    if trainer.profiling is not None and trainer.profiling.windows:
-        sched = trainer.profiling.windows[-1].schedule
-        first, last = trainer.profiling.windows[-1].first_active
-        again = "" if sched.repeat == 1 else (f", every {sched.cycle} steps" +
-                                               (f", {sched.repeat} times" if sched.repeat else " until the end"))
-        reporter.line(escape(f"profiler: recording steps {first}..{last}{again} into {trainer.profiling.out_dir}"))
     try:
         result = trainer.run(cfg.train.max_steps, reporter)
     except InvariantError as exc:
@@ -313,10 +311,7 @@ def _train(args: argparse.Namespace, cfg: Config, preset: str | None, run_dir: P
         if VALID_PATH_KEY in ev:
             rows["held-out valid shortest path"] = (f"{ev[VALID_PATH_KEY]:.3f} (would-halt "
                                                     f"{ev['halt.' + VALID_PATH_KEY]:.3f})")
-    if trainer.profiling is not None and trainer.profiling.trace_files():
-        rows["profiler traces"] = f"{len(trainer.profiling.trace_files())} in {trainer.profiling.out_dir}"
-    if trainer.scalars is not None:
-        rows["tensorboard"] = f"tensorboard --logdir {run_dir / 'tensorboard'}"
+    rows.update(trainer.instruments.summary())
     reporter.summary("etrm-train summary", rows)
     if result.non_finite:
         print(f"etrm-train: error: {result.message}", file=sys.stderr)

@@ -10,25 +10,50 @@ import dataclasses
 import math
 import tomllib
 from dataclasses import dataclass, field, fields
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from diagnostics.events import Mode
 from diagnostics.thresholds import DoctorConfig
 
-MODELS = ("trm", "etrm")
-ENCODER_MODES = ("reencode", "cached", "fct")
-FAULTS = (
-    "none",
-    "label-from-batch",
-    "encode-full-batch",
-    "constant-context",
-    "no-state-reset",
-    "no-step-reset",
-    "stale-demos",
-    "carry-keeps-grad",
-)
+
+
+class Model(StrEnum):
+    """Which model: TRM (a learned puzzle-embedding table) or ETRM (a demo encoder in place of the table)."""
+
+    TRM = "trm"
+    ETRM = "etrm"
+
+
+class Fault(StrEnum):
+    """An injectable bug (``fault=...``), each breaking one rule on purpose so that its finding must fire; the
+    overrides that make them live in ``etrm.model.faults``."""
+
+    NONE = "none"
+    LABEL_FROM_BATCH = "label-from-batch"    # the loss reads the incoming batch's labels, not the carry's
+    ENCODE_FULL_BATCH = "encode-full-batch"  # cached mode encodes every slot, then keeps the reset ones
+    CONSTANT_CONTEXT = "constant-context"    # the encoder sees the same (empty) demos for every sample
+    NO_STATE_RESET = "no-state-reset"        # reset slots keep their old z_H, z_L
+    NO_STEP_RESET = "no-step-reset"          # reset slots keep counting steps
+    STALE_DEMOS = "stale-demos"              # the context is built from the incoming batch's demos
+    CARRY_KEEPS_GRAD = "carry-keeps-grad"    # the carried state is not detached
+
+
+class Sampler(StrEnum):
+    """How slots get samples: ``refill`` (only halted slots take new ones, nothing dropped) or upstream TRM's
+    batches (a full batch per step; what arrives for a slot still in flight is dropped). The value ``trm`` is
+    what users type (``train.sampler=trm``)."""
+
+    REFILL = "refill"
+    UPSTREAM = "trm"
+
+
+MODELS = tuple(Model)
+ENCODER_MODES = (Mode.REENCODE, Mode.CACHED, Mode.FCT)
+FAULTS = tuple(Fault)
 LOSSES = ("stablemax", "softmax")
-SAMPLERS = ("refill", "trm")
+SAMPLERS = tuple(Sampler)
 DATA_PATHS = ("auto", "device", "pinned", "host")  # where a step's samples are chosen and gathered (etrm.data.feed)
 DATASETS = ("fewshot", "arc1", "arc2", "sudoku", "maze", "trm-folder")
 LR_SCHEDULES = ("cosine", "constant")
@@ -94,12 +119,13 @@ class ArchConfig:
 class EncoderConfig:
     """ETRM's demo encoder and how its context is refreshed across ACT steps (design.md's mode table)."""
 
-    mode: str = "reencode"
+    mode: Mode = Mode.REENCODE
     num_layers: int = 1
     set_layers: int = 1
 
     def __post_init__(self) -> None:
         _choice("encoder.", "mode", self.mode, ENCODER_MODES)
+        self.mode = Mode(self.mode)
         _positive("encoder.", "num_layers", self.num_layers)
         _positive("encoder.", "set_layers", self.set_layers)
 
@@ -227,7 +253,7 @@ class TrainConfig:
     encoder_lr_scale: float = 1.0
     ema: bool = True
     ema_rate: float = 0.99
-    sampler: str = "refill"
+    sampler: Sampler = Sampler.REFILL
     data_path: str = "auto"  # device / pinned: no host sync per step; host: upstream's way; auto: device if it fits
     eval_every: int = 100
     eval_batch_size: int = 64
@@ -249,6 +275,7 @@ class TrainConfig:
         _choice(s, "lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _choice(s, "sampler", self.sampler, SAMPLERS)
         _choice(s, "data_path", self.data_path, DATA_PATHS)
+        self.sampler = Sampler(self.sampler)
         _choice(s, "device", self.device, DEVICES)
 
 
@@ -273,12 +300,47 @@ class ProfileConfig:
         _positive(s, "active", self.active)
 
 
+WANDB_MODES = ("auto", "online", "offline")
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases (``--wandb``): the project, the run's name (empty: the run directory's name) and the mode
+    (``auto``: online when logged in, else offline, i.e. written under ``RUN_DIR/wandb`` for ``wandb sync``)."""
+
+    project: str = "etrm"
+    name: str = ""
+    mode: str = "auto"
+
+    def __post_init__(self) -> None:
+        _choice("wandb.", "mode", self.mode, WANDB_MODES)
+        if not self.project:
+            raise ConfigError("wandb.project is empty; allowed: a W&B project name, e.g. wandb.project=\"etrm\"")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What ``ACTModel`` is built from (nanoGPT's ``GPT(config)``): the mode (which model, and how ETRM refreshes
+    its context), the architecture, the encoder, ACT settings, the step cap and the exploration RNG's seed."""
+
+    mode: Mode
+    arch: ArchConfig
+    encoder: EncoderConfig
+    act: ACTConfig
+    max_steps: int
+    seed: int = 0
+
+    @property
+    def is_trm(self) -> bool:
+        return self.mode == Mode.TRM
+
+
 @dataclass
 class Config:
     """A whole run: which model, which fault (if any), and every section."""
 
-    model: str = "etrm"
-    fault: str = "none"
+    model: Model = Model.ETRM
+    fault: Fault = Fault.NONE
     arch: ArchConfig = field(default_factory=ArchConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     act: ACTConfig = field(default_factory=ACTConfig)
@@ -288,29 +350,36 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     doctor: DoctorConfig = field(default_factory=DoctorConfig)  # the doctor's thresholds (diagnostics.thresholds)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
         _choice("", "model", self.model, MODELS)
         _choice("", "fault", self.fault, FAULTS)
-        if self.fault in ("encode-full-batch",) and not (self.model == "etrm" and self.encoder.mode == "cached"):
+        self.model, self.fault = Model(self.model), Fault(self.fault)
+        if self.fault == Fault.ENCODE_FULL_BATCH and self.mode != Mode.CACHED:
             raise ConfigError("fault=encode-full-batch is not valid here; allowed only with model=etrm encoder.mode=cached")
-        if self.fault in ("constant-context", "stale-demos") and self.model != "etrm":
+        if self.fault in (Fault.CONSTANT_CONTEXT, Fault.STALE_DEMOS) and self.model != Model.ETRM:
             raise ConfigError(f"fault={self.fault} is not valid here; allowed only with model=etrm")
 
     @property
-    def mode(self) -> str:
-        """The run's mode, defined here only: ``trm`` for TRM, else the encoder mode (reencode, cached, fct)."""
-        return "trm" if self.model == "trm" else self.encoder.mode
+    def mode(self) -> Mode:
+        """How steps condition slots on their task: ``trm`` for TRM, else the encoder's mode."""
+        return Mode.TRM if self.model == Model.TRM else self.encoder.mode
 
     @property
     def fct_mode(self) -> bool:
         """True when every batch runs a fixed number of steps (ETRM-FCT)."""
-        return self.mode == "fct"
+        return self.mode == Mode.FCT
 
     @property
     def max_steps_per_sample(self) -> int:
         """ACT steps at which a slot is forced to halt: ``fct.steps`` in fct mode, else ``act.halt_max_steps``."""
         return self.fct.steps if self.fct_mode else self.act.halt_max_steps
+
+    def model_config(self, seed: int | None = None) -> "ModelConfig":
+        """What the model itself is built from (``seed``: its exploration RNG's; default ``train.seed``)."""
+        return ModelConfig(mode=self.mode, arch=self.arch, encoder=self.encoder, act=self.act,
+                           max_steps=self.max_steps_per_sample, seed=self.train.seed if seed is None else seed)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Config":
@@ -318,8 +387,13 @@ class Config:
         return _build(cls, data, "")
 
     def to_dict(self) -> dict[str, Any]:
-        """Nested plain dict, the inverse of ``from_dict``."""
-        return dataclasses.asdict(self)
+        """Nested plain dict (enum members as their strings, for TOML, JSON and ``weights_only`` checkpoints), the
+        inverse of ``from_dict``."""
+        return dataclasses.asdict(self, dict_factory=_plain_dict)
+
+
+def _plain_dict(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    return {k: str(v) if isinstance(v, StrEnum) else v for k, v in items}
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
@@ -364,9 +438,12 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-    elif hint is str:
-        if isinstance(value, str):
+    elif hint is str or (isinstance(hint, type) and issubclass(hint, StrEnum)):
+        if isinstance(value, str):  # an enum's allowed values are checked (and named) by its section
             return value
+    if isinstance(hint, type) and issubclass(hint, StrEnum):
+        raise ConfigError(f"{name}={value!r} is not valid; allowed: a value of type str, one of "
+                          f"{', '.join(map(str, hint))}")
     raise ConfigError(f"{name}={value!r} is not valid; allowed: a value of type {hint.__name__}")
 
 

@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, settings
 
 from etrm.config import Config
-from etrm.model import ACTModel, ModelShape
+from etrm.model import ACTModel, ModelShape, faults
 
 torch.set_num_threads(1)  # tiny tensors: one thread is as fast and immune to oversubscription
 
@@ -80,7 +80,7 @@ def random_batch(
 def build_model(cfg: Config, *, seed: int = 0, seq_len: int = SEQ_LEN, trm_table: bool = True) -> ACTModel:
     """An ``ACTModel`` for the tiny shapes; TRM's puzzle table is filled with random rows unless ``trm_table=False``."""
     torch.manual_seed(seed)
-    model = ACTModel(cfg, ModelShape(vocab_size=VOCAB, seq_len=seq_len, num_puzzle_ids=NUM_PUZZLES))
+    model = faults.build_model(cfg, ModelShape(vocab_size=VOCAB, seq_len=seq_len, num_puzzle_ids=NUM_PUZZLES))
     if model.is_trm and trm_table:
         with torch.no_grad():
             model.puzzle_emb.weights.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(seed + 1))

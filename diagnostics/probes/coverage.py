@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from diagnostics.events import StepEvents
+from diagnostics.events import Mode, StepEvents
 from diagnostics.probes.base import Figure, Probe, Row, Tensor, count
 
 
@@ -36,7 +36,7 @@ class CoverageProbe(Probe):
         if out is None or not out.requires_grad or not events.training:
             return
         set_cov, set_ids = row.later("coverage_num"), row.later("puzzle_ids_with_grad")
-        slots, ids, is_trm = events.encoded_slots, events.puzzle_id_after, events.mode == "trm"
+        slots, ids, is_trm = events.encoded_slots, events.puzzle_id_after, events.mode == Mode.TRM
 
         def hook(grad: Tensor) -> None:
             got = grad.reshape(grad.shape[0], -1).ne(0).any(1)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from diagnostics.events import StepEvents
+from diagnostics.events import Mode, StepEvents
 from diagnostics.probes.base import ETRM_MODES, Figure, Probe, Row, Tensor
 from diagnostics.probes.coverage import distinct_count
 
@@ -54,7 +54,7 @@ class ContextDiversityProbe(Probe):
         # A row starts at zero: steps without a fresh ETRM context (TRM, or no slot encoded) keep their zeros, and
         # nothing is copied from the host (a blocking copy would sync a GPU).
         out = events.encoder_out
-        if out is None or events.mode == "trm" or out.shape[0] == 0:
+        if out is None or events.mode == Mode.TRM or out.shape[0] == 0:
             return
         with torch.no_grad():
             stats = context_stats(out.detach(), events.puzzle_id_after[events.encoded_slots],

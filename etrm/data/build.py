@@ -14,7 +14,7 @@ def build_datasets(cfg: Config) -> tuple[GridDataset, GridDataset, ModelShape]:
 
     A one-line summary of how the data was built (ARC: tasks kept and left out) is in ``train_ds.info["line"]``.
     """
-    view = "trm" if cfg.model == "trm" else "etrm"
+    view = cfg.model  # the data view: TRM's (puzzle ids) or ETRM's (demo pairs)
     d = cfg.data
     if d.dataset in ("sudoku", "maze", "trm-folder") and view == "etrm":
         raise UserError(f"data.dataset={d.dataset} has no demo pairs, and model=etrm reads each task from its demos; "

@@ -2,5 +2,6 @@
 
 from etrm.model.act import ACTModel, ModelShape, StepOutput
 from etrm.model.carry import Carry
+from etrm.model.faults import build_model
 
-__all__ = ["ACTModel", "Carry", "ModelShape", "StepOutput"]
+__all__ = ["ACTModel", "Carry", "ModelShape", "StepOutput", "build_model"]

@@ -1,4 +1,9 @@
-"""The ACT wrapper: one call is one ACT step for every slot of the batch (TRM and ETRM in its encoder modes)."""
+"""The ACT wrapper: one call is one ACT step for every slot of the batch (TRM and ETRM in its encoder modes).
+
+``forward`` reads as the step's semantics; the places where a bug could hide are named seams (``reset``,
+``choose_demos``, ``encode_resets``, ``pick_labels``, ``carry_forward``), each of which an injectable fault of
+``etrm.model.faults`` overrides. A healthy model's forward holds no fault branch.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from diagnostics.events import PhaseClock, StepEvents
-from etrm.config import Config
-from etrm.model.carry import Carry, decide_halt, reset_slots, slot_where
+from diagnostics.events import Mode, PhaseClock, StepEvents
+from etrm.config import ModelConfig
+from etrm.model.carry import Carry, decide_halt, refresh_context, reset_slots
 from etrm.model.encoder import DemoEncoder
 from etrm.model.puzzle_emb import PuzzleEmbedding
 from etrm.model.recursion import ReasoningCore
@@ -42,24 +47,51 @@ class ModelShape:
     num_puzzle_ids: int = 1
 
 
+@dataclass
+class Demos:
+    """The demo tensors a step encodes (``DEMO_KEYS`` order) and, per slot, whose sample they are."""
+
+    tensors: tuple[Tensor, Tensor, Tensor]
+    sample_id: Tensor
+
+
+@dataclass
+class Prefix:
+    """The task prefix of every slot and what the encoder (or the puzzle table) did to make it.
+
+    ``fresh`` is the fresh conditioning output (the gradient-coverage hook point), one row per ``encoded_slots``
+    entry; ``context``/``context_sample_id`` are what the carry keeps (ETRM; None for TRM)."""
+
+    prefix: Tensor
+    fresh: Optional[Tensor]
+    encoded: Tensor
+    needs_encode: Tensor
+    encoded_slots: Tensor
+    context: Optional[Tensor] = None
+    context_sample_id: Optional[Tensor] = None
+
+
 class ACTModel(nn.Module):
     """TRM (puzzle table) or ETRM (demo encoder) under adaptive computation time with a persistent carry."""
 
-    def __init__(self, cfg: Config, shape: ModelShape) -> None:
+    leaves_parameters_unused = False  # DDP must be told when a step may not reach every parameter
+
+    def __init__(self, cfg: ModelConfig, shape: ModelShape) -> None:
         super().__init__()
         self.cfg = cfg
         self.shape = shape
-        self.is_trm = cfg.model == "trm"
         self.mode = cfg.mode
-        self.fault = cfg.fault
-        self.max_steps = cfg.max_steps_per_sample
+        self.is_trm = cfg.is_trm
+        self.max_steps = cfg.max_steps
         self.core = ReasoningCore(cfg.arch, shape.vocab_size, shape.seq_len)
         if self.is_trm:
             self.puzzle_emb = PuzzleEmbedding(shape.num_puzzle_ids, cfg.arch.hidden_size, cfg.arch.puzzle_emb_len)
         else:
             self.encoder = DemoEncoder(cfg.arch, cfg.encoder, shape.vocab_size, shape.seq_len)
         self.halt_generator: torch.Generator | None = None
-        self.halt_seed = cfg.train.seed
+        self.halt_seed = cfg.seed
+        if self.mode == Mode.CACHED:  # a step without resets leaves the encoder unused
+            self.leaves_parameters_unused = True
 
     # ----------------------------------------------------------------------------------------------------------
     def generator(self, device: torch.device) -> torch.Generator:
@@ -96,46 +128,36 @@ class ACTModel(nn.Module):
     ) -> tuple[Carry, StepOutput, StepEvents]:
         """One ACT step: reset halted slots, build the prefix, recurse, decide halting, detach the carry."""
         reset = carry.halted
-        b = reset.shape[0]
-        z_H0, z_L0 = self.core.init_state(b, carry.z_H.shape[1])
-        cur = reset_slots(carry, batch, z_H0, z_L0,
-                          reset_state=self.fault != "no-state-reset", reset_steps=self.fault != "no-step-reset")
+        cur = self.reset(carry, batch)
         data = cur.data
 
         if clock:
             clock.start("encoder")
-        prefix, fresh, encoded, needs, slots, context, ctx_ids = self._prefix(cur, batch, reset)
+        pre = self.build_prefix(cur, batch, reset)
         if clock:
             clock.stop("encoder")
             clock.start("inner")
-        x = self.core.embed(data["inputs"], prefix)
+        x = self.core.embed(data["inputs"], pre.prefix)
         z_H, z_L, logits, q_halt, q_cont = self.core(cur.z_H, cur.z_L, x)
         if clock:
             clock.stop("inner")
 
+        act = self.cfg.act
         with torch.no_grad():
             steps = cur.steps + 1
-            adaptive = self.training and self.max_steps > 1 and self.mode != "fct"
+            adaptive = self.training and self.max_steps > 1 and self.mode.halts_adaptively
             halted, q_says, veto, is_last = decide_halt(
                 steps, self.max_steps, q_halt, q_cont,
-                use_q_continue=self.cfg.act.q_continue, exploration_prob=self.cfg.act.halt_exploration_prob,
+                use_q_continue=act.q_continue, exploration_prob=act.halt_exploration_prob,
                 adaptive=adaptive, generator=self.generator(steps.device) if adaptive else None, force=force_halt,
             )
             target = None
-            if adaptive and self.cfg.act.q_continue:
+            if adaptive and act.q_continue:
                 next_halt, next_cont = self.core.q_logits(z_H.detach(), z_L.detach(), x.detach())
                 target = torch.sigmoid(torch.where(is_last, next_halt, torch.maximum(next_halt, next_cont)))
 
-        from_batch = self.fault == "label-from-batch"
-        labels = batch["labels"] if from_batch else data["labels"]
-        keep_grad = self.fault == "carry-keeps-grad"
-        new_carry = Carry(
-            z_H=z_H if keep_grad else z_H.detach(),
-            z_L=z_L if keep_grad else z_L.detach(),
-            steps=steps, halted=halted, data=data,
-            context=None if context is None else context.detach(),
-            context_sample_id=ctx_ids,
-        )
+        labels, label_ids = self.pick_labels(cur, batch)
+        new_carry = self.carry_forward(cur, z_H, z_L, steps, halted, pre)
         out = StepOutput(logits, labels, q_halt, q_cont, target, steps, halted)
         token_rms = None
         if not self.is_trm:  # one tiny reduction on the device: the token table's scale beside the context's
@@ -146,54 +168,64 @@ class ACTModel(nn.Module):
             reset=reset, steps=steps, halted=halted,
             sample_id_before=carry.data["sample_id"], sample_id_after=data["sample_id"],
             puzzle_id_before=carry.data["puzzle_id"], puzzle_id_after=data["puzzle_id"],
-            batch_sample_id=batch["sample_id"],
-            label_sample_id=batch["sample_id"] if from_batch else data["sample_id"],
-            demo_sample_id=data["sample_id"] if ctx_ids is None else ctx_ids,
-            encoded=encoded, needs_encode=needs, encoded_slots=slots, encoder_out=fresh,
-            q_halt_logits=q_halt, q_continue_logits=q_cont if self.cfg.act.q_continue else None,
+            batch_sample_id=batch["sample_id"], label_sample_id=label_ids,
+            demo_sample_id=data["sample_id"] if pre.context_sample_id is None else pre.context_sample_id,
+            encoded=pre.encoded, needs_encode=pre.needs_encode, encoded_slots=pre.encoded_slots,
+            encoder_out=pre.fresh,
+            q_halt_logits=q_halt, q_continue_logits=q_cont if act.q_continue else None,
             q_says_halt=q_says, explore_veto=veto, is_last_step=is_last,
             token_embed_rms=token_rms, mode=self.mode, training=self.training, clock=clock,
         )
         return new_carry, out, events
 
-    # ----------------------------------------------------------------------------------------------------------
-    def _prefix(self, cur: Carry, batch: dict[str, Tensor], reset: Tensor):
-        """The task prefix of every slot, plus what the encoder (or table) did to make it.
+    # -- the seams -----------------------------------------------------------------------------------------------
+    def reset(self, carry: Carry, batch: dict[str, Tensor]) -> Carry:
+        """Seam: the carry update at the start of a step (halted slots take the incoming sample, init state, step 0)."""
+        z_H0, z_L0 = self.core.init_state(carry.halted.shape[0], carry.z_H.shape[1])
+        return reset_slots(carry, batch, z_H0, z_L0)
 
-        Returns (prefix, fresh output, encoded mask, needed mask, encoded slot index, context to carry, context ids).
-        """
+    def build_prefix(self, cur: Carry, batch: dict[str, Tensor], reset: Tensor) -> Prefix:
+        """The task prefix: TRM's puzzle rows, or ETRM's context from the chosen demos (every slot re-encoded when
+        the mode says so, else only the reset slots, the others reusing their carried context)."""
         b = reset.shape[0]
-        device = reset.device
         everyone = torch.ones_like(reset)
-        all_slots = torch.arange(b, device=device)
+        all_slots = torch.arange(b, device=reset.device)
         if self.is_trm:
             rows = self.puzzle_emb.rows(cur.data["puzzle_id"])
-            return self.puzzle_emb.prefix(rows), rows, everyone, everyone, all_slots, None, None
-
-        demo_src = batch if self.fault == "stale-demos" else cur.data
-        demo_ids = batch["sample_id"] if self.fault == "stale-demos" else cur.data["sample_id"]
-        demos = [demo_src[k] for k in DEMO_KEYS]
-        if self.fault == "constant-context":
-            demos = [torch.zeros_like(demos[0]), torch.zeros_like(demos[1]), torch.ones_like(demos[2])]
-
-        refresh_all = self.training and self.mode in ("reencode", "fct")
-        if refresh_all:
-            fresh = self.encoder(*demos)
-            return fresh, fresh, everyone, everyone, all_slots, fresh, demo_ids
-
+            return Prefix(self.puzzle_emb.prefix(rows), rows, everyone, everyone, all_slots)
+        demos = self.choose_demos(cur, batch)
+        if self.mode.conditions_every_slot(self.training):
+            fresh = self.encoder(*demos.tensors)
+            context, ids = refresh_context(cur, fresh, demos.sample_id)
+            return Prefix(context, fresh, everyone, everyone, all_slots, context, ids)
         # cached mode, and every mode in eval (a deterministic encoder: encode once per sample, reuse after)
-        if self.fault == "encode-full-batch":
-            fresh = self.encoder(*demos)
-            context = slot_where(reset, fresh, cur.context)
-            ctx_ids = torch.where(reset, demo_ids, cur.context_sample_id)
-            return context, fresh, everyone, reset, all_slots, context, ctx_ids
+        return self.encode_resets(cur, demos, reset)
+
+    def choose_demos(self, cur: Carry, batch: dict[str, Tensor]) -> Demos:
+        """Seam (ETRM): whose demos condition each slot: the sample the slot is working on."""
+        return Demos(tuple(cur.data[k] for k in DEMO_KEYS), cur.data["sample_id"])
+
+    def encode_resets(self, cur: Carry, demos: Demos, reset: Tensor) -> Prefix:
+        """Seam (ETRM, cached mode and eval): encode the reset slots only; the others keep their carried context."""
         slots = reset.nonzero().squeeze(1)  # the model's own sync: how many slots to encode
         if slots.numel() == 0:
-            return cur.context, None, torch.zeros_like(reset), reset, slots, cur.context, cur.context_sample_id
-        fresh = self.encoder(*(d[slots] for d in demos))
-        context = cur.context.index_put((slots,), fresh.to(cur.context.dtype))
-        ctx_ids = cur.context_sample_id.index_put((slots,), demo_ids[slots])
-        return context, fresh, reset, reset, slots, context, ctx_ids
+            return Prefix(cur.context, None, torch.zeros_like(reset), reset, slots, cur.context, cur.context_sample_id)
+        fresh = self.encoder(*(d[slots] for d in demos.tensors))
+        context, ids = refresh_context(cur, fresh, demos.sample_id, slots)
+        return Prefix(context, fresh, reset, reset, slots, context, ids)
+
+    def pick_labels(self, cur: Carry, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Seam: the labels the loss compares against, and whose they are: the carry's sample's."""
+        return cur.data["labels"], cur.data["sample_id"]
+
+    def carry_forward(self, cur: Carry, z_H: Tensor, z_L: Tensor, steps: Tensor, halted: Tensor,
+                      pre: Prefix) -> Carry:
+        """Seam: the carry the next step starts from, detached (no gradient path into an earlier step)."""
+        return Carry(
+            z_H=z_H.detach(), z_L=z_L.detach(), steps=steps, halted=halted, data=cur.data,
+            context=None if pre.context is None else pre.context.detach(),
+            context_sample_id=pre.context_sample_id,
+        )
 
     # ----------------------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -60,23 +60,28 @@ def slot_where(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
     return torch.where(mask.view(-1, *([1] * (old.dim() - 1))), new, old)
 
 
-def reset_slots(
-    carry: Carry, batch: dict[str, Tensor], z_H_init: Tensor, z_L_init: Tensor,
-    reset_state: bool = True, reset_steps: bool = True,
-) -> Carry:
-    """The ACT carry update: halted slots take the incoming sample, the init state and step 0; others keep theirs.
-
-    ``reset_state``/``reset_steps`` exist only so that injectable faults can break this rule on purpose.
-    """
+def reset_slots(carry: Carry, batch: dict[str, Tensor], z_H_init: Tensor, z_L_init: Tensor) -> Carry:
+    """The ACT carry update: halted slots take the incoming sample, the init state and step 0; others keep theirs."""
     reset = carry.halted
-    state_mask = reset if reset_state else torch.zeros_like(reset)
     return replace(
         carry,
-        z_H=slot_where(state_mask, z_H_init, carry.z_H),
-        z_L=slot_where(state_mask, z_L_init, carry.z_L),
-        steps=torch.where(reset, 0, carry.steps) if reset_steps else carry.steps,
+        z_H=slot_where(reset, z_H_init, carry.z_H),
+        z_L=slot_where(reset, z_L_init, carry.z_L),
+        steps=torch.where(reset, 0, carry.steps),
         data={k: slot_where(reset, batch[k], v) for k, v in carry.data.items()},
     )
+
+
+def refresh_context(carry: Carry, fresh: Tensor, demo_sample_id: Tensor,
+                    slots: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The context half of the carry update (ETRM): the ``slots`` listed (None: every slot) take the freshly encoded
+    context (``fresh``: one row per listed slot) and the id of the sample whose demos built it; others keep theirs.
+    Returns (context, context_sample_id)."""
+    if slots is None:
+        return fresh, demo_sample_id
+    assert carry.context is not None and carry.context_sample_id is not None
+    context = carry.context.index_put((slots,), fresh.to(carry.context.dtype))
+    return context, carry.context_sample_id.index_put((slots,), demo_sample_id[slots])
 
 
 def decide_halt(

@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from etrm.config import Config, dump_toml
+from etrm.config import Config, Fault, dump_toml
 from etrm.errors import UserError
 
 CONFIG_NAME = "config.toml"
@@ -15,9 +15,9 @@ CONFIG_NAME = "config.toml"
 
 def auto_name(cfg: Config, preset: str | None) -> str:
     """A readable name: preset (or model), mode, fault when set, and a timestamp."""
-    parts = [preset or cfg.model, cfg.mode]
-    if cfg.fault != "none":
-        parts.append(cfg.fault)
+    parts = [preset or str(cfg.model), str(cfg.mode)]
+    if cfg.fault != Fault.NONE:
+        parts.append(str(cfg.fault))
     parts.append(time.strftime("%Y%m%d-%H%M%S"))
     return "-".join(dict.fromkeys(parts))
 

@@ -1,38 +1,33 @@
 """The training loop: one ACT step per optimizer step over a persistent carry, as upstream ``pretrain.py``.
 
 Reads top to bottom: ``Trainer.__init__`` builds data, model and optimizers; ``train_step`` does one ACT step;
-``run`` loops, logs, evaluates and checkpoints; ``state_dict``/``load_state_dict`` make ``--resume`` exact.
+``run`` loops through its phases (step, accumulate, flush, eval, checkpoint); ``state_dict``/``load_state_dict``
+make ``--resume`` exact. Everything optional (tracing, checks, doctor, profiler, TensorBoard, W&B) is an instrument
+(``etrm.train.instruments``) called at fixed points; the trainer names none of them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from rich.markup import escape
 
-from diagnostics.events import PhaseClock, StepEvents
-from diagnostics.doctor import LiveDoctor
-from diagnostics.loading import load_run
-from diagnostics.probes import default_probes
-from diagnostics.profiling import PROFILER_DIR, ProfilerWindows, WindowSchedule
-from diagnostics.runtime_check import InvariantChecker
-from diagnostics.session import grad_groups, open_writer
-from diagnostics.tb_scalars import TENSORBOARD_DIR, TensorBoardScalars
-from diagnostics.tracer import Tracer
+from diagnostics.events import StepEvents
+from diagnostics.session import grad_groups
 from etrm.config import Config
 from etrm.data.build import build_datasets
 from etrm.data.feed import Feed, build_feed, to_device
 from etrm.errors import UserError
 from etrm.loss import ACTLoss
-from etrm.model import ACTModel, Carry
+from etrm.model import Carry
+from etrm.model.faults import build_model
 from etrm.model.puzzle_emb import SignSGD
 from etrm.train import distributed, finite_guard, memory
 from etrm.train.checkpoint import load_checkpoint, save_checkpoint
@@ -40,25 +35,8 @@ from etrm.train.console import Reporter, format_eval
 from etrm.train.distributed import SINGLE, DistEnv
 from etrm.train.ema import EMA
 from etrm.train.evaluate import baselines, evaluate
+from etrm.train.instruments import Instrument, Instruments, StepRecord
 from etrm.train.schedule import lr_factor, set_lr
-
-@contextlib.contextmanager
-def _phase(clock: PhaseClock | None, name: str, windows: ProfilerWindows | None = None):
-    """Time a phase of the step when tracing (no sync: perf_counter on CPU, CUDA events on GPU); name it in the
-    profiler's trace while a profiler window is open."""
-    if windows is not None and windows.recording:
-        with windows.label(f"etrm.{name}"), _phase(clock, name):
-            yield
-        return
-    if clock is None:
-        yield
-        return
-    clock.start(name)
-    yield
-    clock.stop(name)
-
-
-StepHook = Callable[[int, StepEvents, dict[str, torch.Tensor]], None]
 
 
 def pick_device(name: str) -> torch.device:
@@ -68,6 +46,9 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+I = TypeVar("I", bound=Instrument)
 
 
 @dataclass
@@ -83,6 +64,51 @@ class RunResult:
     steps_per_s: float = 0.0
     samples_per_s: float = 0.0
     seconds: float = 0.0
+
+
+@dataclass
+class Flushed:
+    """What a flush decided: ``stop`` (a rank saw Ctrl-C, or non-finite), ``non_finite`` (stop without saving)."""
+
+    stop: bool
+    non_finite: bool
+    message: str = ""  # the non-finite guard's line
+
+
+class Meter:
+    """The step metrics summed on the device between flushes, and the throughput of the logged intervals."""
+
+    def __init__(self, step: int) -> None:
+        self.acc: dict[str, torch.Tensor] = {}
+        self.t_start = self.t_log = time.perf_counter()
+        self.start_step = self.logged_step = step
+        self.samples = 0.0
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        for k, v in metrics.items():
+            v = v.detach().float()
+            self.acc[k] = self.acc[k] + v if k in self.acc else v
+
+    def take(self) -> dict[str, torch.Tensor]:
+        acc, self.acc = self.acc, {}
+        return acc
+
+    def log(self, stats: dict[str, float], step: int, batch_size: int) -> dict[str, float]:
+        """The progress line's figures since the last one (``stats``: global sums over the global batch)."""
+        now = time.perf_counter()
+        n, dt = step - self.logged_step, max(now - self.t_log, 1e-9)
+        self.samples += stats["resets"]
+        self.t_log, self.logged_step = now, step
+        return {"loss": stats["loss"] / max(n, 1) / batch_size,
+                "exact": stats["inflight.exact"] / max(stats["inflight.count"], 1),
+                "steps_per_s": n / dt, "samples_per_s": stats["resets"] / dt}
+
+    def finish(self, result: RunResult, step: int) -> RunResult:
+        elapsed = time.perf_counter() - self.t_start
+        result.step, result.seconds = step, elapsed
+        result.steps_per_s = (step - self.start_step) / max(elapsed, 1e-9)
+        result.samples_per_s = self.samples / max(elapsed, 1e-9)
+        return result
 
 
 class Trainer:
@@ -101,12 +127,12 @@ class Trainer:
         torch.manual_seed(tc.seed)
         self.train_ds, self.eval_ds, shape = build_datasets(cfg)
         self.memory_estimate = memory.check_fits(cfg, shape.seq_len, shape.num_puzzle_ids, self.device, self.dist.world)
-        self.model = ACTModel(cfg, shape).to(self.device)
-        self.model.halt_seed = distributed.halt_seed(tc.seed, self.dist)  # each rank explores on its own draws
+        seed = distributed.halt_seed(tc.seed, self.dist)  # each rank explores on its own draws
+        self.model = build_model(cfg, shape, seed).to(self.device)
         self.loss_fn = ACTLoss(cfg.loss)
         self.optimizers = self._build_optimizers()
         self.ema = EMA(self.model, tc.ema_rate) if tc.ema else None
-        self.eval_model = ACTModel(cfg, shape).to(self.device) if tc.ema else self.model
+        self.eval_model = build_model(cfg, shape, seed).to(self.device) if tc.ema else self.model
         # The data path (train.data_path): the sampler and the training set on the device (no host sync per step),
         # or on the host. Either way the sampler is this rank's share under torchrun.
         self.feed: Feed = build_feed(tc.data_path, tc.sampler, self.train_ds, self.local_batch, tc.seed, self.device)
@@ -116,91 +142,35 @@ class Trainer:
             if hasattr(self.model, "encoder"):
                 self.model.encoder.compile()
         # What train_step calls: the model itself, or its DDP wrapper (gradients all-reduced, i.e. averaged, in
-        # backward). DDP leaves buffers alone (the TRM puzzle table is kept equal by SignSGD's gather); in cached
-        # mode a step without resets leaves the encoder unused, which DDP must be told to expect.
+        # backward). DDP leaves buffers alone (the TRM puzzle table is kept equal by SignSGD's gather); a step that
+        # may leave parameters without gradient (cached mode without resets, a fault) must say so to DDP.
         self.forward_model: torch.nn.Module = self.model
         if self.dist.enabled:
-            unused = self.model.mode == "cached" or cfg.fault != "none"
             self.forward_model = torch.nn.parallel.DistributedDataParallel(
-                self.model, find_unused_parameters=unused, **distributed.no_buffer_sync())
+                self.model, find_unused_parameters=self.model.leaves_parameters_unused,
+                **distributed.no_buffer_sync())
         self.carry: Carry = self.model.initial_carry(self._to_device(self._padding_batch()))
         self.step = 0
-        self.step_hooks: list[StepHook] = []
         self.stop_requested = False
-        self.tracer: Tracer | None = None
-        self.checker: InvariantChecker | None = None
-        self.doctor: LiveDoctor | None = None
-        self.profiling: ProfilerWindows | None = None  # exists only when asked for, or to profile a finding
-        self.scalars: TensorBoardScalars | None = None
-        self.until_step: int | None = None  # the step the current ``run`` ends at
+        self.instruments = Instruments()  # everything optional (etrm.train.instruments.build)
         self.checkpoint_step: int | None = None  # the step of the checkpoint on disk (written or resumed from)
 
-    def enable_trace(self, preset: str | None = None) -> None:
-        """Trace every step into ``run_dir/trace.sqlite`` (call after the run directory exists, or after resume)."""
-        cfg = self.cfg
-        meta = {
-            "model": cfg.model, "mode": self.model.mode, "fault": cfg.fault, "preset": preset or "",
-            "sampler": cfg.train.sampler, "batch_size": cfg.train.batch_size,
-            "max_steps_per_sample": cfg.max_steps_per_sample, "max_steps": cfg.train.max_steps,
-            "trace_every": cfg.train.trace_every, "device": self.device.type, "config": cfg.to_dict(),
-            "doctor": cfg.doctor.to_dict(),
-        }
-        if preset is None and self.step:  # resumed (the CLI knows no preset then): keep the one the trace names
-            del meta["preset"]
-        if self.dist.enabled:
-            meta["world_size"] = self.dist.world
-        writer = None
-        if self.dist.is_main:  # every rank traces (the counters are summed at each flush); rank 0 stores
-            writer = open_writer(self.run_dir, meta, self.step)
-        groups = grad_groups(self.model, getattr(self.model, "encoder", None))
-        probes = default_probes(cfg.max_steps_per_sample, groups)
-        columns = [name for p in probes for name, _ in p.counters]
-        reduce = gather = None
-        if self.dist.enabled:
-            reduce = distributed.trace_reduce(columns, self.dist.world)
-            gather = lambda timings: distributed.gather_objects(timings, self.dist)  # noqa: E731
-        self.tracer = Tracer(probes, writer, self.device, capacity=cfg.train.trace_every, rank=self.dist.rank,
-                             reduce=reduce, gather=gather)
-        self.step_hooks.append(self.tracer.on_step)
-        if not self.dist.is_main:
-            return
-        self.doctor = LiveDoctor(meta, cfg.doctor)
-        if self.step:  # resumed: findings that already held must not fire (and be re-stored) again
-            self.doctor.replay(load_run(self.run_dir))
+    def add(self, instrument: I) -> I:
+        """Attach an instrument (called in the order added); returns it."""
+        self.instruments.append(instrument)
+        return instrument
 
-    def enable_profile(self, requested: bool = True) -> ProfilerWindows | None:
-        """Profiler windows into ``run_dir/profiler`` (``[profile]`` settings): one opens now when ``requested``
-        (``--profile``); when traced with ``profile.on_finding``, one opens at the live doctor's first finding.
-        Call after ``enable_trace``. Without either, nothing is created and the run pays nothing."""
-        pc = self.cfg.profile
-        if not self.dist.is_main or (not requested and not (pc.on_finding and self.doctor is not None)):
-            return None  # under torchrun, rank 0's steps are profiled
-        self.profiling = ProfilerWindows(
-            self.run_dir / PROFILER_DIR,
-            WindowSchedule(wait=pc.wait, warmup=pc.warmup, active=pc.active, repeat=pc.repeat),
-            on_finding=pc.on_finding, cuda=self.device.type == "cuda", record_shapes=pc.record_shapes,
-            profile_memory=pc.profile_memory, with_stack=pc.with_stack)
-        if requested:
-            self.profiling.start(self.step)
-        return self.profiling
-
-    def enable_tensorboard(self) -> TensorBoardScalars | None:
-        """TensorBoard scalars of the flushed trace rows and the evals into ``run_dir/tensorboard`` (needs tracing)."""
-        if self.tracer is None:
-            raise UserError("--tensorboard writes the trace's rows: enable tracing first (--trace)")
-        if self.dist.is_main:
-            self.scalars = TensorBoardScalars(self.run_dir / TENSORBOARD_DIR, self.model.mode)
-        return self.scalars
+    def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
+        """The model's parameters as the encoder's and the rest (separate learning rates, separate grad norms)."""
+        return grad_groups(self.model, getattr(self.model, "encoder", None))
 
     # ----------------------------------------------------------------------------------------------------------
     def _build_optimizers(self) -> list:
         tc = self.cfg.train
-        enc_ids = {id(p) for p in self.model.encoder.parameters()} if hasattr(self.model, "encoder") else set()
-        core = [p for p in self.model.parameters() if id(p) not in enc_ids]
-        groups = [{"params": core, "base_lr": tc.lr}]
-        if enc_ids:
-            enc = [p for p in self.model.parameters() if id(p) in enc_ids]
-            groups.append({"params": enc, "base_lr": tc.lr * tc.encoder_lr_scale})
+        parts = self.parameter_groups()
+        groups = [{"params": parts["rest"], "base_lr": tc.lr}]
+        if parts["encoder"]:
+            groups.append({"params": parts["encoder"], "base_lr": tc.lr * tc.encoder_lr_scale})
         adam = torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
         optimizers: list[Any] = [adam]
         if self.model.is_trm:
@@ -231,42 +201,33 @@ class Trainer:
         return contextlib.nullcontext()
 
     # ----------------------------------------------------------------------------------------------------------
-    def next_batch(self, clock: PhaseClock | None = None) -> dict[str, torch.Tensor]:
+    def next_batch(self) -> dict[str, torch.Tensor]:
         """Fresh samples for the slots that halted last step: ``data`` chooses their ids from the reset mask, ``h2d``
         brings their rows to the device (on the device path both stay on the device: no host sync)."""
-        with _phase(clock, "data", self.profiling):
+        with self.instruments.phase("data"):
             drawn = self.feed.draw(self.carry.halted)
-        with _phase(clock, "h2d", self.profiling):
+        with self.instruments.phase("h2d"):
             return self.feed.gather(drawn)
 
     def train_step(self) -> tuple[StepEvents, dict[str, torch.Tensor]]:
         """One ACT step for every slot, one backward, one optimizer step. Returns the step's events and metrics."""
-        tc = self.cfg.train
-        clock = PhaseClock(cuda=self.device.type == "cuda") if self.tracer is not None else None
-        batch = self.next_batch(clock)
+        tc, inst = self.cfg.train, self.instruments
+        inst.before_step(self.step, self.carry)
+        batch = self.next_batch()
         self.model.train()
-        if self.checker is not None:
-            self.checker.before_step(self.carry.view())
         with self.autocast():
-            carry, out, events = self.forward_model(self.carry, batch, clock=clock)
-            with _phase(clock, "loss", self.profiling):
+            carry, out, events = self.forward_model(self.carry, batch, clock=inst.clock())
+            with inst.phase("loss"):
                 loss, metrics = self.loss_fn(out, events)
-        if self.checker is not None:  # debugging runs only: each check reads results back (a sync per step)
-            self.checker.after_step(events, carry.view(), batch, step=self.step + 1)
-            self.checker.watch_coverage(events)
-        with _phase(clock, "trace", self.profiling):
-            for hook in self.step_hooks:  # after the loss (events complete), before backward (grad hooks attach)
-                hook(self.step, events, metrics)
-        with _phase(clock, "backward", self.profiling):
+        with inst.phase("trace"):  # after the loss (events complete), before backward (gradient hooks attach)
+            inst.on_step(StepRecord(self.step, batch, carry, events, metrics))
+        with inst.phase("backward"):
             # Upstream normalises by the global batch: per rank by its slots, then DDP averages over the ranks.
             (loss / self.local_batch).backward()
-        if self.checker is not None:
-            self.checker.after_backward(step=self.step + 1)
-        if self.tracer is not None:
-            self.tracer.after_backward()
+        inst.after_backward(self.step)
         puzzle_rows = self.model.puzzle_emb.last_rows if self.model.is_trm else None
-        metrics.update(finite_guard.grad_flags(self.model, puzzle_rows, self.device))
-        with _phase(clock, "optimizer", self.profiling):
+        metrics.update(finite_guard.grad_flags(self.model, puzzle_rows, self.device))  # read at the flush
+        with inst.phase("optimizer"):
             if tc.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
             set_lr(self.optimizers, lr_factor(self.step, tc))
@@ -279,8 +240,7 @@ class Trainer:
         self.step += 1
         metrics["resets"] = events.reset.sum()
         metrics["non_finite"] = events.non_finite
-        if self.profiling is not None:  # the profiler's schedule advances once per training step
-            self.profiling.step()
+        inst.after_step(self.step)
         return events, metrics
 
     def evaluate(self) -> dict[str, float]:
@@ -309,89 +269,84 @@ class Trainer:
     def run(self, max_steps: int, reporter: Reporter) -> RunResult:
         """Train until ``max_steps``, Ctrl-C or a non-finite loss; evaluate and checkpoint on schedule and at the end."""
         tc = self.cfg.train
-        base = baselines(self.eval_ds.inputs, self.eval_ds.labels)
-        if self.train_ds.info.get("line"):
-            reporter.line(escape(self.train_ds.info["line"]))
-        result = RunResult(step=self.step, stopped_early=False, baselines=base)
-        acc: dict[str, torch.Tensor] = {}
-        t_start = time.perf_counter()
-        t_log, step_log, resets_log = t_start, self.step, 0.0
-        start_step = self.step
-        self.until_step = max_steps
+        result, meter = self._begin(reporter, max_steps)
         previous = signal.signal(signal.SIGINT, self._on_sigint)
+        status, detail = "end", ""
         try:
             stop = self.stop_requested
             while self.step < max_steps and not stop:
-                _, metrics = self.train_step()
-                # Read the Ctrl-C flag once per step: the loop may only end on a value that also forced the flush
-                # below, so the stop checkpoint is never written over unflushed (possibly non-finite) steps. Under
-                # torchrun the ranks must agree, so the flag is only read (and or-ed over ranks) at the flushes.
+                # step: one ACT step and one optimizer step; the metrics are summed on the device
+                meter.add(self.train_step()[1])
+                # Ctrl-C: read once per step, so that the loop only ends on a value that also forced the flush
+                # below; under torchrun the ranks must agree, so the flag is only read (and voted on) at a flush
                 stop = self.stop_requested and not self.dist.enabled
-                for k, v in metrics.items():
-                    acc[k] = acc[k] + v.detach().float() if k in acc else v.detach().float()
-                last = self.step >= max_steps
-                eval_due = self.step % tc.eval_every == 0 or last
-                ckpt_due = self.step % tc.checkpoint_every == 0 or last
-                # Flush (the only host read of the step metrics) before anything is evaluated or saved, so that a
-                # non-finite loss stops the run before a bad checkpoint could replace the last good one.
-                if self.step % tc.trace_every == 0 or eval_due or ckpt_due or stop:
-                    if self.tracer is not None:
-                        rows = self.tracer.flush()
-                        if self.dist.is_main:
-                            self.on_trace_rows(rows, reporter)
-                    ema_state = self.ema.state_dict() if self.ema is not None else {}
-                    acc.update(finite_guard.state_flags(self.model, ema_state, self.optimizers, self.device))
-                    stats = self._global_stats(acc)
-                    acc = {}
-                    if self.dist.enabled and stats.pop("stop_requested") > 0:
-                        stop = True
-                    if bad := finite_guard.failed(stats):  # before any eval or checkpoint of this state
-                        result.message = finite_guard.stop_message(bad, step_log + 1, self.step, self.checkpoint_step)
-                        reporter.warn(escape(result.message))
+                eval_due, ckpt_due = self._due(tc.eval_every, max_steps), self._due(tc.checkpoint_every, max_steps)
+                # flush: the one host read, before anything is evaluated or saved; a non-finite loss stops the
+                # run here, before a bad checkpoint could replace the last good one
+                if self._due(tc.trace_every, max_steps) or eval_due or ckpt_due or stop:
+                    flushed = self.flush(meter, reporter)
+                    if flushed.non_finite:
+                        result.message = flushed.message
                         result.stopped_early = result.non_finite = True
-                        result.step = self.step
-                        self._end_trace("stopped", "non-finite loss")
-                        return result
-                    now = time.perf_counter()
-                    n = self.step - step_log
-                    reporter.step(self.step, {
-                        "loss": stats["loss"] / max(n, 1) / tc.batch_size,  # global sums over the global batch
-                        "exact": stats["inflight.exact"] / max(stats["inflight.count"], 1),
-                        "steps_per_s": n / max(now - t_log, 1e-9),
-                        "samples_per_s": stats["resets"] / max(now - t_log, 1e-9),
-                    })
-                    resets_log += stats["resets"]
-                    t_log, step_log = now, self.step
-                if eval_due:
-                    result.last_eval = self.evaluate()
-                    reporter.line(format_eval(self.step, result.last_eval, base))
-                    if self.tracer is not None:
-                        step, values = self.step, {**result.last_eval, **{f"baseline.{k}": v for k, v in base.items()}}
-                        self.tracer.submit(lambda w: w.write_eval(step, values))
-                        if self.scalars is not None:
-                            self.scalars.write_eval(step, values)
-                if ckpt_due:
+                        status, detail = "stopped", "non-finite loss"
+                        break
+                    stop = stop or flushed.stop
+                if eval_due:  # eval: the EMA weights on the held-out set, from a fresh carry
+                    result.last_eval = self.evaluate_and_report(reporter, result.baselines)
+                if ckpt_due:  # checkpoint
                     self.save()
-            if stop:
-                self.save()
-                result.stopped_early = True
-                reporter.line(f"stopped at step {self.step} on request; checkpoint saved, continue with --resume")
-            self._end_trace("stopped" if stop else "end", "")
+            if stop and not result.non_finite:  # Ctrl-C (on any rank): save where the run stands
+                status = self._stop_on_request(result, reporter)
         except BaseException as exc:
-            self._end_trace("crashed", f"{type(exc).__name__}: {exc}"[:500])
+            status, detail = "crashed", f"{type(exc).__name__}: {exc}"[:500]
             raise
         finally:
             signal.signal(signal.SIGINT, previous)
-            if self.profiling is not None:  # an open window is written as far as it got
-                self.profiling.close()
-            if self.scalars is not None:
-                self.scalars.close()
-        elapsed = time.perf_counter() - t_start
-        result.step = self.step
-        result.seconds = elapsed
-        result.steps_per_s = (self.step - start_step) / max(elapsed, 1e-9)
-        result.samples_per_s = resets_log / max(elapsed, 1e-9)
-        return result
+            self.instruments.on_end(self.step, status, detail)
+        return meter.finish(result, self.step)
+
+    def _begin(self, reporter: Reporter, max_steps: int) -> tuple[RunResult, "Meter"]:
+        """The run's result (with the held-out baselines) and meter; the data line; instruments started."""
+        result = RunResult(step=self.step, stopped_early=False,
+                           baselines=baselines(self.eval_ds.inputs, self.eval_ds.labels))
+        if self.train_ds.info.get("line"):
+            reporter.line(escape(self.train_ds.info["line"]))
+        self.instruments.on_start(reporter, max_steps)
+        return result, Meter(self.step)
+
+    def _due(self, every: int, max_steps: int) -> bool:
+        """Whether a scheduled phase is due after this step (every ``every`` steps, and at the last one)."""
+        return self.step % every == 0 or self.step >= max_steps
+
+    def _stop_on_request(self, result: RunResult, reporter: Reporter) -> str:
+        self.save()
+        result.stopped_early = True
+        reporter.line(f"stopped at step {self.step} on request; checkpoint saved, continue with --resume")
+        return "stopped"
+
+    def flush(self, meter: "Meter", reporter: Reporter) -> "Flushed":
+        """The flush: the instruments' rows read back and handed on (rank 0), the accumulated step metrics summed
+        over ranks with the Ctrl-C vote, then the non-finite check and the progress line."""
+        rows = self.instruments.flush_rows()
+        self.instruments.on_flush(rows, self.step)
+        acc = meter.take()  # the guard's state flags join the step metrics: one read for all of them
+        ema_state = self.ema.state_dict() if self.ema is not None else {}
+        acc.update(finite_guard.state_flags(self.model, ema_state, self.optimizers, self.device))
+        stats = self._global_stats(acc)
+        stop = self.dist.enabled and stats.pop("stop_requested") > 0
+        if bad := finite_guard.failed(stats):  # before any eval or checkpoint of this state
+            message = finite_guard.stop_message(bad, meter.logged_step + 1, self.step, self.checkpoint_step)
+            reporter.warn(escape(message))
+            return Flushed(stop=True, non_finite=True, message=message)
+        reporter.step(self.step, meter.log(stats, self.step, self.cfg.train.batch_size))
+        return Flushed(stop=stop, non_finite=False)
+
+    def evaluate_and_report(self, reporter: Reporter, base: dict[str, float]) -> dict[str, float]:
+        """Evaluate, print the line, and hand the results (with the baselines) to the instruments."""
+        values = self.evaluate()
+        reporter.line(format_eval(self.step, values, base))
+        self.instruments.on_eval(self.step, {**values, **{f"baseline.{k}": v for k, v in base.items()}})
+        return values
 
     def _global_stats(self, acc: dict[str, torch.Tensor]) -> dict[str, float]:
         """The accumulated step metrics on the host (the one read-back), summed over ranks under torchrun, with
@@ -407,43 +362,11 @@ class Trainer:
     def save(self) -> None:
         """Checkpoint, after the trace has committed every row up to this step (so resume loses no row). Under
         torchrun every rank sends its own state (carry, sampler, RNGs) and rank 0 alone writes."""
-        if self.tracer is not None:
-            self.tracer.drain()
+        self.instruments.on_checkpoint(self.step)
         state = self.state_dict()
         if self.dist.is_main:
             save_checkpoint(self.run_dir, state)
         self.checkpoint_step = self.step
-
-    def on_trace_rows(self, rows: list[dict[str, float]], reporter: Reporter) -> None:
-        """Flushed trace rows go to the live doctor; a finding is printed and stored the first time it holds. The
-        rows also go to TensorBoard (``--tensorboard``), and the first warning or error opens a profiler window
-        (``profile.on_finding``), so that its trace shows the steps after the finding."""
-        assert self.tracer is not None and self.doctor is not None
-        found = self.doctor.update(rows, alignment=self.tracer.last_alignment)
-        for finding in found:
-            text = f"{finding.code} (step {finding.first_step}): {finding.message}"
-            if finding.severity == "info":  # a fact about the run (e.g. dropped-samples), not a defect to warn of
-                reporter.line(f"[cyan]info:[/] {escape(text)}")
-            else:
-                reporter.warn(escape(text))
-            self.tracer.submit(finding.store)
-        if self.scalars is not None:
-            self.scalars.write_rows(rows)
-        defects = [f.code for f in found if f.severity != "info"]
-        if self.until_step is not None and self.step >= self.until_step:
-            defects = []  # no step is left to profile
-        if self.profiling is not None and (window := self.profiling.on_findings(defects, self.step)) is not None:
-            first, last = window.first_active
-            reporter.line(escape(f"profiler: recording steps {first}..{last} after {window.reason} into "
-                                 f"{self.profiling.out_dir}"))
-
-    def _end_trace(self, kind: str, detail: str) -> None:
-        if self.tracer is not None:
-            step = self.step
-            self.tracer.submit(lambda w: w.marker(kind, step, detail))
-            self.tracer.close()
-            self.step_hooks.remove(self.tracer.on_step)
-            self.tracer = None
 
     def _on_sigint(self, signum, frame) -> None:
         # A second Ctrl-C stops at once. Not under torchrun: each rank gets the terminal's signal and the one the

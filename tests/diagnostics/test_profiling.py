@@ -21,6 +21,7 @@ from diagnostics.profiling import PROFILER_DIR, ProfilerWindows, WindowSchedule
 from etrm.cli import main as train_main
 from etrm.config import Config, ConfigError, apply_overrides
 from etrm.presets import load_preset
+from etrm.train import instruments
 from etrm.train.trainer import Trainer
 
 TINY = [
@@ -83,7 +84,7 @@ def test_on_findings_opens_one_window_only_when_allowed(tmp_path):
 def profiler_states(trainer: Trainer, steps: int) -> list[bool]:
     """Whether torch's profiler was enabled during each step (read from a step hook, mid-step)."""
     seen: list[bool] = []
-    trainer.step_hooks.append(lambda step, ev, m: seen.append(torch._C._autograd._profiler_enabled()))
+    trainer.add(instruments.OnStep(lambda step, ev, m: seen.append(torch._C._autograd._profiler_enabled())))
     for _ in range(steps):
         trainer.train_step()
     return seen
@@ -91,8 +92,8 @@ def profiler_states(trainer: Trainer, steps: int) -> list[bool]:
 
 def test_no_profiler_unless_asked(tmp_path):
     trainer = Trainer(tiny_config(), tmp_path / "run", device=torch.device("cpu"))
-    assert trainer.enable_profile(requested=False) is None  # untraced: no live doctor, nothing to profile for
-    assert trainer.profiling is None
+    assert instruments.add_profile(trainer, requested=False) is None  # untraced: no live doctor, nothing to profile for
+    assert trainer.instruments.find(instruments.Profile) is None
     assert profiler_states(trainer, 3) == [False, False, False]
     assert not (tmp_path / "run" / PROFILER_DIR).exists()
 
@@ -100,22 +101,22 @@ def test_no_profiler_unless_asked(tmp_path):
 def test_traced_run_arms_but_does_not_profile(tmp_path):
     trainer = Trainer(tiny_config(), tmp_path / "run", device=torch.device("cpu"))
     trainer.run_dir.mkdir()
-    trainer.enable_trace()
-    windows = trainer.enable_profile(requested=False)
+    instruments.add_trace(trainer)
+    windows = instruments.add_profile(trainer, requested=False).windows
     assert windows is not None and not windows.recording  # waits for a finding
     assert profiler_states(trainer, 3) == [False, False, False]
-    trainer.tracer.close()
+    trainer.instruments.find(instruments.Trace).tracer.close()
     off = Trainer(tiny_config("profile.on_finding=false"), tmp_path / "off", device=torch.device("cpu"))
     off.run_dir.mkdir()
-    off.enable_trace()
-    assert off.enable_profile(requested=False) is None
-    off.tracer.close()
+    instruments.add_trace(off)
+    assert instruments.add_profile(off, requested=False) is None
+    off.instruments.find(instruments.Trace).tracer.close()
 
 
 def test_requested_window_covers_the_scheduled_steps(tmp_path):
     trainer = Trainer(tiny_config(*PROFILE), tmp_path / "run", device=torch.device("cpu"))
     trainer.run_dir.mkdir()
-    windows = trainer.enable_profile(requested=True)
+    windows = instruments.add_profile(trainer, requested=True).windows
     assert windows.windows[0].first_active == (3, 4)
     states = profiler_states(trainer, 6)
     assert states == [False, False, True, True, False, False]  # wait, warmup, 2 recorded steps; then closed

@@ -15,6 +15,7 @@ from diagnostics.session import RunSpec, trace_run
 from diagnostics.store import TraceWriter
 from diagnostics.tracer import Tracer
 from etrm.config import Config
+from etrm.train import instruments
 from etrm.train.trainer import Trainer
 
 SYNC_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.item")
@@ -37,7 +38,7 @@ def make_trainer(tmp_path, model="etrm", mode="reencode", fault="none", **train)
     cfg = Config.from_dict({"model": model, "fault": fault, "encoder": {**data.pop("encoder"), "mode": mode}, **data})
     trainer = Trainer(cfg, tmp_path / "run", device=torch.device("cpu"))
     (tmp_path / "run").mkdir(parents=True)
-    trainer.enable_trace()
+    instruments.add_trace(trainer)
     return trainer
 
 
@@ -55,7 +56,7 @@ def test_traced_step_adds_no_host_sync(tmp_path, model, mode):
     """Forward, loss, probes, backward (with the coverage hooks) and the grad-norm probe: no sync at all."""
     torch.manual_seed(0)
     trainer = make_trainer(tmp_path, model, mode)
-    tracer = trainer.tracer
+    tracer = trainer.instruments.find(instruments.Trace).tracer
     for _ in range(3):
         batch = trainer.next_batch()  # the sampler's read of the reset mask is the trainer's, outside the step
         with FailOnSync():
@@ -84,7 +85,7 @@ def run_steps(trainer: Trainer, n: int) -> list[dict]:
     for _ in range(n):
         trainer.train_step()
         if trainer.step % trainer.cfg.train.trace_every == 0:
-            rows += trainer.tracer.flush()
+            rows += trainer.instruments.flush_rows()
     return rows
 
 
@@ -127,7 +128,7 @@ def test_rows_reach_sqlite_and_halting_histogram_adds_up(tmp_path):
     torch.manual_seed(5)
     trainer = make_trainer(tmp_path)
     rows = run_steps(trainer, 10)
-    trainer.tracer.close()
+    trainer.instruments.find(instruments.Trace).tracer.close()
     db = sqlite3.connect(tmp_path / "run" / "trace.sqlite")
     stored = db.execute("SELECT step, halted, halt_at_1, halt_at_2, halt_at_3, resets FROM steps ORDER BY step").fetchall()
     assert [s[0] for s in stored] == list(range(1, 11))
@@ -147,7 +148,7 @@ def test_tracer_memory_is_flat(tmp_path):
     torch.manual_seed(6)
     trainer = make_trainer(tmp_path)
     tracer = Tracer(default_probes(3), writer, torch.device("cpu"), capacity=5)
-    trainer.step_hooks = [tracer.on_step]
+    trainer.instruments[:] = [instruments.OnStep(tracer.on_step)]
     sizes = []
     for _ in range(4):
         for _ in range(5):

@@ -330,7 +330,7 @@ def test_q_continue_loss_decreases_with_training(make_mode_config, make_model, m
     head = model.core.q_head
     opt = torch.optim.SGD(head.parameters(), lr=0.005)
     history = []
-    for _ in range(8):
+    for _ in range(10):
         opt.zero_grad()
         _, out, events = model(carry, batch, force_halt=no_halt)
         loss, metrics = LOSS(out, events)
@@ -424,7 +424,7 @@ def test_paper_size_trm_has_upstream_parameter_count():
         "arch": {"hidden_size": 512, "num_heads": 8, "expansion": 4, "L_layers": 2, "H_cycles": 3, "L_cycles": 4,
                  "puzzle_emb_len": 16},
     })
-    model = ACTModel(cfg, ModelShape(vocab_size=12, seq_len=900, num_puzzle_ids=4))
+    model = ACTModel(cfg.model_config(), ModelShape(vocab_size=12, seq_len=900, num_puzzle_ids=4))
     assert model.num_trainable_parameters() == 6_829_058
     assert model.num_trainable_parameters() == sum(p.numel() for p in model.parameters())
     assert model.puzzle_emb.weights.numel() == 4 * 512  # the table is a buffer, not counted

@@ -55,11 +55,6 @@ def test_reset_slots_takes_batch_data_init_state_and_step_zero_only_where_halted
             assert out.steps[i] == carry.steps[i]
             for k in DATA_KEYS:
                 assert torch.equal(out.data[k][i], old[k][i]), k
-    # The flags that exist for faults break exactly their half of the rule.
-    no_state = reset_slots(carry, new, z_H0, z_L0, reset_state=False)
-    assert torch.equal(no_state.z_H, carry.z_H) and torch.equal(no_state.steps, out.steps)
-    no_steps = reset_slots(carry, new, z_H0, z_L0, reset_steps=False)
-    assert torch.equal(no_steps.steps, carry.steps) and torch.equal(no_steps.z_H, out.z_H)
 
 
 def test_slot_where_broadcasts_over_trailing_dims():
@@ -124,8 +119,10 @@ def test_reset_slot_starts_from_init_state(mode, fault, make_mode_config, make_m
     for i in range(B):
         alone = take_rows(second if reset[i] else first, [i])
         _, ref, _ = model(model.initial_carry(alone), alone, force_halt=torch.zeros(1, dtype=torch.bool))
-        same = torch.allclose(out.logits[i], ref.logits[0], atol=1e-5) and torch.allclose(
-            out.q_halt_logits[i], ref.q_halt_logits[0], atol=1e-5)
+        # fp32 rounding of a batch of B against a batch of 1 reaches 2e-5 on logits of ~2.5; a continuing slot
+        # differs by more than 1
+        same = torch.allclose(out.logits[i], ref.logits[0], atol=1e-4) and torch.allclose(
+            out.q_halt_logits[i], ref.q_halt_logits[0], atol=1e-4)
         if reset[i]:
             assert same == (fault == "none"), f"slot {i}"
         else:

@@ -17,6 +17,7 @@ import torch
 
 from etrm.config import Config, apply_overrides
 from etrm.presets import load_preset
+from etrm.train import instruments
 from etrm.train.checkpoint import CHECKPOINT_NAME
 from etrm.train.trainer import Trainer
 
@@ -66,9 +67,9 @@ def tiny_config(preset: str, *overrides: str) -> Config:
 STAGGER = ["loss.q_weight=0"]
 
 
-def stagger_halting(trainer: Trainer, seed: int = 1) -> None:
+def stagger_halting(trainer: Trainer, seed: int = 6) -> None:
     """Make the Q-head decide per slot from the start: random weights, zero bias (upstream initialises it far from
-    halting). With ``STAGGER`` in the config it stays so: some slots halt early, others not, exploration vetoes some
+    halting); seed 6 staggers both models under both samplers at upstream's initialisation. With ``STAGGER`` in the config it stays so: some slots halt early, others not, exploration vetoes some
     halts, so the halting RNG matters. Apply it to every Trainer of a comparison."""
     q = trainer.model.core.q_head
     g = torch.Generator().manual_seed(seed)
@@ -115,7 +116,7 @@ def record_events() -> Callable[[Trainer], list[dict[str, torch.Tensor]]]:
                 "sample_id_before": events.sample_id_before.detach().cpu().clone(),
             })
 
-        trainer.step_hooks.append(hook)
+        trainer.add(instruments.OnStep(hook))
         return rows
 
     return attach

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from etrm.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from etrm.train import instruments
 from etrm.train.console import Reporter
 from etrm.train.trainer import Trainer
 
@@ -66,8 +67,8 @@ def test_fct_resets_all_slots_every_fct_steps(sampler: str, make_trainer, record
                            f"train.sampler={sampler}", "train.eval_every=100", "train.checkpoint_every=100")
     rows = record_events(trainer)
     q_positive_early = []
-    trainer.step_hooks.append(lambda step, ev, _m: q_positive_early.append(
-        bool(((ev.q_halt_logits > 0) & ~ev.is_last_step).any())))
+    trainer.add(instruments.OnStep(lambda step, ev, _m: q_positive_early.append(
+        bool(((ev.q_halt_logits > 0) & ~ev.is_last_step).any()))))
     result = trainer.run(4 * f, Reporter(4 * f, live=False))
     assert result.step == 4 * f and len(rows) == 4 * f
 
@@ -190,7 +191,7 @@ def request_stop_at(trainer, step: int) -> None:
         if at == step:
             trainer.stop_requested = True
 
-    trainer.step_hooks.append(hook)
+    trainer.add(instruments.OnStep(hook))
 
 
 def test_stop_request_saves_a_checkpoint_at_the_stop_step(make_trainer, capsys) -> None:
