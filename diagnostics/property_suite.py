@@ -587,11 +587,11 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
             return [v] if v else []
 
         # -- rules --------------------------------------------------------------------------------------------------
-        @rule(pattern=HALTING, feed=FEEDS, perm_seed=st.none() | st.integers(0, 2**16),
-              meta_seed=st.none() | st.integers(0, 2**16))
-        def act_step(self, pattern: tuple, feed: str, perm_seed: Optional[int], meta_seed: Optional[int]) -> None:
-            """One training step under a drawn halting mask and feed."""
-            self._train_step(pattern, feed, perm_seed, meta_seed)
+        @rule(pattern=HALTING, feed=FEEDS, perm_seed=st.none() | st.integers(0, 2**16))
+        def act_step(self, pattern: tuple, feed: str, perm_seed: Optional[int]) -> None:
+            """One training step under a drawn halting mask and feed (the metamorphic check on every one of them:
+            even steps pad the continuing slots' rows, odd steps put other samples there)."""
+            self._train_step(pattern, feed, perm_seed, meta_seed=self.step_no + 1)
 
         @rule(n=st.integers(1, 4), feed=FEEDS)
         def model_decides(self, n: int, feed: str) -> None:
