@@ -196,6 +196,27 @@ class ACTAdapter(abc.ABC):
 AdapterFactory = Callable[[], ACTAdapter]
 
 
+def eval_steps(model: torch.nn.Module, carry: Any, one_step: Callable[[Any], tuple[Any, Any, Any]],
+               view: Callable[[Any], CarryView], max_steps: int) -> list[EvalStep]:
+    """An ``eval_run`` body: ``model`` in eval mode without gradient, ``one_step(carry) -> (carry, events, outputs)``
+    from ``carry`` until every slot halted (at most ``max_steps + 1`` steps), then the mode restored."""
+    was_training = model.training
+    model.eval()
+    run: list[EvalStep] = []
+    try:
+        with torch.no_grad():
+            for _ in range(max_steps + 1):
+                before = view(carry)
+                carry, events, outputs = one_step(carry)
+                after = view(carry)
+                run.append(EvalStep(events, before, after, outputs))
+                if bool(after.halted.all()):
+                    break
+    finally:
+        model.train(was_training)
+    return run
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Helpers adapters often need
 

@@ -14,7 +14,9 @@ import torch
 
 # 1: the first contract. 2: optional ``token_embed_rms`` (ETRM: RMS of the token-embedding table), for the context
 # diversity probe's context-to-token norm ratio; producers that leave it None still satisfy version 2.
-EVENTS_VERSION = 2
+# 3: optional ``content_checksum`` (the [B, 3] checksums the slot's data carries, ``diagnostics.fingerprints``) and
+# ``loss_labels`` (the labels the loss head used, filled by it): the runtime content check of label alignment.
+EVENTS_VERSION = 3
 
 Tensor = torch.Tensor
 
@@ -95,6 +97,9 @@ class StepEvents:
     non_finite: Optional[Tensor] = None
     # Scale of the token embeddings beside the context (version 2; None when the model does not say)
     token_embed_rms: Optional[Tensor] = None
+    # Content (version 3; None when the batch carries no checksum / no loss head filled it)
+    content_checksum: Optional[Tensor] = None
+    loss_labels: Optional[Tensor] = None
     # What kind of step this was
     mode: str = "reencode"
     training: bool = True

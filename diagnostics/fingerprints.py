@@ -164,3 +164,19 @@ def checksum(tokens: Tensor) -> Tensor:
     flat = tokens.reshape(tokens.shape[0], -1).to(torch.int64)
     pos = torch.arange(1, flat.shape[1] + 1, device=flat.device, dtype=torch.int64)
     return (((flat + 101) * (pos * 2_654_435_761 % _PRIME)) % _PRIME).sum(1) % _PRIME
+
+
+#: The batch key holding each sample's checksums: [B, 3] int64 of (inputs, labels, demos); 0 where absent.
+CHECKSUM_KEY = "checksum"
+CHECKSUM_PARTS = ("inputs", "labels", "demos")
+
+
+def content_checksums(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``{CHECKSUM_KEY: [B, 3]}`` for a batch dict (inputs, labels and, when present, demo inputs+outputs)."""
+    inputs = batch["inputs"]
+    parts = [checksum(inputs), checksum(batch["labels"])]
+    if "demo_inputs" in batch:
+        parts.append(checksum(torch.cat([batch["demo_inputs"], batch["demo_outputs"]], dim=-1)))
+    else:
+        parts.append(torch.zeros(inputs.shape[0], dtype=torch.int64, device=inputs.device))
+    return {CHECKSUM_KEY: torch.stack(parts, dim=1)}

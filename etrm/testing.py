@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from diagnostics.adapter import ACTAdapter, EvalStep, Supports
+from diagnostics.adapter import ACTAdapter, EvalStep, Supports, eval_steps
 from diagnostics.capture import ContentHooks
 from diagnostics.events import CarryView, StepEvents
 from diagnostics.fingerprints import ContentSpec, SampleContent, stack_content
@@ -142,21 +142,10 @@ class BundledAdapter(ACTAdapter):
 
     def eval_run(self, batch: dict[str, Tensor]) -> list[EvalStep]:
         """A fresh carry in eval mode until all slots halted, as ``ACTModel.evaluate_batch`` runs it."""
-        was_training = self.model.training
-        self.model.eval()
-        steps: list[EvalStep] = []
-        try:
-            with torch.no_grad():
-                carry = self.model.initial_carry(batch)
-                for _ in range(self.max_steps + 1):
-                    before = carry.view()
-                    carry, out, events = self.model(carry, batch)
-                    steps.append(EvalStep(events, before, carry.view(), {"logits": out.logits}))
-                    if bool(carry.halted.all()):
-                        break
-        finally:
-            self.model.train(was_training)
-        return steps
+        def one(carry):
+            carry, out, events = self.model(carry, batch)
+            return carry, events, {"logits": out.logits}
+        return eval_steps(self.model, self.model.initial_carry(batch), one, Carry.view, self.max_steps)
 
 
 def bundled_adapter(model: str = "etrm", mode: str = "reencode", fault: str = "none", *, seed: int | None = None,

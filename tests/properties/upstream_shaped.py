@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diagnostics.adapter import ACTAdapter, EvalStep, Supports
+from diagnostics.adapter import ACTAdapter, EvalStep, Supports, eval_steps
 from diagnostics.capture import ContentHooks
 from diagnostics.fingerprints import ContentSpec, SampleContent, stack_content
 
@@ -319,20 +319,10 @@ class UpstreamAdapter(ACTAdapter):
         return self.model.evaluate(batch)
 
     def eval_run(self, batch: dict[str, Tensor]) -> list[EvalStep]:
-        self.model.eval()
-        run: list[EvalStep] = []
-        try:
-            with torch.no_grad():
-                carry = self.model.initial_carry(batch)
-                for _ in range(self.max_steps + 1):
-                    before = self.view(carry)
-                    carry, out = self.model(carry, batch)
-                    run.append(EvalStep(None, before, self.view(carry), out))
-                    if bool(carry.halted.all()):
-                        break
-        finally:
-            self.model.train()
-        return run
+        def one(carry):
+            carry, out = self.model(carry, batch)
+            return carry, None, out
+        return eval_steps(self.model, self.model.initial_carry(batch), one, self.view, self.max_steps)
 
     def feed(self, reset: Tensor, next_id: int) -> list[int]:
         """Upstream's feed: a fresh sample in every position; those at continuing slots are dropped."""
