@@ -143,3 +143,32 @@ def test_dataset_batches_carry_checksums_of_their_content():
     want = content_checksums({k: v for k, v in b.items() if k != CHECKSUM_KEY})[CHECKSUM_KEY]
     assert torch.equal(b[CHECKSUM_KEY], want) and b[CHECKSUM_KEY].shape == (3, 3)
     assert not torch.equal(b[CHECKSUM_KEY][0], b[CHECKSUM_KEY][2])
+
+
+class InputsFromBatch(ACTModel):
+    """A test-side variant: the carry update takes the incoming inputs for every slot (ids and checksums stay)."""
+
+    def forward(self, carry, batch, force_halt=None, clock=None):
+        new_carry, out, events = super().forward(carry, batch, force_halt=force_halt, clock=clock)
+        new_carry.data["inputs"] = batch["inputs"]
+        return new_carry, out, events
+
+
+def test_carried_data_that_no_longer_matches_its_checksum_is_caught():
+    a = bundled_adapter(mode="trm", seed=2)
+    model = InputsFromBatch(a.cfg, a.model.shape)
+    model.load_state_dict(a.model.state_dict())
+    b = a.batch_size
+    first = a.make_batch(list(range(b)))
+    first.update(content_checksums(first))
+    carry = model.initial_carry(first)
+    carry, _, _ = model(carry, first, force_halt=torch.zeros(b, dtype=torch.bool))  # everyone continues
+    pad = a.make_batch([-1] * b)
+    pad.update(content_checksums(pad))
+    checker = InvariantChecker(model.max_steps)
+    checker.before_step(carry.view())
+    new_carry, out, events = model(carry, pad, force_halt=torch.zeros(b, dtype=torch.bool))
+    a.loss_fn(out, events)
+    with pytest.raises(InvariantError) as info:
+        checker.after_step(events, new_carry.view(), pad)
+    assert "slot-data-content" in [v.name for v in info.value.violations]
