@@ -539,6 +539,23 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
             v = _violation("reset-from-init", slots[bad].tolist())
             return [v] if v else []
 
+        def _restore(self, state: dict[str, Tensor]) -> Any:
+            """``carry_from_state(state)``, checked to round-trip (a re-run from a wrongly restored carry would blame
+            the re-run's own invariant): a slot whose state does not come back is a ``checkpoint-restore`` failure."""
+            a = self.adapter
+            carry = a.carry_from_state({k: v.clone() for k, v in state.items()})
+            back = a.carry_state(carry)
+            bad = torch.zeros(self.B, dtype=torch.bool)
+            for k, v in state.items():
+                if v.dim() and v.shape[0] == self.B:
+                    bad |= _rows_differ(v.cpu(), back[k].cpu()) if k in back else torch.ones_like(bad)
+            bad &= self.stepped
+            v = _violation("checkpoint-restore", bad)
+            if v:
+                raise AssertionError(format_violations([v], self.step_no, "carry_from_state(carry_state(carry)) "
+                                                                          "does not give the carry back"))
+            return carry
+
         def _permutation(self, perm_seed, state0, batch, fed, force, outputs, after) -> list[Violation]:
             stats.permutation_checks += 1
             a = self.adapter
@@ -572,7 +589,7 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
                 alt[cont] = -1
             else:  # other samples, not yet fed (peeked, not consumed: their content is fixed per id anyway)
                 alt[cont] = torch.arange(self.next_id + 7, self.next_id + 7 + n)
-            carry_m = a.carry_from_state({k: v.clone() for k, v in state0.items()})
+            carry_m = self._restore(state0)
             with torch.no_grad():
                 carry_m, _, out_m, _ = self._step(carry_m, self._batch(alt.tolist()), force,
                                                   "step (metamorphic check)")
