@@ -51,6 +51,7 @@ SUITE_CHECKS = {
     "training-mode-restored": "after an eval run the model must step in training mode again",
     "checkpoint-restore": "restoring a saved carry and replaying the same steps must give identical results",
     "events-match-carry": "the step's events must agree with the carry before and after it",
+    "model-raises-nothing": "the model must not raise inside a rule (reported with the steps that led there)",
     **sc.CHECKS,
 }
 
