@@ -203,7 +203,7 @@ class GradientStarvation(Rule):
         return self.make(ev, at.end, msg)
 
 
-ALIGNMENT_COLUMNS = ("label_mismatch", "demo_mismatch", "carry_mismatch")
+ALIGNMENT_COLUMNS = ("label_mismatch", "demo_mismatch", "carry_mismatch", "label_content_mismatch")
 
 
 class LabelMisalignment(Rule):

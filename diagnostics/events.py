@@ -17,7 +17,9 @@ import torch
 # diversity probe's context-to-token norm ratio; producers that leave it None still satisfy version 2.
 # 3: ``mode`` is a ``Mode`` and required (version 2 silently defaulted it to "reencode"); its values are unchanged.
 #    The own-loop session API (``diagnostics.session``: RunSpec, CarryShape, TracedRun, build_events) joined the
-#    contract, building version-3 events from an upstream-shaped step.
+#    contract, building version-3 events from an upstream-shaped step. Optional ``content_checksum`` (the
+#    [B, 3] checksums the slot's data carries, ``diagnostics.fingerprints``) and ``loss_labels`` (the labels the
+#    loss head used, filled by it): the runtime content check of label alignment.
 EVENTS_VERSION = 3
 
 
@@ -134,6 +136,9 @@ class StepEvents:
     non_finite: Optional[Tensor] = None
     # Scale of the token embeddings beside the context (version 2; None when the model does not say)
     token_embed_rms: Optional[Tensor] = None
+    # Content (version 3; None when the batch carries no checksum / no loss head filled it)
+    content_checksum: Optional[Tensor] = None
+    loss_labels: Optional[Tensor] = None
     training: bool = True
     clock: Optional[PhaseClock] = None
     version: int = EVENTS_VERSION

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from diagnostics.events import CarryView, Mode, StepEvents
+from diagnostics.fingerprints import CHECKSUM_KEY, checksum
 
 Tensor = torch.Tensor
 
@@ -127,6 +128,28 @@ def check_encoder_work(ctx: StepContext) -> Tensor:
     return (ev.needs_encode != expected_needs(ev)) | (ev.encoded != ev.needs_encode)
 
 
+def label_content_mismatch(events: StepEvents) -> Tensor:
+    """Real slots whose loss labels do not hash to the labels checksum their data carries (all False without
+    checksums). Device-only: the runtime checker reads it, the alignment probe counts it."""
+    cs, labels = events.content_checksum, events.loss_labels
+    if cs is None or labels is None:
+        return torch.zeros_like(events.reset)
+    return (events.sample_id_after >= 0) & (checksum(labels) != cs[:, 1])
+
+
+def check_loss_labels_content(ctx: StepContext) -> Tensor:
+    return label_content_mismatch(ctx.events)
+
+
+def check_data_content(ctx: StepContext) -> Tensor:
+    """A slot's carried inputs and labels must still hash to the checksums carried beside them."""
+    f, ev = ctx.after.fields, ctx.events
+    if CHECKSUM_KEY not in f or "inputs" not in f or "labels" not in f:
+        return torch.zeros_like(ev.reset)
+    cs = f[CHECKSUM_KEY]
+    return (ev.sample_id_after >= 0) & ((checksum(f["inputs"]) != cs[:, 0]) | (checksum(f["labels"]) != cs[:, 1]))
+
+
 STEP_INVARIANTS: tuple[Invariant, ...] = (
     Invariant("reset-takes-sample", "a reset slot must take the incoming sample and be at step 1",
               check_reset_takes_sample),
@@ -140,6 +163,10 @@ STEP_INVARIANTS: tuple[Invariant, ...] = (
               check_carry_detached),
     Invariant("encoder-work-matches-mode", "the encoder must run on exactly the slots its mode needs",
               check_encoder_work),
+    Invariant("loss-labels-content", "the loss's labels must hash to the labels checksum the slot's sample carries",
+              check_loss_labels_content),
+    Invariant("slot-data-content", "a slot's carried inputs and labels must hash to its sample's checksums",
+              check_data_content),
 )
 
 

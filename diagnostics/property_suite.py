@@ -2,10 +2,15 @@
 patterns and feeds, and checks the carry and label invariants after every rule.
 
 Rules: a training step with a drawn halting mask (never, all, single slot, alternating, burst, random, or the model's
-own decision) and a drawn feed (``refill``: new ids only into reset slots, -1 padding elsewhere; ``full-batch``:
-fresh ids everywhere, as upstream TRM's loader); an eval run on a fresh carry; a checkpoint of the carry, a few steps, a restore and a replay. After each
-step: every check of ``diagnostics.invariants`` (the carry-only ones for models without events), gradient coverage
-after a backward of the step's loss, reset-from-init equivalence, and (on drawn steps) slot-permutation independence.
+own decision) and a drawn feed (``refill``: new ids only into reset slots, -1 padding elsewhere; ``tail``: refill with
+some reset slots left padding, as at the end of the data; ``full-batch``: fresh ids everywhere, as upstream TRM's loader; ``adapter``: the adapter's
+own feed); an eval run on a fresh carry; the model's own evaluation entry point; a checkpoint of the carry, a few
+steps, a restore and a replay. After each step: every check of ``diagnostics.invariants`` (the carry-only ones for
+models without events), the content checks of ``diagnostics.suite_checks`` (protocol v2), gradient coverage after a
+backward of the step's loss, reset-from-init equivalence, and (on drawn steps) slot-permutation independence and the
+metamorphic check that a continuing slot ignores the incoming batch row at its position.
+
+A model exception inside a rule is a failure too (``model raised ValueError at step 3 after: ...``), so it shrinks.
 
 A failure raises ``AssertionError`` naming the invariant, e.g.
 ``invariant 'loss-labels-aligned' violated at step 3, slots [1, 4]: ...``.
@@ -13,19 +18,24 @@ A failure raises ``AssertionError`` naming the invariant, e.g.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import io
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule, run_state_machine_as_test
 
+from diagnostics import suite_checks as sc
 from diagnostics.adapter import ACTAdapter, AdapterFactory, EvalStep
+from diagnostics.capture import Capture, Consumed
 from diagnostics.events import CarryView, Mode, StepEvents
+from diagnostics.fingerprints import make_content
 from diagnostics.invariants import STEP_INVARIANTS, GradRows, StepContext, Violation, violations
+from diagnostics.suite_checks import rows_differ as _rows_differ
 
 Tensor = torch.Tensor
 
@@ -41,6 +51,8 @@ SUITE_CHECKS = {
     "training-mode-restored": "after an eval run the model must step in training mode again",
     "checkpoint-restore": "restoring a saved carry and replaying the same steps must give identical results",
     "events-match-carry": "the step's events must agree with the carry before and after it",
+    "model-raises-nothing": "the model must not raise inside a rule (reported with the steps that led there)",
+    **sc.CHECKS,
 }
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -57,7 +69,7 @@ HALTING = st.one_of(
     st.just(("model",)),
 )
 FORCED_HALTING = HALTING.filter(lambda p: p[0] != "model")
-FEEDS = st.sampled_from(("refill", "full-batch"))
+FEEDS = st.sampled_from(("refill", "full-batch", "tail", "adapter"))
 
 
 def halting_mask(pattern: tuple, batch_size: int) -> Optional[Tensor]:
@@ -112,17 +124,6 @@ def derived_events(before: CarryView, after: CarryView, fed: Tensor, expected_id
     )
 
 
-def _rows_differ(a: Tensor, b: Tensor, atol: float = 0.0) -> Tensor:
-    """Per slot (dim 0): do ``a`` and ``b`` differ (beyond ``atol``; NaN counts as different)?"""
-    if a.shape != b.shape:
-        return torch.ones(a.shape[0] if a.dim() else 1, dtype=torch.bool)
-    a2, b2 = a.detach().reshape(a.shape[0], -1), b.detach().reshape(b.shape[0], -1)
-    if atol == 0.0 or not (a2.is_floating_point() or b2.is_floating_point()):
-        return (a2 != b2).any(1)
-    diff = (a2.double() - b2.double()).abs()
-    return (~(diff <= atol)).any(1)
-
-
 def format_violations(found: Sequence[Violation], step: int | str, where: str = "") -> str:
     """``invariant 'NAME' violated at step N, slots [...]: what it means`` per violation, then the context."""
     at = f"step {step}" if isinstance(step, int) else step
@@ -133,8 +134,57 @@ def format_violations(found: Sequence[Violation], step: int | str, where: str = 
 
 
 def _violation(name: str, bad: Tensor | Sequence[int]) -> Optional[Violation]:
-    slots = bad.nonzero().flatten().tolist() if isinstance(bad, Tensor) else list(bad)
-    return Violation(name, slots, SUITE_CHECKS[name]) if slots else None
+    return sc.violation(name, bad, SUITE_CHECKS[name])
+
+
+class ModelRaised(AssertionError):
+    """The model raised inside a rule: reported like a violation, with the steps that led there (so it shrinks)."""
+
+
+def skipped_checks(a: ACTAdapter) -> dict[str, str]:
+    """The checks this adapter cannot get, and why (the plugin lists them)."""
+    sup, out = a.supports, {}
+    v2 = getattr(a, "protocol", 1) >= 2 and a.content_spec is not None
+    hooks = a.hooks
+    if not v2:
+        for name in ("embeds-own-inputs", "embeds-own-puzzle-row", "encoder-reads-own-demos",
+                     "reported-ids-match-content"):
+            out[name] = "adapter protocol v1: the suite does not make the content (set protocol = 2, content_spec)"
+    else:
+        if not hooks.inputs_table:
+            out["embeds-own-inputs"] = "hooks.inputs_table not named"
+        if not hooks.puzzle_table:
+            out["embeds-own-puzzle-row"] = "hooks.puzzle_table not named (no puzzle table?)"
+        if not hooks.encoder:
+            out["encoder-reads-own-demos"] = "hooks.encoder not named (no demo encoder?)"
+        if not sup.events:
+            out["reported-ids-match-content"] = "no StepEvents: no reported ids to cross-check"
+    if not sup.events:
+        for name in ("loss-labels-aligned (ids)", "demos-aligned", "events-match-carry"):
+            out[name] = "no StepEvents (supports.events=False)"
+        if not (v2 and hooks.encoder):
+            out["encoder-work-matches-mode"] = "no StepEvents and no hooked encoder"
+    if not (v2 and sup.loss_metrics):
+        why = "needs protocol v2 with supports.loss_metrics (loss_and_metrics)"
+        for name in ("loss-labels-aligned (content)", "padding-adds-nothing", "halted-metrics-halted-only"):
+            out[name] = why
+    elif not a.halted_metrics:
+        out["halted-metrics-halted-only"] = "adapter names no halted_metrics"
+    if not (sup.events and sup.loss):
+        out["coverage-matches-mode"] = "needs StepEvents and a loss"
+    if not sup.evaluate:
+        out["eval-returns-every-step"] = out["eval-fresh-carry"] = "no evaluate() (supports.evaluate=False)"
+    if not sup.eval_run:
+        out["eval-runs-to-max"] = "no eval_run() (supports.eval_run=False)"
+    if not sup.checkpoint:
+        for name in ("checkpoint-restore", "slot-permutation-independence", "continuing-ignores-batch",
+                     "q-continue-target"):
+            out[name] = "no carry_state/carry_from_state (supports.checkpoint=False)"
+    if a.fixed_steps is None:
+        out["fct-runs-fct-steps"] = "not a fixed-step (fct) model"
+    else:
+        out["exploration-only-delays"] = "fixed-step (fct) model: the Q-head decides nothing"
+    return out
 
 
 @dataclass
@@ -144,12 +194,29 @@ class SuiteStats:
     examples: int = 0
     steps: int = 0
     eval_runs: int = 0
+    evaluate_runs: int = 0
     restores: int = 0
     resets: int = 0
     reset_checks: int = 0
     permutation_checks: int = 0
+    metamorphic_checks: int = 0
     coverage_checks: int = 0
+    content_checks: int = 0
+    loss_checks: int = 0
+    q_target_checks: int = 0
+    fed: dict[str, int] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)
     patterns: dict[str, int] = field(default_factory=dict)
+    #: rare cases the run reached: all-halt, none-halt, exploration-veto, q-halt-at-last-step, padding-in-loss
+    cases: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def count(self, case: str, n: int = 1) -> None:
+        if n:
+            self.cases[case] = self.cases.get(case, 0) + n
+
+    def dropped_fraction(self, feed: str) -> float:
+        return self.dropped.get(feed, 0) / max(1, self.fed.get(feed, 0))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -170,22 +237,70 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
         @initialize(seed=st.integers(0, 2**31 - 1))
         def build(self, seed: int) -> None:
             torch.manual_seed(seed)
-            self.adapter = adapter_factory()
+            self.history: list[str] = []
+            self.step_no = 0
+            self.adapter = self._call("the adapter factory", adapter_factory)
             a = self.adapter
             self.B = int(a.batch_size)
             self.max_steps = int(a.max_steps)
             self.sup = a.supports
+            self.spec = a.content_spec if getattr(a, "protocol", 1) >= 2 else None
+            self.content_seed = seed
+            self.hooks = a.hooks if self.spec is not None else None
+            self.model = getattr(a, "model", None)
             self.next_id = 0
             self.slot_ids = torch.full((self.B,), -1, dtype=torch.long)  # the sample each slot holds, as fed
-            self.step_no = 0
+            self.stepped = torch.zeros(self.B, dtype=torch.bool)  # slots past their uninitialised first carry
             self.after_eval = False
-            self.carry = a.initial_carry(a.make_batch([-1] * self.B))
+            self.eval_cache: dict[int, Tensor] = {}
+            self.carry = self._call("initial_carry", a.initial_carry, self._batch([-1] * self.B))
             stats.examples += 1
+            if not stats.skipped:
+                stats.skipped.update(skipped_checks(a))
             init = a.view(self.carry)
             if not bool(init.halted.all()):
                 raise AssertionError("invariant 'initial-carry-halted' violated at step 0, slots "
                                      f"{(~init.halted).nonzero().flatten().tolist()}: the initial carry must have "
                                      "every slot halted, so the first step loads the whole batch")
+
+        # -- calling the model --------------------------------------------------------------------------------------
+        def _call(self, what: str, fn: Callable, *args: Any) -> Any:
+            """``fn(*args)``; a model exception becomes a named failure with the steps that led to it."""
+            try:
+                return fn(*args)
+            except AssertionError:
+                raise
+            except Exception as exc:  # noqa: BLE001 (any model error is a finding)
+                after = ", ".join(self.history[-12:]) or "nothing"
+                raise ModelRaised(f"invariant 'model-raises-nothing' violated at step {self.step_no}: model raised "
+                                  f"{type(exc).__name__} in {what} at step {self.step_no} after: {after}: "
+                                  f"{exc}") from None
+
+        def _content(self, ids: Sequence[int]):
+            return [make_content(self.spec, int(i), self.content_seed) if i >= 0 else None for i in ids]
+
+        def _batch(self, ids: Sequence[int]) -> Any:
+            ids = [int(i) for i in ids]
+            if self.spec is None:
+                return self.adapter.make_batch(ids)
+            return self.adapter.make_batch(ids, self._content(ids))
+
+        def _capture(self):
+            if self.hooks is None or self.model is None:
+                return contextlib.nullcontext(Consumed())
+            return Capture(self.model, self.hooks)
+
+        def _step(self, carry: Any, batch: Any, force: Optional[Tensor], what: str = "step"):
+            """One adapter step; for models without a forced-halt argument the halted flags are overridden after it
+            (max steps still halts). Returns (carry, events, outputs, consumed)."""
+            a = self.adapter
+            passed = force if self.sup.force_halt else None
+            with self._capture() as got:
+                carry, events, outputs = self._call(what, a.step, carry, batch, passed)
+            if force is not None and not self.sup.force_halt and a.fixed_steps is None:
+                steps = a.view(carry).steps.cpu()
+                carry = self._call("set_halted", a.set_halted, carry, (steps >= self.max_steps) | force)
+            return carry, events, outputs, got
 
         # -- feeding ------------------------------------------------------------------------------------------------
         def _fresh(self, n: int) -> list[int]:
@@ -194,43 +309,68 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
             return ids
 
         def _feed(self, reset: Tensor, feed: str) -> Tensor:
-            if feed == "full-batch":
-                return torch.tensor(self._fresh(self.B), dtype=torch.long)
-            fed = torch.full((self.B,), -1, dtype=torch.long)
-            fed[reset] = torch.tensor(self._fresh(int(reset.sum())), dtype=torch.long)
+            if feed == "adapter" and not self.sup.feed:
+                feed = "refill"
+            if feed == "adapter":
+                fed = torch.tensor(self._call("feed", self.adapter.feed, reset.clone(), self.next_id),
+                                   dtype=torch.long)
+                self.next_id = max(self.next_id, int(fed.max()) + 1)
+            elif feed == "full-batch":
+                fed = torch.tensor(self._fresh(self.B), dtype=torch.long)
+            else:
+                fed = torch.full((self.B,), -1, dtype=torch.long)
+                slots = reset.nonzero().flatten()
+                if feed == "tail":  # the end of the data: every other reset slot stays padding
+                    slots = slots[::2]
+                fed[slots] = torch.tensor(self._fresh(len(slots)), dtype=torch.long)
+            stats.fed[feed] = stats.fed.get(feed, 0) + int((fed >= 0).sum())
+            stats.dropped[feed] = stats.dropped.get(feed, 0) + int(((fed >= 0) & ~reset).sum())
             return fed
 
         # -- one training step with every check ---------------------------------------------------------------------
-        def _train_step(self, pattern: tuple, feed: str, perm_seed: Optional[int] = None) -> dict[str, Tensor]:
+        def _train_step(self, pattern: tuple, feed: str, perm_seed: Optional[int] = None,
+                        meta_seed: Optional[int] = None) -> dict[str, Tensor]:
             a = self.adapter
+            meta_seed = self.step_no + 1 if meta_seed is None else meta_seed  # the metamorphic check: every forced step
             before = _snapshot(a.view(self.carry))
             reset = before.halted.to(torch.bool).cpu()
             fed = self._feed(reset, feed)
-            batch = a.make_batch(fed.tolist())
+            batch = self._batch(fed.tolist())
             force = halting_mask(pattern, self.B)
-            state0 = a.carry_state(self.carry) if (perm_seed is not None and self.sup.checkpoint) else None
-
-            carry, events, outputs = a.step(self.carry, batch, force)
-            after = a.view(carry)
+            checks_state = self.sup.checkpoint and (perm_seed is not None or meta_seed is not None)
+            state0 = a.carry_state(self.carry) if checks_state else None
             self.step_no += 1
+            self.history.append(_describe(self.step_no, pattern, feed, reset))
+
+            carry, events, outputs, got = self._step(self.carry, batch, force)
+            after = a.view(carry)
             stats.steps += 1
             stats.resets += int(reset.sum())
             stats.patterns[pattern[0]] = stats.patterns.get(pattern[0], 0) + 1
             self.slot_ids = torch.where(reset, fed, self.slot_ids)
+            self.stepped |= reset
             where = f"halting={pattern}, feed={feed}, resets={reset.nonzero().flatten().tolist()}"
 
             found = self._step_checks(events, before, after, fed, batch, outputs)
-            if not found and events is not None and self.sup.loss and bool(events.training):
-                found += self._coverage(events, before, after, batch, outputs)
+            if not found:
+                found += self._content_checks(got, reset, events, training=True)
+            if not found:
+                found += self._halting_checks(pattern, after, outputs)
+            if not found and self.sup.checkpoint and self._has_q_target(outputs):
+                found += self._q_target(carry, after, outputs)
+            if not found:
+                found += self._loss_checks(events, before, after, batch, outputs, carry)
             if not found and bool(reset.any()):
                 found += self._reset_from_init(reset, fed, outputs)
-            if not found and state0 is not None and force is not None:
+            if not found and state0 is not None and force is not None and perm_seed is not None:
                 found += self._permutation(perm_seed, state0, batch, fed, force, outputs, after)
+            if not found and state0 is not None and force is not None and meta_seed is not None:
+                found += self._metamorphic(meta_seed, state0, reset, fed, force, outputs, carry)
             if found:
                 raise AssertionError(format_violations(found, self.step_no, where))
             self.carry = carry
             self.after_eval = False
-            return {k: v.detach().clone() for k, v in outputs.items()}
+            return {k: v.detach().clone() for k, v in outputs.items() if isinstance(v, Tensor)}
 
         def _step_checks(self, events, before, after, fed, batch, outputs) -> list[Violation]:
             a = self.adapter
@@ -259,38 +399,177 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
                                            "differ from the carry's)"))
             return found
 
-        def _coverage(self, events, before, after, batch, outputs) -> list[Violation]:
+        # -- content: what the model embedded and encoded -----------------------------------------------------------
+        def _content_checks(self, got: Consumed, reset: Tensor, events, training: bool,
+                            slot_ids: Optional[Tensor] = None) -> list[Violation]:
+            if self.spec is None:
+                return []
+            stats.content_checks += 1
+            ids = self.slot_ids if slot_ids is None else slot_ids
+            found = [v for v in [sc.check_inputs(self.spec, got.lookups.get("inputs", []), ids)] if v]
+            if self.hooks.puzzle_table:
+                puzzles = torch.tensor([c.puzzle_id if c is not None else 0 for c in self._content(ids.tolist())])
+                found += [v for v in [sc.check_puzzles(got.lookups.get("puzzle", []), puzzles)] if v]
+            on_reset = self.adapter.encoder_on_reset_only
+            if self.hooks.encoder and (on_reset is not None or not training):
+                needs = reset.clone() if (on_reset or not training) else torch.ones_like(reset)
+                found += sc.check_encoder(self.spec, got.encoder_calls, ids, needs)
+            if events is not None and not found:
+                bad = (events.sample_id_after.cpu() != ids) | ((events.demo_sample_id.cpu() != ids) & (ids >= 0))
+                found += [v for v in [_violation("reported-ids-match-content", bad)] if v]
+            return found
+
+        # -- halting ------------------------------------------------------------------------------------------------
+        def _halting_checks(self, pattern: tuple, after: CarryView, outputs: dict[str, Tensor]) -> list[Violation]:
+            a = self.adapter
+            halted, steps = after.halted.cpu().bool(), after.steps.cpu()
+            stats.count("all-halt", int(bool(halted.all())))
+            stats.count("none-halt", int(not bool(halted.any())))
+            if a.fixed_steps is not None:
+                return [v for v in [_violation("fct-runs-fct-steps", sc.check_fixed_steps(halted, steps,
+                                                                                         a.fixed_steps))] if v]
+            qh, qc, _ = a.q_keys
+            if pattern[0] != "model" or qh not in outputs:
+                return []
+            q_says = sc.q_says_halt(outputs[qh].detach().cpu(), outputs.get(qc, None) if qc in outputs else None,
+                                    a.halt_rule)
+            if isinstance(q_says, Tensor):
+                q_says = q_says.cpu()
+            stats.count("exploration-veto", int((q_says & ~halted & (steps < self.max_steps)).sum()))
+            stats.count("q-halt-at-last-step", int((q_says & (steps >= self.max_steps)).sum()))
+            stats.count("q-halt-early", int((q_says & halted & (steps < self.max_steps)).sum()))
+            bad = sc.check_exploration(halted, steps, q_says, self.max_steps)
+            return [v for v in [_violation("exploration-only-delays", bad)] if v]
+
+        def _has_q_target(self, outputs: dict) -> bool:
+            key = self.adapter.q_keys[2]
+            return outputs.get(key) is not None and self.adapter.q_keys[0] in outputs
+
+        def _q_target(self, carry: Any, after: CarryView, outputs: dict[str, Tensor]) -> list[Violation]:
+            """Re-run the next step from the new carry (nothing halted, so nothing resets): its Q logits must give
+            the target this step trained on."""
+            a = self.adapter
+            stats.q_target_checks += 1
+            qh, qc, qt = a.q_keys
+            state = a.carry_state(carry)
+            state[a.halted_key] = torch.zeros_like(state[a.halted_key])
+            nxt = a.carry_from_state(state)
+            pad = self._batch([-1] * self.B)
+            force = torch.zeros(self.B, dtype=torch.bool) if self.sup.force_halt else None
+            with torch.no_grad():
+                _, _, out2 = self._call("step (Q-continue target check)", a.step, nxt, pad, force)
+            want = sc.expected_q_target(out2[qh].detach().cpu().double(), out2[qc].detach().cpu().double(),
+                                        after.steps.cpu(), self.max_steps)
+            bad = _rows_differ(outputs[qt].detach().cpu().double(), want, a.atol)
+            return [v for v in [_violation("q-continue-target", bad)] if v]
+
+        # -- the loss: labels, padding, halted metrics, coverage ----------------------------------------------------
+        def _loss_checks(self, events, before, after, batch, outputs, carry) -> list[Violation]:
+            a = self.adapter
+            training = events is None or bool(events.training)
+            if self.spec is not None and self.sup.loss_metrics:
+                loss, metrics = self._call("loss_and_metrics", a.loss_and_metrics, outputs, events, carry)
+                found = self._loss_content(loss, metrics, outputs, events, carry, after)
+                if found:
+                    return found
+                if events is not None and self.sup.loss and training:
+                    return self._coverage(events, before, after, loss)
+                return []
+            if events is not None and self.sup.loss and training:
+                return self._coverage(events, before, after, self.adapter.loss(outputs, events))
+            return []
+
+        def _loss_content(self, loss, metrics, outputs, events, carry, after) -> list[Violation]:
+            a = self.adapter
+            stats.loss_checks += 1
+            keys = [k for k, v in outputs.items() if isinstance(v, Tensor) and v.requires_grad]
+            if not loss.requires_grad or not keys:
+                return []
+            grads = torch.autograd.grad(loss, [outputs[k] for k in keys], retain_graph=True, allow_unused=True)
+            grads = {k: g for k, g in zip(keys, grads) if g is not None}
+            ids = self.slot_ids
+            pad = ids < 0
+            stats.count("padding-in-loss", int(pad.sum()))
+            found: list[Violation] = []
+            if "logits" in grads:
+                got = sc.labels_from_gradient(self.spec, grads["logits"])
+                found += [v for v in [_violation("loss-labels-aligned", got != ids)] if v]
+            bad = torch.zeros(self.B, dtype=torch.bool)
+            for g in grads.values():
+                bad |= pad & g.detach().cpu().reshape(self.B, -1).ne(0).any(1)
+            if bool(pad.any()):
+                loss2, metrics2 = a.loss_and_metrics(sc.perturb_rows(outputs, pad, self.step_no), None, carry)
+                if sc.metrics_differ({"loss": loss, **metrics}, {"loss": loss2, **metrics2}, ["loss", *metrics]):
+                    bad |= pad
+            found += [v for v in [_violation("padding-adds-nothing", bad)] if v]
+            if a.halted_metrics:
+                halted = after.halted.cpu().bool()
+                _, metrics3 = a.loss_and_metrics(sc.perturb_rows(outputs, ~halted, self.step_no + 1), None, carry)
+                bad = torch.zeros(self.B, dtype=torch.bool)
+                if sc.metrics_differ(metrics, metrics3, a.halted_metrics):
+                    bad |= ~halted
+                if a.halted_count_metric is not None:
+                    want = int((halted & (ids >= 0)).sum())
+                    if int(torch.as_tensor(metrics[a.halted_count_metric]).round()) != want:
+                        bad |= ~halted | (ids < 0)
+                found += [v for v in [_violation("halted-metrics-halted-only", bad)] if v]
+            return found
+
+        def _coverage(self, events, before, after, loss) -> list[Violation]:
             stats.coverage_checks += 1
             rows = GradRows(events)
-            loss = self.adapter.loss(outputs, events)
             if loss.requires_grad:
                 loss.backward()
             ctx = StepContext(events, before, after, self.max_steps, None)
             return violations(ctx, grad_rows=rows.mask, invariants=())
 
+        # -- equivalences that re-run the model ---------------------------------------------------------------------
         def _reset_from_init(self, reset: Tensor, fed: Tensor, outputs: dict[str, Tensor]) -> list[Violation]:
             stats.reset_checks += 1
             slots = reset.nonzero().flatten()
-            fresh = self.adapter.fresh_first_step_outputs(fed[slots].tolist())
+            ids = fed[slots].tolist()
+            a = self.adapter
+            if self.spec is None:
+                fresh = self._call("fresh_first_step_outputs", a.fresh_first_step_outputs, ids)
+            else:
+                fresh = self._call("fresh_first_step_outputs", a.fresh_first_step_outputs, ids, self._content(ids))
             bad = torch.zeros(len(slots), dtype=torch.bool)
-            keys = [k for k in self.adapter.compared_outputs if k in fresh and k in outputs]
+            keys = [k for k in a.compared_outputs if k in fresh and k in outputs]
             for k in keys:
-                bad |= _rows_differ(outputs[k].detach().cpu()[slots], fresh[k].detach().cpu(), self.adapter.atol)
+                bad |= _rows_differ(outputs[k].detach().cpu()[slots], fresh[k].detach().cpu(), a.atol)
             v = _violation("reset-from-init", slots[bad].tolist())
             return [v] if v else []
+
+        def _restore(self, state: dict[str, Tensor]) -> Any:
+            """``carry_from_state(state)``, checked to round-trip (a re-run from a wrongly restored carry would blame
+            the re-run's own invariant): a slot whose state does not come back is a ``checkpoint-restore`` failure."""
+            a = self.adapter
+            carry = a.carry_from_state({k: v.clone() for k, v in state.items()})
+            back = a.carry_state(carry)
+            bad = torch.zeros(self.B, dtype=torch.bool)
+            for k, v in state.items():
+                if v.dim() and v.shape[0] == self.B:
+                    bad |= _rows_differ(v.cpu(), back[k].cpu()) if k in back else torch.ones_like(bad)
+            bad &= self.stepped
+            v = _violation("checkpoint-restore", bad)
+            if v:
+                raise AssertionError(format_violations([v], self.step_no, "carry_from_state(carry_state(carry)) "
+                                                                          "does not give the carry back"))
+            return carry
 
         def _permutation(self, perm_seed, state0, batch, fed, force, outputs, after) -> list[Violation]:
             stats.permutation_checks += 1
             a = self.adapter
             perm = torch.randperm(self.B, generator=torch.Generator().manual_seed(perm_seed))
             carry_p = a.carry_from_state({k: v[perm] for k, v in state0.items()})
-            batch_p = a.make_batch(fed[perm].tolist())
+            batch_p = self._batch(fed[perm].tolist())
             with torch.no_grad():
-                carry_p, _, out_p = a.step(carry_p, batch_p, force[perm])
+                carry_p, _, out_p, _ = self._step(carry_p, batch_p, force[perm], "step (permutation check)")
             after_p = a.view(carry_p)
             bad = torch.zeros(self.B, dtype=torch.bool)  # indexed by position in the permuted batch
             for k in outputs.keys() & out_p.keys():
-                bad |= _rows_differ(outputs[k].detach().cpu()[perm], out_p[k].detach().cpu(), a.atol)
+                if isinstance(outputs[k], Tensor) and isinstance(out_p[k], Tensor):
+                    bad |= _rows_differ(outputs[k].detach().cpu()[perm], out_p[k].detach().cpu(), a.atol)
             bad |= _rows_differ(after.steps.cpu()[perm], after_p.steps.cpu())
             bad |= _rows_differ(after.halted.cpu()[perm], after_p.halted.cpu())
             for k in after.fields.keys() & after_p.fields.keys():
@@ -298,11 +577,63 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
             v = _violation("slot-permutation-independence", perm[bad].sort().values.tolist())  # original slots
             return [v] if v else []
 
+        def _metamorphic(self, meta_seed, state0, reset, fed, force, outputs, carry) -> list[Violation]:
+            """Replace (or pad) the incoming rows at continuing slots and re-run: those slots must not change."""
+            cont = ~reset
+            if not bool(cont.any()):
+                return []
+            stats.metamorphic_checks += 1
+            a = self.adapter
+            alt = fed.clone()
+            n = int(cont.sum())
+            if meta_seed % 2 == 0:
+                alt[cont] = -1
+            else:  # other samples, not yet fed (peeked, not consumed: their content is fixed per id anyway)
+                alt[cont] = torch.arange(self.next_id + 7, self.next_id + 7 + n)
+            carry_m = self._restore(state0)
+            with torch.no_grad():
+                carry_m, _, out_m, _ = self._step(carry_m, self._batch(alt.tolist()), force,
+                                                  "step (metamorphic check)")
+            bad = torch.zeros(self.B, dtype=torch.bool)
+            for k in outputs.keys() & out_m.keys():
+                if isinstance(outputs[k], Tensor) and isinstance(out_m[k], Tensor) and outputs[k].dim():
+                    bad |= _rows_differ(outputs[k].detach().cpu(), out_m[k].detach().cpu(), a.atol)
+            s1, s2 = a.carry_state(carry), a.carry_state(carry_m)
+            for k in s1.keys() & s2.keys():
+                if s1[k].dim() and s1[k].shape[0] == self.B:
+                    bad |= _rows_differ(s1[k].cpu(), s2[k].cpu(), a.atol)
+            v = _violation("continuing-ignores-batch", bad & cont)
+            return [v] if v else []
+
         # -- rules --------------------------------------------------------------------------------------------------
         @rule(pattern=HALTING, feed=FEEDS, perm_seed=st.none() | st.integers(0, 2**16))
         def act_step(self, pattern: tuple, feed: str, perm_seed: Optional[int]) -> None:
-            """One training step under a drawn halting mask and feed."""
+            """One training step under a drawn halting mask and feed (the metamorphic check on every one of them:
+            even steps pad the continuing slots' rows, odd steps put other samples there)."""
             self._train_step(pattern, feed, perm_seed)
+
+        @rule(n=st.integers(1, 4), feed=FEEDS)
+        def model_decides(self, n: int, feed: str) -> None:
+            """A run of steps where the model's own Q-head (and exploration) decides: slots reach max steps this way,
+            where an exploration veto must not hold a slot past the last step."""
+            for _ in range(n):
+                self._train_step(("model",), feed)
+
+        def _training_carry_unmoved(self, saved: Optional[dict], saved_view: CarryView, what: str) -> None:
+            a = self.adapter
+            now = _snapshot(a.view(self.carry))
+            bad = _rows_differ(now.steps, saved_view.steps) | _rows_differ(now.halted, saved_view.halted)
+            for k in now.fields.keys() & saved_view.fields.keys():
+                bad |= _rows_differ(now.fields[k], saved_view.fields[k])
+            if saved is not None:
+                for k, v in a.carry_state(self.carry).items():
+                    if v.dim() and v.shape[0] == self.B:
+                        bad |= _rows_differ(v.cpu(), saved[k].cpu()) if k in saved else torch.ones_like(bad)
+            bad &= self.stepped  # uninitialised carry memory (before a slot's first step) is no invariant's business
+            v = _violation("eval-leaves-carry", bad.cpu())
+            if v:
+                raise AssertionError(format_violations([v], self.step_no, what))
+            self.after_eval = True
 
         @precondition(lambda self: self.adapter is not None and self.sup.eval_run)
         @rule(n_real=st.integers(1, 64))
@@ -312,10 +643,12 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
             stats.eval_runs += 1
             n = 1 + (n_real - 1) % self.B
             ids = self._fresh(n) + [-1] * (self.B - n)
-            batch = a.make_batch(ids)
+            batch = self._batch(ids)
             saved = a.carry_state(self.carry) if self.sup.checkpoint else None
             saved_view = _snapshot(a.view(self.carry))
-            run: list[EvalStep] = a.eval_run(batch)
+            self.history.append(f"eval run on {n} samples")
+            with self._capture() as got:
+                run: list[EvalStep] = self._call("eval_run", a.eval_run, batch)
             found: list[Violation] = []
             fed = torch.tensor(ids, dtype=torch.long)
             for i, s in enumerate(run, start=1):
@@ -324,9 +657,8 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
                     bad |= torch.ones_like(bad)
                 found += [v for v in [_violation("eval-runs-to-max", bad)] if v]
                 ev = s.events
-                slot_ids = torch.tensor(ids, dtype=torch.long)
                 if ev is None:
-                    ev = derived_events(s.before, s.after, fed, slot_ids, training=False)
+                    ev = derived_events(s.before, s.after, fed, fed, training=False)
                     invs = tuple(inv for inv in STEP_INVARIANTS if inv.name in CARRY_ONLY)
                 else:
                     invs = STEP_INVARIANTS
@@ -335,18 +667,53 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
                 if found:
                     at = f"eval step {i} (after training step {self.step_no})"
                     raise AssertionError(format_violations(found, at, f"eval run on {n} real samples"))
-            # the training carry must not have moved
-            now = _snapshot(a.view(self.carry))
-            bad = _rows_differ(now.steps, saved_view.steps) | _rows_differ(now.halted, saved_view.halted)
-            for k in now.fields.keys() & saved_view.fields.keys():
-                bad |= _rows_differ(now.fields[k], saved_view.fields[k])
-            if saved is not None:
-                for k, v in a.carry_state(self.carry).items():
-                    bad |= _rows_differ(v.cpu(), saved[k].cpu()) if k in saved else torch.ones_like(bad)
-            v = _violation("eval-leaves-carry", bad.cpu())
+            if self.spec is not None and run:  # content over the whole run: inputs every step, demos once
+                found = [v for v in [sc.check_inputs(self.spec, got.lookups.get("inputs", []), fed)] if v]
+                if self.hooks.encoder:  # however often it encodes in eval, each row must be one slot's own demos
+                    rows, mixed = sc.encoder_rows(self.spec, got.encoder_calls)
+                    stray = mixed | ~torch.isin(rows, fed)
+                    bad = torch.isin(fed, rows[stray]) | (torch.ones_like(fed, dtype=torch.bool) & bool(stray.any())
+                                                           & ~torch.isin(rows[stray], fed).any())
+                    found += [v for v in [_violation("encoder-reads-own-demos", bad)] if v]
+                if found:
+                    raise AssertionError(format_violations(found, f"an eval run (after training step {self.step_no})",
+                                                           f"eval run on {n} real samples"))
+            self._training_carry_unmoved(saved, saved_view, f"after an eval run on {n} samples")
+
+        @precondition(lambda self: self.adapter is not None and self.sup.evaluate)
+        @rule(n_real=st.integers(1, 64))
+        def evaluate_entry_point(self, n_real: int) -> None:
+            """The model's own evaluation of a fixed batch: every step's predictions, from a fresh carry."""
+            a = self.adapter
+            stats.evaluate_runs += 1
+            n = 1 + (n_real - 1) % self.B
+            ids = list(range(n)) + [-1] * (self.B - n)  # the same batch each time n repeats
+            batch = self._batch(ids)
+            saved = a.carry_state(self.carry) if self.sup.checkpoint else None
+            saved_view = _snapshot(a.view(self.carry))
+            self.history.append(f"evaluate() on {n} samples")
+            res = self._call("evaluate", a.evaluate, batch)
+            preds = res["preds"].detach().cpu()
+            where = f"evaluate() on {n} real samples (after training step {self.step_no})"
+            real = torch.tensor(ids) >= 0
+            if preds.shape[0] != self.max_steps:
+                raise AssertionError(format_violations([Violation(
+                    "eval-returns-every-step", list(range(self.B)),
+                    f"{SUITE_CHECKS['eval-returns-every-step']} (got {preds.shape[0]} steps, max is "
+                    f"{self.max_steps})")], "evaluate()", where))
+            bad = torch.zeros(self.B, dtype=torch.bool)
+            if n in self.eval_cache:
+                bad |= _rows_differ(preds.transpose(0, 1), self.eval_cache[n].transpose(0, 1))
+            self.eval_cache.setdefault(n, preds)
+            if self.sup.eval_run:
+                run = self._call("eval_run", a.eval_run, batch)
+                ref = [s.outputs["logits"].detach().cpu().argmax(-1) for s in run if s.outputs is not None]
+                if len(ref) == preds.shape[0]:
+                    bad |= _rows_differ(preds.transpose(0, 1), torch.stack(ref).transpose(0, 1))
+            v = _violation("eval-fresh-carry", bad & real)
             if v:
-                raise AssertionError(format_violations([v], self.step_no, f"after an eval run on {n} samples"))
-            self.after_eval = True
+                raise AssertionError(format_violations([v], "evaluate()", where))
+            self._training_carry_unmoved(saved, saved_view, f"after evaluate() on {n} samples")
 
         @precondition(lambda self: self.adapter is not None and self.sup.checkpoint)
         @rule(plan=st.lists(st.tuples(FORCED_HALTING, FEEDS), min_size=1, max_size=3))
@@ -356,12 +723,14 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
             stats.restores += 1
             blob = io.BytesIO()
             torch.save(a.carry_state(self.carry), blob)
-            mark = (self.next_id, self.slot_ids.clone(), self.step_no)
+            mark = (self.next_id, self.slot_ids.clone(), self.step_no, self.stepped.clone())
+            self.history.append("checkpoint")
             first = [self._train_step(p, f) for p, f in plan]
             end_state = a.carry_state(self.carry)
             blob.seek(0)
             self.carry = a.carry_from_state(torch.load(blob, weights_only=True))
-            self.next_id, self.slot_ids, self.step_no = mark[0], mark[1].clone(), mark[2]
+            self.history.append("restore")
+            self.next_id, self.slot_ids, self.step_no, self.stepped = mark[0], mark[1].clone(), mark[2], mark[3]
             second = [self._train_step(p, f) for p, f in plan]
             bad = torch.zeros(self.B, dtype=torch.bool)
             for o1, o2 in zip(first, second):
@@ -370,7 +739,8 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
             replay_state = a.carry_state(self.carry)
             for k in end_state.keys() | replay_state.keys():
                 if k in end_state and k in replay_state:
-                    bad |= _rows_differ(end_state[k].cpu(), replay_state[k].cpu())
+                    if end_state[k].dim() and end_state[k].shape[0] == self.B:
+                        bad |= _rows_differ(end_state[k].cpu(), replay_state[k].cpu())
                 else:
                     bad |= torch.ones_like(bad)
             v = _violation("checkpoint-restore", bad)
@@ -386,8 +756,31 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
     return Machine
 
 
+def _describe(step: int, pattern: tuple, feed: str, reset: Tensor) -> str:
+    """One step of the history a model exception is reported with: ``step 3 (reset 0,2; halt=single 1; refill)``."""
+    slots = reset.nonzero().flatten().tolist()
+    resets = "all" if len(slots) == reset.numel() else (",".join(map(str, slots)) or "none")
+    return f"step {step} (reset {resets}; halting={' '.join(map(str, pattern))}; feed={feed})"
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Running it
+
+
+#: The suite's own fast default (the plugin and CI): examples per run and rules per example. ``--etrm-examples`` or
+#: a profile named in ``THOROUGH_PROFILES`` (``HYPOTHESIS_PROFILE=thorough``) ask for more, for nightly runs.
+FAST_EXAMPLES = 10
+FAST_STEPS = 12
+THOROUGH_PROFILES = ("thorough",)
+
+
+def default_examples(requested: Optional[int] = None) -> int:
+    """Examples for a run: ``requested``, else the loaded profile's under a thorough profile, else ``FAST_EXAMPLES``."""
+    if requested:
+        return int(requested)
+    if settings.get_current_profile_name() in THOROUGH_PROFILES:
+        return int(settings().max_examples)
+    return FAST_EXAMPLES
 
 
 def suite_settings(max_examples: Optional[int] = None, steps: Optional[int] = None, shrink: bool = True,
@@ -395,7 +788,7 @@ def suite_settings(max_examples: Optional[int] = None, steps: Optional[int] = No
     """Settings for a suite run, on top of the loaded Hypothesis profile (``ci`` under CI=true)."""
     kwargs: dict[str, Any] = {
         "deadline": None,
-        "stateful_step_count": steps or 12,
+        "stateful_step_count": steps or FAST_STEPS,
         "suppress_health_check": [HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
     }
     if max_examples is not None:
@@ -431,7 +824,15 @@ def check_adapter(adapter: ACTAdapter) -> None:
             raise AssertionError(f"adapter has no method {meth}()")
     b = adapter.batch_size
     ids = list(range(b - 1)) + [-1]
-    b1, b2 = adapter.make_batch(ids), adapter.make_batch(ids)
+    if getattr(adapter, "protocol", 1) >= 2:
+        spec = adapter.content_spec
+        if spec is None:
+            raise AssertionError("adapter protocol 2 needs content_spec (a diagnostics.fingerprints.ContentSpec)")
+        spec.validate()
+        content = [make_content(spec, i) if i >= 0 else None for i in ids]
+        b1, b2 = adapter.make_batch(ids, content), adapter.make_batch(ids, content)
+    else:
+        b1, b2 = adapter.make_batch(ids), adapter.make_batch(ids)
     f1, f2 = adapter.batch_fields(b1), adapter.batch_fields(b2)
     for k in f1:
         if not torch.equal(f1[k], f2[k]):

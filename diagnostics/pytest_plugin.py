@@ -39,7 +39,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--etrm-model", action="append", default=[], metavar="MODULE:FACTORY",
                     help="run the property suite against the adapter FACTORY() returns (repeatable)")
     group.addoption("--etrm-examples", type=int, default=None, metavar="N",
-                    help="Hypothesis examples per model (default: the loaded profile's max_examples)")
+                    help="Hypothesis examples per model (default: a fast 10; the profile's under "
+                         "HYPOTHESIS_PROFILE=thorough)")
     group.addoption("--etrm-steps", type=int, default=None, metavar="N",
                     help="rules per example, i.e. steps of the state machine (default 12)")
     group.addoption("--etrm-no-shrink", action="store_true", default=False,
@@ -82,9 +83,12 @@ def etrm_adapter_factory(etrm_model_spec: str, pytestconfig: pytest.Config) -> A
 
 @pytest.fixture
 def etrm_suite_options(pytestconfig: pytest.Config) -> dict:
-    """``max_examples``/``steps``/``shrink`` for ``run_suite`` from the command line (None: the defaults)."""
-    return {"max_examples": pytestconfig.getoption("etrm_examples"), "steps": pytestconfig.getoption("etrm_steps"),
-            "shrink": not pytestconfig.getoption("etrm_no_shrink")}
+    """``max_examples``/``steps``/``shrink`` for ``run_suite`` from the command line (the suite's fast defaults
+    otherwise, not the user's Hypothesis profile: ``--etrm-examples`` or the thorough profile ask for more)."""
+    from diagnostics.property_suite import default_examples  # noqa: PLC0415 (lazy on purpose)
+
+    return {"max_examples": default_examples(pytestconfig.getoption("etrm_examples")),
+            "steps": pytestconfig.getoption("etrm_steps"), "shrink": not pytestconfig.getoption("etrm_no_shrink")}
 
 
 @pytest.fixture
@@ -99,7 +103,26 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         return
     terminalreporter.section("etrm property suite")
     for spec, stats, seconds in results:
-        terminalreporter.write_line(
-            f"{spec}: {stats.examples} examples, {stats.steps} training steps, {stats.eval_runs} eval runs, "
-            f"{stats.restores} checkpoint restores, {stats.reset_checks} reset-from-init and "
-            f"{stats.permutation_checks} permutation checks, {stats.coverage_checks} coverage checks ({seconds:.1f}s)")
+        for line in summary_lines(spec, stats, seconds):
+            terminalreporter.write_line(line)
+    total = sum(seconds for _, _, seconds in results)
+    terminalreporter.write_line(f"etrm property suite: {len(results)} model(s) in {total:.1f}s")
+
+
+def summary_lines(spec: str, stats: Any, seconds: float) -> list[str]:
+    """What one model's run exercised, which checks it skipped and why, and info lines (dropped samples)."""
+    lines = [
+        f"{spec}: {stats.examples} examples, {stats.steps} training steps, {stats.eval_runs} eval runs, "
+        f"{stats.evaluate_runs} evaluate() runs, {stats.restores} checkpoint restores, {stats.reset_checks} "
+        f"reset-from-init, {stats.permutation_checks} permutation and {stats.metamorphic_checks} metamorphic checks, "
+        f"{stats.content_checks} content, {stats.loss_checks} loss, {stats.q_target_checks} Q-target and "
+        f"{stats.coverage_checks} coverage checks ({seconds:.1f}s)"]
+    if stats.cases:
+        lines.append("  cases reached: " + ", ".join(f"{k} {v}" for k, v in sorted(stats.cases.items())))
+    for name, why in sorted(stats.skipped.items()):
+        lines.append(f"  skipped {name}: {why}")
+    for feed in sorted(stats.fed):
+        if feed != "full-batch" and stats.dropped.get(feed):  # the suite's own full-batch feed drops by design
+            lines.append(f"  info dropped-samples: feed '{feed}' dropped {stats.dropped[feed]} of {stats.fed[feed]} "
+                         f"fed samples ({100 * stats.dropped_fraction(feed):.0f}%): they landed in continuing slots")
+    return lines

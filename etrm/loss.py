@@ -74,4 +74,5 @@ class ACTLoss:
             events.seq_correct, events.token_correct, events.token_count = seq_correct, n_correct, counts
             events.losses = {k: metrics[k] for k in ("lm_loss", "q_halt_loss", "q_continue_loss")}
             events.non_finite = non_finite
+            events.loss_labels = labels
         return loss, metrics

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from diagnostics.events import StepEvents
+from diagnostics.invariants import label_content_mismatch
 from diagnostics.probes.base import Figure, Probe, Row, Tensor, count
 
 KEEP_FIRST = 32
@@ -21,6 +22,7 @@ class AlignmentProbe(Probe):
         ("demo_mismatch", "real slots whose context came from another sample's demos"),
         ("carry_mismatch", "continuing slots whose sample or puzzle id changed without a reset"),
         ("aligned_den", "real slots checked"),
+        ("label_content_mismatch", "real slots whose loss labels do not match their sample's labels checksum"),
     )
     figures = tuple(
         Figure(f"{kind}_mismatch_per_step", f"{kind} mismatches per step", (f"{kind}_mismatch",), (), "per step",
@@ -41,6 +43,7 @@ class AlignmentProbe(Probe):
         row.set("demo_mismatch", count(demos_bad))
         row.set("carry_mismatch", count(carry_bad))
         row.set("aligned_den", count(real))
+        row.set("label_content_mismatch", count(label_content_mismatch(events)))  # 0 without checksums
         if self.kept < KEEP_FIRST:
             bad = labels_bad | demos_bad | carry_bad
             self.pending.append(torch.stack([torch.where(bad, sid, -2), events.label_sample_id,

@@ -101,6 +101,7 @@ class ArcDeviceData:
                       offset[:, 0], offset[:, 1], self.canvas, self.coeffs)
 
     def batch(self, slot_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        from diagnostics.fingerprints import content_checksums
         from etrm.data.dataset import BLANK_PUZZLE_ID
         from etrm.data.tokens import IGNORE_LABEL
 
@@ -122,4 +123,5 @@ class ArcDeviceData:
                 demos = self._render(self.pool, flat, side).reshape(*slots.shape, -1)
                 out[key] = torch.where(mask[..., None], demos, PAD)
             out["demo_mask"] = mask
+        out.update(content_checksums(out))  # as GridDataset.batch: the slot's checksums, computed on the device
         return out

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from diagnostics.fingerprints import content_checksums
 from etrm.data.dataset import BLANK_PUZZLE_ID, GridDataset
 from etrm.data.tokens import IGNORE_LABEL, PAD
 
@@ -77,6 +78,7 @@ def gather_rows(t: dict[str, Any], slot_ids: torch.Tensor, at: torch.Tensor | No
         out["demo_inputs"] = _where_rows(valid, t["demo_inputs"][safe].long(), PAD)
         out["demo_outputs"] = _where_rows(valid, t["demo_outputs"][safe].long(), PAD)
         out["demo_mask"] = _where_rows(valid, t["demo_mask"][safe], False)
+    out.update(content_checksums(out))  # as GridDataset.batch: the slot's checksums, computed on the device
     return out
 
 

@@ -175,6 +175,7 @@ class ACTModel(nn.Module):
             q_halt_logits=q_halt, q_continue_logits=q_cont if act.q_continue else None,
             q_says_halt=q_says, explore_veto=veto, is_last_step=is_last,
             token_embed_rms=token_rms, mode=self.mode, training=self.training, clock=clock,
+            content_checksum=data.get("checksum"),  # the slot's own checksums, carried with its data
         )
         return new_carry, out, events
 

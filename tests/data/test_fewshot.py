@@ -223,7 +223,8 @@ def etrm_ds() -> GridDataset:
 def test_batch_gathers_rows_and_pads(etrm_ds):
     slots = np.array([3, -1, 0, -1, len(etrm_ds) - 1])
     b = etrm_ds.batch(slots)
-    assert set(b) == {"inputs", "labels", "puzzle_id", "sample_id", "demo_inputs", "demo_outputs", "demo_mask"}
+    assert set(b) == {"inputs", "labels", "puzzle_id", "sample_id", "demo_inputs", "demo_outputs", "demo_mask",
+                      "checksum"}
     for key in ("inputs", "labels", "puzzle_id", "sample_id", "demo_inputs", "demo_outputs"):
         assert b[key].dtype == torch.int64, key
     assert b["demo_mask"].dtype == torch.bool

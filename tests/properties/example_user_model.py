@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from diagnostics.adapter import ACTAdapter, EvalStep, Supports, flatten_tensors, unflatten_tensors
+from diagnostics.adapter import ACTAdapter, EvalStep, Supports, eval_steps, flatten_tensors, unflatten_tensors
 from diagnostics.events import CarryView
 
 Tensor = torch.Tensor
@@ -142,20 +142,10 @@ class ToyAdapter(ACTAdapter):
         return unflatten_tensors(state)
 
     def eval_run(self, batch: dict[str, Tensor]) -> list[EvalStep]:
-        self.model.eval()
-        out: list[EvalStep] = []
-        try:
-            with torch.no_grad():
-                carry = self.model.initial_carry(batch)
-                for _ in range(self.max_steps + 1):
-                    before = self.view(carry)
-                    carry, _ = self.model(carry, batch)
-                    out.append(EvalStep(None, before, self.view(carry)))
-                    if bool(carry["halted"].all()):
-                        break
-        finally:
-            self.model.train()
-        return out
+        def one(carry):
+            carry, out = self.model(carry, batch)
+            return carry, None, out
+        return eval_steps(self.model, self.model.initial_carry(batch), one, self.view, self.max_steps)
 
 
 def make_adapter() -> ToyAdapter:

@@ -1,8 +1,9 @@
 """Bug zoo: every injectable fault of ``etrm.config.FAULTS`` makes the property suite fail, naming the invariant
 that caught it; and the worked example's user model, broken in the ways a careless carry refactor would break it.
 
-``constant-context`` is no carry fault: the carry and labels stay right, the encoder just ignores its input. The
-suite passes for it; the doctor's ``encoder-collapse`` finding (context nearly identical across puzzles) catches it.
+``constant-context`` is no carry fault: the carry and labels stay right, the encoder is fed constant demos. The id
+checks cannot see it; the content check of what the encoder read (``encoder-reads-own-demos``) does, as does the
+doctor's ``encoder-collapse`` finding on a real run.
 """
 
 from __future__ import annotations
@@ -28,32 +29,29 @@ CAUGHT_BY = {
     # cached mode reads demos only on reset, when the batch row is the slot's own sample: there it is no bug
     "stale-demos": (("reencode", "fct"), "demos-aligned"),
     "carry-keeps-grad": (("trm", "reencode", "cached", "fct"), "carry-detached"),
+    "constant-context": (("reencode", "cached", "fct"), "encoder-reads-own-demos"),
 }
-NOT_A_CARRY_FAULT = ("constant-context",)
 
 CASES = [(fault, mode, inv) for fault, (modes, inv) in CAUGHT_BY.items() for mode in modes]
 
 
-def _fails_naming(factory, invariant: str) -> str:
+def _fails_naming(factory, invariant: str | tuple[str, ...]) -> str:
+    """Run the suite (no shrinking: the first failure is enough) and check that it names one of ``invariant``."""
     with pytest.raises(AssertionError) as info:
         run_suite(factory, max_examples=EXAMPLES, steps=STEPS, shrink=False)
     message = str(info.value)
-    assert f"invariant '{invariant}' violated at " in message, message
+    names = (invariant,) if isinstance(invariant, str) else invariant
+    assert any(f"invariant '{name}' violated at " in message for name in names), message
     return message
 
 
 def test_every_fault_is_in_the_zoo():
-    assert set(FAULTS) - {"none"} == set(CAUGHT_BY) | set(NOT_A_CARRY_FAULT)
+    assert set(FAULTS) - {"none"} == set(CAUGHT_BY)
 
 
 @pytest.mark.parametrize("fault,mode,invariant", CASES, ids=[f"{f}-{m}" for f, m, _ in CASES])
 def test_fault_is_caught(fault, mode, invariant):
     _fails_naming(functools.partial(bundled_adapter, mode=mode, fault=fault), invariant)
-
-
-def test_constant_context_passes_the_carry_suite():
-    run_suite(functools.partial(bundled_adapter, mode="reencode", fault="constant-context"), max_examples=10,
-              steps=STEPS)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -63,7 +61,8 @@ def test_constant_context_passes_the_carry_suite():
 USER_BUGS = {
     "no-inner-reset": "reset-from-init",  # halted slots keep their old z_H/z_L
     "inputs-from-batch": "continuing-keeps-sample",  # the carry update forgot one key of current_data
-    "slot-mixing": "slot-permutation-independence",  # a reshape mixes the batch and sequence dims
+    # a reshape mixes the batch and sequence dims: a re-run with other slots (a padded fresh batch, a permutation)
+    "slot-mixing": ("reset-from-init", "slot-permutation-independence"),
     "eval-early-halt": "eval-runs-to-max",  # the Q-head halts samples in eval too
 }
 

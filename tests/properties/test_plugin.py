@@ -52,6 +52,19 @@ def test_plugin_fails_on_the_broken_user_model_naming_the_invariant(tmp_path):
     assert "1 failed, 1 passed" in out
 
 
+def test_plugin_on_an_upstream_shaped_model_lists_skips_drops_and_time(tmp_path):
+    """The faithful upstream-shaped model as it is (dataclass carry, no forced halt, torch.empty, full batches) under
+    the plugin's own fast default: passes, lists the checks it skipped, reports the upstream feed's dropped samples
+    as an info line with the fraction, and prints the time."""
+    res = _pytest(tmp_path, "-p", "diagnostics.pytest_plugin", "--etrm-model", "upstream_shaped:make_adapter")
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    assert "upstream_shaped:make_adapter: 1" in out and " examples, " in out  # the fast default, not 100
+    assert "skipped coverage-matches-mode: needs StepEvents and a loss" in out
+    assert "info dropped-samples: feed 'adapter' dropped " in out and "%): they landed in continuing slots" in out
+    assert "etrm property suite: 1 model(s) in " in out
+
+
 def test_plugin_autoloads_from_its_entry_point_for_several_models(tmp_path):
     """No ``-p``: the installed ``pytest11`` entry point loads the plugin; the option repeats for several models."""
     res = _pytest(tmp_path, "--etrm-model", "example_user_model:make_adapter", "--etrm-model",
