@@ -157,7 +157,9 @@ def test_cached_mode_is_gradient_starvation_with_coverage_equal_to_reset_fractio
     assert (df["resets"] < df["slots"]).any()
     # the evidence: over the same window, mean coverage equals the mean reset fraction, and both match the trace
     start, end = ev["window"]
-    assert end == f["first_step"] and end - start + 1 == 10
+    # named on its first step with continuing slots (issue 18: the signature is exact, so one step is conclusive)
+    first_continuing = int(df.index[(df["resets"] < df["slots"]).to_numpy()][0])
+    assert start == end == f["first_step"] == first_continuing and ev["evidence"] == "single step"
     assert ev["coverage_mean"] < ev["threshold"] == 0.5
     assert abs(ev["coverage_mean"] - ev["reset_fraction_mean"]) < 1e-9
     w = df.loc[start:end]
@@ -418,6 +420,17 @@ def test_ctrl_c_stops_at_a_checkpoint_and_resume_continues_the_trace(tmp_path, c
     assert list(markers["step"]) == [0, stopped, stopped, final]
 
 
+def windowed_only(trainer: Trainer) -> None:
+    """The live doctor without the single-step rules, so that gradient-starvation first holds at step 10 (its
+    window), past the checkpoint at 8: the finding this test needs (the single-step rule names step 2)."""
+    from diagnostics.doctor import RULES, GradientStarvationAtStep, LiveDoctor, WastedEncoderComputeAtStep
+
+    rules = [r for r in RULES if not isinstance(r, (GradientStarvationAtStep, WastedEncoderComputeAtStep))]
+    trainer.doctor = LiveDoctor(trainer.doctor.meta, rules=rules)
+    if trainer.step:
+        trainer.doctor.replay(load_run(trainer.run_dir))
+
+
 def test_second_ctrl_c_leaves_rows_past_the_checkpoint_which_resume_deletes(tmp_path, capsys):
     """Two Ctrl-C stop at once, after the trace has rows past the last checkpoint (flushes every 4 steps,
     checkpoints every 8). Resuming deletes those rows (and findings that first held in them) before training
@@ -428,6 +441,7 @@ def test_second_ctrl_c_leaves_rows_past_the_checkpoint_which_resume_deletes(tmp_
     trainer = Trainer(cfg, run, device=torch.device("cpu"))
     run.mkdir()
     trainer.enable_trace("demo")
+    windowed_only(trainer)
 
     def ctrl_c_twice(step, events, metrics):
         if step + 1 == 14:  # after the flush at 12 and the checkpoint at 8
@@ -447,6 +461,7 @@ def test_second_ctrl_c_leaves_rows_past_the_checkpoint_which_resume_deletes(tmp_
     resumed = Trainer(cfg, run, device=torch.device("cpu"))
     resumed.resume()
     resumed.enable_trace()
+    windowed_only(resumed)
     # before a single resumed step: nothing past the checkpoint is left
     df = load_run(run)
     assert_contiguous(df, 8)
@@ -473,5 +488,7 @@ def test_second_ctrl_c_leaves_rows_past_the_checkpoint_which_resume_deletes(tmp_
     code, report = doctor(run)
     assert code == 1
     stored = {r.code: int(r.first_step) for r in load_findings(run).itertuples()}
-    assert stored == {f["code"]: f["first_step"] for f in report["findings"]}
+    offline = {f["code"]: f["first_step"] for f in report["findings"]}
+    assert set(stored) == set(offline) and stored["label-misalignment"] == offline["label-misalignment"]
+    assert (stored["gradient-starvation"], offline["gradient-starvation"]) == (10, 2)  # window vs single step
     assert by_code(report)["label-misalignment"]["evidence"]["label_mismatch"] == int(final["label_mismatch"].sum())
