@@ -16,10 +16,28 @@ def rms_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
 
 
-def trunc_normal_init(tensor: torch.Tensor, std: float) -> torch.Tensor:
-    """Truncated normal (two standard deviations) in place, as upstream initialises its linear layers."""
+TRUNCATE_AT = 2.0  # the cut, in standard deviations of the untruncated normal (upstream's lower=-2, upper=2)
+
+
+def truncated_std(cut: float = TRUNCATE_AT) -> float:
+    """Standard deviation of a unit normal truncated to [-cut, cut]: sqrt(1 - 2 c phi(c) / (2 Phi(c) - 1))."""
+    pdf = math.exp(-0.5 * cut * cut) / math.sqrt(2.0 * math.pi)
+    mass = math.erf(cut / math.sqrt(2.0))  # Phi(c) - Phi(-c)
+    return math.sqrt(1.0 - 2.0 * cut * pdf / mass)
+
+
+def trunc_normal_init(tensor: torch.Tensor, std: float, cut: float = TRUNCATE_AT) -> torch.Tensor:
+    """Truncated normal in place whose samples have standard deviation ``std``, as upstream corrects it.
+
+    A unit normal cut at +-``cut`` has a smaller std (0.88 at 2): the draw is divided by that, so the samples lie
+    within +-cut/0.88 * std and their std is ``std``. Sampled by inverting the normal CDF on [Phi(-c), Phi(c)].
+    """
     with torch.no_grad():
-        return nn.init.trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std)
+        if std == 0:
+            return tensor.zero_()
+        edge = math.erf(cut / math.sqrt(2.0))  # the uniform range in erf space: [-edge, edge]
+        tensor.uniform_(-edge, edge).erfinv_().mul_(math.sqrt(2.0)).clamp_(-cut, cut)
+        return tensor.mul_(std / truncated_std(cut))
 
 
 class Linear(nn.Module):

@@ -330,7 +330,7 @@ def test_q_continue_loss_decreases_with_training(make_mode_config, make_model, m
     head = model.core.q_head
     opt = torch.optim.SGD(head.parameters(), lr=0.005)
     history = []
-    for _ in range(8):
+    for _ in range(10):
         opt.zero_grad()
         _, out, events = model(carry, batch, force_halt=no_halt)
         loss, metrics = LOSS(out, events)

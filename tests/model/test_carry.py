@@ -124,8 +124,10 @@ def test_reset_slot_starts_from_init_state(mode, fault, make_mode_config, make_m
     for i in range(B):
         alone = take_rows(second if reset[i] else first, [i])
         _, ref, _ = model(model.initial_carry(alone), alone, force_halt=torch.zeros(1, dtype=torch.bool))
-        same = torch.allclose(out.logits[i], ref.logits[0], atol=1e-5) and torch.allclose(
-            out.q_halt_logits[i], ref.q_halt_logits[0], atol=1e-5)
+        # fp32 rounding of a batch of B against a batch of 1 reaches 2e-5 on logits of ~2.5; a continuing slot
+        # differs by more than 1
+        same = torch.allclose(out.logits[i], ref.logits[0], atol=1e-4) and torch.allclose(
+            out.q_halt_logits[i], ref.q_halt_logits[0], atol=1e-4)
         if reset[i]:
             assert same == (fault == "none"), f"slot {i}"
         else:

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from etrm.config import ArchConfig, EncoderConfig
 from etrm.model.encoder import DemoEncoder
-from etrm.model.layers import Attention, Block, Linear, RotaryEmbedding, SwiGLU, apply_rope, rms_norm
+from etrm.model.layers import (Attention, Block, Linear, RotaryEmbedding, SwiGLU, apply_rope, rms_norm,
+                               trunc_normal_init, truncated_std)
 from etrm.model.recursion import ReasoningCore
 
 
@@ -28,10 +29,32 @@ def test_linear_init_is_truncated_with_std_one_over_sqrt_fan_in():
     lin = Linear(256, 512)
     w = lin.weight.detach()
     std = 1 / math.sqrt(256)
-    assert w.abs().max() <= 2 * std + 1e-7
-    # a normal truncated at 2 sigma has std ~0.88 sigma
-    assert 0.8 * std < w.std() < 0.95 * std
+    # upstream's correction: the draw is cut at 2 sigma of a normal widened so that the samples' std is ``std``
+    bound = 2 * std / truncated_std()
+    assert w.abs().max() <= bound + 1e-7 and w.abs().max() > 0.95 * bound
+    assert abs(w.std().item() / std - 1) < 0.01
     assert lin.bias is None and Linear(4, 3, bias=True).bias.eq(0).all()
+
+
+def test_truncated_std_matches_the_closed_form_at_two_sigma():
+    # phi(2) = 0.053991, Phi(2) - Phi(-2) = 0.954500: sqrt(1 - 4 * 0.053991 / 0.954500) = 0.879626
+    assert truncated_std(2.0) == pytest.approx(0.879626, abs=1e-6)
+    assert truncated_std(50.0) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("std", [1.0, 0.02, 1 / math.sqrt(512)])
+def test_trunc_normal_init_has_the_asked_std_on_large_tensors(std):
+    torch.manual_seed(1)
+    w = trunc_normal_init(torch.empty(1_000_000), std)
+    # 1e6 samples: the relative standard error of the sample std is ~0.07%; 1% leaves room and rejects 0.88
+    assert abs(w.std().item() / std - 1) < 0.01
+    assert abs(w.mean().item()) < 0.01 * std
+    assert w.abs().max().item() <= 2 * std / truncated_std() * (1 + 1e-6)
+    # symmetric and bell-shaped: fewer samples near the cut than near zero
+    near0 = (w.abs() < 0.25 * std).float().mean()
+    near_cut = ((w.abs() > 2.0 * std) & (w.abs() < 2.25 * std)).float().mean()
+    assert near_cut < 0.5 * near0 and near_cut > 0
+    assert trunc_normal_init(torch.ones(5), 0.0).eq(0).all()
 
 
 @given(seed=st.integers(0, 1000), shift=st.integers(0, 8))
