@@ -83,6 +83,11 @@ def by_code(report: dict) -> dict[str, dict]:
     return {f["code"]: f for f in report["findings"]}
 
 
+def first_continuing_step(df: pd.DataFrame) -> int:
+    """The first step on which some slot was not reset (continues its sample)."""
+    return int(df.index[(df["resets"] < df["slots"]).to_numpy()][0])
+
+
 def assert_contiguous(df: pd.DataFrame, last: int) -> None:
     steps = df.index.to_list()
     assert steps == list(range(1, last + 1)), f"steps are not exactly 1..{last}: {_gaps(steps, last)}"
@@ -158,8 +163,7 @@ def test_cached_mode_is_gradient_starvation_with_coverage_equal_to_reset_fractio
     # the evidence: over the same window, mean coverage equals the mean reset fraction, and both match the trace
     start, end = ev["window"]
     # named on its first step with continuing slots (issue 18: the signature is exact, so one step is conclusive)
-    first_continuing = int(df.index[(df["resets"] < df["slots"]).to_numpy()][0])
-    assert start == end == f["first_step"] == first_continuing and ev["evidence"] == "single step"
+    assert start == end == f["first_step"] == first_continuing_step(df) and ev["evidence"] == "single step"
     assert ev["coverage_mean"] < ev["threshold"] == 0.5
     assert abs(ev["coverage_mean"] - ev["reset_fraction_mean"]) < 1e-9
     w = df.loc[start:end]
@@ -186,7 +190,7 @@ def test_label_from_batch_is_label_misalignment_with_its_count(sampler, tmp_path
     assert mismatches > 0
     assert f["evidence"]["label_mismatch"] == mismatches
     assert f["evidence"]["steps_affected"] == int((df["label_mismatch"] > 0).sum())
-    assert f["first_step"] == int(df.index[df["label_mismatch"] > 0][0])
+    assert f["first_step"] == int(df.index[df["label_mismatch"] > 0][0]) == first_continuing_step(df)
     assert report["summary"]["alignment_mismatches"] >= mismatches
     # every continuing slot takes the incoming position's labels: padding under refill (never its own), a fresh
     # sample under the trm sampler (its own only by chance)
@@ -218,10 +222,27 @@ def test_encode_full_batch_is_wasted_encoder_compute(sampler, tmp_path, capsys):
     assert (df["coverage_num"] == df["resets"]).all() and (df["resets"] < df["slots"]).any()
     ev = f["evidence"]
     start, end = ev["window"]
+    assert start == end == f["first_step"] == first_continuing_step(df) and ev["evidence"] == "single step"
     w = df.loc[start:end]
     assert (ev["encoded"], ev["encode_needed"]) == (int(w["encoded"].sum()), int(w["encode_needed"].sum()))
     assert ev["encoded"] > ev["threshold"] * ev["encode_needed"]
     assert report["summary"]["encoded_per_needed"] > 1.5
+    assert_live_matches_offline(run, out, report)
+
+
+def test_a_run_built_never_to_halt_is_halting_never_learned(tmp_path, capsys):
+    """Upstream's Q bias -5 and no learning signal for it (loss.q_weight=0): the Q-head never asks to halt."""
+    run = tmp_path / "never"
+    out = train(capsys, run, "--preset", "demo", "loss.q_weight=0", max_steps=80)
+    code, report = doctor(run)
+    assert code == 0  # a warning
+    f = by_code(report)["halting-never-learned"]
+    ev = f["evidence"]
+    assert f["first_step"] == 50 + 20  # after the warm-up (max(50, 0.5 x 80)), one 20-step window
+    assert ev["q_bias_init"] == -5.0 and ev["q_halt_requests_in_run"] == 0
+    assert -5.0 <= ev["q_halt_logit_mean"] < -4.9  # weight decay is all that moves the untrained bias
+    assert ev["halts_at_max_steps"] == ev["halts"] > 0
+    assert "halting-collapse" not in by_code(report)
     assert_live_matches_offline(run, out, report)
 
 
