@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_STAMP := $(VENV)/.torch-2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser demo reproduce test clean-venv
+.PHONY: install browser demo reproduce reproduce-summary test clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,15 @@ demo: install
 reproduce: install
 	$(PY) scripts/reproduce.py
 
+# The summary's regime (halt_max_steps 16, exploration 0.5, batch 256): cached and reencode, about 60 min on 2 cores;
+# writes docs/figures/summary-coverage.png and summary-tables.md. REPRO_STEPS=N shortens it.
+reproduce-summary: install
+	$(PY) scripts/reproduce.py --regime summary $(if $(REPRO_STEPS),--steps $(REPRO_STEPS))
+
 # The dashboard's browser tests drive Debian's chromium through chromedriver: installed with apt only when missing
-# (as root, or through sudo). Where it cannot be installed, those tests skip and say why.
+# (as root, or through sudo). Where it cannot be installed, those tests skip and say why. `make test BROWSER=0`
+# never calls apt (the browser tests then skip unless chromium is there already).
+BROWSER ?= 1
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 browser:
 	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
@@ -42,7 +49,7 @@ browser:
 	  echo "warning: could not install chromium; the browser tests will be skipped"; \
 	fi
 
-test: install browser
+test: install $(if $(filter 0,$(BROWSER)),,browser)
 	$(PY) -m pytest
 
 clean-venv:

@@ -448,9 +448,123 @@ class EncoderCollapse(Rule):
         return self.make(ev, at.end, msg)
 
 
-# The rules, in report order.
+class HaltingNeverLearned(HaltingCollapse):
+    """The case ``halting-collapse`` skips (it waits for the Q-head to have learned): after a warm-up (a share of the
+    planned steps), over a window, slots halt only at the maximum step and the Q-head has never asked to halt in the
+    whole run so far (its halt logit stayed below its threshold). Never for ``fct``."""
+
+    code, severity = "halting-never-learned", "warning"
+
+    def needs(self, meta, columns):
+        m = self.max_steps(meta, columns)
+        if m is None:
+            return ("halt_at_1", "halt_at_2")  # absent or a one-step run: skipped
+        return ("halted", f"halt_at_{m}", "q_says_halt", "q_correct", "real_slots")
+
+    def warmup(self, meta, cfg) -> int:
+        planned = meta.get("max_steps")
+        share = cfg.never_halt_warmup_share * planned if isinstance(planned, (int, float)) else 0
+        return max(int(cfg.never_halt_warmup_min), int(share))
+
+    def scan(self, steps, cols, cfg, meta, state, extra=None):
+        # "never asked" is over the whole run so far, "after warm-up" over training steps: both need the rows'
+        # running state beside the counters (the Q-halt requests before this chunk are in state.totals)
+        said = np.nan_to_num(np.asarray(cols["q_says_halt"], dtype=float))
+        so_far = state.totals.get("said", 0.0) + np.cumsum(said)
+        after = (np.asarray(steps) > self.warmup(meta, cfg)).astype(float)
+        return super().scan(steps, {**cols, "_said_so_far": so_far, "_after_warmup": after}, cfg, meta, state, extra)
+
+    def features(self, cols, meta):
+        m = self.max_steps(meta, list(cols))
+        out = {"halted": cols["halted"], "halt_at_max": cols[f"halt_at_{m}"], "said": cols["q_says_halt"],
+               "said_so_far": cols["_said_so_far"], "after_warmup": cols["_after_warmup"],
+               "q_correct": cols["q_correct"], "real_slots": cols["real_slots"]}
+        if "q_halt_logit_sum" in cols:
+            out["q_logit"] = cols["q_halt_logit_sum"]
+        return out
+
+    def learned(self, w, cfg):
+        return None
+
+    def holds(self, w, latch, cfg, meta):
+        return ((w["after_warmup"] >= cfg.halting_window) & (w["halted"] >= cfg.halting_min_halts)
+                & (w["halt_at_max"] >= w["halted"]) & (w["said_so_far"] == 0))
+
+    def finding(self, at, cfg, meta, extra):
+        s, t = at.sums, at.totals
+        logit = _div(s["q_logit"], s["real_slots"]) if "q_logit" in s else None
+        bias = ((meta.get("config") or {}).get("arch") or {}).get("q_init_bias")  # the run's config, when traced
+        ev = {"window": [at.start, at.end], "warmup_steps": self.warmup(meta, cfg), "halts": int(s["halted"]),
+              "halts_at_max_steps": int(s["halt_at_max"]), "q_halt_requests_in_run": int(t["said"]),
+              "q_halt_logit_mean": logit, "run_q_halt_logit_mean": (_div(t["q_logit"], t["real_slots"])
+                                                                   if "q_logit" in t else None),
+              "q_bias_init": bias, "correct_to_halt_on": int(s["q_correct"]),
+              "q_base_rate": _div(s["q_correct"], s["real_slots"]),
+              "max_steps_per_sample": self.max_steps(meta, []), "mode": meta.get("mode")}
+        causes = []
+        if isinstance(bias, (int, float)) and bias < 0:
+            causes.append(f"the Q-head's initialisation (halt bias {bias:g}: every slot starts at 'continue')")
+        causes.append("exploration or a learning signal too weak to move it (loss.q_weight, "
+                      "act.halt_exploration_prob)")
+        causes.append("a task too hard for this budget" + (" (no answer in the window was right to halt on)"
+                                                           if not s["q_correct"] else ""))
+        msg = (f"no slot halted before the maximum step over steps {at.start}..{at.end}, and the Q-head has not "
+               f"asked to halt once in the run (mean q-halt logit "
+               f"{'n/a' if logit is None else f'{logit:.2f}'}, threshold 0): halting never learned, so every sample "
+               f"pays the full {ev['max_steps_per_sample']} steps; likely causes: {'; '.join(causes)}")
+        return self.make(ev, at.end, msg)
+
+
+class GradientStarvationAtStep(GradientStarvation):
+    """``gradient-starvation`` named on the single step where its exact signature first shows: coverage exactly equal
+    to the reset fraction, below the threshold, with continuing (not reset) slots present. The windowed rule stays
+    for the noisy cases; the report keeps the earlier of the two."""
+
+    def window(self, cfg):
+        return 1
+
+    def holds(self, w, latch, cfg, meta):
+        return (super().holds(w, latch, cfg, meta) & (w["resets"] < w["slots"])
+                & (w["coverage_num"] * w["slots"] == w["resets"] * w["coverage_den"]))
+
+    def finding(self, at, cfg, meta, extra):
+        f = super().finding(at, cfg, meta, extra)
+        f.evidence["evidence"] = "single step"
+        f.message = f.message.replace(f"over steps {at.start}..{at.end}", f"on step {at.end}")
+        return f
+
+
+class WastedEncoderComputeAtStep(WastedEncoderCompute):
+    """``wasted-encoder-compute`` on the first step that encodes more slots than it needs (a count, not a
+    statistic). The windowed rule stays for the noisy cases; the report keeps the earlier of the two."""
+
+    def window(self, cfg):
+        return 1
+
+    def holds(self, w, latch, cfg, meta):
+        return (w["encoded"] > 0) & (w["encoded"] > w["encode_needed"])
+
+    def finding(self, at, cfg, meta, extra):
+        f = super().finding(at, cfg, meta, extra)
+        f.evidence["evidence"] = "single step"
+        f.message = f.message.replace(f"over steps {at.start}..{at.end}", f"on step {at.end}")
+        return f
+
+
+# The rules, in report order. A code may have two rules (single-step evidence and its window): the earlier finding
+# of the two is reported.
 RULES: list[Rule] = [GradientStarvation(), LabelMisalignment(), NonFiniteLoss(), WastedEncoderCompute(),
-                     HaltingCollapse(), DroppedSamples(), EncoderCollapse()]
+                     HaltingCollapse(), DroppedSamples(), EncoderCollapse(), HaltingNeverLearned(),
+                     GradientStarvationAtStep(), WastedEncoderComputeAtStep()]
+
+
+def earliest_per_code(findings: Iterable[Finding]) -> list[Finding]:
+    """One finding per code: the one with the earliest first step (first listed on a tie)."""
+    best: dict[str, Finding] = {}
+    for f in findings:
+        if f.code not in best or (f.first_step or 0) < (best[f.code].first_step or 0):
+            best[f.code] = f
+    return list(best.values())
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -504,12 +618,16 @@ def encoder_collapse(df, meta=None, cfg=None):
     return check(RULES[6], df, meta, cfg)
 
 
+def halting_never_learned(df, meta=None, cfg=None):
+    return check(RULES[7], df, meta, cfg)
+
+
 def diagnose(df: pd.DataFrame, meta: Mapping[str, Any] | None = None, cfg: DoctorConfig | None = None,
              alignment: Sequence[Mapping[str, Any]] | None = None,
              rules: Sequence[Rule] | None = None) -> list[Finding]:
     """Every finding that holds on the steps table, errors first, then by first step."""
-    found = [f for rule in (RULES if rules is None else rules)
-             if (f := check(rule, df, meta, cfg, alignment)) is not None]
+    found = earliest_per_code(f for rule in (RULES if rules is None else rules)
+                              if (f := check(rule, df, meta, cfg, alignment)) is not None)
     return sorted(found, key=lambda f: (SEVERITIES.index(f.severity), f.first_step or 0))
 
 
@@ -607,6 +725,7 @@ class LiveDoctor:
                           {"alignment_samples": self.alignment})
             if f is not None:
                 new.append(f)
+        new = earliest_per_code(new)
         self.findings.extend(new)
         return new
 

@@ -17,6 +17,10 @@ window opens no profiler exists: an unprofiled run pays nothing.
 from __future__ import annotations
 
 import contextlib
+import os
+import re
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -129,7 +133,7 @@ class ProfilerWindows:
         self.close()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
-        with _quiet_warmup(schedule):
+        with _quiet_warmup(schedule), _without_kineto_noise():
             prof = profile(
                 activities=activities,
                 schedule=torch.profiler.schedule(wait=schedule.wait, warmup=schedule.warmup, active=schedule.active,
@@ -150,7 +154,8 @@ class ProfilerWindows:
         if self._prof is None:
             return
         self._end_range()
-        self._prof.step()
+        with _without_kineto_noise():  # a cycle's warmup/active transitions start and stop kineto
+            self._prof.step()
         if self._left is not None:
             self._left -= 1
             if self._left <= 0:
@@ -163,7 +168,8 @@ class ProfilerWindows:
         prof, self._prof = self._prof, None
         if prof is not None:
             self._end_range()
-            prof.stop()
+            with _without_kineto_noise():
+                prof.stop()
 
     def _begin_range(self, step: int) -> None:
         """Name each training step in the trace by its etrm step number (the trace store's row), beside torch's
@@ -195,3 +201,31 @@ def _quiet_warmup(schedule: WindowSchedule) -> Iterator[None]:
         if schedule.warmup == 0:
             warnings.filterwarnings("ignore", message=".*warmup.*")
         yield
+
+
+# kineto's own trace lines ("USDT:<time> <pid>:<tid> SyncActivityProfilerHandler.cpp:52] profiler_start"), written by
+# C++ straight to file descriptor 2 on every start and stop: noise in a run's console and log.
+KINETO_NOISE = re.compile(r"^USDT:.*\] profiler_(start|stop)\s*$")
+
+
+@contextlib.contextmanager
+def _without_kineto_noise() -> Iterator[None]:
+    """Capture file descriptor 2 (where kineto writes, whatever ``sys.stderr`` is) around a profiler call and write
+    back every line but kineto's start/stop lines: a Python warning raised meanwhile still reaches stderr."""
+    fd = 2
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), fd)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [line for line in tmp.read().decode(errors="replace").splitlines(keepends=True)
+                    if not KINETO_NOISE.match(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()

@@ -30,6 +30,9 @@ class DoctorConfig:
     collapse_window: int = 10        # encoder-collapse: steps per window
     collapse_share_min: float = 1e-5  # encoder-collapse: cross-puzzle variance / mean squared context norm below
     #                                  this (healthy demo dips to 2.5e-4 early on; constant-context reads 0)
+    never_halt_warmup_share: float = 0.5  # halting-never-learned: judge only after this share of the planned
+    #                                  steps (meta max_steps) ...
+    never_halt_warmup_min: int = 50  # ... and at least this many steps
 
     def __post_init__(self) -> None:
         for name in ("window", "halting_window", "collapse_window"):

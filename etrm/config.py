@@ -96,9 +96,13 @@ class ArchConfig:
     L_cycles: int = 2
     puzzle_emb_len: int = 4
     rope_theta: float = 10000.0
+    q_init_bias: float = -5.0  # the Q-head's initial halt/continue bias (zero weights): upstream's -5, "continue"
 
     def __post_init__(self) -> None:
         s = "arch."
+        if not isinstance(self.q_init_bias, (int, float)) or isinstance(self.q_init_bias, bool) or not (
+                -20.0 <= self.q_init_bias <= 20.0):
+            raise ConfigError(f"arch.q_init_bias={self.q_init_bias!r} is not valid; allowed: a number in [-20, 20]")
         for name in ("hidden_size", "num_heads", "L_layers", "H_cycles", "L_cycles", "puzzle_emb_len"):
             _positive(s, name, getattr(self, name))
         _positive(s, "expansion", self.expansion, 0.25)

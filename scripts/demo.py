@@ -74,6 +74,26 @@ def traced_step(run_dir: Path) -> int:
         return 0
 
 
+def halting_tail(run_dir: Path, last: int = 100) -> dict[str, float] | None:
+    """Halting over the run's last ``last`` traced steps: mean halt step, the share of halts before the maximum step
+    and that maximum (from the ``halt_at_k`` columns); None when nothing halted or the trace is missing."""
+    db = run_dir / "trace.sqlite"
+    if not db.exists():
+        return None
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1.0) as conn:
+        ks = sorted(int(r[1][len("halt_at_"):]) for r in conn.execute("PRAGMA table_info(steps)")
+                    if r[1].startswith("halt_at_") and r[1][len("halt_at_"):].isdigit())
+        if not ks:
+            return None
+        top = ks[-1]
+        row = conn.execute(f"SELECT SUM(halted_steps), SUM(halted_count), SUM(halt_at_{top}) FROM steps "
+                           "WHERE step > (SELECT MAX(step) FROM steps) - ?", (last,)).fetchone()
+    steps, halts, at_max = (float(v or 0) for v in row)
+    if not halts:
+        return None
+    return {"mean_halt_step": steps / halts, "early_share": 1.0 - at_max / halts, "max_steps": float(top)}
+
+
 def train_all(jobs: list[Job], steps: int, parallel: int, extra: list[str]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     pending, running = list(jobs), []
@@ -126,6 +146,11 @@ def doctor(job: Job) -> None:
         job.verdict["first"] = (out.stderr.strip().splitlines() or ["no output"])[-1]
 
 
+def _minutes(seconds: float) -> str:
+    m, sec = divmod(int(round(seconds)), 60)
+    return f"{m} min {sec:02d} s" if m else f"{sec} s"
+
+
 def _int_env(name: str, default: int) -> int:
     raw = os.environ.get(name, "")
     try:
@@ -153,6 +178,7 @@ def main() -> int:
     print(f"demo: training {len(jobs)} runs x {steps} steps into {root} ({parallel} at a time, 1 torch thread "
           "each; logs beside the runs)", flush=True)
     t0 = time.perf_counter()
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     try:
         train_all(jobs, steps, parallel, extra)
     except KeyboardInterrupt:
@@ -180,11 +206,17 @@ def main() -> int:
         ok &= good
         cov = (s.get("figures") or {}).get("coverage")
         ev = s.get("last_eval") or {}
+        halt = halting_tail(job.run_dir)
         facts = (f"coverage {cov:.3f}" if cov is not None else "coverage n/a") + (
-            f", held-out exact {ev['exact']:.3f}" if "exact" in ev else "")
+            f", held-out exact {ev['exact']:.3f}" if "exact" in ev else "") + (
+            f", last 100 steps: mean halt step {halt['mean_halt_step']:.2f} of {halt['max_steps']:.0f}, "
+            f"{halt['early_share']:.0%} of halts early" if halt else "")
         print(f"  {job.name:<9} exit {v['rc']} {word:<8} ({facts}){'' if good else '  <- UNEXPECTED'}")
         print(f"      {v['first'] or 'no findings'}")
-    print(f"  details: etrm-doctor {root}/<run>; the training logs are {root}/<run>.log\n", flush=True)
+    print(f"  details: etrm-doctor {root}/<run>; the training logs are {root}/<run>.log", flush=True)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"demo: done in {_minutes(time.perf_counter() - t0)} on {os.cpu_count()} CPU cores (load average "
+          f"{load_start:.1f} at the start, {load:.1f} now)\n", flush=True)
 
     if not serve:
         return 0 if ok else 1

@@ -53,9 +53,19 @@ def _demo_module():
     return mod
 
 
-def train(names: list[str], steps: int, jobs: int, root: Path, extra: list[str]) -> dict[str, Path]:
+# The progress summary's regime (halt_max_steps 16, exploration 0.5, batch 256): name -> etrm-train arguments
+SUMMARY_RUNS = {"reencode": ["--preset", "summary-regime"],
+                "cached": ["--preset", "summary-regime", "encoder.mode=cached"]}
+SUMMARY_STEPS = 3000  # the preset's train.max_steps: about 60 minutes for the two runs side by side on 2 CPU cores
+# Step ranges of the summary-regime coverage table: the first step, the first ACT cycle, then the rest in blocks
+PHASES = ((1, 1), (2, 16), (17, 100), (101, 1000), (1001, 2000), (2001, 3000))
+
+
+def train(names: list[str], steps: int, jobs: int, root: Path, extra: list[str],
+          args: dict[str, list[str]] | None = None) -> dict[str, Path]:
     demo = _demo_module()
-    todo = [demo.Job(n, demo.RUNS[n][0], demo.RUNS[n][1], root / n, root / f"{n}.log") for n in names]
+    args = args or {n: demo.RUNS[n][0] for n in names}
+    todo = [demo.Job(n, args[n], 0, root / n, root / f"{n}.log") for n in names]
     print(f"reproduce: training {', '.join(names)} for {steps} steps each into {root} ({jobs} at a time)", flush=True)
     demo.train_all(todo, steps, jobs, extra)
     failed = [j.name for j in todo if j.rc != 0]
@@ -223,9 +233,57 @@ def tables(frames: dict[str, pd.DataFrame], evals: dict[str, pd.DataFrame]) -> s
             + markdown(acc) + "\n" + base)
 
 
+def summary_regime_table(frames: dict[str, pd.DataFrame]) -> str:
+    """Coverage, reset fraction and mean halt step per phase of the run, for each run (ratios of sums)."""
+    rows = []
+    for name, df in frames.items():
+        for lo, hi in PHASES:
+            d = df.loc[lo:hi]
+            if not len(d):
+                continue
+            rows.append({"run": name, "steps": f"{lo}..{min(hi, int(d.index.max()))}",
+                         "coverage": f"{d['coverage_num'].sum() / d['coverage_den'].sum():.1%}",
+                         "reset fraction": f"{d['resets'].sum() / d['slots'].sum():.1%}",
+                         "mean halt step": (f"{d['halted_steps'].sum() / d['halted_count'].sum():.2f}"
+                                            if d["halted_count"].sum() else "-"),
+                         "halts before max": (f"{1 - d[_top_halt(d)].sum() / d['halted'].sum():.1%}"
+                                              if d["halted"].sum() else "-")})
+    return markdown(pd.DataFrame(rows).set_index("run"))
+
+
+def _top_halt(df: pd.DataFrame) -> str:
+    return max((c for c in df.columns if c.startswith("halt_at_") and c[8:].isdigit()), key=lambda c: int(c[8:]))
+
+
+def summary_regime(args: argparse.Namespace) -> int:
+    """`make reproduce-summary`: cached and reencode at the summary's regime; coverage figure and phase table."""
+    runs: dict[str, Path] = {}
+    for item in args.use:
+        name, _, path = item.partition("=")
+        runs[name] = Path(path)
+    missing = [n for n in SUMMARY_RUNS if n not in runs]
+    if missing:
+        root = args.runs_dir or ROOT / "runs" / f"repro-summary-{time.strftime('%Y%m%d-%H%M%S')}"
+        runs.update(train(missing, args.steps or SUMMARY_STEPS, args.jobs, root, args.extra, SUMMARY_RUNS))
+    frames = {n: load_run(runs[n]) for n in SUMMARY_RUNS}
+    args.out.mkdir(parents=True, exist_ok=True)
+    how = export_png(coverage_figure(frames), args.out / "summary-coverage.png")
+    print(f"reproduce: wrote {args.out / 'summary-coverage.png'} ({how})")
+    text = ("# The summary's regime (halt_max_steps 16, exploration 0.5, batch 256)\n\nRuns: "
+            + ", ".join(f"{n} = {runs[n]}" for n in frames) + "\n\n" + summary_regime_table(frames) + "\n")
+    (args.out / "summary-tables.md").write_text(text)
+    print(f"reproduce: wrote {args.out / 'summary-tables.md'}\n")
+    print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=1500, help="optimizer steps per run (the same for every mode)")
+    p.add_argument("--regime", choices=("demo", "summary"), default="demo",
+                   help="demo: the four demo runs (default); summary: cached and reencode at the progress summary's "
+                        "halt_max_steps 16, exploration 0.5, batch 256 (preset summary-regime)")
+    p.add_argument("--steps", type=int, help="optimizer steps per run, the same for every mode (default 1500; "
+                                             f"summary regime {SUMMARY_STEPS})")
     p.add_argument("--jobs", type=int, default=2, help="trainings side by side (1 torch thread each)")
     p.add_argument("--runs-dir", type=Path, help="where new runs go (default runs/repro-<timestamp>)")
     p.add_argument("--use", action="append", default=[], metavar="NAME=RUN_DIR",
@@ -233,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "figures")
     p.add_argument("extra", nargs="*", metavar="key=value", help="extra etrm-train overrides for new runs")
     args = p.parse_intermixed_args(argv)
+    if args.regime == "summary":
+        return summary_regime(args)
+    args.steps = args.steps or 1500
     names = ["reencode", "cached", "fct", "demo-trm"]
     runs: dict[str, Path] = {}
     for item in args.use:

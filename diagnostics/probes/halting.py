@@ -42,6 +42,7 @@ class HaltingProbe(Probe):
             ("q_fp", "Q said halt and the sequence was wrong"),
             ("q_fn", "Q said continue and the sequence was correct"),
             ("q_correct", "real slots whose sequence was correct (the base rate's numerator)"),
+            ("q_halt_logit_sum", "sum of the q-halt logits over real slots (mean q-halt logit = / real)"),
         ) + tuple((f"halt_at_{k}", f"slots that halted at step {k}") for k in range(1, max_steps + 1))
         self.ks = torch.arange(1, max_steps + 1)
 
@@ -60,6 +61,7 @@ class HaltingProbe(Probe):
         row.set("q_fp", count(says & ~correct))
         row.set("q_fn", count(~says & correct))
         row.set("q_correct", count(correct))
+        row.set("q_halt_logit_sum", (events.q_halt_logits.detach().float() * real).sum())
         ks = self.ks.to(events.steps.device)
         hist = ((events.steps[None, :] == ks[:, None]) & halted[None, :]).sum(1).to(torch.float32)
         for k in range(self.max_steps):

@@ -29,9 +29,9 @@ class ReasoningCore(nn.Module):
         self.rope = RotaryEmbedding(d // arch.num_heads, self.prefix_len + seq_len, arch.rope_theta)
         self.lm_head = Linear(d, vocab_size)
         self.q_head = Linear(d, 2, bias=True)
-        with torch.no_grad():  # upstream: start far from halting so early training runs to max steps
+        with torch.no_grad():  # upstream (-5): start far from halting so early training runs to max steps
             self.q_head.weight.zero_()
-            self.q_head.bias.fill_(-5.0)
+            self.q_head.bias.fill_(float(arch.q_init_bias))
         self.register_buffer("H_init", trunc_normal_init(torch.empty(d), 1.0))
         self.register_buffer("L_init", trunc_normal_init(torch.empty(d), 1.0))
 

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from diagnostics.doctor import (RULES, DoctorConfig, Finding, LiveDoctor, Rule, diagnose, dropped_samples,
-                                gradient_starvation, halting_collapse, has_error, label_misalignment,
+                                gradient_starvation, halting_collapse, halting_never_learned, has_error,
+                                label_misalignment,
                                 non_finite_loss, summary, wasted_encoder_compute)
 from diagnostics.loading import load_findings, load_run
 from diagnostics.store import TRACE_NAME, TraceWriter
@@ -194,7 +195,12 @@ def test_rules_skip_missing_columns_and_empty_runs(meta, make_run):
 
 
 def test_rules_are_an_extensible_list(sim, meta, make_run):
-    assert len({r.code for r in RULES}) == len(RULES)
+    # a code has one rule, or two where single-step evidence names the step its window rule would report later
+    repeated = sorted(r.code for r in RULES if sum(q.code == r.code for q in RULES) > 1)
+    assert repeated == ["gradient-starvation"] * 2 + ["wasted-encoder-compute"] * 2
+    cached = load_run(make_run("c", sim(mode="cached", M=8), meta("cached", M=8)))
+    codes = [f.code for f in diagnose(cached)]
+    assert len(codes) == len(set(codes))
 
     class Always(Rule):
         code, severity = "always", "info"
@@ -219,6 +225,7 @@ SCENARIOS = {
     "nan": (dict(nan_at=37), "reencode", 4),
     "one": (dict(halting=[(1, "mixed"), (30, "one")]), "reencode", 4),
     "never": (dict(halting=[(1, "mixed"), (30, "max")]), "reencode", 4),
+    "never-learned": (dict(steps=120, halting="max", q="none"), "reencode", 4),
     "healthy": (dict(), "reencode", 4),
 }
 
@@ -304,3 +311,74 @@ def test_live_doctor_replays_the_stored_steps_on_resume(name, sim, meta, make_ru
     assert all(f.first_step <= 25 for f in held)
     after = [f for i in range(25, 60, 20) for f in live.update(rows[i:i + 20])]
     assert {(f.code, f.first_step) for f in held + after} == offline
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Single-step evidence: an exact signature is named on the step where it starts
+
+def test_cached_starvation_is_named_on_the_first_step_with_continuing_slots(sim, meta, make_run):
+    df = load_run(make_run("cached", sim(mode="cached", M=8), meta("cached", M=8)))
+    [f] = [f for f in diagnose(df) if f.code == "gradient-starvation"]
+    assert f.first_step == 2  # step 1 resets every slot (coverage 1.0); step 2 has only continuing slots
+    assert f.evidence["evidence"] == "single step"
+    assert f.evidence["coverage_mean"] == f.evidence["reset_fraction_mean"] < 0.5
+    assert "on step 2" in f.message and "reset fraction" in f.message
+    assert gradient_starvation(df).first_step == 10  # the windowed rule alone, as before
+
+
+def test_coverage_below_threshold_but_not_the_reset_fraction_waits_for_the_window(sim, meta, make_run):
+    rows = sim(mode="cached", M=8)
+    for r in rows:  # noisy coverage: not exactly the reset fraction, still low
+        r["coverage_num"] = r["resets"] + 1.0 if r["resets"] < r["slots"] else r["coverage_num"]
+    [f] = [f for f in diagnose(load_run(make_run("noisy", rows, meta("cached", M=8))))
+           if f.code == "gradient-starvation"]
+    assert f.first_step == 10 and "evidence" not in f.evidence
+
+
+def test_wasted_encoder_compute_is_named_on_the_first_step_that_encodes_more_than_needed(sim, meta, make_run):
+    df = load_run(make_run("w", sim(mode="cached", M=8, fault="encode-full-batch"), meta("cached", M=8)))
+    [f] = [f for f in diagnose(df) if f.code == "wasted-encoder-compute"]
+    assert f.first_step == 2 and f.evidence["evidence"] == "single step"
+    assert f.evidence["encoded"] == 16 and f.evidence["encode_needed"] < 16
+    assert wasted_encoder_compute(df).first_step == 10
+
+
+def test_label_misalignment_is_named_on_the_first_step_with_a_continuing_slot(sim, meta, make_run):
+    df = load_run(make_run("l", sim(fault="label-from-batch", M=4), meta()))
+    first_continuing = int(df.index[(df["resets"] < df["slots"]).to_numpy()][0])
+    assert label_misalignment(df).first_step == first_continuing
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# halting-never-learned
+
+def never_rows(sim, steps=120, bias=-5.0, B=16):
+    rows = sim(steps=steps, B=B, halting="max", q="none")
+    for r in rows:
+        r["q_halt_logit_sum"] = bias * B  # zero weights, no learning signal: every logit is the bias
+    return rows
+
+
+def test_halting_never_learned_fires_after_warmup_with_its_evidence(sim, meta, make_run):
+    m = meta(config={"arch": {"q_init_bias": -5.0}})
+    df = load_run(make_run("never", never_rows(sim), m))
+    f = halting_never_learned(df)
+    cfg = DoctorConfig()
+    warm = max(cfg.never_halt_warmup_min, int(cfg.never_halt_warmup_share * m["max_steps"]))
+    assert f is not None and f.severity == "warning"
+    assert f.first_step == warm + cfg.halting_window
+    assert f.evidence["q_bias_init"] == -5.0 and f.evidence["q_halt_logit_mean"] == pytest.approx(-5.0)
+    assert f.evidence["q_halt_requests_in_run"] == 0 and f.evidence["halts"] > 0
+    assert f.evidence["halts_at_max_steps"] == f.evidence["halts"]
+    assert "initialisation" in f.message and "too hard" in f.message
+    assert halting_collapse(df) is None  # the Q-head never learned: halting-collapse stays silent
+    assert "halting-never-learned" in {x.code for x in diagnose(df)}
+
+
+def test_halting_never_learned_not_for_fct_nor_a_q_head_that_asked(sim, meta, make_run):
+    rows = never_rows(sim)
+    assert halting_never_learned(load_run(make_run("fct", rows, meta("fct")))) is None
+    rows[5]["q_says_halt"] = 1.0  # one request early in the run (vetoed or not): it learned something
+    assert halting_never_learned(load_run(make_run("asked", rows, meta()))) is None
+    short = never_rows(sim, steps=60)  # judged only after the warm-up
+    assert halting_never_learned(load_run(make_run("short", short, meta()))) is None

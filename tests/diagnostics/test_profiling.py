@@ -187,3 +187,26 @@ def test_tensorboard_lists_the_profiled_run(tmp_path):
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout=20)
         proc.stderr.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kineto's start/stop lines stay out of the console; everything else written meanwhile still reaches stderr
+
+def test_profiled_run_console_has_no_kineto_lines(tmp_path):
+    cmd = [sys.executable, "-m", "etrm.cli", "--preset", "demo", *TINY, *PROFILE, "--profile", "--max-steps", "6",
+           "--run-dir", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert list((tmp_path / "run" / PROFILER_DIR).glob("*.pt.trace.json*")), "the window was recorded"
+    assert "profiler_start" not in proc.stdout + proc.stderr
+    assert "profiler_stop" not in proc.stdout + proc.stderr
+
+
+def test_kineto_filter_passes_other_stderr_lines(capfd):
+    from diagnostics.profiling import _without_kineto_noise
+
+    with _without_kineto_noise():
+        os.write(2, b"USDT:2026-12-01 21:51:20 11002:11002 SyncActivityProfilerHandler.cpp:52] profiler_start\n")
+        os.write(2, b"a real warning\n")
+    err = capfd.readouterr().err
+    assert err == "a real warning\n"
