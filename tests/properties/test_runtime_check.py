@@ -98,7 +98,7 @@ class RolledLabels(ACTModel):
 
 def _checked_step(model_cls, seed: int = 0):
     a = bundled_adapter(mode="reencode", seed=seed)
-    model = model_cls(a.cfg, a.model.shape)
+    model = model_cls(a.cfg.model_config(), a.model.shape)
     model.load_state_dict(a.model.state_dict())
     batch = a.make_batch(list(range(a.batch_size)))
     batch.update(content_checksums(batch))  # as etrm.data's batches carry them
@@ -156,7 +156,7 @@ class InputsFromBatch(ACTModel):
 
 def test_carried_data_that_no_longer_matches_its_checksum_is_caught():
     a = bundled_adapter(mode="trm", seed=2)
-    model = InputsFromBatch(a.cfg, a.model.shape)
+    model = InputsFromBatch(a.cfg.model_config(), a.model.shape)
     model.load_state_dict(a.model.state_dict())
     b = a.batch_size
     first = a.make_batch(list(range(b)))

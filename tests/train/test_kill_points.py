@@ -4,6 +4,7 @@ step once and ends with the weights of an uninterrupted run, and readers say ``c
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -16,7 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, cli_env
+# tests/train/conftest.py's helpers, by path: ``from conftest import`` takes whichever conftest pytest loaded last
+_spec = importlib.util.spec_from_file_location("_train_conftest", Path(__file__).with_name("conftest.py"))
+_conf = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_conf)
+TINY, cli_env = _conf.TINY, _conf.cli_env
 from dashboards.runs import Runs
 from diagnostics.killpoints import ENV
 from diagnostics.liveness import LOCK_NAME, trainer_alive
