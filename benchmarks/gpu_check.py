@@ -402,6 +402,7 @@ def measure_variant(name: str, variant: Variant, cfg_data: dict, device: torch.d
                     args: argparse.Namespace) -> Row:
     """Build the variant's trainer, warm it up (compiling), count its syncs, time it; any failure is the row's."""
     from etrm.config import Config, apply_overrides
+    from etrm.train import instruments
     from etrm.train.trainer import Trainer
 
     row = Row(name)
@@ -412,7 +413,7 @@ def measure_variant(name: str, variant: Variant, cfg_data: dict, device: torch.d
         trainer = Trainer(cfg, root / name, device=device)
         (root / name).mkdir()
         if variant.traced:
-            trainer.enable_trace(args.preset)
+            instruments.add_trace(trainer, args.preset)
         if variant.compile != "eager":
             compile_modules(trainer, variant.compile)
         graphs = variant.compile == "reduce-overhead"
@@ -449,8 +450,8 @@ def measure_variant(name: str, variant: Variant, cfg_data: dict, device: torch.d
     except Exception as exc:  # a variant the step does not allow: its error is the row
         row.error = " ".join(f"{type(exc).__name__}: {exc}".split())[:160]
     finally:
-        if trainer is not None and trainer.tracer is not None:
-            trainer.tracer.close()
+        if trainer is not None and (trace := trainer.instruments.find(instruments.Trace)) is not None:
+            trace.tracer.close()
         torch.compiler.reset()
     return row
 

@@ -132,7 +132,7 @@ def main() -> None:
         rows_s = writer_rows_per_s(root)
         mem_1k = tracer_memory(traced, 1000)
         mem_10k = tracer_memory(traced, 10000)
-        traced.tracer.close() if traced.tracer else None
+        traced.instruments.find(instruments.Trace).tracer.close()
     print(f"preset {args.preset} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
           f"{args.rounds} rounds x {args.steps} steps, interleaved")
     print(f"untraced step: median {statistics.median(base) * 1e3:.2f} ms; traced step: median "

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from diagnostics.sync_audit import SyncAudit, format_reads, optimizer_step_counters
+from etrm.train import instruments
 from etrm.train.trainer import Trainer
 
 from test_tracer import make_trainer  # the tracer tests' tiny traced trainer (same directory)
@@ -18,6 +19,7 @@ def audit_training(trainer: Trainer, steps: int = STEPS) -> tuple[SyncAudit, lis
     """Run ``steps`` traced training steps under the audit; the flushes (the tracer's read-back, by design) run
     paused between steps, as the trainer's loop does. Returns the audit and the read count of each step."""
     per_step = []
+    tracer = trainer.instruments.find(instruments.Trace).tracer
     with SyncAudit(trainer.device, allow=optimizer_step_counters(trainer.optimizers)) as audit:
         for _ in range(steps):
             label = f"step {trainer.step + 1}"
@@ -26,9 +28,9 @@ def audit_training(trainer: Trainer, steps: int = STEPS) -> tuple[SyncAudit, lis
             per_step.append(audit.count(label))
             if trainer.step % trainer.cfg.train.trace_every == 0:
                 with audit.paused():
-                    rows = trainer.tracer.flush()
+                    rows = tracer.flush()
                 assert rows and rows[-1]["step"] == trainer.step
-    trainer.tracer.close()
+    tracer.close()
     return audit, per_step
 
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from etrm.train import finite_guard
+from etrm.train import finite_guard, instruments
 from etrm.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from etrm.train.console import Reporter
 from etrm.train.trainer import Trainer
@@ -58,7 +58,7 @@ def poison_at(trainer: Trainer, step: int, poison, when: str) -> None:
         def hook(at, _events, _metrics):
             if at == step - 1:
                 poison(trainer)
-        trainer.step_hooks.append(hook)  # hooks run before backward
+        trainer.add(instruments.OnStep(hook))  # step instruments run before backward
         return
     adam = trainer.optimizers[0]
     real = adam.step
