@@ -515,10 +515,13 @@ class HaltingNeverLearned(HaltingCollapse):
         return self.make(ev, at.end, msg)
 
 
+SINGLE_STEP = "single step"  # the evidence marker of a single-step rule's finding
+
+
 class GradientStarvationAtStep(GradientStarvation):
     """``gradient-starvation`` named on the single step where its exact signature first shows: coverage exactly equal
-    to the reset fraction, below the threshold, with continuing (not reset) slots present. The windowed rule stays
-    for the noisy cases; the report keeps the earlier of the two."""
+    to the reset fraction, below the threshold, with continuing (not reset) slots present. It dates the finding of
+    the windowed rule (which decides, with the run's thresholds, whether it holds): see ``earliest_per_code``."""
 
     def window(self, cfg):
         return 1
@@ -529,14 +532,14 @@ class GradientStarvationAtStep(GradientStarvation):
 
     def finding(self, at, cfg, meta, extra):
         f = super().finding(at, cfg, meta, extra)
-        f.evidence["evidence"] = "single step"
+        f.evidence["evidence"] = SINGLE_STEP
         f.message = f.message.replace(f"over steps {at.start}..{at.end}", f"on step {at.end}")
         return f
 
 
 class WastedEncoderComputeAtStep(WastedEncoderCompute):
     """``wasted-encoder-compute`` on the first step that encodes more slots than it needs (a count, not a
-    statistic). The windowed rule stays for the noisy cases; the report keeps the earlier of the two."""
+    statistic). It dates the windowed rule's finding, which decides whether it holds (``earliest_per_code``)."""
 
     def window(self, cfg):
         return 1
@@ -546,25 +549,39 @@ class WastedEncoderComputeAtStep(WastedEncoderCompute):
 
     def finding(self, at, cfg, meta, extra):
         f = super().finding(at, cfg, meta, extra)
-        f.evidence["evidence"] = "single step"
+        f.evidence["evidence"] = SINGLE_STEP
         f.message = f.message.replace(f"over steps {at.start}..{at.end}", f"on step {at.end}")
         return f
 
 
-# The rules, in report order. A code may have two rules (single-step evidence and its window): the earlier finding
-# of the two is reported.
+# The rules, in report order. A code may have two rules (single-step evidence and its window): the window decides
+# whether the finding holds, the single step names where it started.
 RULES: list[Rule] = [GradientStarvation(), LabelMisalignment(), NonFiniteLoss(), WastedEncoderCompute(),
                      HaltingCollapse(), DroppedSamples(), EncoderCollapse(), HaltingNeverLearned(),
                      GradientStarvationAtStep(), WastedEncoderComputeAtStep()]
 
 
-def earliest_per_code(findings: Iterable[Finding]) -> list[Finding]:
-    """One finding per code: the one with the earliest first step (first listed on a tie)."""
+def earliest_per_code(findings: Iterable[Finding], pending: dict[str, Finding] | None = None) -> list[Finding]:
+    """One finding per code, the earliest. A single-step finding (``"evidence": "single step"``) only dates a
+    finding: it is reported when its code's windowed rule holds too (the thresholds decide whether a finding
+    holds; the exact signature names the step it started), with that window in ``evidence["confirmed_window"]``.
+    Unconfirmed ones wait in ``pending`` (the live doctor keeps them across flushes) or are dropped (offline)."""
+    pending = {} if pending is None else pending
     best: dict[str, Finding] = {}
     for f in findings:
-        if f.code not in best or (f.first_step or 0) < (best[f.code].first_step or 0):
+        if f.evidence.get("evidence") == SINGLE_STEP:
+            if f.code not in pending or (f.first_step or 0) < (pending[f.code].first_step or 0):
+                pending[f.code] = f
+        elif f.code not in best or (f.first_step or 0) < (best[f.code].first_step or 0):
             best[f.code] = f
-    return list(best.values())
+    out = []
+    for code, f in best.items():
+        early = pending.pop(code, None)
+        if early is not None and (early.first_step or 0) <= (f.first_step or 0):
+            early.evidence["confirmed_window"] = f.evidence.get("window")
+            f = early
+        out.append(f)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -697,6 +714,7 @@ class LiveDoctor:
         self.rules = [r for r in (RULES if rules is None else rules) if r.applies(self.meta)]
         self.states = {id(r): _State() for r in self.rules}
         self.findings: list[Finding] = []
+        self.pending: dict[str, Finding] = {}  # single-step findings their windowed rule has not confirmed yet
         self.alignment: list[dict[str, Any]] = []
         self.last_step: int | None = None
 
@@ -725,7 +743,7 @@ class LiveDoctor:
                           {"alignment_samples": self.alignment})
             if f is not None:
                 new.append(f)
-        new = earliest_per_code(new)
+        new = earliest_per_code(new, self.pending)
         self.findings.extend(new)
         return new
 

@@ -43,7 +43,8 @@ def test_cached_run_exits_1_with_gradient_starvation(sim, meta, make_run, capsys
     assert code == 1
     (f,) = [f for f in doc["findings"] if f["code"] == "gradient-starvation"]
     assert set(f) == {"code", "severity", "first_step", "evidence", "message"}
-    assert f["severity"] == "error" and f["first_step"] == 10
+    # named on step 2 (the first with continuing slots: single-step evidence), confirmed by the 10-step window
+    assert f["severity"] == "error" and f["first_step"] == 2 and f["evidence"]["confirmed_window"] == [1, 10]
     assert f["evidence"]["coverage_mean"] == f["evidence"]["reset_fraction_mean"]
     assert doc["summary"]["figures"]["coverage"] == doc["summary"]["figures"]["reset_fraction"] < 0.5
     # the rich report names it too
@@ -74,8 +75,9 @@ def test_set_overrides_thresholds(sim, meta, make_run, capsys):
     run = make_run("cached", sim(mode="cached", M=8), meta("cached", M=8))
     code, doc = run_json(capsys, str(run), "--set", "coverage_min=0.05")
     assert code == 0 and doc["findings"] == []
-    code, doc = run_json(capsys, str(run), "--set", "window=30")
-    assert code == 1 and doc["findings"][0]["first_step"] == 30
+    code, doc = run_json(capsys, str(run), "--set", "window=30")  # the window decides; the first step stays 2
+    assert code == 1 and doc["findings"][0]["evidence"]["confirmed_window"] == [1, 30]
+    assert doc["findings"][0]["first_step"] == 2
 
 
 def test_the_runs_own_thresholds_judge_and_set_is_a_read_only_what_if(sim, meta, make_run, capsys):
