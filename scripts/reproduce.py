@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dashboards.figures import efficiency_table  # noqa: E402
-from diagnostics import load_run  # noqa: E402
+from diagnostics import figures, load_run  # noqa: E402
 from diagnostics.loading import load_evals  # noqa: E402
 
 COLORS = {"reencode": "#1f77b4", "cached": "#d62728", "fct": "#2ca02c", "demo-trm": "#9467bd"}
@@ -202,9 +202,8 @@ def markdown(df: pd.DataFrame) -> str:
 
 
 def totals_of(df: pd.DataFrame) -> dict[str, float]:
-    cols = ("encoded", "encode_needed", "samples_consumed", "coverage_num", "coverage_den", "halted_steps",
-            "halted_count", "real_slots")
-    out = {c: float(df[c].fillna(0).sum()) for c in cols if c in df}
+    """Whole-run sums of every counter the registered figures read (``diagnostics.figures``), with ``steps``."""
+    out = figures.frame_sums(df)
     out["steps"] = float(len(df))
     return out
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from diagnostics.liveness import LOCK_NAME
 from diagnostics.store import TRACE_NAME
 from etrm.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from etrm.errors import UserError
@@ -85,7 +86,7 @@ def test_ddp_two_ranks(mode_args: list[str], ddp_args: list[str], torchrun, tmp_
 
     # Only rank 0 wrote: the run directory and nothing else; console output once.
     assert [p.name for p in work.iterdir()] == ["run"]
-    allowed = {"config.toml", CHECKPOINT_NAME, TRACE_NAME, TRACE_NAME + "-wal", TRACE_NAME + "-shm",
+    allowed = {"config.toml", CHECKPOINT_NAME, TRACE_NAME, TRACE_NAME + "-wal", TRACE_NAME + "-shm", LOCK_NAME,
                "profiler"}  # rank 0 profiles a few steps after the doctor's first finding (cached: low coverage)
     assert {p.name for p in run_dir.iterdir()} <= allowed
     assert proc.stdout.count("etrm-train summary") == 1
