@@ -288,7 +288,7 @@ class Trainer:
                     if flushed.non_finite:
                         result.message = flushed.message
                         result.stopped_early = result.non_finite = True
-                        status, detail = "stopped", "non-finite loss"
+                        status, detail = "stopped", flushed.message  # what went non-finite, and what is kept
                         break
                     stop = stop or flushed.stop
                 if eval_due:  # eval: the EMA weights on the held-out set, from a fresh carry
