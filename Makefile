@@ -31,10 +31,12 @@ demo: install
 reproduce: install
 	$(PY) scripts/reproduce.py
 
-# The summary's regime (halt_max_steps 16, exploration 0.5, batch 256): cached and reencode, about 60 min on 2 cores;
-# writes docs/figures/summary-coverage.png and summary-tables.md. REPRO_STEPS=N shortens it.
+# The summary's regime (halt_max_steps 16, exploration 0.5, batch 256): cached and reencode side by side, each
+# stopped at 3000 steps or 60 minutes of its CPU time (its wall time on idle cores), whichever comes first
+# (REPRO_MINUTES=N changes the cap); writes docs/figures/summary-coverage.png and summary-tables.md. REPRO_STEPS=N shortens it.
 reproduce-summary: install
-	$(PY) scripts/reproduce.py --regime summary $(if $(REPRO_STEPS),--steps $(REPRO_STEPS))
+	$(PY) scripts/reproduce.py --regime summary $(if $(REPRO_STEPS),--steps $(REPRO_STEPS)) \
+	  $(if $(REPRO_MINUTES),--minutes $(REPRO_MINUTES))
 
 # The dashboard's browser tests drive Debian's chromium through chromedriver: installed with apt only when missing
 # (as root, or through sudo). Where it cannot be installed, those tests skip and say why. `make test BROWSER=0`

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -39,6 +40,9 @@ RUNS: dict[str, tuple[list[str], int]] = {
     "demo-trm": (["--preset", "demo-trm"], 0),
 }
 DEFAULT_STEPS = 500
+# Launch order, longest first (fct runs every ACT step; cached is the cheapest), so that two at a time finish
+# together (measured: fct and reencode take longest, cached least). Verdicts print in RUNS order.
+LAUNCH_ORDER = ("fct", "reencode", "demo-trm", "cached")
 
 
 def _bin(name: str) -> str:
@@ -58,6 +62,7 @@ class Job:
     started: float = 0.0
     seconds: float = 0.0
     rc: int | None = None
+    capped: bool = False
     verdict: dict = field(default_factory=dict)
 
 
@@ -94,7 +99,20 @@ def halting_tail(run_dir: Path, last: int = 100) -> dict[str, float] | None:
     return {"mean_halt_step": steps / halts, "early_share": 1.0 - at_max / halts, "max_steps": float(top)}
 
 
-def train_all(jobs: list[Job], steps: int, parallel: int, extra: list[str]) -> None:
+def cpu_seconds(job: Job) -> float:
+    """CPU time the job's trainer has used (all its threads; Linux /proc), else its wall time: a cap in CPU time
+    means the same on a shared machine as on idle cores, where a one-thread trainer's CPU time is its wall time."""
+    try:
+        fields = Path(f"/proc/{job.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - job.started
+
+
+def train_all(jobs: list[Job], steps: int, parallel: int, extra: list[str], cap_s: float | None = None) -> None:
+    """Run the jobs, ``parallel`` at a time; with ``cap_s``, a job still training after that many seconds of its own
+    CPU time gets Ctrl-C (SIGINT): it stops at its next step, saves a checkpoint and exits 0 (``--resume`` continues
+    it)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     pending, running = list(jobs), []
     live = sys.stdout.isatty()
@@ -115,6 +133,14 @@ def train_all(jobs: list[Job], steps: int, parallel: int, extra: list[str]) -> N
                   + (" $DEMO_ARGS" if extra else ""), flush=True)
         time.sleep(1.0)
         for job in list(running):
+            # the cap: Ctrl-C once the trainer has flushed a step (its handler is installed by then)
+            if cap_s is not None and not job.capped and cpu_seconds(job) > cap_s \
+                    and (at := traced_step(job.run_dir)) > 0:
+                job.capped = True
+                job.proc.send_signal(signal.SIGINT)
+                print(f"  {job.name:<9} reached the {cap_s / 60:g}-minute cap at step {at} "
+                      f"({time.perf_counter() - job.started:.0f} s wall): stopping it (it saves a checkpoint; "
+                      "--resume continues it)", flush=True)
             rc = job.proc.poll()
             if rc is not None:
                 job.rc, job.seconds = rc, time.perf_counter() - job.started
@@ -180,7 +206,7 @@ def main() -> int:
     t0 = time.perf_counter()
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     try:
-        train_all(jobs, steps, parallel, extra)
+        train_all(sorted(jobs, key=lambda j: LAUNCH_ORDER.index(j.name)), steps, parallel, extra)
     except KeyboardInterrupt:
         for job in jobs:
             if job.proc is not None and job.proc.poll() is None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -56,18 +57,24 @@ def _demo_module():
 # The progress summary's regime (halt_max_steps 16, exploration 0.5, batch 256): name -> etrm-train arguments
 SUMMARY_RUNS = {"reencode": ["--preset", "summary-regime"],
                 "cached": ["--preset", "summary-regime", "encoder.mode=cached"]}
-SUMMARY_STEPS = 3000  # the preset's train.max_steps: about 60 minutes for the two runs side by side on 2 CPU cores
+SUMMARY_STEPS = 3000  # the preset's train.max_steps; the time cap below ends the runs sooner on a slow machine
+SUMMARY_CAP_MIN = 60  # CPU minutes per run (one thread each, two side by side): 60 minutes on 2 idle cores
 # Step ranges of the summary-regime coverage table: the first step, the first ACT cycle, then the rest in blocks
 PHASES = ((1, 1), (2, 16), (17, 100), (101, 1000), (1001, 2000), (2001, 3000))
 
 
 def train(names: list[str], steps: int, jobs: int, root: Path, extra: list[str],
-          args: dict[str, list[str]] | None = None) -> dict[str, Path]:
+          args: dict[str, list[str]] | None = None, cap_s: float | None = None) -> dict[str, Path]:
     demo = _demo_module()
     args = args or {n: demo.RUNS[n][0] for n in names}
     todo = [demo.Job(n, args[n], 0, root / n, root / f"{n}.log") for n in names]
-    print(f"reproduce: training {', '.join(names)} for {steps} steps each into {root} ({jobs} at a time)", flush=True)
-    demo.train_all(todo, steps, jobs, extra)
+    cap = f", each capped at {cap_s / 60:g} min of its CPU time" if cap_s else ""
+    print(f"reproduce: training {', '.join(names)} for {steps} steps each into {root} ({jobs} at a time{cap})",
+          flush=True)
+    t0 = time.perf_counter()
+    demo.train_all(todo, steps, jobs, extra, cap_s)
+    print(f"reproduce: trained in {time.perf_counter() - t0:.0f} s (load average "
+          f"{', '.join(f'{x:.1f}' for x in os.getloadavg())})", flush=True)
     failed = [j.name for j in todo if j.rc != 0]
     if failed:
         raise SystemExit(f"reproduce: training failed for {', '.join(failed)}; see the logs in {root}")
@@ -263,7 +270,8 @@ def summary_regime(args: argparse.Namespace) -> int:
     missing = [n for n in SUMMARY_RUNS if n not in runs]
     if missing:
         root = args.runs_dir or ROOT / "runs" / f"repro-summary-{time.strftime('%Y%m%d-%H%M%S')}"
-        runs.update(train(missing, args.steps or SUMMARY_STEPS, args.jobs, root, args.extra, SUMMARY_RUNS))
+        runs.update(train(missing, args.steps or SUMMARY_STEPS, args.jobs, root, args.extra, SUMMARY_RUNS,
+                          cap_s=60 * args.minutes if args.minutes else None))
     frames = {n: load_run(runs[n]) for n in SUMMARY_RUNS}
     args.out.mkdir(parents=True, exist_ok=True)
     how = export_png(coverage_figure(frames), args.out / "summary-coverage.png")
@@ -283,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
                         "halt_max_steps 16, exploration 0.5, batch 256 (preset summary-regime)")
     p.add_argument("--steps", type=int, help="optimizer steps per run, the same for every mode (default 1500; "
                                              f"summary regime {SUMMARY_STEPS})")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="stop each training after this many minutes of its own CPU time, the wall time of a one-thread "
+                        "run on an idle core (Ctrl-C: it saves and exits 0); "
+                        f"default: no cap, except {SUMMARY_CAP_MIN} for the summary regime (0: no cap)")
     p.add_argument("--jobs", type=int, default=2, help="trainings side by side (1 torch thread each)")
     p.add_argument("--runs-dir", type=Path, help="where new runs go (default runs/repro-<timestamp>)")
     p.add_argument("--use", action="append", default=[], metavar="NAME=RUN_DIR",
@@ -291,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("extra", nargs="*", metavar="key=value", help="extra etrm-train overrides for new runs")
     args = p.parse_intermixed_args(argv)
     if args.regime == "summary":
+        args.minutes = SUMMARY_CAP_MIN if args.minutes is None else args.minutes
         return summary_regime(args)
     args.steps = args.steps or 1500
     names = ["reencode", "cached", "fct", "demo-trm"]
@@ -303,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     missing = [n for n in names if n not in runs]
     if missing:
         root = args.runs_dir or ROOT / "runs" / f"repro-{time.strftime('%Y%m%d-%H%M%S')}"
-        runs.update(train(missing, args.steps, args.jobs, root, args.extra))
+        runs.update(train(missing, args.steps, args.jobs, root, args.extra,
+                          cap_s=60 * args.minutes if args.minutes else None))
     frames = {n: load_run(runs[n]) for n in names}
     evals = {n: load_evals(runs[n]) for n in names}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -85,3 +85,21 @@ def test_reproduce_redraws_from_the_demo_runs(demo, tmp_path):
     tables = (tmp_path / "repro-tables.md").read_text()
     assert "| encoder gradient coverage | 100.0% |" in tables  # reencode, the first column
     assert f"| steps | {STEPS} |" in tables
+
+
+def test_time_cap_stops_a_run_that_saves_and_can_resume(tmp_path):
+    """`reproduce --minutes`: a run still training at the cap gets Ctrl-C, saves its checkpoint and exits 0."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("etrm_demo_cap", SCRIPT)
+    demo_mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = demo_mod
+    spec.loader.exec_module(demo_mod)
+    job = demo_mod.Job("capped", ["--preset", "demo", *TINY.split(), "train.trace_every=1"], 0, tmp_path / "run",
+                       tmp_path / "run.log")
+    demo_mod.train_all([job], 5000, 1, [], cap_s=0.5)  # 5000 tiny steps: a minute or more
+    log = job.log.read_text()
+    assert job.capped and job.rc == 0, log
+    assert "stopped at step" in log and "on request; checkpoint saved" in log
+    steps = demo_mod.traced_step(job.run_dir)
+    assert 0 < steps < 5000
+    assert list((job.run_dir).glob("checkpoint*")), sorted(p.name for p in job.run_dir.iterdir())
