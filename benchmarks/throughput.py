@@ -13,7 +13,10 @@ max, and the ratio to the comparison's first arm. It measures; it asserts nothin
 - ``data-path``: per preset, ``train.data_path=host`` (the reset mask read back every step, the batch built on the
   host) against ``device`` (no host sync in the step).
 - ``compile``: per preset, eager against ``train.compile=true``; also the compile time (the compiled arm's warm-up
-  minus the eager one's) and the break-even step count (compile seconds / seconds saved per step).
+  minus the eager one's), the graphs compiled in it, and the break-even step count (compile seconds / seconds saved
+  per step). A preset whose core has the same graph as an earlier one's (``demo-trm`` after ``demo``) reuses its
+  compiled code in one process: the script says so; measure that preset's compile alone. The compile seconds depend
+  on the inductor cache (``TORCHINDUCTOR_CACHE_DIR``): point it at an empty folder for a cold compile.
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ class Arm:
     preset: str
     trainer: Trainer
     warmup_s: float = 0.0
+    graphs_compiled: int = 0  # graphs dynamo compiled during this arm's warm-up (0: it reused an earlier arm's)
     steps_per_s: list[float] = field(default_factory=list)
     samples_per_s: list[float] = field(default_factory=list)
 
@@ -123,13 +127,21 @@ def describe(arm: Arm) -> str:
             f"{'device' if tr.feed.on_device else 'host'}, compile {cfg.train.compile}")
 
 
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
 def measure(groups: list[list[Arm]], args: argparse.Namespace) -> None:
     arms = [a for g in groups for a in g]
     for arm in arms:  # the compiled arm's first steps include the compilation
+        graphs = compiled_graphs()
         t0 = time.perf_counter()
         if args.warmup:
             timed_block(arm.trainer, args.warmup)
         arm.warmup_s = time.perf_counter() - t0
+        arm.graphs_compiled = compiled_graphs() - graphs
     for r in range(args.rounds):
         for arm in (arms if r % 2 == 0 else arms[::-1]):
             seconds, resets = timed_block(arm.trainer, args.steps)
@@ -154,8 +166,11 @@ def print_group(group: list[Arm], args: argparse.Namespace) -> None:
         even = break_even_steps(compile_s, eager.step_s, compiled.step_s)
         print(f"  {compiled.preset}: step {eager.step_s * 1e3:.1f} ms eager, {compiled.step_s * 1e3:.1f} ms compiled "
               f"(x{compiled.step_s / eager.step_s:.3f}); compile {compile_s:.1f} s (warm-up {compiled.warmup_s:.1f} s "
-              f"vs {eager.warmup_s:.1f} s eager); break-even after "
+              f"vs {eager.warmup_s:.1f} s eager, {compiled.graphs_compiled} graphs compiled in it); break-even after "
               + ("never (the compiled step is not faster)" if math.isinf(even) else f"{even:,.0f} steps"))
+        if not compiled.graphs_compiled:
+            print(f"  {compiled.preset}: its warm-up compiled nothing (it reused the graphs an earlier preset's arm "
+                  "compiled, same shapes): its compile seconds are not measured here; run it alone")
 
 
 def main(argv: list[str] | None = None) -> int:

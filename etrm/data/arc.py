@@ -3,7 +3,9 @@
 Every grid sits top-left on a ``canvas`` x ``canvas`` field (``etrm.data.tokens``). A task any of whose grids is
 larger than the canvas is left out and counted, never cropped (``strict``: an error naming it instead).
 Each task gets up to ``num_aug`` augmented variants besides itself (a dihedral transform and a permutation of
-colours 1-9, colour 0 fixed), generated ahead of time, each under its own puzzle id and recording its inverse.
+colours 1-9, colour 0 fixed), chosen and de-duplicated ahead of time, each under its own puzzle id and recording its
+inverse. The training set keeps only the base grids and that variant table (``etrm.data.arc_rows.ArcTrainSet``): a
+row is rendered when drawn, so 1000 augmentations need only the base tasks in memory; the evaluation set is encoded.
 Training rows may be translated (one random offset per pair, shared by input and output; one random pair per variant
 stays in place, as upstream); evaluation rows never are.
 
@@ -17,13 +19,16 @@ Views (as ``etrm.data.fewshot``):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import numpy as np
 
 from etrm.data.dataset import GridDataset
 from etrm.data.families import NUM_DIHEDRAL, dihedral, inverse_dihedral
 from etrm.data.tokens import EOS, PAD, VOCAB_SIZE, COLOUR_OFFSET, decode_grid, labels_from_tokens
+
+if TYPE_CHECKING:
+    from etrm.data.arc_rows import ArcTrainSet
 
 Pair = tuple[np.ndarray, np.ndarray]
 ARC_VERSIONS = {"arc1": "arcagi1", "arc2": "arcagi2"}
@@ -204,10 +209,10 @@ class VariantTable:
     """How every row (or demo-pool entry) was made from the base grids: base input and output grid, dihedral id,
     colour permutation and translation. ``etrm.data.arc_device`` renders rows from it on the device."""
 
-    source: np.ndarray  # [N, 2] int64 indices into the base grids (input, output)
-    tid: np.ndarray  # [N] int64
-    perm: np.ndarray  # [N, 10] int64
-    offset: np.ndarray  # [N, 2] int64 (top, left)
+    source: np.ndarray  # [N, 2] int32 indices into the base grids (input, output)
+    tid: np.ndarray  # [N] int8
+    perm: np.ndarray  # [N, 10] uint8
+    offset: np.ndarray  # [N, 2] uint8 (top, left; a canvas is at most 255 cells a side)
 
 
 @dataclass
@@ -237,8 +242,8 @@ class BaseGrids:
 class _Rows:
     """Accumulates encoded rows (and, for ETRM, their demo slots) before stacking, with how each was made."""
 
-    def __init__(self, canvas: int) -> None:
-        self.canvas = canvas
+    def __init__(self, canvas: int, encode: bool = True) -> None:
+        self.canvas, self.encode = canvas, encode  # encode=False: record how each row is made, render none
         self.inputs: list[np.ndarray] = []
         self.outputs: list[np.ndarray] = []
         self.ids: list[int] = []
@@ -247,8 +252,9 @@ class _Rows:
 
     def add(self, pair: Pair, pid: int, offset: tuple[int, int] = (0, 0), slots: list[int] | None = None,
             source: tuple[tuple[int, int], Variant] | None = None) -> None:
-        self.inputs.append(encode_at(pair[0], self.canvas, *offset))
-        self.outputs.append(encode_at(pair[1], self.canvas, *offset))
+        if self.encode:
+            self.inputs.append(encode_at(pair[0], self.canvas, *offset))
+            self.outputs.append(encode_at(pair[1], self.canvas, *offset))
         self.ids.append(pid)
         if slots is not None:
             self.slots.append(slots)
@@ -258,22 +264,30 @@ class _Rows:
 
     def table(self) -> VariantTable:
         m = self.made
-        return VariantTable(source=np.asarray([r[:2] for r in m], dtype=np.int64).reshape(-1, 2),
-                            tid=np.asarray([r[2] for r in m], dtype=np.int64),
-                            perm=np.asarray([r[3] for r in m], dtype=np.int64).reshape(-1, 10),
-                            offset=np.asarray([r[4:] for r in m], dtype=np.int64).reshape(-1, 2))
+        return VariantTable(source=np.asarray([r[:2] for r in m], dtype=np.int32).reshape(-1, 2),
+                            tid=np.asarray([r[2] for r in m], dtype=np.int8),
+                            perm=np.asarray([r[3] for r in m], dtype=np.uint8).reshape(-1, 10),
+                            offset=np.asarray([r[4:] for r in m], dtype=np.uint8).reshape(-1, 2))
+
+    def puzzle_ids(self) -> np.ndarray:
+        return np.asarray(self.ids, dtype=np.int32).reshape(-1)
+
+    def slot_array(self, k: int) -> np.ndarray:
+        """[N, k] int32: each row's demo-pool entries, -1 past its demos."""
+        slots = np.full((len(self.ids), k), -1, dtype=np.int32)
+        for i, row in enumerate(self.slots):
+            slots[i, :len(row)] = row
+        return slots
 
     def dataset(self, pool: "_Rows | None", k: int, vocab: int = VOCAB_SIZE) -> GridDataset:
         s = self.canvas * self.canvas
         inputs = np.stack(self.inputs) if self.inputs else np.zeros((0, s), np.uint8)
         outputs = np.stack(self.outputs) if self.outputs else np.zeros((0, s), np.uint8)
-        ids = np.asarray(self.ids, dtype=np.int32).reshape(-1)
+        ids = self.puzzle_ids()
         if pool is None:
             ds = GridDataset(inputs, labels_from_tokens(outputs), ids)
         else:
-            slots = np.full((len(self.ids), k), -1, dtype=np.int32)
-            for i, row in enumerate(self.slots):
-                slots[i, :len(row)] = row
+            slots = self.slot_array(k)
             pin = np.stack(pool.inputs) if pool.inputs else np.zeros((0, s), np.uint8)
             pout = np.stack(pool.outputs) if pool.outputs else np.zeros((0, s), np.uint8)
             ds = GridDataset(inputs, labels_from_tokens(outputs), ids, pin, pout, None, demo_slots=slots)
@@ -320,8 +334,9 @@ class ArcInfo:
 def build_arc(train_tasks: Sequence[ArcTask], eval_tasks: Sequence[ArcTask], canvas: int,
               view: Literal["trm", "etrm"], num_aug: int = 0, seed: int = 0, translate: bool = True,
               strict: bool = False, max_train_tasks: int = 0, max_eval_tasks: int = 0, max_demos: int = 0,
-              ) -> tuple[GridDataset, GridDataset, ArcInfo]:
-    """(train dataset, eval dataset with an ``ArcIndex``, info) from raw ARC tasks; see the module docstring.
+              ) -> tuple["ArcTrainSet", GridDataset, ArcInfo]:
+    """(train set as base grids + variant table, eval dataset with an ``ArcIndex``, info) from raw ARC tasks; see
+    the module docstring.
 
     ``max_demos`` > 0 (ETRM only) gives the encoder at most the first ``max_demos`` demos of each task (cheaper).
     """
@@ -335,8 +350,9 @@ def build_arc(train_tasks: Sequence[ArcTask], eval_tasks: Sequence[ArcTask], can
     k = max(len(t.demos) for t in train_kept + eval_kept)
     if view == "etrm" and max_demos:
         k = min(k, max_demos)
-    train_rows, eval_rows = _Rows(canvas), _Rows(canvas)
-    pools = {"train": _Rows(canvas), "eval": _Rows(canvas)} if view == "etrm" else None
+    # training rows (and their demo pool) are recorded as variants of base grids, never rendered (ArcTrainSet)
+    train_rows, eval_rows = _Rows(canvas, encode=False), _Rows(canvas)
+    pools = {"train": _Rows(canvas, encode=False), "eval": _Rows(canvas)} if view == "etrm" else None
     index_rows: list[tuple[int, int, int, tuple[int, ...]]] = []
     truths: dict[tuple[str, int], np.ndarray] = {}
     num_tests: dict[str, int] = {}
@@ -380,8 +396,11 @@ def build_arc(train_tasks: Sequence[ArcTask], eval_tasks: Sequence[ArcTask], can
                         for qi, pair in enumerate(tests):
                             eval_rows.add(pair, pid, slots=slots)
                             index_rows.append((ti, qi, v.tid, v.perm))
-    train_ds = train_rows.dataset(pools["train"] if pools else None, k)
-    train_ds.arc_variants = ArcVariants(bases.grids, train_rows.table(), pools["train"].table() if pools else None)
+    from etrm.data.arc_rows import ArcTrainSet
+
+    variants = ArcVariants(bases.grids, train_rows.table(), pools["train"].table() if pools else None)
+    train_ds = ArcTrainSet(canvas, variants, train_rows.puzzle_ids(), train_rows.slot_array(k) if pools else None)
+    train_ds.validate()
     eval_ds = eval_rows.dataset(pools["eval"] if pools else None, k)
     eval_ds.arc_index = ArcIndex(
         canvas=canvas, task_names=[t.name for t in eval_kept],

@@ -73,8 +73,8 @@ def render(grids: torch.Tensor, shapes: torch.Tensor, which: torch.Tensor, tid: 
 
 
 class ArcDeviceData:
-    """An ARC training set as base grids and variant tables on the device; ``batch`` renders the drawn rows (and
-    their demos) there, equal to ``GridDataset.batch`` of the materialised set."""
+    """An ARC training set (``etrm.data.arc_rows.ArcTrainSet``) as base grids and variant tables on the device, in
+    their compact dtypes; ``batch`` renders the drawn rows (and their demos) there, equal to the host's ``batch``."""
 
     def __init__(self, ds, device: torch.device) -> None:
         from etrm.data.device_data import DeviceGridData
@@ -91,13 +91,21 @@ class ArcDeviceData:
 
         self.rows = table(variants.rows)
         self.pool = table(variants.pool) if variants.pool is not None else None
-        self.puzzle_ids = torch.from_numpy(ds.puzzle_ids.astype(np.int64)).to(device)
-        self.demo_slots = None if ds.demo_slots is None else torch.from_numpy(ds.demo_slots.astype(np.int64)).to(device)
+        self.puzzle_ids = torch.from_numpy(ds.puzzle_ids).to(device)  # int32, widened per drawn row
+        self.demo_slots = None if ds.demo_slots is None else torch.from_numpy(ds.demo_slots).to(device)
         self.num_samples = len(ds)
 
+    def nbytes(self) -> int:
+        """Bytes this set holds on the device: base grids, their shapes, the variant tables and per-row ids."""
+        tensors = [self.grids, self.shapes, self.coeffs, self.puzzle_ids, self.demo_slots,
+                   *self.rows.values(), *(self.pool.values() if self.pool is not None else ())]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
     def _render(self, t: dict[str, torch.Tensor], at: torch.Tensor, side: int) -> torch.Tensor:
-        offset = t["offset"][at]
-        return render(self.grids, self.shapes, t["source"][at, side], t["tid"][at], t["perm"][at],
+        """Entries ``at`` of a table, input (side 0) or output (side 1) grid, rendered (the compact table entries
+        widened to int64 for the drawn rows only)."""
+        offset = t["offset"][at].long()
+        return render(self.grids, self.shapes, t["source"][at, side].long(), t["tid"][at].long(), t["perm"][at].long(),
                       offset[:, 0], offset[:, 1], self.canvas, self.coeffs)
 
     def batch(self, slot_ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -112,11 +120,11 @@ class ArcDeviceData:
         out = {
             "inputs": torch.where(rows, self._render(self.rows, safe, 0), PAD),
             "labels": torch.where(rows & (outputs != PAD), outputs, IGNORE_LABEL),
-            "puzzle_id": torch.where(valid, self.puzzle_ids[safe], BLANK_PUZZLE_ID),
+            "puzzle_id": torch.where(valid, self.puzzle_ids[safe].long(), BLANK_PUZZLE_ID),
             "sample_id": torch.where(valid, slot_ids, -1),
         }
         if self.demo_slots is not None and self.pool is not None:
-            slots = torch.where(rows, self.demo_slots[safe], -1)  # [B, K]
+            slots = torch.where(rows, self.demo_slots[safe].long(), -1)  # [B, K]
             mask = slots >= 0
             flat = slots.clamp(min=0).reshape(-1)
             for key, side in (("demo_inputs", 0), ("demo_outputs", 1)):

@@ -35,7 +35,6 @@ class GridDataset:
     # Extra per-row eval scores (``names``; called as (inputs, labels, preds) -> {name: bool [B]}), e.g. the maze
     # set's valid-shortest-path check (etrm.data.maze.MazeScorer); evaluation reports their means beside ``exact``.
     row_scorer: Any = None
-    arc_variants: Any = None  # ARC training sets: base grids and each row's variant (etrm.data.arc.ArcVariants)
     info: dict[str, Any] = field(default_factory=dict)  # facts about how the set was built (printed by the trainer)
 
     def __len__(self) -> int:

@@ -22,15 +22,10 @@ ROW_KEYS = ("inputs", "labels", "puzzle_ids", "demo_inputs", "demo_outputs", "de
 
 
 def dataset_bytes(ds: GridDataset) -> int:
-    """Bytes a device copy of the dataset needs: its arrays, or for an ARC set with a variant table (rendered on
-    the device, ``etrm.data.arc_device``) the base grids, the tables and the per-row ids."""
-    variants = getattr(ds, "arc_variants", None)
-    if variants is not None:
-        side = int(round(ds.seq_len ** 0.5))
-        tables = [variants.rows] + ([variants.pool] if variants.pool is not None else [])
-        extra = [ds.puzzle_ids, ds.demo_slots]
-        return (len(variants.grids) * side * side + sum(int(a.nbytes) for a in extra if a is not None)
-                + sum(int(getattr(t, k).nbytes) for t in tables for k in ("source", "tid", "perm", "offset")))
+    """Bytes a device copy of the dataset needs: its arrays, or for an ARC training set (rendered on the device,
+    ``etrm.data.arc_device``) its base grids, variant tables and per-row ids (``ArcTrainSet.device_bytes``)."""
+    if hasattr(ds, "arc_variants"):  # an ArcTrainSet (etrm.data.arc_rows)
+        return ds.device_bytes()
     return sum(int(a.nbytes) for a in (getattr(ds, k) for k in ROW_KEYS) if a is not None)
 
 
@@ -46,7 +41,7 @@ def fits_on_device(ds: GridDataset, device: torch.device, fraction: float = DEVI
 def resident_data(ds: GridDataset, device: torch.device):
     """The device-resident form of ``ds``: rows rendered from base grids for an ARC set with a variant table, the
     rows themselves otherwise. Both have ``batch(slot_ids)`` equal to ``ds.batch``."""
-    if getattr(ds, "arc_variants", None) is not None:
+    if hasattr(ds, "arc_variants"):  # an ArcTrainSet (etrm.data.arc_rows)
         from etrm.data.arc_device import ArcDeviceData
         return ArcDeviceData(ds, device)
     return DeviceGridData(ds, device)

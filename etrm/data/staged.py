@@ -24,7 +24,10 @@ STAGED_KEYS = ("inputs", "labels", "puzzle_ids", "demo_inputs", "demo_outputs", 
 
 
 def compact_rows(ds: GridDataset, ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Rows ``ids`` of ``ds`` in their compact dtypes, pooled demos expanded per row ([n, K, S] and a mask)."""
+    """Rows ``ids`` of ``ds`` in their compact dtypes, pooled demos expanded per row ([n, K, S] and a mask). An ARC
+    training set (``etrm.data.arc_rows.ArcTrainSet``) renders just those rows."""
+    if hasattr(ds, "materialise"):
+        ds, ids = ds.materialise(ids), np.arange(len(ids))
     out = {"inputs": ds.inputs[ids], "labels": ds.labels[ids], "puzzle_ids": ds.puzzle_ids[ids]}
     if ds.demo_slots is not None:
         slots = ds.demo_slots[ids]

@@ -57,3 +57,29 @@ def test_arc_device_batch_equals_the_host_batch(view):
     assert host.keys() == dev.keys()
     for k in host:
         assert dev[k].dtype == host[k].dtype and torch.equal(dev[k], host[k]), k
+
+
+@pytest.mark.parametrize("view", ["trm", "etrm"])
+def test_arc_training_set_holds_only_base_grids_and_the_variant_table(view):
+    """The training set is base grids + variant table: drawing rows (host or device) materialises nothing, the
+    device copy is the size ``device_bytes`` says, far below the materialised set whose size
+    ``materialised_bytes`` gives without building it; the materialised set equals the rendered rows."""
+    from etrm.data.arc import build_arc
+    from etrm.data.arc_device import ArcDeviceData
+    from etrm.data.arc_rows import ArcTrainSet
+
+    train, ev = load_arc_tasks("arc1")
+    ds = build_arc(train, ev, 12, view, num_aug=20, seed=4, translate=True, max_train_tasks=6, max_eval_tasks=2)[0]
+    assert isinstance(ds, ArcTrainSet) and len(ds) > 100
+    data = ArcDeviceData(ds, torch.device("cpu"))
+    ids = np.random.default_rng(1).integers(-1, len(ds), 64)
+    host, dev = ds.batch(ids), data.batch(torch.from_numpy(ids))
+    assert ds._full is None  # neither path built the augmented rows
+    assert data.nbytes() == ds.device_bytes() + data.coeffs.numel() * data.coeffs.element_size()
+    full = ds.materialise()
+    held = [full.inputs, full.labels, full.puzzle_ids, full.demo_inputs, full.demo_outputs, full.demo_slots]
+    assert ds.materialised_bytes() == sum(a.nbytes for a in held if a is not None)
+    assert ds.device_bytes() * 5 < ds.materialised_bytes()
+    reference = full.batch(np.where(ids >= 0, ids, -1))
+    for k in host:
+        assert torch.equal(host[k], reference[k]) and torch.equal(dev[k], reference[k]), k

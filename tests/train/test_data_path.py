@@ -69,12 +69,13 @@ def test_checkpoint_resumes_across_data_paths(first, second, make_trainer, tmp_p
     assert whole.samples_dropped == resumed.samples_dropped
 
 
-@pytest.mark.parametrize("preset_mode", ["trm", "etrm"])
-def test_arc_rows_rendered_on_the_device_train_as_the_host_rows(preset_mode, make_trainer, record_events):
+@pytest.mark.parametrize("preset_mode,sampler", [("trm", "refill"), ("etrm", "refill"), ("etrm", "trm")])
+def test_arc_rows_rendered_on_the_device_train_as_the_host_rows(preset_mode, sampler, make_trainer, record_events):
     """ARC on the device path: base grids and the variant table on the device, each drawn row rendered there;
-    the steps see the same batches as on the host path (augmentations and translation included)."""
+    the steps see the same batches as on the host path (augmentations and translation included), under the
+    refill and upstream's feed; no path builds the augmented rows."""
     small = ["data.max_train_tasks=6", "data.max_eval_tasks=2", "data.num_aug=2", "data.canvas=10",
-             "data.max_demos=2", f"model={preset_mode}", "arch.puzzle_emb_len=2"]
+             "data.max_demos=2", f"model={preset_mode}", "arch.puzzle_emb_len=2", f"train.sampler={sampler}"]
     runs = {}
     for path in ("host", "device", "pinned"):
         torch.manual_seed(0)
@@ -82,6 +83,7 @@ def test_arc_rows_rendered_on_the_device_train_as_the_host_rows(preset_mode, mak
         rows = record_events(trainer)
         for _ in range(3):
             trainer.train_step()
+        assert trainer.train_ds._full is None, path  # only the drawn rows were rendered
         runs[path] = (trainer, rows)
     assert type(runs["device"][0].feed.data).__name__ == "ArcDeviceData"
     for path in ("device", "pinned"):  # pinned: the pooled demos staged per row
