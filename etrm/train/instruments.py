@@ -14,7 +14,8 @@ Order of the calls of one training step (``Trainer.train_step``)::
     after_step(step)                the optimizer step is done
 
 and of the loop (``Trainer.run``): ``on_start``; per flush ``flush_rows`` (the rows the tracer read back) then
-``on_flush(rows, step)``; ``on_eval(step, values)``; ``on_checkpoint(step)`` before a checkpoint is written;
+``on_flush(rows, step)``; ``on_eval(step, values)`` then ``on_eval_audit(step, audits)`` (the evaluation audits:
+``diagnostics.eval_audits``); ``on_checkpoint(step)`` before a checkpoint is written;
 ``on_end(step, status, detail)`` once, however the run ends (``end``, ``stopped``, ``crashed``).
 """
 
@@ -22,12 +23,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from rich.markup import escape
 
 from diagnostics.doctor import Finding, LiveDoctor
+from diagnostics.eval_audits import EvalAudit
 from diagnostics.events import PhaseClock, StepEvents
 from diagnostics.loading import load_run
 from diagnostics.probes import default_probes
@@ -75,6 +77,7 @@ class Instrument:
         return []
     def on_flush(self, rows: Rows, step: int) -> None: ...
     def on_eval(self, step: int, values: Mapping[str, float]) -> None: ...
+    def on_eval_audit(self, step: int, audits: Sequence[EvalAudit]) -> None: ...
     def on_checkpoint(self, step: int) -> None: ...
     def on_end(self, step: int, status: str, detail: str) -> None: ...
 
@@ -139,6 +142,10 @@ class Instruments(list):
     def on_eval(self, step: int, values: Mapping[str, float]) -> None:
         for i in self:
             i.on_eval(step, values)
+
+    def on_eval_audit(self, step: int, audits: Sequence[EvalAudit]) -> None:
+        for i in self:
+            i.on_eval_audit(step, audits)
 
     def on_checkpoint(self, step: int) -> None:
         for i in self:
@@ -207,6 +214,11 @@ class Trace(Instrument):
         values = dict(values)
         if not self.closed:
             self.tracer.submit(lambda w: w.write_eval(step, values))
+
+    def on_eval_audit(self, step: int, audits: Sequence[EvalAudit]) -> None:
+        audits = list(audits)
+        if not self.closed:
+            self.tracer.submit(lambda w: w.write_eval_audits(audits))
 
     def on_checkpoint(self, step: int) -> None:
         self.tracer.drain()  # every row up to this step is committed before the checkpoint (resume loses none)
