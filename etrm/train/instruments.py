@@ -30,8 +30,9 @@ from rich.markup import escape
 
 from diagnostics.doctor import Finding, LiveDoctor
 from diagnostics.eval_audits import EvalAudit
+from diagnostics.eval_findings import LiveEvalDoctor
 from diagnostics.events import PhaseClock, StepEvents
-from diagnostics.loading import load_run
+from diagnostics.loading import load_eval_audits, load_run
 from diagnostics.probes import default_probes
 from diagnostics.profiling import PROFILER_DIR, ProfilerWindows, WindowSchedule
 from diagnostics.runtime_check import InvariantChecker
@@ -248,11 +249,13 @@ class CheckInvariants(Instrument):
 
 
 class Doctor(Instrument):
-    """The live doctor (rank 0 of a traced run): each flush's rows in, findings printed and stored the first time
-    they hold. ``new`` holds the findings of the last flush, for instruments after it (profiler, W&B)."""
+    """The live doctor (rank 0 of a traced run): each flush's rows and each evaluation's audits in, findings printed
+    and stored the first time they hold. ``new`` holds the findings of the last flush, for instruments after it
+    (profiler, W&B); ``findings`` every finding so far."""
 
-    def __init__(self, doctor: LiveDoctor, trace: Trace) -> None:
+    def __init__(self, doctor: LiveDoctor, trace: Trace, evals: LiveEvalDoctor | None = None) -> None:
         self.doctor, self.trace = doctor, trace
+        self.evals = evals or LiveEvalDoctor(doctor.meta, doctor.cfg)
         self.reporter: Reporter | None = None
         self.new: list[Finding] = []
 
@@ -261,7 +264,18 @@ class Doctor(Instrument):
 
     def on_flush(self, rows: Rows, step: int) -> None:
         self.new = self.doctor.update(rows, alignment=self.trace.tracer.last_alignment)
-        for finding in self.new:
+        self.report(self.new)
+
+    @property
+    def findings(self) -> list[Finding]:
+        return [*self.doctor.findings, *self.evals.findings]
+
+    def on_eval_audit(self, step: int, audits: Sequence[EvalAudit]) -> None:
+        self.report(self.evals.update(audits))  # the evaluation findings (diagnostics.eval_findings)
+
+    def report(self, findings: Sequence[Finding]) -> None:
+        """Print each new finding and store it in the trace."""
+        for finding in findings:
             text = f"{finding.code} (step {finding.first_step}): {finding.message}"
             if self.reporter is not None:
                 if finding.severity == "info":  # a fact about the run (e.g. dropped-samples), not a defect
@@ -414,10 +428,11 @@ def add_trace(trainer: "Trainer", preset: str | None = None) -> Trace:
                     reduce=reduce, gather=gather)
     trace = trainer.add(Trace(tracer, cuda=trainer.device.type == "cuda"))
     if dist.is_main:
-        doctor = LiveDoctor(meta, trainer.cfg.doctor)
+        doctor, evals = LiveDoctor(meta, trainer.cfg.doctor), LiveEvalDoctor(meta, trainer.cfg.doctor)
         if trainer.step:  # resumed: findings that already held must not fire (and be re-stored) again
             doctor.replay(load_run(trainer.run_dir))
-        trainer.add(Doctor(doctor, trace))
+            evals.replay(load_eval_audits(trainer.run_dir))
+        trainer.add(Doctor(doctor, trace, evals))
     return trace
 
 
