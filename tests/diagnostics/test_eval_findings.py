@@ -117,3 +117,11 @@ def test_etrm_doctor_reports_evaluation_findings_from_the_trace(tmp_path: Path) 
     assert out.returncode == 0, out.stderr  # warnings only
     found = {f["code"]: f for f in json.loads(out.stdout)["findings"]}
     assert set(found) == {"eval-halting-mismatch"} and found["eval-halting-mismatch"]["first_step"] == 400
+
+
+def test_a_resumed_live_doctor_does_not_name_a_stored_finding_again() -> None:
+    stored = audit_rows([audit(400, [0.1, 0.6], 0.1)])
+    live = LiveEvalDoctor(meta())
+    assert [f.code for f in live.replay(stored)] == ["eval-halting-mismatch"]  # held before the resume
+    assert live.update([audit(500, [0.1, 0.7], 0.1)]) == []
+    assert [f.first_step for f in live.findings] == [400]

@@ -12,7 +12,6 @@ thread each; about a minute). Healthy runs are the demo's (``tests/test_demo_hal
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,18 +30,10 @@ _bin = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("eval-findings")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    procs = {}
-    for name, extra in RUNS.items():
-        cmd = [str(_bin / "etrm-train"), "--preset", "demo", *BASE, *extra, "--trace", "--max-steps", str(STEPS),
-               "--device", "cpu", "--run-dir", str(root / name)]
-        procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    for name, proc in procs.items():
-        out, _ = proc.communicate(timeout=900)
-        assert proc.returncode == 0, out
-    return {name: root / name for name in RUNS}
+def runs(tmp_path_factory, train_side_by_side) -> dict[str, Path]:
+    return train_side_by_side(tmp_path_factory.mktemp("eval-findings"), {
+        name: ["--preset", "demo", *BASE, *extra, "--trace", "--max-steps", str(STEPS), "--device", "cpu"]
+        for name, extra in RUNS.items()}, timeout=900)
 
 
 def doctor(run: Path) -> dict[str, dict]:
