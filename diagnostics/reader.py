@@ -4,8 +4,9 @@ A live trainer may be writing the trace (WAL), so every connection is read-only 
 failure is a ``TraceError`` with a one-line message. No reader ever writes to a trace. Served here: the meta, the
 step range and columns, steps after step N (a live tail), bucketed sums and min/max envelopes over any step range
 (``Spec``, ``sql_buckets``; ``aggregate_rows``/``merge_frames`` do the same in memory), phase timings, evals,
-evaluation audits (``read_eval_audits``), findings, markers and heartbeat (the run-status inputs), and the first offending alignment samples. Figures are
-added to bucketed frames by ``finish`` from the registry (``diagnostics.figures``).
+evaluation audits (``read_eval_audits``), findings, markers and heartbeat (the run-status inputs), and the first
+offending alignment samples. Figures are added to bucketed frames by ``finish`` from the registry
+(``diagnostics.figures``).
 
 A bucketed frame has one row per bucket: ``step`` (last step in it), ``step_lo``, ``n`` (rows), the sum of each
 stored column asked for, and ``<name>_min``/``<name>_max`` envelopes of per-step values; the figures are exact at

@@ -68,5 +68,6 @@ def format_eval(step: int, res: dict[str, float], base: dict[str, float]) -> str
 
 def format_raw_eval(step: int, raw: dict[str, float], ema: dict[str, float]) -> str:
     """One line: the raw weights' held-out exact accuracy (at max steps and at the would-halt step) beside the EMA's."""
-    return (f"eval @ {step} raw weights: exact {raw['exact']:.3f} (EMA - raw {ema['exact'] - raw['exact']:+.3f}) | "
-            f"at would-halt step exact {raw['halt.exact']:.3f} (EMA - raw {ema['halt.exact'] - raw['halt.exact']:+.3f})")
+    gap, halt_gap = ema["exact"] - raw["exact"], ema["halt.exact"] - raw["halt.exact"]
+    return (f"eval @ {step} raw weights: exact {raw['exact']:.3f} (EMA - raw {gap:+.3f}) | at would-halt step "
+            f"exact {raw['halt.exact']:.3f} (EMA - raw {halt_gap:+.3f})")

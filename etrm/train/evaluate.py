@@ -122,9 +122,10 @@ def evaluate(model, dataset, batch_size: int, device: torch.device, autocast,
 
     Per ACT step k = 1..``model.max_steps`` (the audit, ``diagnostics.eval_audits``): ``act.<k>.exact`` and
     ``act.<k>.token`` (the answer at step k) and ``act.<k>.halts`` (the share of samples whose would-halt step is k),
-    from the same ACT run. On an ARC eval set (``dataset.arc_index``) it also votes over augmentations (``arc.pass@1``, ``arc.pass@2``,
-    ``arc.tasks``) and, given ``out_dir``, writes ``submission.json`` there. A set with a ``row_scorer`` (the maze
-    set's valid shortest path) also reports each of its scores at max steps (``NAME``) and at halt (``halt.NAME``).
+    from the same ACT run. On an ARC eval set (``dataset.arc_index``) it also votes over augmentations
+    (``arc.pass@1``, ``arc.pass@2``, ``arc.tasks``) and, given ``out_dir``, writes ``submission.json`` there. A set
+    with a ``row_scorer`` (the maze set's valid shortest path) also reports each of its scores at max steps
+    (``NAME``) and at halt (``halt.NAME``).
     """
     index = getattr(dataset, "arc_index", None)
     votes = ArcVotes() if index is not None else None
