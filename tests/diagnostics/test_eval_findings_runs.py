@@ -1,9 +1,12 @@
-"""The evaluation findings on real training runs built to show them, tiny and seeded (two runs side by side, one
-thread each; about a minute). Healthy runs are the demo's (``tests/test_demo_halting.py``: no finding at all).
+"""The evaluation findings on real training runs built to show them, tiny and seeded (three runs side by side, one
+thread each; about a minute of CPU). Healthy runs are the demo's (``tests/test_demo_halting.py``: no finding at all).
 
 - ``late``: a Q-head pinned at "halt" (bias +5, no Q loss, no exploration): every training sample halts at step 1,
   so the model only learns step-1 answers, and evaluation at the maximum step runs three untrained steps more.
   Held-out exact at the would-halt step (1) is far above exact at step 4: ``eval-halting-mismatch`` (late).
+- ``premature``: the same pinned Q-head with exploration on every sample (``act.halt_exploration_prob=1``): training
+  vetoes the step-1 halts, so samples train for 2..4 steps, while evaluation (no exploration) halts every sample at
+  step 1, whose answers are far behind step 4's: ``eval-halting-mismatch`` (premature).
 - ``slow-ema``: ``train.ema_rate=0.999`` (a time constant of 1000 steps) on an 80-step run: the EMA weights are
   still mostly the initial ones at the end while the raw weights have learned ``draw_border``: ``ema-gap``, named
   at the last evaluation (the one at step 40 is inside the EMA's warm-up, so not judged).
@@ -23,8 +26,8 @@ from diagnostics.loading import load_findings
 STEPS = 80
 BASE = ['data.families=["draw_border"]', "arch.hidden_size=32", "arch.num_heads=2", "arch.L_layers=1",
         "train.batch_size=32", "data.train_tasks=256", "data.heldout_tasks=16", "train.seed=0"]
-RUNS = {"late": ["arch.q_init_bias=5", "loss.q_weight=0", "act.halt_exploration_prob=0", "train.ema=false",
-                 f"train.eval_every={STEPS}"],
+PINNED = ["arch.q_init_bias=5", "loss.q_weight=0", "train.ema=false", f"train.eval_every={STEPS}"]
+RUNS = {"late": [*PINNED, "act.halt_exploration_prob=0"], "premature": [*PINNED, "act.halt_exploration_prob=1"],
         "slow-ema": ["train.ema_rate=0.999", f"train.eval_every={STEPS // 2}"]}
 _bin = Path(sys.executable).parent
 
@@ -51,6 +54,15 @@ def test_a_q_head_pinned_at_halt_gives_a_late_halting_mismatch(runs) -> None:
     assert "ema-gap" not in found  # EMA off: only the raw weights are audited
     stored = load_findings(runs["late"]).set_index("code")  # the trainer's live doctor named it at the same eval
     assert stored.loc["eval-halting-mismatch", "first_step"] == f["first_step"]
+
+
+def test_exploration_that_hides_early_halts_gives_a_premature_halting_mismatch(runs) -> None:
+    found = doctor(runs["premature"])
+    f = found["eval-halting-mismatch"]
+    assert f["first_step"] == STEPS and f["evidence"]["kind"] == "premature"
+    assert f["evidence"]["mean_would_halt_step"] == 1.0
+    assert f["evidence"]["exact_at_max_step"] - f["evidence"]["exact_at_would_halt"] >= 0.1
+    assert load_findings(runs["premature"]).set_index("code").loc["eval-halting-mismatch", "first_step"] == STEPS
 
 
 def test_an_ema_slower_than_the_run_gives_an_ema_gap(runs) -> None:
