@@ -542,3 +542,47 @@ def _fmt(row: str, v: Any) -> str:
     if row in ("samples consumed", "steps"):
         return f"{int(v):,}"
     return f"{v:.2f}"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Evaluation audits (diagnostics.eval_audits; the Samples tab)
+
+def eval_act_step_figure(audits: pd.DataFrame, weights: str | None = None,
+                         title: str = "Held-out exact accuracy at each ACT step", height: int = HEIGHT + 40) -> Figure:
+    """Exact accuracy of the answer at every ACT step, one line per evaluation of ``weights`` (default: the
+    evaluated ones, EMA when audited, else raw), older evaluations fainter; the last one's would-halt point (mean
+    would-halt step, exact there) as a diamond, and its other weights dashed. ``audits``: ``load_eval_audits``."""
+    if audits is None or audits.empty:
+        return empty_figure("no evaluation audits in this trace (evaluations of schema-3 traces record them)", title,
+                            height)
+    present = set(audits["weights"])
+    weights = weights or ("ema" if "ema" in present else "raw")
+    if weights not in present:
+        return empty_figure(f"no evaluation audits of the {weights} weights", title, height)
+    mine = audits[audits["weights"] == weights]
+    steps = sorted(int(s) for s in mine["step"].unique())
+    data: list[dict[str, Any]] = []
+    for i, step in enumerate(steps):
+        rows = mine[mine["step"] == step].sort_values("act_step")
+        newest = step == steps[-1]
+        alpha = 1.0 if newest else 0.25 + 0.5 * (i + 1) / len(steps)
+        data.append({"type": "scatter", "mode": "lines+markers", "name": f"eval @ {step} ({weights})",
+                     "x": rows["act_step"].to_numpy(dtype=float).tolist(), "y": _y(rows["exact"]),
+                     "line": {"color": _alpha(C["eval"], alpha), "width": 2.5 if newest else 1.2},
+                     "marker": {"size": 6 if newest else 4, "color": _alpha(C["eval"], alpha)},
+                     "showlegend": newest or len(steps) <= 4, "hovertemplate": "%{y:.1%}"})
+    last = mine[mine["step"] == steps[-1]].iloc[0]
+    data.append({"type": "scatter", "mode": "markers", "name": "would-halt (mean step)",
+                 "x": [float(last["halt_step"])], "y": _y([last["halt_exact"]]),
+                 "marker": {"symbol": "diamond", "size": 11, "color": C["halted"]},
+                 "hovertemplate": f"{last['halt_rule']}: %{{y:.1%}} at mean step %{{x:.2f}}"})
+    other = audits[(audits["step"] == steps[-1]) & (audits["weights"] != weights)]
+    for name, rows in other.groupby("weights"):
+        rows = rows.sort_values("act_step")
+        data.append({"type": "scatter", "mode": "lines", "name": f"eval @ {steps[-1]} ({name})",
+                     "x": rows["act_step"].to_numpy(dtype=float).tolist(), "y": _y(rows["exact"]),
+                     "line": {"color": C["inflight"], "width": 1.5, "dash": "dash"}, "hovertemplate": "%{y:.1%}"})
+    lay = layout(title, height, y_title="held-out exact", percent=True)
+    lay["xaxis"] = _axis(title="ACT step", dtick=1)
+    lay["hovermode"] = "closest"
+    return figure(data, lay)

@@ -10,8 +10,8 @@ import importlib
 from typing import Any
 
 __all__ = ["EVENTS_VERSION", "CarryShape", "CarryView", "PhaseClock", "RunSpec", "StepEvents", "TracedRun",
-           "build_events", "load_run", "trace_run"]
-_HOME = {"load_run": "diagnostics.loading",
+           "build_events", "load_eval_audits", "load_run", "trace_run"]
+_HOME = {"load_run": "diagnostics.loading", "load_eval_audits": "diagnostics.loading",
          **{name: "diagnostics.session" for name in ("CarryShape", "RunSpec", "TracedRun", "build_events", "trace_run")}}
 
 

@@ -1,4 +1,5 @@
-"""``etrm-doctor RUN [--json] [--export csv|parquet FILE]``: findings of a run, recomputed from its steps table.
+"""``etrm-doctor RUN [--json] [--export csv|parquet FILE]``: findings of a run, recomputed from its steps table
+and its evaluation audits.
 
 Exit 0 when no error finding holds, 1 when one does, 2 on bad input (missing or corrupt run, bad arguments). With
 ``--export`` the exit is 0 once the file is written (scripts that export must not fail on a finding), unless
@@ -14,8 +15,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from diagnostics import figures
-from diagnostics.doctor import DoctorConfig, Finding, diagnose, has_error, summary
-from diagnostics.loading import as_json_value, load_evals, load_run
+from diagnostics.doctor import DoctorConfig, Finding, diagnose, has_error, ordered, summary
+from diagnostics.eval_findings import diagnose_evals
+from diagnostics.loading import as_json_value, load_eval_audits, load_evals, load_run
 from diagnostics.store import TraceError
 
 PROG = "etrm-doctor"
@@ -34,7 +36,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Findings of a traced etrm run: gradient starvation, label misalignment, "
-                                       "wasted encoder work, non-finite loss, halting collapse, dropped samples.")
+                                       "wasted encoder work, non-finite loss, halting collapse, dropped samples, "
+                                       "evaluation halting mismatch, EMA gap.")
     p.add_argument("run", metavar="RUN", help="run directory (holding trace.sqlite) or the trace file itself")
     p.add_argument("--json", action="store_true", help="print JSON with 'summary' and 'findings' instead of a report")
     p.add_argument("--export", nargs=2, metavar=("FORMAT", "FILE"),
@@ -55,6 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise _BadInput(f"--export format must be csv or parquet, not {args.export[0]!r}")
         df = load_run(args.run)
         evals = load_evals(args.run)
+        audits = load_eval_audits(args.run)
     except (_BadInput, TraceError, ValueError) as exc:
         return _fail(exc)
     meta = df.attrs.get("meta", {})
@@ -62,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.set:
         print(f"{PROG}: what-if with {', '.join(args.set)}: findings recomputed with these thresholds; read-only, "
               "the run's config and stored findings are unchanged", file=sys.stderr)
-    findings = diagnose(df, meta, cfg)
+    findings = ordered(diagnose(df, meta, cfg) + diagnose_evals(audits, meta, cfg))
     info = summary(df, meta, cfg=cfg)
     info["what_if"] = list(args.set)
     if len(evals):

@@ -645,7 +645,12 @@ def diagnose(df: pd.DataFrame, meta: Mapping[str, Any] | None = None, cfg: Docto
     """Every finding that holds on the steps table, errors first, then by first step."""
     found = earliest_per_code(f for rule in (RULES if rules is None else rules)
                               if (f := check(rule, df, meta, cfg, alignment)) is not None)
-    return sorted(found, key=lambda f: (SEVERITIES.index(f.severity), f.first_step or 0))
+    return ordered(found)
+
+
+def ordered(findings: Iterable[Finding]) -> list[Finding]:
+    """Findings in report order: errors first, then by first step."""
+    return sorted(findings, key=lambda f: (SEVERITIES.index(f.severity), f.first_step or 0))
 
 
 def has_error(findings: Iterable[Finding]) -> bool:

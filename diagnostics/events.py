@@ -58,6 +58,11 @@ def q_says_halt(q_halt_logits: Tensor, q_continue_logits: Optional[Tensor] = Non
     return q_halt_logits > 0
 
 
+def q_halt_rule(q_continue: bool) -> str:
+    """The name of the rule ``q_says_halt`` applies (what an evaluation audit records it halted by)."""
+    return "q_halt > q_continue" if q_continue else "q_halt > 0"
+
+
 @dataclass
 class PhaseClock:
     """Phase timings of one step: CUDA events on GPU (read at flush), perf_counter on CPU. Never syncs."""

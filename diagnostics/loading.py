@@ -86,6 +86,16 @@ def load_evals(path: str | Path) -> pd.DataFrame:
         return reader.read_evals(conn)
 
 
+def load_eval_audits(path: str | Path) -> pd.DataFrame:
+    """The evaluation audits (``diagnostics.eval_audits``): one row per (eval step, weights, ACT step) with columns
+    ``step``, ``weights`` (``ema``/``raw``), ``act_step`` (1..max), ``exact``, ``token`` (the answer at that ACT step),
+    ``halt_share`` (share of samples whose would-halt step it is), and per eval ``halt_exact``, ``halt_token``,
+    ``halt_step`` (at the would-halt step), ``count``, ``config_hash``, ``halt_rule``. Empty for traces before
+    schema 3."""
+    with _trace(path) as conn:
+        return reader.read_eval_audits(conn)
+
+
 def load_timings(path: str | Path) -> pd.DataFrame:
     """Per-rank phase timings in long form: step, rank, phase, seconds."""
     with _trace(path) as conn:

@@ -4,8 +4,9 @@ A live trainer may be writing the trace (WAL), so every connection is read-only 
 failure is a ``TraceError`` with a one-line message. No reader ever writes to a trace. Served here: the meta, the
 step range and columns, steps after step N (a live tail), bucketed sums and min/max envelopes over any step range
 (``Spec``, ``sql_buckets``; ``aggregate_rows``/``merge_frames`` do the same in memory), phase timings, evals,
-findings, markers and heartbeat (the run-status inputs), and the first offending alignment samples. Figures are
-added to bucketed frames by ``finish`` from the registry (``diagnostics.figures``).
+evaluation audits (``read_eval_audits``), findings, markers and heartbeat (the run-status inputs), and the first
+offending alignment samples. Figures are added to bucketed frames by ``finish`` from the registry
+(``diagnostics.figures``).
 
 A bucketed frame has one row per bucket: ``step`` (last step in it), ``step_lo``, ``n`` (rows), the sum of each
 stored column asked for, and ``<name>_min``/``<name>_max`` envelopes of per-step values; the figures are exact at
@@ -25,8 +26,8 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from diagnostics import figures
-from diagnostics.store import ROLLUP_WIDTHS, SCHEMA_VERSION, TRACE_NAME, TraceError, read_meta, read_only_uri, readable, rollup_table
+from diagnostics import eval_audits, figures
+from diagnostics.store import EVAL_AUDIT_TABLES, ROLLUP_WIDTHS, SCHEMA_VERSION, TRACE_NAME, TraceError, read_meta, read_only_uri, readable, rollup_table
 
 MAX_BUCKETS = 800            # points per series over any visible range
 MAX_TIMING_STEPS = 2_000     # timings of at most this many steps are read per range (sampled evenly beyond)
@@ -385,6 +386,22 @@ def read_evals(conn: sqlite3.Connection) -> pd.DataFrame:
     return wide.astype(float)
 
 
+def read_eval_audits(conn: sqlite3.Connection) -> pd.DataFrame:
+    """The evaluation audits (schema 3; ``diagnostics.eval_audits.COLUMNS``): one row per eval step, weights and
+    ACT step, with the eval's would-halt figures, config hash and halt rule on each. Empty (same columns) for a
+    trace of an older schema, which has no audits."""
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if not set(EVAL_AUDIT_TABLES) <= tables:
+        return pd.DataFrame({c: pd.Series(dtype=float) for c in eval_audits.COLUMNS})
+    cols = ", ".join(f"{'s' if c in _ACT_STEP_COLUMNS else 'a'}.{_q(c)}" for c in eval_audits.COLUMNS)
+    df = pd.read_sql_query(f"SELECT {cols} FROM eval_act_steps s JOIN eval_audits a USING (step, weights) "
+                           "ORDER BY s.step, s.weights, s.act_step", conn)
+    return df.astype({"step": "int64", "act_step": "int64"})
+
+
+_ACT_STEP_COLUMNS = ("step", "weights", "act_step", "exact", "token", "halt_share")
+
+
 def read_findings(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     """The findings the trainer stored: code, severity, first_step, evidence (a dict), message."""
     rows = conn.execute("SELECT code, severity, first_step, evidence, message FROM findings").fetchall()
@@ -427,6 +444,6 @@ def _json(text: Any) -> Any:
 
 __all__ = ["CONNECT_TIMEOUT_S", "MAX_BUCKETS", "MAX_TIMING_STEPS", "Spec", "aggregate_rows", "bucket_width",
            "connect", "describe_sqlite_error", "envelope_sql", "envelope_values", "finish", "halt_columns",
-           "merge_frames", "ratio_spec", "read_alignment", "read_evals", "read_findings", "read_markers", "read_meta",
+           "merge_frames", "ratio_spec", "read_alignment", "read_eval_audits", "read_evals", "read_findings", "read_markers", "read_meta",
            "read_rows", "read_status_inputs", "read_timings", "readable", "rollup_widths", "sql_buckets", "step_columns",
            "step_range"]

@@ -11,6 +11,11 @@ counter column (NULL counts 0), and ``<figure>__min``/``<figure>__max`` of every
 They are written in the same transaction as their rows, and kept equal to the sums of their rows across a resume's
 truncation. A view of any step range then reads on the order of a thousand rows whatever the run's length.
 
+Version 3 adds (issue 14, evaluation audits; ``_TABLES_V3_EVAL_AUDITS``): ``eval_audits(step, weights, config_hash,
+halt_rule, count, halt_exact, halt_token, halt_step)``, one row per evaluation and weights (``ema``/``raw``), and
+``eval_act_steps(step, weights, act_step, exact, token, halt_share)``, one row per evaluation, weights and ACT step
+(``diagnostics.eval_audits``).
+
 Version 1 (``meta.schema_version``):
 - ``meta(key, value)``: schema version, run description (model, mode, preset, max_steps, trace_every, config JSON).
 - ``counters(name, probe, description)``: the per-step columns, self-describing; probes may add columns.
@@ -33,7 +38,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any, Iterable
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 ROLLUP_WIDTHS = (64, 4096, 262144)
 TRACE_NAME = "trace.sqlite"
 
@@ -53,6 +58,18 @@ CREATE TABLE IF NOT EXISTS markers (time REAL NOT NULL, kind TEXT NOT NULL, step
 CREATE TABLE IF NOT EXISTS heartbeat (id INTEGER PRIMARY KEY CHECK (id = 0), time REAL NOT NULL,
                                       step INTEGER NOT NULL);
 """
+
+# ---- schema version 3: evaluation audits (issue 14, item 2; diagnostics.eval_audits) ----------------------------
+_TABLES_V3_EVAL_AUDITS = """
+CREATE TABLE IF NOT EXISTS eval_audits (step INTEGER NOT NULL, weights TEXT NOT NULL, config_hash TEXT NOT NULL,
+                                        halt_rule TEXT NOT NULL, count REAL, halt_exact REAL, halt_token REAL,
+                                        halt_step REAL, PRIMARY KEY (step, weights));
+CREATE TABLE IF NOT EXISTS eval_act_steps (step INTEGER NOT NULL, weights TEXT NOT NULL, act_step INTEGER NOT NULL,
+                                           exact REAL, token REAL, halt_share REAL,
+                                           PRIMARY KEY (step, weights, act_step));
+"""
+EVAL_AUDIT_TABLES = ("eval_audits", "eval_act_steps")
+# ---- end of schema version 3: evaluation audits ------------------------------------------------------------------
 
 
 def readable(version: Any) -> bool:
@@ -84,6 +101,7 @@ class TraceWriter:
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.executescript(_TABLES)
+        self.conn.executescript(_TABLES_V3_EVAL_AUDITS)
         existing = dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
         if "schema_version" in existing and not readable(schema_version(existing["schema_version"], self.path)):
             raise TraceError(f"{self.path} has trace schema {existing['schema_version']}, this etrm writes "
@@ -94,7 +112,8 @@ class TraceWriter:
         self.conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", rows.items())
         self.columns = [r[1] for r in self.conn.execute("PRAGMA table_info(steps)").fetchall() if r[1] != "step"]
         self.rollups = Rollups(self.conn, self.columns)
-        if had_rows and int(version) < 2:  # resuming a version-1 trace: its rows got rollups (additive)
+        if had_rows and int(version) < SCHEMA_VERSION:  # resuming an older trace: what later versions add is added
+            # (rollups of its rows from version 2, empty eval audit tables from version 3)
             self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('upgraded_from', ?)", (version,))
         self.conn.commit()
 
@@ -130,6 +149,17 @@ class TraceWriter:
         self.conn.executemany("INSERT OR REPLACE INTO evals VALUES (?, ?, ?)",
                               [(step, k, _num(v)) for k, v in values.items()])
 
+    def write_eval_audits(self, audits: Iterable[Any]) -> None:
+        """Store evaluation audits (``diagnostics.eval_audits.EvalAudit``): one ``eval_audits`` row each, one
+        ``eval_act_steps`` row per ACT step (schema version 3)."""
+        for a in audits:
+            self.conn.execute("INSERT OR REPLACE INTO eval_audits VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                              (a.step, a.weights, a.config_hash, a.halt_rule, _num(a.count), _num(a.halt_exact),
+                               _num(a.halt_token), _num(a.halt_step)))
+            self.conn.executemany("INSERT OR REPLACE INTO eval_act_steps VALUES (?, ?, ?, ?, ?, ?)",
+                                  [(a.step, a.weights, s.act_step, _num(s.exact), _num(s.token), _num(s.halt_share))
+                                   for s in a.act_steps])
+
     def write_alignment(self, rows: list[tuple[int, int, int, int, int]]) -> None:
         self.conn.executemany("INSERT INTO alignment_samples VALUES (?, ?, ?, ?, ?)", rows)
 
@@ -145,7 +175,7 @@ class TraceWriter:
 
     def truncate_after(self, step: int) -> None:
         """Delete every row past ``step`` (``--resume`` from a checkpoint at ``step``): no step is duplicated."""
-        for table in ("steps", "timings", "evals", "alignment_samples"):
+        for table in ("steps", "timings", "evals", "alignment_samples", *EVAL_AUDIT_TABLES):
             self.conn.execute(f"DELETE FROM {table} WHERE step > ?", (step,))
         self.rollups.rebuild(step + 1)  # every bucket equals the sum of its remaining rows
         # a finding that first held on a deleted row is found again (or not) when those steps are re-run

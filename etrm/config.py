@@ -7,6 +7,8 @@ One config system: presets (TOML), ``--config FILE.toml`` and dotted ``key=value
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -261,6 +263,10 @@ class TrainConfig:
     data_path: str = "auto"  # device / pinned: no host sync per step; host: upstream's way; auto: device if it fits
     eval_every: int = 100
     eval_batch_size: int = 64
+    # With EMA on, evaluations score the EMA weights; every ``eval_raw_every``-th evaluation (the one at step
+    # k * eval_every with k a multiple of it) and the last one also score the raw weights, for the EMA audit
+    # (diagnostics.eval_audits). 1: every evaluation (doubles eval time); 0: never.
+    eval_raw_every: int = 1
     checkpoint_every: int = 100
     trace_every: int = 20
     device: str = "auto"
@@ -271,6 +277,7 @@ class TrainConfig:
         s = "train."
         for name in ("batch_size", "max_steps", "eval_every", "eval_batch_size", "checkpoint_every", "trace_every"):
             _positive(s, name, getattr(self, name))
+        _positive(s, "eval_raw_every", self.eval_raw_every, 0)
         for name in ("lr", "lr_warmup_steps", "weight_decay", "grad_clip", "puzzle_emb_lr",
                      "puzzle_emb_weight_decay", "encoder_lr_scale"):
             _positive(s, name, getattr(self, name), 0.0)
@@ -394,6 +401,11 @@ class Config:
         """Nested plain dict (enum members as their strings, for TOML, JSON and ``weights_only`` checkpoints), the
         inverse of ``from_dict``."""
         return dataclasses.asdict(self, dict_factory=_plain_dict)
+
+    def digest(self) -> str:
+        """A short hash of the whole config (sorted JSON of ``to_dict``): which config an evaluation ran under."""
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def _plain_dict(items: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -130,3 +133,21 @@ def mode_config(mode: str, **sections: Any) -> Config:
 @pytest.fixture
 def make_mode_config() -> Callable[..., Config]:
     return mode_config
+
+
+@pytest.fixture(scope="session")
+def train_side_by_side() -> Callable[..., dict[str, Path]]:
+    """``train_side_by_side(root, {name: etrm-train args})`` -> {name: run dir}: the runs trained at once, one thread
+    each, into ``root/name``; each must exit 0 (its output is the assertion message otherwise)."""
+
+    def train(root: Path, runs: dict[str, list[str]], timeout: float = 1800) -> dict[str, Path]:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        exe = str(Path(sys.executable).parent / "etrm-train")
+        procs = {name: subprocess.Popen([exe, *args, "--run-dir", str(root / name)], stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True, env=env) for name, args in runs.items()}
+        for name, proc in procs.items():
+            out, _ = proc.communicate(timeout=timeout)
+            assert proc.returncode == 0, out
+        return {name: root / name for name in runs}
+
+    return train

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,18 +41,9 @@ def _demo_module():
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("demo-halting")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    procs = {}
-    for name, args in MODES.items():  # side by side, one thread each
-        cmd = [str(_bin / "etrm-train"), *args, "--trace", "--max-steps", str(STEPS),
-               "--device", "cpu", "--run-dir", str(root / name)]
-        procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    for name, proc in procs.items():
-        out, _ = proc.communicate(timeout=1800)
-        assert proc.returncode == 0, out
-    return {name: root / name for name in MODES}
+def runs(tmp_path_factory, train_side_by_side) -> dict[str, Path]:
+    return train_side_by_side(tmp_path_factory.mktemp("demo-halting"), {
+        name: [*args, "--trace", "--max-steps", str(STEPS), "--device", "cpu"] for name, args in MODES.items()})
 
 
 def test_reencode_halts_early_and_fct_never(runs):

@@ -64,3 +64,10 @@ def format_eval(step: int, res: dict[str, float], base: dict[str, float]) -> str
                                           f"{int(res['arc.tasks'])} tasks" if "arc.pass@1" in res else "")
             + (f" | maze valid shortest path {res[VALID_PATH_KEY]:.3f} (at halt {res['halt.' + VALID_PATH_KEY]:.3f})"
                if VALID_PATH_KEY in res else ""))
+
+
+def format_raw_eval(step: int, raw: dict[str, float], ema: dict[str, float]) -> str:
+    """One line: the raw weights' held-out exact accuracy (at max steps and at the would-halt step) beside the EMA's."""
+    gap, halt_gap = ema["exact"] - raw["exact"], ema["halt.exact"] - raw["halt.exact"]
+    return (f"eval @ {step} raw weights: exact {raw['exact']:.3f} (EMA - raw {gap:+.3f}) | at would-halt step "
+            f"exact {raw['halt.exact']:.3f} (EMA - raw {halt_gap:+.3f})")

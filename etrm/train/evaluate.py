@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diagnostics.eval_audits import ACT_FIELDS, act_key
 from diagnostics.events import q_says_halt
 from etrm.loss import IGNORE_LABEL
 
@@ -28,6 +29,17 @@ def would_halt_step(q_halt_per_step: torch.Tensor, q_continue_per_step: torch.Te
     says = q_says_halt(q_halt_per_step, q_continue_per_step)
     first = torch.where(says.any(0), says.int().argmax(0), t - 1)
     return first
+
+
+def act_step_sums(preds: torch.Tensor, labels: torch.Tensor, halt_step: torch.Tensor,
+                  real: torch.Tensor) -> torch.Tensor:
+    """Sums over the ``real`` rows, per ACT step, of exact, token accuracy and "would halt here" (the order of
+    ``ACT_FIELDS``, steps inner): preds [T, B, L], labels [B, L], 0-based halt_step [B] -> [3 * T], on the device."""
+    t = preds.shape[0]
+    exact, token = exact_and_token(preds, labels.unsqueeze(0))  # [T, B] each
+    halts = torch.nn.functional.one_hot(halt_step, t).T  # [T, B]
+    stacked = torch.stack([exact.double(), token.double(), halts.double()])  # [3, T, B]
+    return (stacked * real.double()).sum(-1).reshape(-1)
 
 
 def baselines(inputs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -108,9 +120,12 @@ def evaluate(model, dataset, batch_size: int, device: torch.device, autocast,
              out_dir: Path | None = None) -> dict[str, float]:
     """Evaluate ``model`` on every sample of ``dataset``; returns means over samples and the sample count.
 
-    On an ARC eval set (``dataset.arc_index``) it also votes over augmentations (``arc.pass@1``, ``arc.pass@2``,
-    ``arc.tasks``) and, given ``out_dir``, writes ``submission.json`` there. A set with a ``row_scorer`` (the maze
-    set's valid shortest path) also reports each of its scores at max steps (``NAME``) and at halt (``halt.NAME``).
+    Per ACT step k = 1..``model.max_steps`` (the audit, ``diagnostics.eval_audits``): ``act.<k>.exact`` and
+    ``act.<k>.token`` (the answer at step k) and ``act.<k>.halts`` (the share of samples whose would-halt step is k),
+    from the same ACT run. On an ARC eval set (``dataset.arc_index``) it also votes over augmentations
+    (``arc.pass@1``, ``arc.pass@2``, ``arc.tasks``) and, given ``out_dir``, writes ``submission.json`` there. A set
+    with a ``row_scorer`` (the maze set's valid shortest path) also reports each of its scores at max steps
+    (``NAME``) and at halt (``halt.NAME``).
     """
     index = getattr(dataset, "arc_index", None)
     votes = ArcVotes() if index is not None else None
@@ -118,6 +133,9 @@ def evaluate(model, dataset, batch_size: int, device: torch.device, autocast,
     sums = {"exact": 0.0, "token": 0.0, "halt.exact": 0.0, "halt.token": 0.0, "halt.step": 0.0}
     if scorer is not None:  # every key present from the start: sharded ranks must reduce the same keys
         sums.update({f"{p}{name}": 0.0 for name in scorer.names for p in ("", "halt.")})
+    max_steps = int(model.max_steps)
+    act_names = [act_key(k, what) for what in ACT_FIELDS for k in range(1, max_steps + 1)]
+    act_sums = torch.zeros(len(act_names), dtype=torch.float64, device=device)
     n = len(dataset)
     for start in range(0, n, batch_size):
         ids = np.arange(start, start + batch_size)
@@ -134,6 +152,7 @@ def evaluate(model, dataset, batch_size: int, device: torch.device, autocast,
         for key, val in (("exact", exact), ("token", token), ("halt.exact", h_exact), ("halt.token", h_token),
                          ("halt.step", step + 1)):
             sums[key] += val[real].float().sum().item()
+        act_sums += act_step_sums(res["preds"], labels, step, real)
         if scorer is not None:
             x, y = batch["inputs"][real].cpu().numpy(), labels[real].cpu().numpy()
             for prefix, p in (("", res["preds"][-1]), ("halt.", halt_preds)):
@@ -146,6 +165,7 @@ def evaluate(model, dataset, batch_size: int, device: torch.device, autocast,
             for row, pred, qp in zip(rows, preds, q):
                 grid = index.to_original(int(row), pred)
                 votes.add(index.task_names[index.row_task[row]], int(index.row_test[row]), grid, float(qp))
+    sums.update(zip(act_names, act_sums.tolist()))
     out = {k: v / max(n, 1) for k, v in sums.items()}
     out["count"] = float(n)
     if votes is not None:

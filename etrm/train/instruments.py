@@ -14,7 +14,8 @@ Order of the calls of one training step (``Trainer.train_step``)::
     after_step(step)                the optimizer step is done
 
 and of the loop (``Trainer.run``): ``on_start``; per flush ``flush_rows`` (the rows the tracer read back) then
-``on_flush(rows, step)``; ``on_eval(step, values)``; ``on_checkpoint(step)`` before a checkpoint is written;
+``on_flush(rows, step)``; ``on_eval(step, values)`` then ``on_eval_audit(step, audits)`` (the evaluation audits:
+``diagnostics.eval_audits``); ``on_checkpoint(step)`` before a checkpoint is written;
 ``on_end(step, status, detail)`` once, however the run ends (``end``, ``stopped``, ``crashed``).
 """
 
@@ -22,14 +23,16 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from rich.markup import escape
 
 from diagnostics.doctor import Finding, LiveDoctor
+from diagnostics.eval_audits import EvalAudit
+from diagnostics.eval_findings import LiveEvalDoctor
 from diagnostics.events import PhaseClock, StepEvents
-from diagnostics.loading import load_run
+from diagnostics.loading import load_eval_audits, load_run
 from diagnostics.probes import default_probes
 from diagnostics.profiling import PROFILER_DIR, ProfilerWindows, WindowSchedule
 from diagnostics.runtime_check import InvariantChecker
@@ -75,6 +78,7 @@ class Instrument:
         return []
     def on_flush(self, rows: Rows, step: int) -> None: ...
     def on_eval(self, step: int, values: Mapping[str, float]) -> None: ...
+    def on_eval_audit(self, step: int, audits: Sequence[EvalAudit]) -> None: ...
     def on_checkpoint(self, step: int) -> None: ...
     def on_end(self, step: int, status: str, detail: str) -> None: ...
 
@@ -139,6 +143,10 @@ class Instruments(list):
     def on_eval(self, step: int, values: Mapping[str, float]) -> None:
         for i in self:
             i.on_eval(step, values)
+
+    def on_eval_audit(self, step: int, audits: Sequence[EvalAudit]) -> None:
+        for i in self:
+            i.on_eval_audit(step, audits)
 
     def on_checkpoint(self, step: int) -> None:
         for i in self:
@@ -208,6 +216,11 @@ class Trace(Instrument):
         if not self.closed:
             self.tracer.submit(lambda w: w.write_eval(step, values))
 
+    def on_eval_audit(self, step: int, audits: Sequence[EvalAudit]) -> None:
+        audits = list(audits)
+        if not self.closed:
+            self.tracer.submit(lambda w: w.write_eval_audits(audits))
+
     def on_checkpoint(self, step: int) -> None:
         self.tracer.drain()  # every row up to this step is committed before the checkpoint (resume loses none)
 
@@ -236,11 +249,13 @@ class CheckInvariants(Instrument):
 
 
 class Doctor(Instrument):
-    """The live doctor (rank 0 of a traced run): each flush's rows in, findings printed and stored the first time
-    they hold. ``new`` holds the findings of the last flush, for instruments after it (profiler, W&B)."""
+    """The live doctor (rank 0 of a traced run): each flush's rows and each evaluation's audits in, findings printed
+    and stored the first time they hold. ``new`` holds the findings of the last flush, for instruments after it
+    (profiler, W&B); ``findings`` every finding so far."""
 
-    def __init__(self, doctor: LiveDoctor, trace: Trace) -> None:
+    def __init__(self, doctor: LiveDoctor, trace: Trace, evals: LiveEvalDoctor | None = None) -> None:
         self.doctor, self.trace = doctor, trace
+        self.evals = evals or LiveEvalDoctor(doctor.meta, doctor.cfg)
         self.reporter: Reporter | None = None
         self.new: list[Finding] = []
 
@@ -249,7 +264,18 @@ class Doctor(Instrument):
 
     def on_flush(self, rows: Rows, step: int) -> None:
         self.new = self.doctor.update(rows, alignment=self.trace.tracer.last_alignment)
-        for finding in self.new:
+        self.report(self.new)
+
+    @property
+    def findings(self) -> list[Finding]:
+        return [*self.doctor.findings, *self.evals.findings]
+
+    def on_eval_audit(self, step: int, audits: Sequence[EvalAudit]) -> None:
+        self.report(self.evals.update(audits))  # the evaluation findings (diagnostics.eval_findings)
+
+    def report(self, findings: Sequence[Finding]) -> None:
+        """Print each new finding and store it in the trace."""
+        for finding in findings:
             text = f"{finding.code} (step {finding.first_step}): {finding.message}"
             if self.reporter is not None:
                 if finding.severity == "info":  # a fact about the run (e.g. dropped-samples), not a defect
@@ -402,10 +428,11 @@ def add_trace(trainer: "Trainer", preset: str | None = None) -> Trace:
                     reduce=reduce, gather=gather)
     trace = trainer.add(Trace(tracer, cuda=trainer.device.type == "cuda"))
     if dist.is_main:
-        doctor = LiveDoctor(meta, trainer.cfg.doctor)
+        doctor, evals = LiveDoctor(meta, trainer.cfg.doctor), LiveEvalDoctor(meta, trainer.cfg.doctor)
         if trainer.step:  # resumed: findings that already held must not fire (and be re-stored) again
             doctor.replay(load_run(trainer.run_dir))
-        trainer.add(Doctor(doctor, trace))
+            evals.replay(load_eval_audits(trainer.run_dir))
+        trainer.add(Doctor(doctor, trace, evals))
     return trace
 
 

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from rich.markup import escape
 
-from diagnostics.events import StepEvents
+from diagnostics.eval_audits import EMA as EMA_WEIGHTS, RAW, EvalAudit, without_act_steps
+from diagnostics.events import StepEvents, q_halt_rule
 from diagnostics.session import grad_groups
 from etrm.config import Config
 from etrm.data.build import build_datasets
@@ -31,7 +32,7 @@ from etrm.model.faults import build_model
 from etrm.model.puzzle_emb import SignSGD
 from etrm.train import distributed, finite_guard, memory
 from etrm.train.checkpoint import load_checkpoint, save_checkpoint
-from etrm.train.console import Reporter, format_eval
+from etrm.train.console import Reporter, format_eval, format_raw_eval
 from etrm.train.distributed import SINGLE, DistEnv
 from etrm.train.ema import EMA
 from etrm.train.evaluate import baselines, evaluate
@@ -243,21 +244,33 @@ class Trainer:
         inst.after_step(self.step)
         return events, metrics
 
-    def evaluate(self) -> dict[str, float]:
-        """Held-out metrics with the EMA weights (when enabled) and a fresh carry."""
-        if self.ema is not None:
-            self.ema.copy_to(self.eval_model, self.model)
+    @property
+    def eval_weights(self) -> str:
+        """The weights evaluations score: ``ema`` when EMA is on, else ``raw``."""
+        return EMA_WEIGHTS if self.ema is not None else RAW
+
+    def evaluate(self, weights: str | None = None) -> dict[str, float]:
+        """Held-out metrics with a fresh carry: with the EMA weights when enabled (``weights="raw"``: the raw ones
+        even then; only the evaluation of ``eval_weights`` writes an ARC submission). Keys: see ``evaluate``."""
+        model, out_dir = self.model, self.run_dir
+        if weights is None or weights == self.eval_weights:
+            if self.ema is not None:
+                self.ema.copy_to(self.eval_model, self.model)
+                model = self.eval_model
+        else:
+            out_dir = None
         if not self.dist.enabled or getattr(self.eval_ds, "arc_index", None) is not None:
             # One process, or ARC (voting over augmentations needs every prediction of a task in one place): rank 0
             # evaluates the whole set (and writes the submission) and sends the results to the other ranks.
             out = None
             if self.dist.is_main:
-                out = evaluate(self.eval_model, self.eval_ds, self.cfg.train.eval_batch_size, self.device,
-                               self.autocast, out_dir=self.run_dir)
+                out = evaluate(model, self.eval_ds, self.cfg.train.eval_batch_size, self.device,
+                               self.autocast, out_dir=out_dir)
             return distributed.broadcast_object(out, self.dist)
-        # Under torchrun each rank evaluates every world-th sample; the per-sample sums are added over ranks.
+        # Under torchrun each rank evaluates every world-th sample; the per-sample sums (the per-ACT-step ones too)
+        # are added over ranks.
         shard = distributed.EvalShard(self.eval_ds, self.dist)
-        out = evaluate(self.eval_model, shard, self.cfg.train.eval_batch_size, self.device, self.autocast)
+        out = evaluate(model, shard, self.cfg.train.eval_batch_size, self.device, self.autocast)
         keys = [k for k in out if k != "count"]
         sums = torch.tensor([out[k] * out["count"] for k in keys] + [out["count"]], dtype=torch.float64,
                             device=self.device)
@@ -291,8 +304,9 @@ class Trainer:
                         status, detail = "stopped", flushed.message  # what went non-finite, and what is kept
                         break
                     stop = stop or flushed.stop
-                if eval_due:  # eval: the EMA weights on the held-out set, from a fresh carry
-                    result.last_eval = self.evaluate_and_report(reporter, result.baselines)
+                if eval_due:  # eval: the EMA weights on the held-out set, from a fresh carry (and the raw ones)
+                    result.last_eval = self.evaluate_and_report(reporter, result.baselines,
+                                                                last=self.step >= max_steps)
                 if ckpt_due:  # checkpoint
                     self.save()
             if stop and not result.non_finite:  # Ctrl-C (on any rank): save where the run stands
@@ -341,11 +355,30 @@ class Trainer:
         reporter.step(self.step, meter.log(stats, self.step, self.cfg.train.batch_size))
         return Flushed(stop=stop, non_finite=False)
 
-    def evaluate_and_report(self, reporter: Reporter, base: dict[str, float]) -> dict[str, float]:
-        """Evaluate, print the line, and hand the results (with the baselines) to the instruments."""
+    def raw_audit_due(self, last: bool = False) -> bool:
+        """Whether this evaluation also scores the raw weights (EMA on; every ``train.eval_raw_every``-th
+        evaluation, counted as step // eval_every so that a resumed run keeps the cadence, and the last one)."""
+        k = self.cfg.train.eval_raw_every
+        return self.ema is not None and k > 0 and (last or (self.step // self.cfg.train.eval_every) % k == 0)
+
+    def audit(self, weights: str, values: dict[str, float]) -> EvalAudit:
+        """The evaluation audit of ``values`` (``evaluate``'s result for ``weights``) at this step."""
+        return EvalAudit.from_values(self.step, weights, values, self.cfg.digest(),
+                                     q_halt_rule(self.cfg.act.q_continue))
+
+    def evaluate_and_report(self, reporter: Reporter, base: dict[str, float], last: bool = False) -> dict[str, float]:
+        """Evaluate (and, when ``raw_audit_due``, the raw weights beside the EMA ones), print the lines, and hand
+        the results (with the baselines) and the audits to the instruments."""
         values = self.evaluate()
+        audits = [self.audit(self.eval_weights, values)]
+        values = without_act_steps(values)
         reporter.line(format_eval(self.step, values, base))
+        if self.raw_audit_due(last):
+            raw = self.evaluate(RAW)
+            audits.append(self.audit(RAW, raw))
+            reporter.line(format_raw_eval(self.step, without_act_steps(raw), values))
         self.instruments.on_eval(self.step, {**values, **{f"baseline.{k}": v for k, v in base.items()}})
+        self.instruments.on_eval_audit(self.step, audits)
         return values
 
     def _global_stats(self, acc: dict[str, torch.Tensor]) -> dict[str, float]:

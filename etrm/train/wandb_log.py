@@ -79,7 +79,7 @@ class WandB(Instrument):
         if self.finished:
             return
         self.finished = True
-        findings = self.doctor.doctor.findings if self.doctor is not None else []
+        findings = self.doctor.findings if self.doctor is not None else []
         table = self.wandb.Table(columns=list(FINDING_COLUMNS), data=[
             [f.code, f.severity, f.first_step, f.message, str(f.to_dict()["evidence"])] for f in findings])
         self.run.log({"findings": table}, step=step)

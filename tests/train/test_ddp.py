@@ -115,6 +115,35 @@ def test_ddp_two_ranks(mode_args: list[str], ddp_args: list[str], torchrun, tmp_
         con.close()
     assert markers.count("start") == 1 and markers.count("end") == 1  # one writer
     assert timing_ranks == {0, 1}  # each rank's phase timings, stored by rank 0
+    assert_audits_are_whole_set(run_dir, STEPS)
+
+
+def assert_audits_are_whole_set(run_dir: Path, step: int) -> None:
+    """The evaluation audits of a two-rank run (each rank evaluated every other sample) equal one process's
+    evaluation of the checkpointed weights (EMA and raw) over the whole set: the per-ACT-step sums were reduced."""
+    from diagnostics import load_eval_audits
+    from diagnostics.eval_audits import act_key
+    from etrm.config import Config
+    from etrm.train.evaluate import evaluate
+    from etrm.train.trainer import Trainer
+
+    ckpt = load_checkpoint(run_dir)
+    assert ckpt["step"] == step
+    single = Trainer(Config.from_dict(ckpt["config"]), run_dir.parent / "single", device=torch.device("cpu"))
+    single.model.load_state_dict(ckpt["model"])
+    single.ema.load_state_dict(ckpt["ema"])
+    audits = load_eval_audits(run_dir)
+    last = audits[audits["step"] == step]
+    t = single.cfg.max_steps_per_sample
+    whole = {"ema": single.evaluate(), "raw": evaluate(single.model, single.eval_ds, 8, single.device, single.autocast)}
+    assert sorted(last["weights"].unique()) == ["ema", "raw"]
+    for weights, res in whole.items():
+        rows = last[last["weights"] == weights].sort_values("act_step")
+        assert (rows["count"] == len(single.eval_ds)).all()
+        for what, col in (("exact", "exact"), ("token", "token"), ("halts", "halt_share")):
+            np.testing.assert_allclose(rows[col], [res[act_key(k, what)] for k in range(1, t + 1)], atol=1e-9,
+                                       err_msg=f"{weights} {col}")
+        np.testing.assert_allclose(rows["halt_step"], res["halt.step"], atol=1e-9)
 
 
 def test_ddp_resume_restores_each_rank(ddp_args: list[str], torchrun, subprocess_env, tmp_path: Path) -> None:
