@@ -343,6 +343,7 @@ def coverage_figure(f: pd.DataFrame, threshold: float = 0.5, findings: Sequence[
     if side:
         lay["xaxis"]["domain"] = [0.0, 0.8]
         lay["legend"]["x"] = 0.8
+        lay["margin"]["b"] = 62  # room for the bars' labels and the two-line caption under them
         # the caption is the side axis's own title (laid out by Plotly's automargin, so never clipped), on two
         # lines to fit the narrow panel
         lay["xaxis2"] = _axis(domain=[0.85, 1.0], anchor="y2", ticks="", showgrid=False, fixedrange=True,
