@@ -126,16 +126,17 @@ def diversity_error(df: pd.DataFrame, every: int, window: int | None) -> dict[st
 
 
 def print_errors(source: str, df: pd.DataFrame, everies: tuple[int, ...]) -> None:
+    """One line per rate: each figure's relative error over the collapse window, 100 steps and the whole stretch."""
     w = DoctorConfig().collapse_window
     for every in everies:
-        for window, label in ((w, f"{w}-step windows"), (100, "100-step windows"), (None, "the whole stretch")):
-            err = diversity_error(df, every, window)
-            if not any(n for *_, n in err.values()):
-                continue
-            parts = [f"{name} median {m:.2%} max {x:.2%}" if n else f"{name} n/a (exact value 0 or undefined)"
-                     for name, (m, x, n) in err.items()]
-            n = max(k for *_, k in err.values())
-            print(f"  {source}, 1 step in {every}, {label} ({n}): " + "; ".join(parts))
+        per = {label: diversity_error(df, every, window)
+               for window, label in ((w, f"{w}-step"), (100, "100-step"), (None, "whole"))}
+        parts = []
+        for name in DIVERSITY_FIGURES:
+            cells = [f"{label} median {e[name][0]:.2%} max {e[name][1]:.2%} (n={e[name][2]})"
+                     for label, e in per.items() if e[name][2]]
+            parts.append(f"{name}: " + (", ".join(cells) if cells else "n/a (exact value 0 or undefined)"))
+        print(f"  {source}, 1 step in {every}: " + "; ".join(parts))
 
 
 class _NullRow:
@@ -237,7 +238,8 @@ def main() -> None:
         if every != 1 or "context_cross_ss" not in df.columns:
             print(f"  {run}: skipped (traced with train.diversity_every={every}, not every step)")
             continue
-        print_errors(f"{run} ({len(df)} steps, {df.attrs.get('meta', {}).get('mode')})", df, everies)
+        print_errors(f"{run} ({len(df)} steps, {df.attrs.get('meta', {}).get('mode')})", df,
+                     (cfg.train.diversity_every,))
     print(f"trace writer: {rows_s:,.0f} rows/s (blocks of 20 rows, one commit per block)")
     print(f"tracer memory: {mem_1k[0] / 1024:.1f} KiB python heap after 1k steps, {mem_10k[0] / 1024:.1f} KiB "
           f"after 10k; device buffer {mem_1k[1]} B vs {mem_10k[1]} B")

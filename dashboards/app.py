@@ -162,7 +162,7 @@ def tab_figures(cache: RunCache, tab: str, xrange: Sequence[float] | None = None
         out["coverage-detail"] = safe(lambda: F.coverage_figure(f, threshold, findings, focus, title=cov_title,
                                                                 height=F.HEIGHT + 80))
         out["grad-norm"] = safe(lambda: F.grad_norm_figure(f, findings, focus, mode=mode))
-        out["encoder-work"] = safe(lambda: F.encoder_work_figure(f))
+        out["encoder-work"] = safe(lambda: F.encoder_work_figure(f, mode=mode))
     elif tab == "halting":
         if mode == "fct":
             msg = "fct runs a fixed number of steps (fct.steps) per batch: nothing halts early"
@@ -181,7 +181,7 @@ def tab_figures(cache: RunCache, tab: str, xrange: Sequence[float] | None = None
     elif tab == "timing":
         f = cache.frame(TIMING, xr)
         out["timing-detail"] = safe(lambda: F.timing_figure(cache.timings(xr), height=F.HEIGHT + 60))
-        out["encoder-work-t"] = safe(lambda: F.encoder_work_figure(f))
+        out["encoder-work-t"] = safe(lambda: F.encoder_work_figure(f, mode=mode))
     return {k: F.with_range(fig, xr) for k, fig in out.items()}
 
 

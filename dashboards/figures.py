@@ -440,18 +440,31 @@ def grad_norm_figure(f: pd.DataFrame, findings: Sequence[Mapping[str, Any]] = ()
     vals = vals[vals > 0]
     if vals.size:
         lay["yaxis"].update(type="log", **log_ticks(float(vals.min()), float(vals.max())))
+        # a series at 0 throughout has no place on a log axis: say so rather than leave it out silently
+        zero = [name for col, name in (("grad_norm_encoder_mean", subject), ("grad_norm_rest_mean", "rest"))
+                if col in f.columns and f[col].notna().any() and not (f[col].fillna(0) > 0).any()]
+        if zero:
+            lay["annotations"].append({"text": f"{' and '.join(zero)}: 0 on every step shown (not drawn on the log "
+                                               "axis)", "x": 0.01, "y": 0.02, "xref": "paper", "yref": "paper",
+                                       "xanchor": "left", "yanchor": "bottom", "showarrow": False,
+                                       "font": {"size": 11, "color": C["encoder"]}})
     lay["shapes"] = markers(findings, focus)
     return figure(data, lay)
 
 
-def encoder_work_figure(f: pd.DataFrame, title: str = "Encoder work: slots encoded vs needed") -> Figure:
+def encoder_work_figure(f: pd.DataFrame, title: str | None = None, mode: str | None = None) -> Figure:
+    """Slots whose conditioning was computed this step (ETRM: encoded; TRM: puzzle-table rows looked up) against
+    the slots the mode needed, beside the batch size."""
+    trm = mode == "trm"
+    title = title or ("Puzzle-table rows: looked up vs needed" if trm else "Encoder work: slots encoded vs needed")
     if f.empty or "encoded_per_step" not in f.columns:
         return empty_figure("no encoder work recorded", title)
     data = []
     if "slots_per_step" in f.columns:
         data.append({"type": "scatter", "mode": "lines", "x": _x(f), "y": _y(f["slots_per_step"]),
                      "name": "batch (B)", "line": {"color": "#e5e7eb", "width": 6}, "hoverinfo": "skip"})
-    data += reading(f, "encoded_per_step", "encoded", C["encoded"], band=False, hover=".1f")
+    data += reading(f, "encoded_per_step", "looked up" if trm else "encoded", C["encoded"], band=False,
+                    hover=".1f")
     if "encode_needed_per_step" in f.columns:
         data += reading(f, "encode_needed_per_step", "needed", C["needed"], band=False, hover=".1f", dash="dash")
     lay = layout(title, y_title="slots per step")

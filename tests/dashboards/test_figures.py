@@ -304,3 +304,14 @@ def test_trm_gradient_norms_say_puzzle_table_rows():
     assert "puzzle-table rows" in names(trm) and "encoder" not in names(trm)
     assert "puzzle-table rows" in trm["layout"]["title"]["text"]
     assert "encoder" in names(etrm) and "encoder" in etrm["layout"]["title"]["text"]
+    work = F.encoder_work_figure(f, mode="trm")
+    assert "Puzzle-table rows" in work["layout"]["title"]["text"] and "looked up" in names(work)
+    assert "Encoder" in F.encoder_work_figure(f, mode="cached")["layout"]["title"]["text"]
+
+
+def test_a_gradient_norm_at_zero_throughout_is_named_not_silently_missing():
+    """On a log axis a series at 0 cannot be drawn: the chart says which one it is."""
+    f = framed(raw_steps(mode="reencode").assign(grad_norm_encoder=0.0), COVERAGE)
+    fig = F.grad_norm_figure(f, mode="trm")
+    assert any("puzzle-table rows: 0 on every step" in a["text"] for a in fig["layout"]["annotations"])
+    assert not F.grad_norm_figure(framed(raw_steps(), COVERAGE))["layout"]["annotations"]
