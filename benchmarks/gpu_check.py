@@ -101,9 +101,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# The context-diversity probe measures one step in train.diversity_every: the check measures every step, so that the
+# probe's measured path runs under the sync check (its few steps follow warm-up steps that would take the one in 8).
+CHECK_OVERRIDES = ("train.diversity_every=1",)
+
+
 def overrides_for(args: argparse.Namespace) -> list[str]:
-    """The overrides applied to the preset: the mid-size defaults (unless --preset-only), the user's, CUDA."""
-    return [*(() if args.preset_only else DEFAULT_OVERRIDES), *args.overrides, 'train.device="cuda"']
+    """The overrides applied to the preset: the mid-size defaults (unless --preset-only), the check's own, the
+    user's, CUDA."""
+    return [*(() if args.preset_only else DEFAULT_OVERRIDES), *CHECK_OVERRIDES, *args.overrides,
+            'train.device="cuda"']
 
 
 @dataclass

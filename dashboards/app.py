@@ -1,7 +1,7 @@
 """The etrm-dash app: pages (runs list, run view with tabs, compare), their layout and callbacks.
 
 Pages are routed on the URL path: ``/`` lists the runs under the root, ``/run/<name>`` shows one run (``?step=N``
-zooms every chart around step N), ``/compare?runs=a,b`` puts runs side by side. Every run name in a URL goes through
+zooms every chart around step N, ``?tab=coverage`` opens a tab), ``/compare?runs=a,b`` puts runs side by side. Every run name in a URL goes through
 ``dashboards.runs.resolve_run``: a path outside the root is refused, never read. Figures come from
 ``dashboards.figures`` (pure functions); data from ``dashboards.runs`` (read-only, incremental). A run that cannot be
 read shows an error card; a callback never lets an exception reach the browser.
@@ -161,10 +161,8 @@ def tab_figures(cache: RunCache, tab: str, xrange: Sequence[float] | None = None
         f = cache.frame(COVERAGE, xr)
         out["coverage-detail"] = safe(lambda: F.coverage_figure(f, threshold, findings, focus, title=cov_title,
                                                                 height=F.HEIGHT + 80))
-        out["grad-norm"] = safe(lambda: F.grad_norm_figure(f, findings, focus, title=(
-            "Gradient norm: puzzle-table rows vs rest of the model" if trm else
-            "Gradient norm: encoder vs rest of the model")))
-        out["encoder-work"] = safe(lambda: F.encoder_work_figure(f))
+        out["grad-norm"] = safe(lambda: F.grad_norm_figure(f, findings, focus, mode=mode))
+        out["encoder-work"] = safe(lambda: F.encoder_work_figure(f, mode=mode))
     elif tab == "halting":
         if mode == "fct":
             msg = "fct runs a fixed number of steps (fct.steps) per batch: nothing halts early"
@@ -183,7 +181,7 @@ def tab_figures(cache: RunCache, tab: str, xrange: Sequence[float] | None = None
     elif tab == "timing":
         f = cache.frame(TIMING, xr)
         out["timing-detail"] = safe(lambda: F.timing_figure(cache.timings(xr), height=F.HEIGHT + 60))
-        out["encoder-work-t"] = safe(lambda: F.encoder_work_figure(f))
+        out["encoder-work-t"] = safe(lambda: F.encoder_work_figure(f, mode=mode))
     return {k: F.with_range(fig, xr) for k, fig in out.items()}
 
 
@@ -205,10 +203,12 @@ def tab_layout(tab: str, figs: Mapping[str, Any], cache: RunCache) -> list:
                        "step once few enough are shown), double-click to reset. Coverage in the red zone is "
                        "starvation.", className="hint")]
     if tab == "coverage":
+        hint = ("Coverage counts the slots whose puzzle-table row got a non-zero gradient: TRM looks its row up "
+                "every step, so every slot's row is trained." if cache.info.meta.get("mode") == "trm" else
+                "Coverage counts the slots whose fresh encoder output got a non-zero gradient. In cached mode only "
+                "reset slots are encoded with gradient, so coverage equals the reset fraction.")
         return [html.Div([g("coverage-detail", "fig span2"), g("grad-norm"), g("encoder-work")], className="grid2"),
-                html.P("Coverage counts the slots whose fresh encoder output got a non-zero gradient. In cached "
-                       "mode only reset slots are encoded with gradient, so coverage equals the reset fraction.",
-                       className="hint")]
+                html.P(hint, className="hint")]
     if tab == "halting":
         return [html.Div([g("halting-heatmap", "fig span2"), g("q-halt"), g("inflight")], className="grid2")]
     if tab == "alignment":
@@ -374,6 +374,8 @@ def run_page(runs: Runs, name: str, search: str) -> html.Div:
         return html.Div([error_card("No such run", str(exc))], className="page")
     q = parse_qs(search.lstrip("?")) if search else {}
     focus = _int(q.get("step", [None])[0])
+    tab = q.get("tab", ["overview"])[0]
+    tab = tab if tab in dict(TABS) else "overview"  # ?tab=coverage opens that tab (links, screenshots)
     xrange = list(focus_range(focus, cache.info.first_step, cache.info.last_step)) if focus is not None else None
     key = cache.name
     return html.Div([
@@ -383,7 +385,7 @@ def run_page(runs: Runs, name: str, search: str) -> html.Div:
         dcc.Store(id="run-version", data=cache.info.last_step),
         dcc.Interval(id="run-tick", interval=REFRESH_MS, disabled=cache.info.status != "live" and not cache.info.error),
         html.Div(run_header(key, cache), id="run-header"),
-        dcc.Tabs(id="run-tab", value="overview", className="tabs-row",
+        dcc.Tabs(id="run-tab", value=tab, className="tabs-row",
                  children=[dcc.Tab(label=label, value=v, className="tab", selected_className="tab--selected")
                            for v, label in TABS]),
         dcc.Loading(html.Div(id="tab-content", className="tab-content"), type="dot", delay_show=400),
@@ -439,7 +441,8 @@ def compare_body(runs: Runs, picked: Sequence[str], metric: str) -> tuple[list, 
     """Side-by-side cards (verdict, coverage chart, findings), the overlay and the efficiency table; and whether any
     picked run is live."""
     cards, frames, table_in, live = [], {}, {}, False
-    for i, name in enumerate(picked):
+    colors = F.run_colors([*runs.names(), *picked])  # a run's colour does not depend on which runs are picked
+    for name in picked:
         try:
             cache = runs.get(name)
         except RunError as exc:
@@ -449,7 +452,7 @@ def compare_body(runs: Runs, picked: Sequence[str], metric: str) -> tuple[list, 
             continue
         info = cache.info
         live = live or info.status == "live"
-        color = F.RUN_COLORS[i % len(F.RUN_COLORS)]
+        color = colors[name]
         head = html.Div([
             html.Div([html.Span(className="swatch", style={"background": color}),
                       dcc.Link(name, href=run_href(name), className="name"),
@@ -482,23 +485,30 @@ def compare_body(runs: Runs, picked: Sequence[str], metric: str) -> tuple[list, 
         body.append(html.Div("Pick two or more runs above.", className="card sub", style={"marginTop": "14px"}))
         return body, False
     body.append(html.H2("Side by side"))
-    body.append(html.Div(cards, className="side"))
+    body.append(html.Div(cards, className=f"side cols{side_columns(len(cards))}"))
     body.append(html.H2("Overlay"))
-    body.append(html.Div(dgraph("cmp-overlay", safe(lambda: F.compare_figure(frames, metric))),
+    body.append(html.Div(dgraph("cmp-overlay", safe(lambda: F.compare_figure(frames, metric, colors=colors))),
                          className="fig"))
     body.append(html.H2("Efficiency (from the traces)"))
-    body.append(efficiency_html(table_in))
+    body.append(efficiency_html(table_in, colors))
     return body, live
 
 
-def efficiency_html(table_in: Mapping[str, tuple[Mapping[str, Any], Mapping[str, float]]]) -> html.Div:
+def side_columns(n: int) -> int:
+    """Cards per row on the compare page: up to three side by side, four as two rows of two (so that each card's
+    chart and findings keep a readable width)."""
+    return 2 if n == 4 else max(1, min(n, 3))
+
+
+def efficiency_html(table_in: Mapping[str, tuple[Mapping[str, Any], Mapping[str, float]]],
+                    colors: Mapping[str, str] | None = None) -> html.Div:
     if not table_in:
         return html.Div("no readable run picked", className="card sub")
     df = F.efficiency_table(table_in)
     names = list(df.columns)
-    head = html.Tr([html.Th("")] + [html.Th([html.Span(className="swatch",
-                                                       style={"background": F.RUN_COLORS[i % len(F.RUN_COLORS)]}), n])
-                                    for i, n in enumerate(names)])
+    colors = colors or F.run_colors(names)
+    head = html.Tr([html.Th("")] + [html.Th([html.Span(className="swatch", style={"background": colors[n]}), n])
+                                    for n in names])
     rows = [html.Tr([html.Td(idx)] + [html.Td(df.loc[idx, n]) for n in names]) for idx in df.index]
     return html.Table([html.Thead(head), html.Tbody(rows)], className="eff", id="efficiency")
 

@@ -11,6 +11,7 @@ doctor's threshold) pale red.
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -36,6 +37,8 @@ SEVERITY_COLORS = {"error": "#dc2626", "warning": "#d97706", "info": "#0284c7"}
 HEIGHT = 250
 SMOOTH_STEPS = 20     # rolling window (steps) of the smoothed readings at full detail
 PER_STEP_MAX = 120    # at full detail, a faint per-step line is drawn under the smoothed one up to this many steps
+X_TITLE = "step"      # every step chart's x-axis title (optimizer steps)
+SIDE_CAPTION = "mean of<br>shown steps"  # under the coverage chart's side bars
 
 # Metrics offered on the compare page: every registered figure, by name -> label (diagnostics.figures).
 METRICS: dict[str, str] = {name: fig.label for name, fig in registry.REGISTRY.items()}
@@ -67,12 +70,12 @@ def layout(title: str = "", height: int = HEIGHT, y_title: str = "", percent: bo
         "font": {"family": FONT, "size": 12, "color": INK},
         "title": {"text": title, "x": 0.01, "xanchor": "left", "y": 0.97, "yanchor": "top",
                   "font": {"size": 13, "color": INK}},
-        "margin": {"l": 52, "r": 16, "t": 46 if title else 16, "b": 36},
+        "margin": {"l": 52, "r": 16, "t": 46 if title else 16, "b": 44},
         "legend": {"orientation": "h", "x": 1, "xanchor": "right", "y": 1.02, "yanchor": "bottom",
                    "font": {"size": 11}, "bgcolor": "rgba(0,0,0,0)"},
         "showlegend": legend, "hovermode": "x unified",
         "hoverlabel": {"font": {"family": FONT, "size": 12}},
-        "xaxis": _axis(), "yaxis": y, "shapes": [], "annotations": [],
+        "xaxis": _axis(title=X_TITLE), "yaxis": y, "shapes": [], "annotations": [],
     }
 
 
@@ -110,6 +113,68 @@ def _alpha(hex_color: str, a: float) -> str:
     h = hex_color.lstrip("#")
     r, g, b = (int(h[i:i + 2], 16) for i in (0, 2, 4))
     return f"rgba({r}, {g}, {b}, {a})"
+
+
+def plain_tickformat(values: Sequence[float] | np.ndarray) -> str:
+    """A d3 tick format that writes numbers as they are ("0.63", "1,250"), never with SI prefixes ("631m")."""
+    a = np.asarray(values, dtype=float)
+    a = np.abs(a[np.isfinite(a)])
+    top = float(a.max()) if a.size else 1.0
+    return ",.2~f" if top < 10 else ",.1~f" if top < 100 else ",.0f"
+
+
+def linear_ticks(values: Sequence[float] | np.ndarray, n: int = 4) -> dict[str, Any]:
+    """Evenly spaced round ticks from 0 (a step of 1, 2, 2.5 or 5 times a power of ten, about ``n`` of them) and
+    the range they span: Plotly's own ticks on an overlaying axis can land on values such as 1.53 and 3.07."""
+    a = np.asarray(values, dtype=float)
+    a = a[np.isfinite(a)]
+    top = float(a.max()) if a.size else 0.0
+    if top <= 0:
+        return {}
+    raw = top / n
+    power = 10.0 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
+    return {"tickmode": "linear", "tick0": 0, "dtick": step, "range": [0, top * 1.05]}
+
+
+def log_ticks(lo: float, hi: float) -> dict[str, Any]:
+    """Tick values and texts of a log axis over [lo, hi]: 1-2-5 per decade over a few decades, powers of ten over
+    many, written plainly ("0.02", "5", "100") rather than Plotly's mixed "2, 5, 0.1" labels."""
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo <= 0 or hi <= 0:
+        return {}
+    lo, hi = min(lo, hi), max(lo, hi)
+    e0, e1 = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    decades = math.log10(hi / lo)
+    mantissas = (1,) if decades > 4 else (1, 2, 5) if decades > 0.7 else (1, 1.5, 2, 3, 5, 7)
+    vals = [m * 10.0 ** e for e in range(e0, e1 + 1) for m in mantissas]
+    inside = [v for v in vals if lo / 1.05 <= v <= hi * 1.05]
+    if len(inside) < 2:  # keep a tick on each side of a narrow range
+        below = [v for v in vals if v < lo]
+        above = [v for v in vals if v > hi]
+        inside = below[-1:] + inside + above[:1]
+    return {"tickmode": "array", "tickvals": inside, "ticktext": [f"{v:g}" for v in inside]}
+
+
+PERCENT_TOPS = (0.1, 0.25, 0.5)
+
+
+def percent_range(values: Sequence[float] | np.ndarray) -> tuple[list[float], str]:
+    """The y range of a percent axis: 0-10%, 0-25% or 0-50% when every value lives there (so accuracy near 2%
+    is not a flat line at the bottom of 0-100%), else 0-100%; with its tick format."""
+    a = np.asarray(values, dtype=float)
+    a = a[np.isfinite(a)]
+    top = float(a.max()) if a.size else 1.0
+    span = next((t for t in PERCENT_TOPS if top <= t / 1.05), 1.0)
+    return [-0.03 * span, 1.05 * span], (".0%" if span >= 0.25 else ".1~%")
+
+
+def _shown(data: Sequence[Mapping[str, Any]], axis: str = "y") -> list[float]:
+    """Every finite y value the traces on ``axis`` draw (lines, bands, markers)."""
+    out: list[float] = []
+    for t in data:
+        if t.get("yaxis", "y") == axis and t.get("type", "scatter") == "scatter":
+            out += [v for v in t.get("y", ()) if v is not None and math.isfinite(v)]
+    return out
 
 
 def series(f: pd.DataFrame, col: str, name: str, color: str, *, dash: str | None = None, width: float = 2.0,
@@ -238,6 +303,12 @@ def accuracy_figure(f: pd.DataFrame, evals: pd.DataFrame | None = None, findings
                              "marker": {"symbol": symbol, "size": 7, "color": C["eval"]},
                              "hovertemplate": "%{y:.1%}"})
     lay = layout(title, percent=True)
+    span, fmt = percent_range(_shown(data))
+    lay["yaxis"].update(range=span, tickformat=fmt)
+    if span[1] < 1:
+        lay["annotations"].append({"text": f"axis 0-{span[1] / 1.05:.0%}: every value shown lies below it",
+                                   "x": 0.01, "y": 0.98, "xref": "paper", "yref": "paper", "xanchor": "left",
+                                   "yanchor": "top", "showarrow": False, "font": {"size": 10, "color": MUTED}})
     lay["shapes"] = markers(findings, focus)
     return figure(data, lay)
 
@@ -272,8 +343,11 @@ def coverage_figure(f: pd.DataFrame, threshold: float = 0.5, findings: Sequence[
     if side:
         lay["xaxis"]["domain"] = [0.0, 0.8]
         lay["legend"]["x"] = 0.8
+        lay["margin"]["b"] = 62  # room for the bars' labels and the two-line caption under them
+        # the caption is the side axis's own title (laid out by Plotly's automargin, so never clipped), on two
+        # lines to fit the narrow panel
         lay["xaxis2"] = _axis(domain=[0.85, 1.0], anchor="y2", ticks="", showgrid=False, fixedrange=True,
-                              tickangle=0, tickfont={"size": 10})
+                              tickangle=0, tickfont={"size": 10}, title=SIDE_CAPTION)
         lay["yaxis2"] = _axis(anchor="x2", range=[-0.03, 1.18], showticklabels=False, fixedrange=True, ticks="")
         names, vals, cols = [], [], []
         for n, v, c in (("cover.", figure_total(f, "coverage"), C["coverage"]),
@@ -282,11 +356,8 @@ def coverage_figure(f: pd.DataFrame, threshold: float = 0.5, findings: Sequence[
                 names.append(n), vals.append(v), cols.append(c)
         data.append({"type": "bar", "x": names, "y": vals, "xaxis": "x2", "yaxis": "y2", "showlegend": False,
                      "marker": {"color": cols}, "text": [f"{v:.0%}" for v in vals], "textposition": "outside",
-                     "cliponaxis": False, "hovertemplate": "%{x}: %{y:.1%}<extra>mean</extra>",
-                     "name": "mean of shown steps"})
-        lay["annotations"].append({"text": "mean of shown steps", "x": 0.925, "xref": "paper", "y": -0.03,
-                                   "yref": "paper", "yanchor": "top", "yshift": -18, "showarrow": False,
-                                   "font": {"size": 11, "color": MUTED}})
+                     "textfont": {"size": 10}, "cliponaxis": False, "width": 0.7,
+                     "hovertemplate": "%{x}: %{y:.1%}<extra>mean</extra>", "name": "mean of shown steps"})
     x_dom = "x domain"
     lay["shapes"] = [
         {"type": "rect", "xref": x_dom, "x0": 0, "x1": 1, "yref": "y", "y0": -0.03, "y1": threshold,
@@ -330,45 +401,70 @@ def timing_figure(t: pd.DataFrame, title: str = "Time per step by phase", height
              "line": {"width": 0.5, "color": PHASE_COLORS.get(p, MUTED)}, "hovertemplate": "%{y:.1f} ms"}
             for p in order]
     total = wide[order].sum(axis=1)
-    data.append({"type": "scatter", "mode": "lines", "x": x, "y": _y(1.0 / total.where(total > 0)),
+    rate = 1.0 / total.where(total > 0)
+    data.append({"type": "scatter", "mode": "lines", "x": x, "y": _y(rate),
                  "name": "steps/s", "yaxis": "y2", "line": {"color": INK, "width": 1.5, "dash": "dot"},
                  "hovertemplate": "%{y:.2f} steps/s"})
     sampled = " (sampled steps)" if t.attrs.get("sampled") else ""
     lay = layout(title + sampled, height, y_title="ms per step")
     lay["yaxis"]["rangemode"] = "tozero"
+    rates = rate.to_numpy(dtype=float)
     lay["yaxis2"] = _axis(title="steps/s", overlaying="y", side="right", showgrid=False, rangemode="tozero",
-                          tickformat=".3~s")
-    lay["margin"].update(r=52, b=64)
-    lay["legend"].update(x=0, xanchor="left", y=-0.14, yanchor="top", traceorder="normal")
+                          tickformat=plain_tickformat(rates), **linear_ticks(rates))
+    lay["margin"].update(r=52, b=96)
+    below = 46 / (height - lay["margin"]["t"] - lay["margin"]["b"])  # under the tick labels and the step title
+    lay["legend"].update(x=0, xanchor="left", y=-below, yanchor="top", traceorder="normal")
     return figure(data, lay)
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # Coverage tab
 
+def conditioning(mode: str | None) -> str:
+    """What trains the task conditioning: TRM's puzzle-table rows, ETRM's encoder (titles and legends say which)."""
+    return "puzzle-table rows" if mode == "trm" else "encoder"
+
+
 def grad_norm_figure(f: pd.DataFrame, findings: Sequence[Mapping[str, Any]] = (), focus: int | None = None,
-                     title: str = "Gradient norm: encoder vs rest of the model") -> Figure:
-    """Per-step gradient norms (bucket means with min/max band); log scale when both are positive."""
+                     title: str | None = None, mode: str | None = None) -> Figure:
+    """Per-step gradient norms (bucket means with min/max band); log scale, with plain 1-2-5 ticks, when the values
+    shown are positive."""
+    subject = conditioning(mode)
+    title = title or f"Gradient norm: {subject} vs rest of the model"
     if f.empty or "grad_norm_encoder_mean" not in f.columns:
         return empty_figure("no gradient norms recorded", title)
-    data = reading(f, "grad_norm_encoder_mean", "encoder", C["encoder"], hover=".3g")
+    data = reading(f, "grad_norm_encoder_mean", subject, C["encoder"], hover=".3g")
     data += reading(f, "grad_norm_rest_mean", "rest", C["rest"], hover=".3g", dash="dash")
     lay = layout(title, y_title="L2 norm")
-    vals = f[[c for c in ("grad_norm_encoder_mean", "grad_norm_rest_mean") if c in f.columns]].to_numpy(dtype=float)
-    if vals.size and np.nanmin(np.where(vals > 0, vals, np.nan), initial=np.inf) < np.inf:
-        lay["yaxis"]["type"] = "log"
+    vals = np.asarray(_shown(data), dtype=float)
+    vals = vals[vals > 0]
+    if vals.size:
+        lay["yaxis"].update(type="log", **log_ticks(float(vals.min()), float(vals.max())))
+        # a series at 0 throughout has no place on a log axis: say so rather than leave it out silently
+        zero = [name for col, name in (("grad_norm_encoder_mean", subject), ("grad_norm_rest_mean", "rest"))
+                if col in f.columns and f[col].notna().any() and not (f[col].fillna(0) > 0).any()]
+        if zero:
+            lay["annotations"].append({"text": f"{' and '.join(zero)}: 0 on every step shown (not drawn on the log "
+                                               "axis)", "x": 0.01, "y": 0.02, "xref": "paper", "yref": "paper",
+                                       "xanchor": "left", "yanchor": "bottom", "showarrow": False,
+                                       "font": {"size": 11, "color": C["encoder"]}})
     lay["shapes"] = markers(findings, focus)
     return figure(data, lay)
 
 
-def encoder_work_figure(f: pd.DataFrame, title: str = "Encoder work: slots encoded vs needed") -> Figure:
+def encoder_work_figure(f: pd.DataFrame, title: str | None = None, mode: str | None = None) -> Figure:
+    """Slots whose conditioning was computed this step (ETRM: encoded; TRM: puzzle-table rows looked up) against
+    the slots the mode needed, beside the batch size."""
+    trm = mode == "trm"
+    title = title or ("Puzzle-table rows: looked up vs needed" if trm else "Encoder work: slots encoded vs needed")
     if f.empty or "encoded_per_step" not in f.columns:
         return empty_figure("no encoder work recorded", title)
     data = []
     if "slots_per_step" in f.columns:
         data.append({"type": "scatter", "mode": "lines", "x": _x(f), "y": _y(f["slots_per_step"]),
                      "name": "batch (B)", "line": {"color": "#e5e7eb", "width": 6}, "hoverinfo": "skip"})
-    data += reading(f, "encoded_per_step", "encoded", C["encoded"], band=False, hover=".1f")
+    data += reading(f, "encoded_per_step", "looked up" if trm else "encoded", C["encoded"], band=False,
+                    hover=".1f")
     if "encode_needed_per_step" in f.columns:
         data += reading(f, "encode_needed_per_step", "needed", C["needed"], band=False, hover=".1f", dash="dash")
     lay = layout(title, y_title="slots per step")
@@ -472,33 +568,111 @@ def alignment_figure(f: pd.DataFrame, findings: Sequence[Mapping[str, Any]] = ()
 # ------------------------------------------------------------------------------------------------------------------
 # Compare
 
+def run_colors(names: Sequence[str]) -> dict[str, str]:
+    """A colour per run that does not depend on which runs are picked: each name (the runs list under the root, in
+    any order) takes the palette slot its hash names, or the next free one when an earlier name (in sorted order)
+    holds it; distinct up to ``len(RUN_COLORS)`` runs. Pass every run of the root, then index by the picked ones."""
+    out: dict[str, str] = {}
+    taken: set[int] = set()
+    for name in sorted(set(names)):
+        slot = zlib.crc32(name.encode()) % len(RUN_COLORS)
+        if len(taken) < len(RUN_COLORS):
+            while slot in taken:
+                slot = (slot + 1) % len(RUN_COLORS)
+        taken.add(slot)
+        out[name] = RUN_COLORS[slot]
+    return out
+
+
+COINCIDE = 0.003  # two runs' lines coincide when they differ by at most this share of the axis span everywhere
+DUPLICATE_DASHES = ("dash", "dot", "dashdot", "longdash")
+
+
+def coinciding(lines: Mapping[str, tuple[np.ndarray, np.ndarray]], span: float) -> dict[str, str]:
+    """Runs whose line (x, y) lies on an earlier run's line (same steps, values within ``COINCIDE * span``):
+    each such run -> the earlier run it hides behind."""
+    out: dict[str, str] = {}
+    names = list(lines)
+    for j, b in enumerate(names):
+        xb, yb = lines[b]
+        for a in names[:j]:
+            xa, ya = lines[a]
+            if a in out or len(xa) != len(xb) or not len(xa) or not np.array_equal(xa, xb):
+                continue
+            both = np.isfinite(ya) & np.isfinite(yb)
+            if np.array_equal(np.isfinite(ya), np.isfinite(yb)) and (
+                    not both.any() or np.max(np.abs(ya[both] - yb[both])) <= COINCIDE * max(span, 1e-12)):
+                out[b] = a
+                break
+    return out
+
+
 def compare_figure(frames: Mapping[str, pd.DataFrame], metric: str, title: str | None = None,
-                   height: int = HEIGHT + 40, smooth_steps: int = SMOOTH_STEPS) -> Figure:
-    """One registered figure overlaid for several runs (one colour per run, in the given order). At full detail a
-    faint per-step line sits behind a ``smooth_steps`` rolling reading (a ratio of rolling sums)."""
+                   height: int = HEIGHT + 40, smooth_steps: int = SMOOTH_STEPS,
+                   colors: Mapping[str, str] | None = None) -> Figure:
+    """One registered figure overlaid for several runs, each in its own colour (``colors``, by default
+    ``run_colors`` of the frames). At full detail a faint per-step line sits behind a ``smooth_steps`` rolling
+    reading (a ratio of rolling sums). A run whose line coincides with an earlier one's is drawn dashed on top of
+    it, with markers, and a note under the chart names them, so no run disappears behind another."""
     label = METRICS.get(metric, metric)
     if not frames:
         return empty_figure("pick runs to compare", title or label, height)
+    colors = dict(colors) if colors is not None else run_colors(list(frames))
     data: list[dict[str, Any]] = []
     smoothed = False
     hover = ".1%" if metric in PERCENT else ".3g"
-    for i, (name, f) in enumerate(frames.items()):
+    mains: dict[str, dict[str, Any]] = {}
+    for name, f in frames.items():
         if f.empty or metric not in f.columns:
             continue
-        color = RUN_COLORS[i % len(RUN_COLORS)]
+        color = colors.get(name) or run_colors([name])[name]
         if _exact(f) and len(f) > 2 * smooth_steps:
             smoothed = True
             smooth = rolling_figure(f, metric, smooth_steps)
             if len(f) <= PER_STEP_MAX:
                 data += series(f, metric, f"{name} per step", color, width=1, band=False, opacity=0.25,
                                hover=hover, showlegend=False)
-            data += series(f, metric, name, color, width=2.5, hover=hover, values=smooth)
+            traces = series(f, metric, name, color, width=2.5, hover=hover, values=smooth)
         else:
-            data += series(f, metric, name, color, hover=hover)
+            traces = series(f, metric, name, color, hover=hover)
+        if traces:
+            mains[name] = traces[-1]
+        data += traces
     title = title or (label + (f" ({smooth_steps}-step rolling)" if smoothed else ""))
     if not data:
         return empty_figure(f"no picked run records {label}", title, height)
-    return figure(data, layout(title, height, percent=metric in PERCENT))
+    lay = layout(title, height, percent=metric in PERCENT)
+    shown = _shown(data)
+    span = (max(shown) - min(shown)) if shown else 1.0  # the axis span "identical" is judged against
+    if metric in PERCENT:
+        rng, fmt = percent_range(shown)
+        lay["yaxis"].update(range=rng, tickformat=fmt)
+        span = rng[1] - rng[0]
+    lines = {n: (np.asarray(t["x"], dtype=float), np.array([np.nan if v is None else v for v in t["y"]], dtype=float))
+             for n, t in mains.items()}
+    hidden = coinciding(lines, span)
+    groups: dict[str, list[str]] = {}
+    for b, a in hidden.items():
+        groups.setdefault(a, []).append(b)
+    for followers in groups.values():
+        for i, b in enumerate(followers):
+            t = mains[b]
+            t["line"] = {**t["line"], "dash": DUPLICATE_DASHES[i % len(DUPLICATE_DASHES)]}
+            # about 24 markers per line, staggered between the runs that share it so that each one's show
+            every = max(1, len(t["x"]) // 24)
+            at = (i + 1) * every // (len(followers) + 1)
+            t["mode"] = "lines+markers"
+            t["marker"] = {"symbol": ("circle-open", "square-open", "diamond-open", "triangle-up-open")[i % 4],
+                           "color": t["line"]["color"], "line": {"width": 1.5},
+                           "size": [7 if j % every == at else 0 for j in range(len(t["x"]))]}
+    if groups:
+        said = "; ".join(" = ".join([a, *bs]) for a, bs in groups.items())
+        lay["margin"]["b"] = 70
+        lay["annotations"].append({"text": f"identical lines: {said} (the later ones dashed, with markers, on top)",
+                                   "x": 0, "xanchor": "left", "y": 0, "yanchor": "top", "yshift": -44,
+                                   "xref": "paper", "yref": "paper", "showarrow": False,
+                                   "font": {"size": 11, "color": MUTED}, "name": "coinciding"})
+    return figure(data, lay)
 
 
 EFFICIENCY_ROWS = ("encoder forwards per step", "encoder forwards per sample", "encoder gradient coverage",

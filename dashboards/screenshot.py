@@ -23,7 +23,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def shoot(runs: Path, path: str, out: Path, width: int = 1440, settle_s: float = 4.0) -> Path:
+def wait_drawn(driver, timeout_s: float = 90.0) -> None:
+    """Until the page's charts are drawn: at least one, and as many as a second ago (a loaded machine may take
+    tens of seconds; a fixed pause shot empty pages)."""
+    count = "return document.querySelectorAll('.js-plotly-plot .main-svg').length"
+    deadline, last = time.time() + timeout_s, -1
+    while time.time() < deadline:
+        n = driver.execute_script(count)
+        if n and n == last:
+            return
+        last = n
+        time.sleep(1.0)
+
+
+def shoot(runs: Path, path: str, out: Path, width: int = 1440, settle_s: float = 2.0) -> Path:
     """Serve ``runs`` with etrm-dash on a free loopback port, open ``path``, save the full page as ``out``."""
     os.environ.setdefault("DASH_TEST_CHROMEPATH", "/usr/bin/chromium")
     from dash.testing.browser import Browser
@@ -43,6 +56,7 @@ def shoot(runs: Path, path: str, out: Path, width: int = 1440, settle_s: float =
         try:
             browser.driver.set_window_size(width, 1200)
             browser.driver.get(url + path)
+            wait_drawn(browser.driver)
             time.sleep(settle_s)
             for _ in range(3):  # the window includes the browser's frame: grow until the page fits the viewport
                 page = browser.driver.execute_script("return document.documentElement.scrollHeight")

@@ -31,7 +31,7 @@ from torch import nn
 
 from diagnostics.doctor import DoctorConfig, Finding, LiveDoctor, NonFiniteLoss
 from diagnostics.events import PhaseClock, StepEvents
-from diagnostics.probes import default_probes
+from diagnostics.probes import DIVERSITY_EVERY, default_probes
 from diagnostics.step_metrics import IGNORE_LABEL, correctness, slot_metrics
 from diagnostics.store import TRACE_NAME, TraceWriter
 from diagnostics.tracer import Tracer
@@ -49,7 +49,8 @@ class RunSpec:
 
     ``max_steps`` is the run's optimizer steps, ``max_steps_per_sample`` the ACT halting limit (upstream's
     ``halt_max_steps``). ``sampler`` names the feed: ``trm`` (upstream's, a fresh sample in every batch position)
-    or ``refill``. ``trace_every`` is the flush cadence in steps.
+    or ``refill``. ``trace_every`` is the flush cadence in steps; ``diversity_every`` how often (in steps) the
+    context-diversity probe measures.
     """
 
     model: str
@@ -60,13 +61,14 @@ class RunSpec:
     sampler: str = "trm"
     fault: str = "none"
     trace_every: int = 20
+    diversity_every: int = DIVERSITY_EVERY  # the context-diversity probe measures one step in this many
     q_continue_halts: bool = False   # halting compares q_halt with q_continue (HRM), not q_halt with 0 (TRM)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"RunSpec.mode must be one of {', '.join(MODES)}, not {self.mode!r}")
-        for name in ("batch_size", "max_steps", "max_steps_per_sample", "trace_every"):
+        for name in ("batch_size", "max_steps", "max_steps_per_sample", "trace_every", "diversity_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"RunSpec.{name} must be a positive integer, not {value!r}")
@@ -77,7 +79,7 @@ class RunSpec:
         return {"preset": "", **dict(self.extra), "model": self.model, "mode": self.mode, "fault": self.fault,
                 "source": "own-loop", "sampler": self.sampler, "batch_size": self.batch_size,
                 "max_steps_per_sample": self.max_steps_per_sample, "max_steps": self.max_steps,
-                "trace_every": self.trace_every, "device": device}
+                "trace_every": self.trace_every, "diversity_every": self.diversity_every, "device": device}
 
 
 @dataclass(frozen=True)
@@ -245,7 +247,7 @@ class TracedRun:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.spec, self.shape, self.device = spec, shape, torch.device(device)
         self.meta = spec.meta(self.device.type)
-        probes = default_probes(spec.max_steps_per_sample, groups)
+        probes = default_probes(spec.max_steps_per_sample, groups, spec.diversity_every)
         self.tracer = Tracer(probes, open_writer(self.run_dir, self.meta), self.device, capacity=spec.trace_every)
         self.doctor = LiveDoctor(self.meta, doctor)
         self.on_finding = on_finding

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from diagnostics.events import Mode
+from diagnostics.probes.diversity import EVERY as DIVERSITY_EVERY
 from diagnostics.thresholds import DoctorConfig
 
 
@@ -269,13 +270,15 @@ class TrainConfig:
     eval_raw_every: int = 1
     checkpoint_every: int = 100
     trace_every: int = 20
+    diversity_every: int = DIVERSITY_EVERY  # the context-diversity probe measures one step in this many (1: every)
     device: str = "auto"
     seed: int = 0
     compile: bool = False  # torch.compile the recursion core and encoder (worth it on GPUs, long runs)
 
     def __post_init__(self) -> None:
         s = "train."
-        for name in ("batch_size", "max_steps", "eval_every", "eval_batch_size", "checkpoint_every", "trace_every"):
+        for name in ("batch_size", "max_steps", "eval_every", "eval_batch_size", "checkpoint_every", "trace_every",
+                     "diversity_every"):
             _positive(s, name, getattr(self, name))
         _positive(s, "eval_raw_every", self.eval_raw_every, 0)
         for name in ("lr", "lr_warmup_steps", "weight_decay", "grad_clip", "puzzle_emb_lr",
@@ -371,6 +374,10 @@ class Config:
             raise ConfigError("fault=encode-full-batch is not valid here; allowed only with model=etrm encoder.mode=cached")
         if self.fault in (Fault.CONSTANT_CONTEXT, Fault.STALE_DEMOS) and self.model != Model.ETRM:
             raise ConfigError(f"fault={self.fault} is not valid here; allowed only with model=etrm")
+        if self.train.diversity_every > self.doctor.collapse_window:
+            raise ConfigError(f"train.diversity_every={self.train.diversity_every} exceeds doctor.collapse_window="
+                              f"{self.doctor.collapse_window}: every window of encoder-collapse needs a measured step; "
+                              "lower train.diversity_every or widen the window")
 
     @property
     def mode(self) -> Mode:

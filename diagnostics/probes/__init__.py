@@ -7,6 +7,7 @@ import torch
 from diagnostics.probes.alignment import AlignmentProbe
 from diagnostics.probes.base import Probe
 from diagnostics.probes.coverage import CoverageProbe, GradNormProbe
+from diagnostics.probes.diversity import EVERY as DIVERSITY_EVERY
 from diagnostics.probes.diversity import ContextDiversityProbe
 from diagnostics.probes.encoder_work import EncoderWorkProbe
 from diagnostics.probes.halting import HaltingProbe
@@ -14,14 +15,16 @@ from diagnostics.probes.losses import LossProbe
 from diagnostics.probes.resets import ResetProbe
 
 
-def default_probes(max_steps: int, groups: dict[str, list[torch.nn.Parameter]] | None = None) -> list[Probe]:
-    """Every built-in probe; gradient norms when the parameter groups are given."""
+def default_probes(max_steps: int, groups: dict[str, list[torch.nn.Parameter]] | None = None,
+                   diversity_every: int = DIVERSITY_EVERY) -> list[Probe]:
+    """Every built-in probe; gradient norms when the parameter groups are given; the context-diversity probe
+    measures every ``diversity_every``-th step."""
     probes: list[Probe] = [CoverageProbe(), ResetProbe(), EncoderWorkProbe(), AlignmentProbe(),
-                           HaltingProbe(max_steps), LossProbe(), ContextDiversityProbe()]
+                           HaltingProbe(max_steps), LossProbe(), ContextDiversityProbe(diversity_every)]
     if groups is not None:
         probes.append(GradNormProbe(groups))
     return probes
 
 
-__all__ = ["AlignmentProbe", "ContextDiversityProbe", "CoverageProbe", "EncoderWorkProbe", "GradNormProbe",
+__all__ = ["DIVERSITY_EVERY", "AlignmentProbe", "ContextDiversityProbe", "CoverageProbe", "EncoderWorkProbe", "GradNormProbe",
            "HaltingProbe", "LossProbe", "Probe", "ResetProbe", "default_probes"]

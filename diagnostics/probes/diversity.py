@@ -11,6 +11,12 @@ are scaled alike by the model (sqrt(hidden)), so the ratio is the one the inner 
 ran about 22x louder than its token embeddings before it collapsed.
 
 ETRM only: TRM's task conditioning is a per-puzzle table row, distinct per puzzle by construction; its rows are 0.
+
+Cost: the grouping is O(N^2 D) and a few dozen small ops, the largest probe by far (0.5-16 ms per demo step on a
+loaded 2-core machine), so the probe measures every ``every``-th step (``train.diversity_every``, 8 by default; the
+first step always) and leaves the others at zero, marking the measured ones in ``context_measured``. Its figures are
+ratios of sums, so over any step range they are the exact figures of the measured steps: an estimate of the figure
+over every step whose error ``benchmarks/trace_overhead.py`` prints against the exact value (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -21,12 +27,16 @@ from diagnostics.events import Mode, StepEvents
 from diagnostics.probes.base import ETRM_MODES, Figure, Probe, Row, Tensor
 from diagnostics.probes.coverage import distinct_count
 
+EVERY = 8  # default of train.diversity_every: measure one step in 8 (the first one always)
+
 
 class ContextDiversityProbe(Probe):
     """Cross- vs within-puzzle variance of the fresh encoder context, and its RMS beside the token embeddings'."""
 
     name = "diversity"
     counters = (
+        ("context_measured", "1 on the steps the probe measured (every train.diversity_every-th step; summed over "
+                             "ranks), 0 on the steps it skipped; the other counters are 0 there"),
         ("context_rows", "real slots whose context was freshly encoded this step"),
         ("context_puzzles", "distinct puzzle ids among those slots"),
         ("context_cross_ss", "cross-puzzle sum of squares of the token-pooled context, per element"),
@@ -40,22 +50,32 @@ class ContextDiversityProbe(Probe):
         Figure("context_cross_share", "cross-puzzle share of the context", ("context_cross_ss",),
                ("context_sq_norm",), "fraction",
                "cross-puzzle sum of squares of the token-pooled context over its sum of squared norms "
-               "(near 0: the context ignores the demos)", modes=ETRM_MODES),
+               "(near 0: the context ignores the demos); over the measured steps (every train.diversity_every-th)",
+               modes=ETRM_MODES),
         Figure("context_within_share", "within-puzzle share of the context", ("context_within_ss",),
                ("context_sq_norm",), "fraction",
-               "within-puzzle sum of squares of the token-pooled context over its sum of squared norms",
-               modes=ETRM_MODES),
+               "within-puzzle sum of squares of the token-pooled context over its sum of squared norms; over the "
+               "measured steps", modes=ETRM_MODES),
         Figure("context_to_token_rms", "context RMS / token RMS", ("context_ms",), ("token_ms",), "ratio",
-               "RMS per element of the encoder context over the token embeddings' RMS", modes=ETRM_MODES,
-               sqrt=True),
+               "RMS per element of the encoder context over the token embeddings' RMS; over the measured steps",
+               modes=ETRM_MODES, sqrt=True),
     )
 
+    def __init__(self, every: int = EVERY) -> None:
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ValueError(f"ContextDiversityProbe: every must be a whole number of steps >= 1, not {every!r}")
+        self.every = every
+        self.seen = 0  # steps observed (host-side: choosing a step reads nothing from the device)
+
     def observe(self, events: StepEvents, metrics: dict[str, Tensor], row: Row) -> None:
-        # A row starts at zero: steps without a fresh ETRM context (TRM, or no slot encoded) keep their zeros, and
-        # nothing is copied from the host (a blocking copy would sync a GPU).
+        # A row starts at zero: skipped steps and steps without a fresh ETRM context (TRM, or no slot encoded) keep
+        # their zeros, and nothing is copied from the host (a blocking copy would sync a GPU).
+        due = self.seen % self.every == 0
+        self.seen += 1
         out = events.encoder_out
-        if out is None or events.mode == Mode.TRM or out.shape[0] == 0:
+        if not due or out is None or events.mode == Mode.TRM or out.shape[0] == 0:
             return
+        row.set("context_measured", 1.0)
         with torch.no_grad():
             stats = context_stats(out.detach(), events.puzzle_id_after[events.encoded_slots],
                                   events.sample_id_after[events.encoded_slots] >= 0)
@@ -94,4 +114,4 @@ def context_stats(context: Tensor, puzzle_ids: Tensor, real: Tensor) -> dict[str
     }
 
 
-__all__ = ["ContextDiversityProbe", "context_stats"]
+__all__ = ["EVERY", "ContextDiversityProbe", "context_stats"]

@@ -400,7 +400,7 @@ def trace_meta(trainer: "Trainer", preset: str | None) -> dict[str, Any]:
         "model": str(cfg.model), "mode": str(cfg.mode), "fault": str(cfg.fault), "preset": preset or "",
         "sampler": str(cfg.train.sampler), "batch_size": cfg.train.batch_size,
         "max_steps_per_sample": cfg.max_steps_per_sample, "max_steps": cfg.train.max_steps,
-        "trace_every": cfg.train.trace_every, "device": trainer.device.type, "config": cfg.to_dict(),
+        "trace_every": cfg.train.trace_every, "diversity_every": cfg.train.diversity_every, "device": trainer.device.type, "config": cfg.to_dict(),
         "doctor": cfg.doctor.to_dict(),
     }
     if preset is None and trainer.step:  # resumed (the CLI knows no preset then): keep the one the trace names
@@ -418,7 +418,7 @@ def add_trace(trainer: "Trainer", preset: str | None = None) -> Trace:
     if dist.is_main:  # every rank traces (the counters are summed at each flush); rank 0 stores
         writer = open_writer(trainer.run_dir, meta, trainer.step)
     groups = trainer.parameter_groups()
-    probes = default_probes(trainer.cfg.max_steps_per_sample, groups)
+    probes = default_probes(trainer.cfg.max_steps_per_sample, groups, trainer.cfg.train.diversity_every)
     columns = [name for p in probes for name, _ in p.counters]
     reduce = gather = None
     if dist.enabled:

@@ -41,7 +41,7 @@ def test_defaults_and_overrides(gpu_check):
     # options and overrides may be mixed; the user's overrides come after the defaults, so they win
     args = gpu_check.parse_args(["--preset", "demo-trm", "arch.hidden_size=256", "--steps", "7", "--preset-only"])
     assert args.preset == "demo-trm" and args.steps == 7
-    assert gpu_check.overrides_for(args) == ["arch.hidden_size=256", 'train.device="cuda"']
+    assert gpu_check.overrides_for(args) == [*gpu_check.CHECK_OVERRIDES, "arch.hidden_size=256", 'train.device="cuda"']
 
 
 @pytest.mark.parametrize("argv", [["--steps", "0"], ["--rounds", "0"], ["--block", "-1"], ["--warmup", "-2"],

@@ -4,6 +4,7 @@ polling stops when it ends, and a URL for a path outside --runs is refused."""
 
 from __future__ import annotations
 
+import math
 import signal
 import sqlite3
 import subprocess
@@ -138,3 +139,139 @@ def test_a_corrupt_run_shows_an_error_card_and_the_app_keeps_working(browser, se
     rows = wait_until(lambda: {r.find_element(By.CSS_SELECTOR, ".run-name").text: r.text
                                for r in browser.driver.find_elements(By.CSS_SELECTOR, "tr.run-row")})
     assert "unreadable" in rows["broken"] and "healthy" in rows["reencode"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Charts that read well, as drawn: four runs (a cached and a reencode run, a copy of the reencode run whose lines
+# are the same, and a TRM run)
+
+@pytest.fixture(scope="module")
+def four(runs_root, helpers, tmp_path_factory):
+    import shutil
+
+    root = tmp_path_factory.mktemp("four")
+    for name in ("cached", "reencode"):
+        shutil.copytree(runs_root / name, root / name)
+    shutil.copytree(runs_root / "reencode", root / "reencode-again")
+    cmd = helpers.train_cmd(root / "trm", 40)
+    cmd[cmd.index("demo")] = "demo-trm"
+    out = subprocess.run(cmd, env=helpers.env(), capture_output=True, text=True, timeout=180)
+    assert out.returncode in (0, 1), out.stdout[-2000:] + out.stderr[-2000:]
+    s = helpers.Served(root)
+    yield s
+    s.stop()
+
+
+RECTS = """
+const out = [];
+for (const el of arguments[0].querySelectorAll(arguments[1])) {
+  const r = el.getBoundingClientRect();
+  out.push({text: el.textContent, left: r.left, right: r.right, top: r.top, bottom: r.bottom});
+}
+return out;"""
+
+
+def rects(browser, root, css: str) -> list[dict]:
+    return browser.driver.execute_script(RECTS, root, css)
+
+
+def overlap(a: dict, b: dict) -> bool:
+    return a["left"] < b["right"] and b["left"] < a["right"] and a["top"] < b["bottom"] and b["top"] < a["bottom"]
+
+
+def open_compare(browser, served, runs: str):
+    browser.driver.get(served.url + f"/compare?runs={runs}")
+    browser.wait_for_element("#efficiency", timeout=30)
+    wait_until(lambda: len(browser.driver.find_elements(By.CSS_SELECTOR, ".run-card .js-plotly-plot .bartext"))
+               >= 2 * len(runs.split(",")))
+
+
+def swatches(browser) -> dict[str, str]:
+    return {c.find_element(By.CSS_SELECTOR, ".name").text:
+            c.find_element(By.CSS_SELECTOR, ".swatch").value_of_css_property("background-color")
+            for c in browser.driver.find_elements(By.CSS_SELECTOR, ".run-card")}
+
+
+def test_a_four_run_compare_reads_well(browser, four):
+    """Every chart titles its step axis; each card's bar labels and caption sit apart and inside the chart; the
+    findings keep the card's width; the overlay keeps the two identical reencode lines apart and says so."""
+    open_compare(browser, four, "cached,reencode,reencode-again,trm")
+    cards = browser.driver.find_elements(By.CSS_SELECTOR, ".run-card")
+    assert len(cards) == 4
+    for c in cards:
+        plot = c.find_element(By.CSS_SELECTOR, ".js-plotly-plot")
+        assert plot.find_element(By.CSS_SELECTOR, ".g-xtitle").text == "step"
+        labels = rects(browser, plot, ".x2tick text") + rects(browser, plot, ".bartext")
+        assert len(labels) == 4  # two tick labels, two value labels
+        for i, a in enumerate(labels):
+            for b in labels[i + 1:]:
+                assert not overlap(a, b), (a, b)
+        svg = rects(browser, plot, "svg.main-svg")[0]
+        caption = rects(browser, plot, ".g-x2title text")
+        assert caption and "mean of" in caption[0]["text"] and "shown steps" in caption[0]["text"]
+        for r in caption + labels:  # nothing clipped by the chart's edges
+            assert svg["left"] + 1 <= r["left"] and r["right"] <= svg["right"] - 1, r
+            assert svg["top"] + 1 <= r["top"] and r["bottom"] <= svg["bottom"] - 1, r
+    starved = card(browser, "cached").find_element(By.CSS_SELECTOR, ".finding-gradient-starvation")
+    msg = rects(browser, starved, ".msg")[0]
+    li = rects(browser, starved.find_element(By.XPATH, ".."), ".finding-gradient-starvation")[0]
+    assert msg["right"] - msg["left"] >= 0.9 * (li["right"] - li["left"])  # a line of its own, not a column
+    overlay = browser.driver.find_element(By.ID, "cmp-overlay")
+    assert overlay.find_element(By.CSS_SELECTOR, ".g-xtitle").text == "step"
+    assert "identical lines: reencode = reencode-again" in overlay.text
+    dashes = browser.driver.execute_script(
+        "return Array.from(arguments[0].querySelectorAll('g.trace.scatter path.js-line'))"
+        ".map(p => p.style.strokeDasharray || '')", overlay)
+    assert any(d and d != "none" for d in dashes)  # the duplicate drawn dashed on top of the first
+    assert overlay.find_elements(By.CSS_SELECTOR, "g.trace.scatter .points path")  # with markers
+
+
+def test_a_run_keeps_its_colour_across_selections(browser, four):
+    open_compare(browser, four, "cached,reencode,trm")
+    first = swatches(browser)
+    open_compare(browser, four, "trm,reencode")
+    again = swatches(browser)
+    assert again == {n: first[n] for n in ("trm", "reencode")}
+    legend = browser.driver.execute_script(
+        "const gd = document.querySelector('#cmp-overlay .js-plotly-plot');"
+        "return gd.data.filter(t => t.showlegend !== false).map(t => [t.name, t.line.color]);")
+    assert len(legend) == 2 and len({c for _, c in legend}) == 2
+
+
+def axis_texts(browser, fig: str, css: str) -> list[str]:
+    plot = browser.driver.find_element(By.CSS_SELECTOR, f"div[id*='step-graph'][id*='\"{fig}\"'] .js-plotly-plot")
+    return [e.text for e in plot.find_elements(By.CSS_SELECTOR, css) if e.text]
+
+
+def open_tab(browser, served, run: str, tab: str, fig: str):
+    browser.driver.get(served.url + f"/run/{run}?tab={tab}")
+    browser.wait_for_element(f"div[id*='step-graph'][id*='\"{fig}\"'] .js-plotly-plot .ytick", timeout=30)
+
+
+def test_run_view_axes_read_plainly(browser, four):
+    """steps/s ticks are plain numbers (it drew "631m"), the gradient-norm log axis has 1-2-5 ticks, every chart
+    titles its step axis, and exact accuracy's axis ends where its values live (0-10% for a tiny run)."""
+    open_tab(browser, four, "reencode", "timing", "timing-detail")
+    rate = axis_texts(browser, "timing-detail", ".y2tick text")
+    assert rate and all(t.replace(",", "").replace(".", "", 1).isdigit() for t in rate), rate
+    open_tab(browser, four, "reencode", "coverage", "grad-norm")
+    ticks = axis_texts(browser, "grad-norm", ".ytick text")
+    assert len(ticks) >= 2 and all(float(t) / 10 ** math.floor(math.log10(float(t))) in (1, 2, 5)
+                                   for t in ticks), ticks
+    open_tab(browser, four, "reencode", "overview", "accuracy")
+    for fig in ("coverage", "loss", "accuracy", "halting", "timing"):
+        assert axis_texts(browser, fig, ".g-xtitle text") == ["step"], fig
+    shown = browser.driver.execute_script(
+        "const gd = document.querySelector(\"div[id*='step-graph'][id*='accuracy'] .js-plotly-plot\");"
+        "return [gd.layout.yaxis.range[1], Math.max(...gd.data.flatMap(t => t.y.filter(v => v !== null)))];")
+    top = max(float(t.rstrip("%")) for t in axis_texts(browser, "accuracy", ".ytick text")) / 100
+    assert shown[1] <= top < 1 and top <= next(t for t in (0.1, 0.25, 0.5, 1.0) if shown[1] <= t / 1.05), shown
+
+
+def test_trm_runs_say_puzzle_table_rows(browser, four):
+    open_tab(browser, four, "trm", "coverage", "grad-norm")
+    legend = axis_texts(browser, "grad-norm", ".legendtext")
+    assert "puzzle-table rows" in legend and "encoder" not in legend
+    assert "puzzle-table row" in browser.driver.find_element(By.CSS_SELECTOR, ".kpis").text.lower()
+    open_tab(browser, four, "reencode", "coverage", "grad-norm")
+    assert "encoder" in axis_texts(browser, "grad-norm", ".legendtext")

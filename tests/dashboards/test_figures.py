@@ -190,3 +190,128 @@ def test_q_chart_draws_precision_where_defined_and_says_when_it_is_not():
     prec = [t for t in fig["data"] if t["name"].startswith("precision")]
     assert prec and all("markers" in t["mode"] for t in prec)
     assert any("where defined" in a["text"] for a in fig["layout"]["annotations"])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Charts that read well
+
+def step_charts() -> dict[str, dict]:
+    """Every step chart the run view and the compare page draw, on the same synthetic run."""
+    raw = raw_steps()
+    f = framed(raw, OVERVIEW)
+    t = pd.DataFrame({"step": [1, 1, 2, 2], "phase": ["inner", "backward", "inner", "backward"],
+                      "seconds": [0.6, 1.0, 0.6, 1.0]})
+    return {"loss": F.loss_figure(f), "accuracy": F.accuracy_figure(f), "coverage": F.coverage_figure(f),
+            "halting": F.halting_summary_figure(f, "cached"), "timing": F.timing_figure(t),
+            "grad-norm": F.grad_norm_figure(framed(raw, COVERAGE)),
+            "encoder-work": F.encoder_work_figure(framed(raw, COVERAGE)),
+            "heatmap": F.halting_heatmap(framed(raw, halting_spec(raw.columns), 8)),
+            "q-halt": F.q_figure(framed(raw, halting_spec(raw.columns))),
+            "alignment": F.alignment_figure(framed(raw, ALIGNMENT)),
+            "compare": F.compare_figure({"a": framed(raw, ratio_spec("coverage"))}, "coverage")}
+
+
+def test_every_step_chart_titles_its_x_axis_step():
+    for name, fig in step_charts().items():
+        valid(fig)
+        assert fig["layout"]["xaxis"]["title"]["text"] == "step", name
+
+
+def test_the_steps_per_second_axis_has_plain_round_ticks():
+    """0.625 steps/s reads "0.63" on the axis, never "625m" (it used SI prefixes), on ticks that start at 0 and
+    step by a round amount."""
+    y2 = step_charts()["timing"]["layout"]["yaxis2"]
+    assert not y2["tickformat"].endswith("s") and "~f" in y2["tickformat"]
+    assert y2["tick0"] == 0 and y2["dtick"] in (0.1, 0.2, 0.25, 0.5) and y2["range"][1] >= 0.625
+    assert F.linear_ticks([0.0, 4.6])["dtick"] == 2 and F.linear_ticks([120.0])["dtick"] == 50
+    assert F.linear_ticks([float("nan")]) == {}
+
+
+def test_log_axes_get_1_2_5_ticks_written_plainly():
+    t = F.log_ticks(0.03, 4.0)
+    assert t["tickvals"] == pytest.approx([0.05, 0.1, 0.2, 0.5, 1, 2])  # within the values shown
+    assert t["ticktext"] == ["0.05", "0.1", "0.2", "0.5", "1", "2"]
+    wide = F.log_ticks(1e-6, 10.0)  # many decades: the powers of ten only
+    assert wide["tickvals"] == pytest.approx([10.0 ** e for e in range(-6, 2)])
+    narrow = F.log_ticks(0.8, 1.3)  # less than a decade: still a tick on each side of the values
+    assert min(narrow["tickvals"]) <= 0.8 and max(narrow["tickvals"]) >= 1.3 and len(narrow["tickvals"]) >= 2
+    assert F.log_ticks(0.0, 1.0) == {}
+    gn = F.grad_norm_figure(framed(raw_steps(), COVERAGE))
+    assert gn["layout"]["yaxis"]["type"] == "log" and gn["layout"]["yaxis"]["ticktext"]
+
+
+def test_accuracy_uses_the_percent_range_its_values_live_in():
+    raw = raw_steps()
+    low = raw.assign(inflight_exact=np.linspace(0, 0.6, len(raw)), halted_exact=0.0)  # at most 7.5% exact
+    f = framed(low, OVERVIEW)
+    fig = F.accuracy_figure(f, pd.DataFrame({"exact": [0.05]}, index=[40]))
+    top = fig["layout"]["yaxis"]["range"][1]
+    assert top == pytest.approx(0.105)  # 0-10%, not 0-100%
+    assert any("axis 0-10%" in a["text"] for a in fig["layout"]["annotations"])
+    high = F.accuracy_figure(framed(raw, OVERVIEW))  # up to 7 of 8 slots exact: the whole 0-100%
+    assert high["layout"]["yaxis"]["range"][1] == pytest.approx(1.05)
+    assert not high["layout"]["annotations"]
+    # a held-out point above the training line widens the axis to hold it
+    wide = F.accuracy_figure(f, pd.DataFrame({"exact": [0.3]}, index=[40]))
+    assert wide["layout"]["yaxis"]["range"][1] >= 0.3
+
+
+def test_the_coverage_bars_caption_is_their_axis_title():
+    """The caption under the side bars is laid out by Plotly (an axis title, margins made for it): it was an
+    annotation pushed below the plot and clipped by the figure's bottom edge."""
+    fig = F.coverage_figure(framed(raw_steps(), COVERAGE))
+    assert fig["layout"]["xaxis2"]["title"]["text"] == F.SIDE_CAPTION
+    assert not any("shown steps" in a["text"] for a in fig["layout"]["annotations"])
+
+
+def test_identical_overlay_lines_stay_visible_with_a_note():
+    same = framed(raw_steps(mode="reencode"), ratio_spec("coverage"))
+    frames = {"a": framed(raw_steps(mode="cached"), ratio_spec("coverage")), "b": same, "c": same.copy(),
+              "d": same.copy()}
+    fig = F.compare_figure(frames, "coverage")
+    valid(fig)
+    main = {t["name"]: t for t in fig["data"] if t.get("showlegend", True)}
+    assert "dash" not in main["a"]["line"] and "dash" not in main["b"]["line"]  # the first of each line: solid
+    assert main["c"]["line"]["dash"] != main["d"]["line"]["dash"]  # each duplicate its own dash, on top
+    assert "markers" in main["c"]["mode"] and "markers" in main["d"]["mode"]
+    shown = lambda t: {j for j, s in enumerate(t["marker"]["size"]) if s}  # noqa: E731
+    assert shown(main["c"]) and shown(main["d"]) and not shown(main["c"]) & shown(main["d"])  # staggered
+    notes = [a["text"] for a in fig["layout"]["annotations"]]
+    assert any("b = c = d" in n for n in notes)
+    # distinct lines: no note, no dashes
+    apart = F.compare_figure({"a": frames["a"], "b": same}, "coverage")
+    assert not apart["layout"]["annotations"]
+    assert all("dash" not in t["line"] for t in apart["data"] if t.get("showlegend", True))
+
+
+def test_a_run_keeps_its_colour_whichever_runs_are_picked():
+    every = ["cached", "reencode", "fct", "demo-trm", "trm-long", "x/1", "x/2", "x/3"]
+    colors = F.run_colors(every)
+    assert len(set(colors.values())) == len(every)  # distinct up to the palette's size
+    assert F.run_colors(list(reversed(every))) == colors  # whatever order the root lists them in
+    f = framed(raw_steps(), ratio_spec("coverage"))
+    for picked in (["fct", "cached"], ["reencode", "fct", "demo-trm"], ["fct"]):
+        fig = F.compare_figure({n: f.copy() for n in picked}, "coverage", colors=colors)
+        drawn = {t["name"]: t["line"]["color"] for t in fig["data"] if t.get("showlegend", True)}
+        assert drawn == {n: colors[n] for n in picked}
+    # without the root's list, the colours still follow the names, not the order they are given in
+    assert F.run_colors(["fct", "cached"]) == F.run_colors(["cached", "fct"])
+
+
+def test_trm_gradient_norms_say_puzzle_table_rows():
+    f = framed(raw_steps(), COVERAGE)
+    trm, etrm = F.grad_norm_figure(f, mode="trm"), F.grad_norm_figure(f, mode="reencode")
+    assert "puzzle-table rows" in names(trm) and "encoder" not in names(trm)
+    assert "puzzle-table rows" in trm["layout"]["title"]["text"]
+    assert "encoder" in names(etrm) and "encoder" in etrm["layout"]["title"]["text"]
+    work = F.encoder_work_figure(f, mode="trm")
+    assert "Puzzle-table rows" in work["layout"]["title"]["text"] and "looked up" in names(work)
+    assert "Encoder" in F.encoder_work_figure(f, mode="cached")["layout"]["title"]["text"]
+
+
+def test_a_gradient_norm_at_zero_throughout_is_named_not_silently_missing():
+    """On a log axis a series at 0 cannot be drawn: the chart says which one it is."""
+    f = framed(raw_steps(mode="reencode").assign(grad_norm_encoder=0.0), COVERAGE)
+    fig = F.grad_norm_figure(f, mode="trm")
+    assert any("puzzle-table rows: 0 on every step" in a["text"] for a in fig["layout"]["annotations"])
+    assert not F.grad_norm_figure(framed(raw_steps(), COVERAGE))["layout"]["annotations"]

@@ -10,13 +10,14 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from diagnostics.doctor import DoctorConfig, LiveDoctor, diagnose, encoder_collapse
 from diagnostics.loading import load_findings, load_run
-from diagnostics.probes import ContextDiversityProbe, default_probes
+from diagnostics.probes import DIVERSITY_EVERY, ContextDiversityProbe, default_probes
 from diagnostics.probes.diversity import context_stats
 from etrm.cli import main as train_main
 from etrm.config import Config
@@ -66,7 +67,70 @@ def test_identical_contexts_have_no_cross_puzzle_spread():
 
 
 def test_the_probe_is_among_the_defaults():
-    assert any(isinstance(p, ContextDiversityProbe) for p in default_probes(4))
+    probes = [p for p in default_probes(4) if isinstance(p, ContextDiversityProbe)]
+    assert len(probes) == 1 and probes[0].every == DIVERSITY_EVERY > 1
+    assert [p for p in default_probes(4, diversity_every=3) if isinstance(p, ContextDiversityProbe)][0].every == 3
+    with pytest.raises(ValueError, match="every"):
+        ContextDiversityProbe(0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The estimator: one step in ``every`` measured exactly, the others left at zero
+
+class Events:
+    """The fields the probe reads, of an ETRM step that encoded ``n`` fresh slots."""
+
+    def __init__(self, context, puzzle_ids, token_rms=0.25):
+        from diagnostics.events import Mode
+
+        n = context.shape[0]
+        self.encoder_out, self.mode = context, Mode.REENCODE
+        self.encoded_slots = torch.arange(n)
+        self.puzzle_id_after, self.sample_id_after = puzzle_ids, torch.arange(n)
+        self.token_embed_rms = torch.tensor(token_rms)
+
+
+def test_the_probe_measures_the_first_step_then_one_in_every_exactly():
+    g = torch.Generator().manual_seed(1)
+    steps = [Events(torch.randn(6, 2, 4, generator=g), torch.tensor([0, 0, 1, 1, 2, 3])) for _ in range(10)]
+    probe = ContextDiversityProbe(every=4)
+    rows = []
+    for ev in steps:
+        row = Row()
+        probe.observe(ev, {}, row)
+        rows.append({k: float(v) for k, v in row.values.items()})
+    measured = [i for i, r in enumerate(rows) if r]
+    assert measured == [0, 4, 8]
+    for i in measured:  # a measured step holds the exact statistics of that step, and says it was measured
+        exact = {k: float(v) for k, v in context_stats(steps[i].encoder_out, steps[i].puzzle_id_after,
+                                                       torch.ones(6, dtype=torch.bool)).items()}
+        assert rows[i]["context_measured"] == 1.0
+        for k, v in exact.items():
+            assert rows[i][k] == pytest.approx(v, rel=1e-6)
+        assert rows[i]["token_ms"] == pytest.approx(0.0625 * 6)
+
+
+def test_the_estimate_of_a_steady_context_equals_the_exact_figure_and_a_collapse_still_shows():
+    """Over a window the figures are ratios of sums over the measured steps: for a context whose statistics do not
+    change from step to step the estimate is the exact figure, and a collapsed context reads ~0 either way."""
+    from diagnostics import figures
+
+    g = torch.Generator().manual_seed(2)
+    ctx, ids = torch.randn(8, 2, 4, generator=g), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    for context in (ctx, ctx[:1].expand(8, 2, 4)):  # healthy, then collapsed
+        out = {}
+        for every in (1, 8):
+            probe, rows = ContextDiversityProbe(every), []
+            for step in range(1, 41):
+                row = Row()
+                probe.observe(Events(context, ids), {}, row)
+                rows.append({"step": step, **{k: float(v) for k, v in row.values.items()}})
+            df = pd.DataFrame(rows).set_index("step").fillna(0.0)
+            out[every] = figures.over(df)
+            assert df["context_measured"].sum() == 40 // every
+        for name in ("context_cross_share", "context_within_share", "context_to_token_rms"):
+            assert out[8][name] == pytest.approx(out[1][name], rel=1e-6, abs=1e-12), name
+    assert out[8]["context_cross_share"] < 1e-9  # the collapsed one
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -106,7 +170,7 @@ def test_the_probe_adds_no_host_sync(tmp_path, mode):
     reads the reset count back by design, so only the probe runs under the detector there."""
     torch.manual_seed(0)
     trainer = tiny_trainer(tmp_path, f"encoder.mode={mode}")
-    probe = ContextDiversityProbe()
+    probe = ContextDiversityProbe(every=2)  # a measured, a skipped and a measured step, all under the detector
     rows = []
     for _ in range(3):
         batch = trainer.next_batch()
@@ -123,6 +187,8 @@ def test_the_probe_adds_no_host_sync(tmp_path, mode):
                 probe.observe(events, metrics, row)
         trainer.carry = carry
         rows.append({k: float(v) for k, v in row.values.items()})
+    assert rows[1] == {}  # the skipped step keeps the row's zeros
+    assert mode == "cached" or rows[2]["context_measured"] == 1.0  # (cached: measured only if a slot reset)
     # the first step encodes all 8 slots in every mode
     first = rows[0]
     assert first["context_rows"] == 8 and 2 <= first["context_puzzles"] <= 8
@@ -209,3 +275,15 @@ def test_healthy_presets_do_not_collapse(tmp_path, args):
     else:
         assert (df["context_rows"] == 0).all()  # TRM: no encoder context, the rule does not apply
     assert not (run / "profiler").exists()  # no finding, no request: no profiler ever ran
+
+
+def test_the_rate_is_a_setting_checked_against_the_collapse_window():
+    from etrm.config import ConfigError, apply_overrides
+    from etrm.presets import load_preset
+
+    cfg = Config.from_dict(apply_overrides(load_preset("demo"), ["train.diversity_every=3"]))
+    assert cfg.train.diversity_every == 3
+    with pytest.raises(ConfigError, match="collapse_window"):  # a window without a measured step could not judge
+        Config.from_dict(apply_overrides(load_preset("demo"), ["train.diversity_every=11"]))
+    with pytest.raises(ConfigError, match="diversity_every"):
+        Config.from_dict(apply_overrides(load_preset("demo"), ["train.diversity_every=0"]))
