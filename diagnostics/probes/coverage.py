@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from diagnostics.events import Mode, StepEvents
@@ -69,14 +71,15 @@ class GradNormProbe(Probe):
                "mean per step of every other parameter's gradient L2 norm, before clipping"),
     )
 
-    def __init__(self, groups: dict[str, list[torch.nn.Parameter]]) -> None:
-        self.groups = groups
+    def __init__(self, groups: dict[str, list[torch.nn.Parameter] | Callable[[], list[Tensor]]]) -> None:
+        self.groups = groups  # a group may be a callable: tensors that are new each step (TRM's looked-up rows)
 
     def observe(self, events: StepEvents, metrics: dict[str, Tensor], row: Row) -> None:
         """Nothing to read from the events: the norms come after backward."""
 
     def after_backward(self, row: Row) -> None:
         for name in ("encoder", "rest"):
-            grads = [p.grad for p in self.groups.get(name, []) if p.grad is not None]
+            group = self.groups.get(name, [])
+            grads = [p.grad for p in (group() if callable(group) else group) if p.grad is not None]
             value = torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])) if grads else 0.0
             row.set(f"grad_norm_{name}", value)

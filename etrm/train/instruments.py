@@ -410,6 +410,16 @@ def trace_meta(trainer: "Trainer", preset: str | None) -> dict[str, Any]:
     return meta
 
 
+def grad_norm_groups(trainer: "Trainer") -> dict:
+    """The gradient-norm probe's groups: the trainer's parameter groups, except that TRM's "encoder" group is its
+    puzzle table's rows looked up this step (the table is a buffer; the rows are a fresh gradient-receiving leaf)."""
+    groups = trainer.parameter_groups()
+    emb = getattr(trainer.model, "puzzle_emb", None)
+    if emb is not None and not groups["encoder"]:
+        groups["encoder"] = lambda: [emb.last_rows] if emb.last_rows is not None else []
+    return groups
+
+
 def add_trace(trainer: "Trainer", preset: str | None = None) -> Trace:
     """Trace every step into ``run_dir/trace.sqlite``; on rank 0 also the live doctor."""
     meta = trace_meta(trainer, preset)
@@ -417,8 +427,8 @@ def add_trace(trainer: "Trainer", preset: str | None = None) -> Trace:
     writer = None
     if dist.is_main:  # every rank traces (the counters are summed at each flush); rank 0 stores
         writer = open_writer(trainer.run_dir, meta, trainer.step)
-    groups = trainer.parameter_groups()
-    probes = default_probes(trainer.cfg.max_steps_per_sample, groups, trainer.cfg.train.diversity_every)
+    probes = default_probes(trainer.cfg.max_steps_per_sample, grad_norm_groups(trainer),
+                            trainer.cfg.train.diversity_every)
     columns = [name for p in probes for name, _ in p.counters]
     reduce = gather = None
     if dist.enabled:

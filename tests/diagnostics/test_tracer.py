@@ -71,6 +71,8 @@ def test_traced_step_adds_no_host_sync(tmp_path, model, mode):
     rows = tracer.flush()
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["coverage_num"] == r["coverage_den"] == 6 for r in rows)
+    # the encoder's gradient norm; TRM's is its looked-up puzzle-table rows' (its table is a buffer, not a parameter)
+    assert all(r["grad_norm_encoder"] > 0 and r["grad_norm_rest"] > 0 for r in rows), rows
     tracer.close()
 
 
