@@ -132,6 +132,7 @@ class _Fixed:
 
     def __init__(self, preds: np.ndarray, steps: int = 2) -> None:
         self.preds, self.steps = torch.as_tensor(preds, dtype=torch.long), steps
+        self.max_steps = steps  # evaluation audits every ACT step up to the model's maximum
 
     def evaluate_batch(self, batch):
         ids = batch["sample_id"].clamp_min(0)
