@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import unquote
 
+import numpy as np
 import pandas as pd
 
 from diagnostics import figures, reader
@@ -109,6 +110,10 @@ COMPARE = ratio_spec("coverage", "reset_fraction",
                      extra=tuple(t for name in ("encoded_per_step", "encoded_per_sample", "steps_per_sample",
                                                 "encode_ratio", "early_halt_share", "mean_halt_step")
                                  for t in figures.REGISTRY[name].terms))
+
+
+# The run card: every counter a figure reads, summed over the card's window (no envelopes).
+CARD = Spec(figures.COUNTERS)
 
 
 def halting_spec(columns: Iterable[str]) -> Spec:
@@ -332,16 +337,21 @@ class RunCache:
         return sums
 
     def window(self, steps: int = 100) -> tuple[tuple[int, int], dict[str, float]]:
-        """The last ``steps`` steps and every registered figure over them (the run card's numbers)."""
+        """The last ``steps`` steps and every registered figure over them (the run card's numbers): the sums of
+        the counters over the window (one bucket: no envelopes, no per-bucket figures), then the registry."""
         with self.lock:
             first, last = self.info.first_step, self.info.last_step
-        lo = max(first, last - steps + 1)
-        if last == 0:
-            return (0, 0), {}
-        tail = self.frame(ratio_spec(*figures.REGISTRY), (lo, last), max_buckets=1)
+            lo = max(first, last - steps + 1)
+            if last == 0:
+                return (0, 0), {}
+            spec = CARD.resolve(self.columns)
+            if self.raw is not None:
+                tail = aggregate_rows(self.raw.loc[lo:last], spec, last - lo + 1, origin=lo)
+            else:
+                tail = reader.sql_buckets(self.path, spec, lo, last, last - lo + 1)
         if not len(tail):
             return (lo, last), {}
-        sums = {c: float(tail[c].sum()) for c in self.columns if c in tail.columns}
+        sums = {c: float(np.nansum(tail[c].to_numpy(dtype=float))) for c in spec.sums}
         return (lo, last), figures.of_sums(sums, float(tail["n"].sum()), self.info.meta.get("mode"))
 
     def profiler_traces(self) -> list[Path]:

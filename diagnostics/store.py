@@ -5,11 +5,17 @@ to ``SCHEMA_VERSION``, and docs/diagnostics.md lists what each version added. ``
 trace's version; a writer of a later version resuming an older trace adds what its version adds (the rollups of the
 rows already there) and records ``upgraded_from``.
 
-Version 2 adds the rollups: ``rollup_64``, ``rollup_4096``, ``rollup_262144`` (``ROLLUP_WIDTHS``), one row per
+Version 2 adds the rollups: ``rollup_64``, ``rollup_4096``, ``rollup_262144``, one row per
 bucket of that many steps (``bucket`` = (step - 1) // width): ``n`` rows, ``step_lo``/``step_hi``, the sum of every
 counter column (NULL counts 0), and ``<figure>__min``/``<figure>__max`` of every registered figure's per-step value.
 They are written in the same transaction as their rows, and kept equal to the sums of their rows across a resume's
 truncation. A view of any step range then reads on the order of a thousand rows whatever the run's length.
+
+Version 3 adds ``rollup_512`` and ``rollup_32768`` (so that a view's finest usable level is at most 8x finer than
+its buckets: a view reads at most about 8 rows per bucket) and the timing rollups: ``timing_rollup_<width>`` for
+every width of ``ROLLUP_WIDTHS``, one row per (bucket, phase):
+``n`` timing rows (steps x ranks) and the sum of their ``seconds``, kept equal to the sums of their rows at every
+commit (updated by each flush, recomputed after a truncation or a rewritten step).
 
 Version 1 (``meta.schema_version``):
 - ``meta(key, value)``: schema version, run description (model, mode, preset, max_steps, trace_every, config JSON).
@@ -35,8 +41,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-SCHEMA_VERSION = 2
-ROLLUP_WIDTHS = (64, 4096, 262144)
+SCHEMA_VERSION = 3
+ROLLUP_WIDTHS = (64, 512, 4096, 32768, 262144)  # version 2 wrote 64, 4096, 262144; 3 adds the rest
 ROLLUP_BATCH = 256  # the writer stores finest buckets once this many rows wait (a reader's raw edge stays small)
 TRACE_NAME = "trace.sqlite"
 
@@ -98,7 +104,16 @@ class TraceWriter:
         self.columns = [r[1] for r in self.conn.execute("PRAGMA table_info(steps)").fetchall() if r[1] != "step"]
         self.rollups = Rollups(self.conn, self.columns)
         self._insert_sql: dict[tuple[str, ...], str] = {}
-        if had_rows and int(version) < 2:  # resuming a version-1 trace: its rows got rollups (additive)
+        tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        for w in ROLLUP_WIDTHS:
+            self.conn.execute(f"CREATE TABLE IF NOT EXISTS {timing_rollup_table(w)} (bucket INTEGER NOT NULL, "
+                              "phase TEXT NOT NULL, n INTEGER NOT NULL, seconds REAL NOT NULL, "
+                              "PRIMARY KEY (bucket, phase)) WITHOUT ROWID")
+        self.conn.execute("CREATE TEMP TABLE IF NOT EXISTS timing_delta (bucket INTEGER, phase TEXT, n INTEGER, "
+                          "seconds REAL)")  # a flush's timing sums on their way into the rollups
+        if timing_rollup_table(ROLLUP_WIDTHS[0]) not in tables:  # an older trace's timings get their rollups
+            self._rebuild_timings(1)
+        if had_rows and int(version) < SCHEMA_VERSION:  # resuming an older trace: what this version adds is added
             self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('upgraded_from', ?)", (version,))
         self.conn.commit()
 
@@ -134,7 +149,52 @@ class TraceWriter:
             self.rollups.add(names, steps, values)
 
     def write_timings(self, rows: list[tuple[int, int, str, float]]) -> None:
+        """Insert (step, rank, phase, seconds) rows and add them to the timing rollups."""
+        if not rows:
+            return
+        lo, hi = min(r[0] for r in rows), max(r[0] for r in rows)
+        rewrite = self.conn.execute("SELECT 1 FROM timings WHERE step BETWEEN ? AND ? LIMIT 1", (lo, hi)).fetchone()
         self.conn.executemany("INSERT OR REPLACE INTO timings VALUES (?, ?, ?, ?)", rows)
+        if rewrite:  # a step's timings written again (rare): its buckets are recomputed from the rows
+            self._rebuild_timings(int(lo))
+        else:
+            self.rollup_timings(int(lo), int(hi))
+
+    def rollup_timings(self, lo: int, hi: int) -> None:
+        """Add the timing rows of steps [lo, hi] (new: not counted yet) to every timing rollup: their sums per
+        (finest bucket, phase) once, in SQL, then ``add_timing_sums``."""
+        self.conn.execute("DELETE FROM temp.timing_delta")
+        self.conn.execute(f"INSERT INTO temp.timing_delta SELECT (step - 1) / {ROLLUP_WIDTHS[0]}, phase, COUNT(*), "
+                          "TOTAL(seconds) FROM timings WHERE step BETWEEN ? AND ? GROUP BY 1, 2", (lo, hi))
+        self._fold_timings()
+
+    def add_timing_sums(self, rows: list[tuple[int, str, int, float]]) -> None:
+        """Add (finest bucket, phase, rows, seconds) sums of timing rows just stored to every timing rollup (for a
+        bulk writer that knows them; ``write_timings`` computes them itself)."""
+        self.conn.execute("DELETE FROM temp.timing_delta")
+        self.conn.executemany("INSERT INTO temp.timing_delta VALUES (?, ?, ?, ?)", rows)
+        self._fold_timings()
+
+    def _fold_timings(self) -> None:
+        fine = ROLLUP_WIDTHS[0]
+        for w in ROLLUP_WIDTHS:
+            self.conn.execute(f"INSERT INTO {timing_rollup_table(w)} (bucket, phase, n, seconds) "
+                              f"SELECT bucket / {w // fine}, phase, SUM(n), SUM(seconds) FROM temp.timing_delta "
+                              "WHERE 1 GROUP BY 1, 2 ON CONFLICT (bucket, phase) DO UPDATE SET n = n + excluded.n, "
+                              "seconds = seconds + excluded.seconds")
+
+    def _rebuild_timings(self, lo: int) -> None:
+        """Recompute every timing bucket holding a step at or after ``lo``: the finest from the rows, coarser ones
+        from the finest."""
+        fine = ROLLUP_WIDTHS[0]
+        for w in ROLLUP_WIDTHS:
+            self.conn.execute(f"DELETE FROM {timing_rollup_table(w)} WHERE bucket >= ?", ((lo - 1) // w,))
+        self.conn.execute(f"INSERT INTO {timing_rollup_table(fine)} SELECT (step - 1) / {fine}, phase, COUNT(*), "
+                          "TOTAL(seconds) FROM timings WHERE step >= ? GROUP BY 1, 2", ((lo - 1) // fine * fine + 1,))
+        for w in ROLLUP_WIDTHS[1:]:
+            self.conn.execute(f"INSERT INTO {timing_rollup_table(w)} SELECT bucket / {w // fine}, phase, SUM(n), "
+                              f"SUM(seconds) FROM {timing_rollup_table(fine)} WHERE bucket >= ? GROUP BY 1, 2",
+                              ((lo - 1) // w * (w // fine),))
 
     def write_eval(self, step: int, values: dict[str, float]) -> None:
         self.conn.executemany("INSERT OR REPLACE INTO evals VALUES (?, ?, ?)",
@@ -158,6 +218,7 @@ class TraceWriter:
         for table in ("steps", "timings", "evals", "alignment_samples"):
             self.conn.execute(f"DELETE FROM {table} WHERE step > ?", (step,))
         self.rollups.rebuild(step + 1)  # every bucket equals the sum of its remaining rows
+        self._rebuild_timings(step + 1)
         # a finding that first held on a deleted row is found again (or not) when those steps are re-run
         self.conn.execute("DELETE FROM findings WHERE first_step > ?", (step,))
         self.conn.commit()
@@ -172,6 +233,10 @@ class TraceWriter:
 
 def rollup_table(width: int) -> str:
     return f"rollup_{int(width)}"
+
+
+def timing_rollup_table(width: int) -> str:
+    return f"timing_rollup_{int(width)}"
 
 
 @dataclass
@@ -248,10 +313,12 @@ class Rollups:
         self.index = {c: i for i, c in enumerate(self.columns)}
         self.env = [(f, [self.index[t] for t in f.num], [self.index[t] for t in f.den]) for f in self.envelopes
                     if all(t in self.index for t in f.terms)]
-        # the envelopes' numerators and denominators as sums of gathered columns (a per-step figure divides by 1)
+        # the envelopes' numerators and denominators as one matrix product (a per-step figure divides by 1)
         self.per_step = np.array([not den for _, _, den in self.env], dtype=bool)
-        self.num_cols, self.num_at = _gathers([num for _, num, _ in self.env])
-        self.den_cols, self.den_at = _gathers([den or [0] for _, _, den in self.env])
+        self.num_den = np.zeros((len(self.columns), 2 * len(self.env)))
+        for j, (_, num, den) in enumerate(self.env):
+            self.num_den[num, j] = 1.0
+            self.num_den[den, len(self.env) + j] = 1.0
         names = ["bucket", "n", "step_lo", "step_hi", *self.columns,
                  *(f"{f.name}__{m}" for f, _, _ in self.env for m in ("min", "max"))]
         self.insert = {w: f"INSERT OR REPLACE INTO {rollup_table(w)} ({', '.join(_safe(c) for c in names)}) "
@@ -272,8 +339,8 @@ class Rollups:
         if not self.env:
             return np.zeros((len(vals), 0))
         finite = vals if np.isfinite(vals).all() else np.where(np.isfinite(vals), vals, 0.0)
-        a = np.add.reduceat(finite[:, self.num_cols], self.num_at, axis=1)
-        b = np.add.reduceat(finite[:, self.den_cols], self.den_at, axis=1)
+        ab = finite @ self.num_den
+        a, b = ab[:, :len(self.env)], ab[:, len(self.env):]
         b[:, self.per_step] = 1.0
         return a / np.where(b == 0, np.nan, b)
 
@@ -282,12 +349,15 @@ class Rollups:
         ``vals`` is the writer's own copy: NaN (a NULL) is set to 0 in place, so it counts 0."""
         vals[np.isnan(vals)] = 0.0
         env = self._envelopes(vals)
-        keys = (steps - 1) // ROLLUP_WIDTHS[0]
-        if keys[0] == keys[-1]:  # the common case (a flush completes one bucket): plain reductions
-            fine = Buckets(keys[:1], np.array([len(steps)]), steps[:1], steps[-1:], vals.sum(0, keepdims=True),
-                           np.fmin.reduce(env, 0, keepdims=True), np.fmax.reduce(env, 0, keepdims=True))
-        else:
-            one = np.ones(len(steps), dtype=np.int64)
+        fw, k = ROLLUP_WIDTHS[0], len(steps)
+        keys = (steps - 1) // fw
+        if k % fw == 0 and (steps[0] - 1) % fw == 0 and steps[-1] - steps[0] == k - 1:  # whole buckets (usual)
+            m = k // fw
+            fine = Buckets(keys[::fw], np.full(m, fw), steps[::fw], steps[fw - 1::fw],
+                           vals.reshape(m, fw, -1).sum(1), np.fmin.reduce(env.reshape(m, fw, -1), 1),
+                           np.fmax.reduce(env.reshape(m, fw, -1), 1))
+        else:  # a partial bucket (the first after a resume or a gap)
+            one = np.ones(k, dtype=np.int64)
             fine = Buckets(steps, one, steps, steps, vals, env, env).group(keys)
         self._write(ROLLUP_WIDTHS[0], fine)
         for w in ROLLUP_WIDTHS[1:]:
@@ -387,13 +457,6 @@ class Rollups:
         for w in ROLLUP_WIDTHS:
             self.conn.execute(f"DELETE FROM {rollup_table(w)} WHERE bucket >= ?", ((lo - 1) // w,))
         self.sync()
-
-
-def _gathers(groups: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Column lists as one gather index and the ``reduceat`` offsets that sum each list back."""
-    flat = [c for g in groups for c in g]
-    at = np.cumsum([0] + [len(g) for g in groups[:-1]])
-    return np.array(flat, dtype=np.int64), at.astype(np.int64)
 
 
 def step_matrix(rows: list[tuple] | list[list], width: int) -> tuple[np.ndarray, np.ndarray]:
