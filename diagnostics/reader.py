@@ -393,18 +393,22 @@ def read_timings(run_dir: Path, lo: int, hi: int, width: int,
                  max_steps: int = MAX_TIMING_STEPS) -> pd.DataFrame:
     """Mean seconds per step of each phase per bucket (averaged over ranks): columns step, phase, seconds.
 
-    From the timing rollups (schema 3) when buckets are at least one rollup wide: sums of seconds and rows per
-    (bucket, phase), split over the range as ``cover`` does, so exact and on the order of a thousand rows whatever
-    the run's length (buckets then are a multiple of the rollup width, on the step grid). Otherwise up to
+    From the timing rollups (schema 3) when buckets are at least one rollup wide, or the range is longer than
+    ``max_steps`` (its buckets are then at least the finest rollup's width): sums of seconds and rows per (bucket,
+    phase), split over the range as ``cover`` does, so exact and on the order of a thousand rows whatever the
+    run's length (buckets then are a multiple of the rollup width, on the step grid). Otherwise up to
     ``max_steps`` steps in range are read in full; beyond that, ``max_steps`` evenly spaced steps are read through
     the (step, rank, phase) index (timings are noisy averages, not counts), and ``attrs['sampled']`` says so.
     """
     conn = connect(run_dir)
     try:
-        levels = _levels(conn, timing_rollup_widths(conn), timing_rollup_table, width)
-        if levels:
-            return _rollup_timings(conn, lo, hi, width, levels)
         span = hi - lo + 1
+        # timings are noisy means, not counts: a range too long to read whole is read from the finest rollup
+        # even when the view asked for narrower buckets
+        up_to = max(width, ROLLUP_WIDTHS[0]) if span > max_steps else width
+        levels = _levels(conn, timing_rollup_widths(conn), timing_rollup_table, up_to)
+        if levels:
+            return _rollup_timings(conn, lo, hi, max(width, levels[0][0]), levels)
         if span <= max_steps:
             df = pd.read_sql_query("SELECT step, phase, AVG(seconds) AS seconds FROM timings "
                                    "WHERE step BETWEEN ? AND ? GROUP BY step, phase", conn, params=(lo, hi))

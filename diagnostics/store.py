@@ -274,15 +274,15 @@ class Buckets:
 
 
 class Rollups:
-    """The writer's multi-resolution summaries of ``steps`` (schema version 2).
+    """The writer's multi-resolution summaries of ``steps`` (schema versions 2 and 3).
 
     A bucket's row is written once, when the bucket is complete (a row of a later bucket has arrived), in the
     transaction of the flush that stores it; finest buckets are stored once ``ROLLUP_BATCH`` rows wait, and the open
     bucket of each width lives in memory (readers read what is not stored from finer buckets and, at the very edge,
     at most ``ROLLUP_BATCH + ROLLUP_WIDTHS[0]`` rows). The finest buckets are made from rows and coarser ones are sums
-    of finest buckets, each in one vectorised pass (``reduceat``) and one ``executemany`` per width. So every stored bucket equals the sum of its rows at every commit. ``rebuild``
-    recomputes the buckets from a step on (a truncation, a rewritten step); ``sync`` restores the open buckets when a
-    writer opens an existing trace.
+    of finest buckets, each in one vectorised pass and one ``executemany`` per width. So every stored bucket equals
+    the sum of its rows at every commit. ``rebuild`` recomputes the buckets from a step on (a truncation, a
+    rewritten step); ``sync`` restores the open buckets when a writer opens an existing trace.
     """
 
     def __init__(self, conn: sqlite3.Connection, columns: list[str]) -> None:
@@ -313,12 +313,13 @@ class Rollups:
         self.index = {c: i for i, c in enumerate(self.columns)}
         self.env = [(f, [self.index[t] for t in f.num], [self.index[t] for t in f.den]) for f in self.envelopes
                     if all(t in self.index for t in f.terms)]
-        # the envelopes' numerators and denominators as one matrix product (a per-step figure divides by 1)
+        # the envelopes' numerators and denominators: a gather of each one's first term plus its few other terms
+        # (much cheaper than a product with a 0/1 matrix); a per-step figure divides by 1
         self.per_step = np.array([not den for _, _, den in self.env], dtype=bool)
-        self.num_den = np.zeros((len(self.columns), 2 * len(self.env)))
-        for j, (_, num, den) in enumerate(self.env):
-            self.num_den[num, j] = 1.0
-            self.num_den[den, len(self.env) + j] = 1.0
+        self.num_idx = np.array([num[0] for _, num, _ in self.env], dtype=np.int64)
+        self.den_idx = np.array([den[0] if den else 0 for _, _, den in self.env], dtype=np.int64)
+        self.num_more = [(j, c) for j, (_, num, _) in enumerate(self.env) for c in num[1:]]
+        self.den_more = [(j, c) for j, (_, _, den) in enumerate(self.env) for c in den[1:]]
         names = ["bucket", "n", "step_lo", "step_hi", *self.columns,
                  *(f"{f.name}__{m}" for f, _, _ in self.env for m in ("min", "max"))]
         self.insert = {w: f"INSERT OR REPLACE INTO {rollup_table(w)} ({', '.join(_safe(c) for c in names)}) "
@@ -339,8 +340,11 @@ class Rollups:
         if not self.env:
             return np.zeros((len(vals), 0))
         finite = vals if np.isfinite(vals).all() else np.where(np.isfinite(vals), vals, 0.0)
-        ab = finite @ self.num_den
-        a, b = ab[:, :len(self.env)], ab[:, len(self.env):]
+        a, b = finite[:, self.num_idx], finite[:, self.den_idx]
+        for j, c in self.num_more:
+            a[:, j] += finite[:, c]
+        for j, c in self.den_more:
+            b[:, j] += finite[:, c]
         b[:, self.per_step] = 1.0
         return a / np.where(b == 0, np.nan, b)
 
@@ -370,12 +374,12 @@ class Rollups:
             return
         acc = self.open[w]
         keys = (fine.lo - 1) // w
-        if acc is not None and len(fine) == 1 and keys[0] == acc.key[0]:  # inside the open bucket: in place
-            acc.n += fine.n
-            acc.hi[0] = max(acc.hi[0], fine.hi[0])
-            acc.sums += fine.sums
-            np.fmin(acc.mn, fine.mn, out=acc.mn)
-            np.fmax(acc.mx, fine.mx, out=acc.mx)
+        if acc is not None and keys[0] == keys[-1] == acc.key[0]:  # all inside the open bucket: in place
+            acc.n += fine.n.sum()
+            acc.hi[0] = max(acc.hi[0], fine.hi[-1])
+            acc.sums += fine.sums.sum(0)
+            np.fmin(acc.mn, np.fmin.reduce(fine.mn, 0), out=acc.mn)
+            np.fmax(acc.mx, np.fmax.reduce(fine.mx, 0), out=acc.mx)
             return
         both = fine if acc is None else acc.cat(fine)
         coarse = both.group((both.lo - 1) // w)
@@ -387,9 +391,10 @@ class Rollups:
         env = np.empty((len(b), 2 * b.mn.shape[1]))
         env[:, 0::2], env[:, 1::2] = b.mn, b.mx
         bad = ~np.isfinite(env)
+        if bad.any():  # no finite value: NULL
+            env = env.astype(object)
+            env[bad] = None
         cells = env.tolist()
-        for i, j in zip(*np.nonzero(bad)):
-            cells[i][j] = None
         self.conn.executemany(self.insert[w], [(k, n, lo, hi, *s, *e) for k, n, lo, hi, s, e in zip(
             b.key.tolist(), b.n.tolist(), b.lo.tolist(), b.hi.tolist(), b.sums.tolist(), cells)])
 

@@ -24,8 +24,8 @@ sys.path.insert(0, str(HERE.parents[1]))
 
 OVERVIEW_CHARTS = 5  # coverage, loss, accuracy, halting, timing (dashboards.app.tab_figures "overview")
 
-# Resolves (with performance.now()) once every overview chart has drawn traces, after two animation frames (the
-# second runs after the frame that painted them); polls every 10 ms.
+# Resolves with [performance.now(), the page shell's DOMContentLoaded end] (ms from navigation) once every overview
+# chart has drawn traces, after two animation frames (the second runs after the frame that painted them).
 DRAWN_JS = """
 const done = arguments[arguments.length - 1], want = arguments[0];
 function drawn() {
@@ -34,7 +34,8 @@ function drawn() {
   return Array.from(plots).every(p => p._fullLayout && p.querySelector("g.trace, g.heatmaplayer image"));
 }
 (function poll() {
-  if (drawn()) requestAnimationFrame(() => requestAnimationFrame(() => done(performance.now())));
+  const shell = () => performance.getEntriesByType("navigation")[0].domContentLoadedEventEnd;
+  if (drawn()) requestAnimationFrame(() => requestAnimationFrame(() => done([performance.now(), shell()])));
   else setTimeout(poll, 10);
 })();
 """
@@ -48,11 +49,13 @@ def _conftest():
     return mod
 
 
-def open_run(driver, url: str, timeout_s: float = 300) -> float:
-    """Seconds from navigation to the last overview chart painted, by the browser's clock."""
+def open_run(driver, url: str, timeout_s: float = 300) -> tuple[float, float]:
+    """Seconds from navigation to the last overview chart painted, and to the page shell loaded (the Dash
+    scripts, before any callback), by the browser's clock."""
     driver.set_script_timeout(timeout_s)
     driver.get(url)
-    return driver.execute_async_script(DRAWN_JS, OVERVIEW_CHARTS) / 1000.0
+    drawn, shell = driver.execute_async_script(DRAWN_JS, OVERVIEW_CHARTS)
+    return drawn / 1000.0, shell / 1000.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,24 +78,27 @@ def main(argv: list[str] | None = None) -> int:
 
     browser = Browser("chrome", headless=True, percy_run=False, wait_timeout=60)
     browser.driver.set_window_size(1400, 1200)
-    cold, warm, loads = [], [], []
+    cold, warm, shells, loads = [], [], [], []
     try:
         for i in range(args.repeats):
             served = cf.Served(args.runs)
             try:
                 url = f"{served.url}/run/{args.run}"
                 loads.append(os.getloadavg()[0])
-                cold.append(open_run(browser.driver, url))
-                warm.append(open_run(browser.driver, url))
+                (c, shell), (w, _) = open_run(browser.driver, url), open_run(browser.driver, url)
+                cold.append(c)
+                warm.append(w)
+                shells.append(shell)
             finally:
                 served.stop()
-            print(f"  repetition {i + 1}: cold server {cold[-1]:.2f} s, warm {warm[-1]:.2f} s "
+            print(f"  repetition {i + 1}: cold server {c:.2f} s (page shell loaded at {shell:.2f} s), warm {w:.2f} s "
                   f"(load average {loads[-1]:.2f})", flush=True)
     finally:
         browser.driver.quit()
     print(f"browser time to a drawn run view of {args.run} (headless chromium, navigation to the last of "
           f"{OVERVIEW_CHARTS} overview charts painted; median of {args.repeats}): cold server "
-          f"{statistics.median(cold):.2f} s, warm {statistics.median(warm):.2f} s "
+          f"{statistics.median(cold):.2f} s (page shell at {statistics.median(shells):.2f} s), warm "
+          f"{statistics.median(warm):.2f} s "
           f"(load average {statistics.mean(loads):.2f} on {os.cpu_count()} cores)")
     return 0
 
