@@ -1,4 +1,4 @@
-"""The trace writer's rows/s with and without the rollups (trace schema 2), side by side in one run.
+"""The trace writer's rows/s with and without the rollups (trace schemas 2 and 3), side by side in one run.
 
 Writes the default probes' counters (max 16 ACT steps, about 70 columns) in flushes of ``--flush`` rows, one commit
 per flush as the tracer's writer thread does, into a fresh trace each round; alternates the two variants and prints

@@ -168,9 +168,10 @@ def write_bulk(run_dir: str | Path, steps: int, *, mode: str = "cached", batch_s
 
     ``template`` rows drawn as ``write_synthetic`` draws a run (its trends over the run's length) are copied by
     SQLite to every step, each step taking the row for its place in the run (``_template_index``); timings are
-    drawn in SQL; each chunk of ``chunk`` steps is one transaction, summarised by the writer's own rollups
-    (``Rollups.add``, timing rollups in SQL). Findings come from the live doctor over the template. ``progress``
-    (optional) is called with the steps written so far."""
+    drawn in SQL (a noise hashed from step and phase, ``_NOISE_SQL``, so numpy knows their sums); each chunk of
+    ``chunk`` steps is one transaction, summarised by the writer's own rollups (``Rollups.add`` on the same values,
+    ``TraceWriter.add_timing_sums``). Findings come from the live doctor over the template. ``progress`` (optional)
+    is called with the steps written so far."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

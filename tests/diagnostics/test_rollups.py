@@ -1,5 +1,6 @@
-"""Rollups (trace schema 2): written in the same transaction as their rows, equal to the sums of their rows after
-a resume's truncation, and readable by the reader exactly as an in-memory summary of the rows."""
+"""Rollups (trace schemas 2 and 3): stored in the transaction of the flush that completes them, equal to the sums
+of their rows after a resume's truncation, and readable by the reader exactly as an in-memory summary of the rows;
+the phase-timing rollups likewise."""
 
 from __future__ import annotations
 
