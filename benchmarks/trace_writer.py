@@ -1,10 +1,10 @@
-"""The trace writer's rows/s with and without the rollups (trace schema 2), side by side in one run.
+"""The trace writer's rows/s with and without the rollups (trace schemas 2 and 3), side by side in one run.
 
 Writes the default probes' counters (max 16 ACT steps, about 70 columns) in flushes of ``--flush`` rows, one commit
 per flush as the tracer's writer thread does, into a fresh trace each round; alternates the two variants and prints
 medians. Asserts nothing.
 
-    python benchmarks/trace_writer.py --rows 20000 --rounds 3
+    python benchmarks/trace_writer.py --rows 20000 --rounds 7
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=20_000)
     p.add_argument("--flush", type=int, default=20)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=7)
     args = p.parse_args()
     names = counter_names(16)
     c = _chunk(np.random.default_rng(0), 1, args.rows, args.rows, 64, 16, "cached")

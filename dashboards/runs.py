@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import unquote
 
+import numpy as np
 import pandas as pd
 
 from diagnostics import figures, reader
@@ -111,6 +112,10 @@ COMPARE = ratio_spec("coverage", "reset_fraction",
                                  for t in figures.REGISTRY[name].terms))
 
 
+# The run card: every counter a figure reads, summed over the card's window (no envelopes).
+CARD = Spec(figures.COUNTERS)
+
+
 def halting_spec(columns: Iterable[str]) -> Spec:
     return ratio_spec("q_precision", "q_recall", "q_base_rate", "mean_inflight_step", "mean_halt_step",
                       "early_halt_share", extra=("q_says_halt", "explore_vetoes", *halt_columns(columns)))
@@ -179,7 +184,8 @@ class RunCache:
         self.info = RunInfo(name)
         self.columns: list[str] = []
         self.raw: pd.DataFrame | None = None          # small runs: every stored column, indexed by step
-        self.frames: dict[Spec, tuple[int, pd.DataFrame]] = {}  # large runs: (width, overview frame) per spec
+        # large runs: (width, whole-run frame, last step in it) per spec, extended when next used
+        self.frames: dict[Spec, tuple[int, pd.DataFrame, int]] = {}
         self.evals = pd.DataFrame()
         self.alignment = pd.DataFrame()
         self._marker_count = -1
@@ -232,9 +238,7 @@ class RunCache:
                     self.raw = new if self.raw is None else pd.concat([self.raw, new])
                     self.raw = self.raw.reindex(columns=self.columns)
             else:
-                self.raw = None
-                if grew:
-                    self._extend_frames(conn, last, hi)
+                self.raw = None  # whole-run frames take the new rows when next drawn (``_extended``)
             self.evals = reader.read_evals(conn)
             self.alignment = reader.read_alignment(conn, limit=200)
             stored = reader.read_findings(conn)
@@ -270,20 +274,24 @@ class RunCache:
             self.info.findings = _sorted(stored_list)
             self.info.findings_source = "trainer"
 
-    def _extend_frames(self, conn: sqlite3.Connection, last: int, hi: int) -> None:
-        """Large runs: fold rows past ``last`` into each cached overview frame, coarsening it when it grows."""
-        if not self.frames:
-            return
-        need = sorted({c for spec in self.frames for c in spec.sums})
-        new = reader.read_rows(conn, last, need) if hi - last <= RAW_MAX_STEPS else None
-        for spec, (width, frame) in list(self.frames.items()):
-            if new is None:  # too much at once: rebuild this frame from SQL on next use
-                del self.frames[spec]
-                continue
-            lo = int(frame["step_lo"].min()) if len(frame) else 1
-            w = max(width, bucket_width(lo, hi))
-            merged = merge_frames(frame, aggregate_rows(new, spec, w, origin=lo), spec, w, origin=lo)
-            self.frames[spec] = (w, merged)
+    def _extended(self, spec: Spec, cached: tuple[int, pd.DataFrame, int]) -> tuple[int, pd.DataFrame, int] | None:
+        """A large run's cached whole-run frame with the rows past its last step folded in (coarsened when it
+        grows), so a live refresh reads only new rows, and only for the frames a page draws; None when too much is
+        new (the frame is then read again from the rollups)."""
+        width, frame, upto = cached
+        hi = self.info.last_step
+        if hi <= upto:
+            return cached
+        if hi - upto > RAW_MAX_STEPS:
+            return None
+        conn = reader.connect(self.path)
+        try:
+            new = reader.read_rows(conn, upto, list(spec.sums), upto=hi)
+        finally:
+            conn.close()
+        lo = int(frame["step_lo"].min()) if len(frame) else 1
+        w = max(width, bucket_width(lo, hi))
+        return w, merge_frames(frame, aggregate_rows(new, spec, w, origin=lo), spec, w, origin=lo), hi
 
     # -- reads -----------------------------------------------------------------------------------------------------
     def frame(self, spec: Spec, xrange: tuple[float, float] | None = None,
@@ -301,11 +309,12 @@ class RunCache:
                 out = aggregate_rows(part, spec, width, origin=lo)
             elif xrange is None:
                 cached = self.frames.get(spec)
+                cached = None if cached is None else self._extended(spec, cached)
                 if cached is None:
                     got = reader.sql_buckets(self.path, spec, lo, hi, width)
-                    cached = (int(got.attrs.get("width", width)), got)  # rollups: a multiple of their width
-                    self.frames[spec] = cached
-                width, out = cached
+                    cached = (int(got.attrs.get("width", width)), got, hi)  # rollups: a multiple of their width
+                self.frames[spec] = cached
+                width, out, _ = cached
             else:
                 out = reader.sql_buckets(self.path, spec, lo, hi, width)
                 width = int(out.attrs.get("width", width))
@@ -332,16 +341,21 @@ class RunCache:
         return sums
 
     def window(self, steps: int = 100) -> tuple[tuple[int, int], dict[str, float]]:
-        """The last ``steps`` steps and every registered figure over them (the run card's numbers)."""
+        """The last ``steps`` steps and every registered figure over them (the run card's numbers): the sums of
+        the counters over the window (one bucket: no envelopes, no per-bucket figures), then the registry."""
         with self.lock:
             first, last = self.info.first_step, self.info.last_step
-        lo = max(first, last - steps + 1)
-        if last == 0:
-            return (0, 0), {}
-        tail = self.frame(ratio_spec(*figures.REGISTRY), (lo, last), max_buckets=1)
+            lo = max(first, last - steps + 1)
+            if last == 0:
+                return (0, 0), {}
+            spec = CARD.resolve(self.columns)
+            if self.raw is not None:
+                tail = aggregate_rows(self.raw.loc[lo:last], spec, last - lo + 1, origin=lo)
+            else:
+                tail = reader.sql_buckets(self.path, spec, lo, last, last - lo + 1)
         if not len(tail):
             return (lo, last), {}
-        sums = {c: float(tail[c].sum()) for c in self.columns if c in tail.columns}
+        sums = {c: float(np.nansum(tail[c].to_numpy(dtype=float))) for c in spec.sums}
         return (lo, last), figures.of_sums(sums, float(tail["n"].sum()), self.info.meta.get("mode"))
 
     def profiler_traces(self) -> list[Path]:

@@ -1,8 +1,10 @@
 """Synthetic traces for the dashboard's benchmark and tests: a vectorised numpy stand-in for a traced run.
 
-Rows carry the counters the built-in probes write (same column names, numerator and denominator kept apart) and are
-stored with ``TraceWriter``, so the dashboard reads them exactly as it reads a trainer's trace. A million steps are
-written in chunks, so memory stays small. No torch, no etrm.
+Rows carry the counters the built-in probes write (same column names, numerator and denominator kept apart).
+``write_synthetic`` stores every row through ``TraceWriter``'s flush path, so the dashboard reads them exactly as it
+reads a trainer's trace (tests). ``write_bulk`` makes the same schema, for millions of steps, in seconds: numpy draws
+a template of the run's rows, SQLite copies it to every step inside large transactions (a recursive CTE), phase
+timings are drawn in SQL, and the writer's own rollups summarise each chunk (benchmarks). No torch, no etrm.
 """
 
 from __future__ import annotations
@@ -124,6 +126,107 @@ def write_synthetic(run_dir: str | Path, steps: int, *, mode: str = "cached", ba
         w.write_eval(s, {"exact": min(0.9, s / steps), "token": min(0.97, 0.3 + s / steps)})
     if finished:
         w.marker("end", steps)
+    w.close()
+    return run_dir
+
+
+def _template_index(steps: np.ndarray, total: int, size: int) -> np.ndarray:
+    """The template row each step copies: its place in the run, jittered by up to 32 rows so neighbours differ.
+    The same integer arithmetic as ``_TEMPLATE_SQL``."""
+    i = (steps - 1) * size // total + (steps * 7919) % 65 - 32
+    return np.clip(i, 0, size - 1)
+
+
+_TEMPLATE_SQL = "MIN(MAX((s - 1) * {size} / {total} + (s * 7919) % 65 - 32, 0), {size} - 1)"
+# a phase's seconds: its base time times a noise of +-15% hashed from (step, phase), the same in SQL and numpy
+_NOISE_SQL = "(1.0 + 0.15 * (((s * 2654435761 + p.k * 40503) % 2001) - 1000) / 1000.0)"
+
+
+def _noise(steps: np.ndarray, k: int) -> np.ndarray:
+    return 1.0 + 0.15 * (((steps * 2654435761 + k * 40503) % 2001) - 1000) / 1000.0
+
+
+def _timing_sums(steps: np.ndarray) -> list[tuple[int, str, int, float]]:
+    """(finest bucket, phase, rows, seconds) sums of the timings ``_NOISE_SQL`` draws for ``steps``."""
+    from diagnostics.store import ROLLUP_WIDTHS
+
+    keys = (steps - 1) // ROLLUP_WIDTHS[0]
+    at = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    n = np.diff(np.r_[at, len(steps)]).tolist()
+    out = []
+    for k, (phase, base) in enumerate(zip(PHASES, PHASE_SECONDS)):
+        sums = np.add.reduceat(base * _noise(steps, k), at).tolist()
+        out += [(b, phase, c, v) for b, c, v in zip(keys[at].tolist(), n, sums)]
+    return out
+
+
+def write_bulk(run_dir: str | Path, steps: int, *, mode: str = "cached", batch_size: int = 64,
+               max_steps_per_sample: int = 16, timings: bool = True, finished: bool = True,
+               template: int = 65_536, chunk: int = 262_144, seed: int = 0, preset: str = "synthetic",
+               progress=None) -> Path:
+    """Write a ``steps``-step synthetic trace fast (the schema ``TraceWriter`` writes, rollups included).
+
+    ``template`` rows drawn as ``write_synthetic`` draws a run (its trends over the run's length) are copied by
+    SQLite to every step, each step taking the row for its place in the run (``_template_index``); timings are
+    drawn in SQL (a noise hashed from step and phase, ``_NOISE_SQL``, so numpy knows their sums); each chunk of
+    ``chunk`` steps is one transaction, summarised by the writer's own rollups (``Rollups.add`` on the same values,
+    ``TraceWriter.add_timing_sums``). Findings come from the live doctor over the template. ``progress`` (optional)
+    is called with the steps written so far."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    M, B = max_steps_per_sample, batch_size
+    meta = {"model": "etrm", "mode": mode, "fault": "none", "preset": preset, "sampler": "refill",
+            "batch_size": B, "max_steps_per_sample": M, "max_steps": steps, "trace_every": 20, "device": "cpu"}
+    w = TraceWriter(run_dir / TRACE_NAME, meta)
+    names = counter_names(M)
+    w.add_counters((n, "synthetic", n) for n in names)
+    w.marker("start", 0)
+    w.commit()
+    conn = w.conn
+    conn.execute("PRAGMA journal_mode=OFF")  # one writer, nobody reading yet: no journal while bulk loading
+    conn.execute("PRAGMA synchronous=OFF")
+    size = min(template, steps)
+    t = _chunk(rng, 1, size, size, B, M, mode)
+    tpl = np.stack([np.asarray(t[n], dtype=float) for n in names], axis=1)
+    cols = ", ".join(f'"{n}"' for n in names)
+    conn.execute(f"CREATE TEMP TABLE tpl (i INTEGER PRIMARY KEY, {cols})")
+    conn.executemany(f"INSERT INTO tpl VALUES ({', '.join('?' * (len(names) + 1))})",
+                     [(i, *r) for i, r in enumerate(tpl.tolist())])
+    conn.execute("CREATE TEMP TABLE phases (k INTEGER PRIMARY KEY, phase TEXT, base REAL)")
+    conn.executemany("INSERT INTO phases VALUES (?, ?, ?)", list(zip(range(len(PHASES)), PHASES, PHASE_SECONDS)))
+    index = _TEMPLATE_SQL.format(size=size, total=steps)
+    seq = "WITH RECURSIVE seq(s) AS (SELECT ? UNION ALL SELECT s + 1 FROM seq WHERE s < ?) "
+    step_sql = (f"{seq}INSERT INTO steps (step, {cols}) SELECT s, {', '.join('t.' + c for c in cols.split(', '))} "
+                f"FROM seq JOIN tpl t ON t.i = {index}")
+    timing_sql = (f"{seq}INSERT INTO timings (step, rank, phase, seconds) SELECT s, 0, p.phase, "
+                  f"p.base * {_NOISE_SQL} FROM seq CROSS JOIN phases p")
+    for first in range(1, steps + 1, chunk):
+        last = min(first + chunk - 1, steps)
+        conn.execute(step_sql, (first, last))
+        at = np.arange(first, last + 1, dtype=np.int64)
+        w.rollups.add(names, at, tpl[_template_index(at, steps, size)])
+        if timings:
+            conn.execute(timing_sql, (first, last))
+            w.add_timing_sums(_timing_sums(at))
+        w.heartbeat(last)
+        w.commit()
+        if progress is not None:
+            progress(last)
+    live = LiveDoctor(meta, DoctorConfig.from_meta(meta))  # the template as the run: its findings, at its steps
+    pick = np.arange(0, size, max(1, size // 8192))  # 8k rows are enough for the doctor's windows
+    where = np.linspace(1, steps, size).round().astype(np.int64)[pick]
+    rows = [{"step": int(s), **dict(zip(names, r))} for s, r in zip(where.tolist(), tpl[pick].tolist())]
+    for finding in live.update(rows):
+        finding.store(w)
+    for s in range(max(steps // 10, 1), steps + 1, max(steps // 10, 1)):
+        w.write_eval(s, {"exact": min(0.9, s / steps), "token": min(0.97, 0.3 + s / steps)})
+    if finished:
+        w.marker("end", steps)
+    w.commit()
+    conn.execute("DROP TABLE tpl")
+    conn.execute("DROP TABLE phases")
+    conn.execute("PRAGMA journal_mode=WAL")
     w.close()
     return run_dir
 

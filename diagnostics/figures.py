@@ -120,29 +120,35 @@ def over(df: pd.DataFrame, lo: int | None = None, hi: int | None = None, mode: s
     return of_sums(frame_sums(part), len(part), mode)
 
 
-def _term(frame: pd.DataFrame, names: Sequence[str]) -> np.ndarray:
-    return np.sum([np.nan_to_num(frame[c].to_numpy(dtype=float)) for c in names], axis=0)
+def _term(frame: Mapping[str, Any], names: Sequence[str]) -> np.ndarray:
+    return np.sum([np.nan_to_num(np.asarray(frame[c], dtype=float)) for c in names], axis=0)
+
+
+def _values(frame: Mapping[str, Any], fig: Figure, n: np.ndarray | pd.Series | None, length: int) -> np.ndarray:
+    num = _term(frame, fig.num)
+    if fig.den:
+        den = _term(frame, fig.den)
+    else:
+        den = np.ones(length) if n is None else np.asarray(n, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        v = np.where(den != 0, num / np.where(den != 0, den, 1.0), np.nan)
+        if fig.sqrt:
+            v = np.sqrt(np.where(v >= 0, v, np.nan))
+    return v
 
 
 def series(frame: pd.DataFrame, fig: Figure, n: np.ndarray | pd.Series | None = None) -> pd.Series:
     """Per-row values of ``fig`` on a frame of sums (a steps table: one step per row; a bucketed frame: ``n``
     steps per row). NaN where the denominator is 0."""
-    num = _term(frame, fig.num)
-    if fig.den:
-        den = _term(frame, fig.den)
-    else:
-        den = np.ones(len(frame)) if n is None else np.asarray(n, dtype=float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        v = np.where(den != 0, num / np.where(den != 0, den, 1.0), np.nan)
-        if fig.sqrt:
-            v = np.sqrt(np.where(v >= 0, v, np.nan))
-    return pd.Series(v, index=frame.index, name=fig.name)
+    return pd.Series(_values(frame, fig, n, len(frame)), index=frame.index, name=fig.name)
 
 
 def columns(frame: pd.DataFrame, n: np.ndarray | pd.Series | None = None,
             mode: str | None = None) -> dict[str, pd.Series]:
     """Per-row values of every figure available on ``frame`` (see ``series``)."""
-    return {f.name: series(frame, f, n) for f in available(frame.columns, mode)}
+    arrays = {c: frame[c].to_numpy(dtype=float) for c in frame.columns}  # each column read once
+    return {f.name: pd.Series(_values(arrays, f, n, len(frame)), index=frame.index, name=f.name)
+            for f in available(frame.columns, mode)}
 
 
 def rolling(frame: pd.DataFrame, fig: Figure, k: int, n: np.ndarray | pd.Series | None = None) -> pd.Series:

@@ -21,16 +21,18 @@ import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 
 from diagnostics import eval_audits, figures
-from diagnostics.store import EVAL_AUDIT_TABLES, ROLLUP_WIDTHS, SCHEMA_VERSION, TRACE_NAME, TraceError, read_meta, read_only_uri, readable, rollup_table
+from diagnostics.store import (EVAL_AUDIT_TABLES, ROLLUP_WIDTHS, SCHEMA_VERSION, TRACE_NAME, TraceError, read_meta,
+                               read_only_uri, readable, rollup_table, timing_rollup_table)
 
 MAX_BUCKETS = 800            # points per series over any visible range
 MAX_TIMING_STEPS = 2_000     # timings of at most this many steps are read per range (sampled evenly beyond)
+RAW_READ_MAX = 50_000        # a range of at most this many steps without a rollup level is read whole, in one query
 CONNECT_TIMEOUT_S = 1.0      # a locked trace fails fast instead of hanging a page
 
 
@@ -215,66 +217,114 @@ def _group(frame: pd.DataFrame, key: np.ndarray, spec: Spec) -> pd.DataFrame:
 def finish(frame: pd.DataFrame, mode: str | None = None) -> pd.DataFrame:
     """A bucketed frame with every available registered figure added per bucket (``diagnostics.figures``: a ratio
     of the bucket's sums, per step over its ``n`` steps for figures without a denominator)."""
-    out = frame.copy()
-    n = out["n"].to_numpy(dtype=float) if "n" in out.columns else None
-    for name, values in figures.columns(out, n=n, mode=mode).items():
-        out[name] = values
+    n = frame["n"].to_numpy(dtype=float) if "n" in frame.columns else None
+    cols = figures.columns(frame, n=n, mode=mode)
+    keep = frame.drop(columns=[c for c in cols if c in frame.columns])
+    out = pd.concat([keep, pd.DataFrame(cols, index=frame.index)], axis=1) if cols else frame.copy()
     out.attrs.update(frame.attrs)
     return out
 
 
 def rollup_widths(conn: sqlite3.Connection) -> tuple[int, ...]:
-    """The rollup levels this trace has (schema 2 writes ``ROLLUP_WIDTHS``; a version-1 trace has none)."""
+    """The rollup levels this trace has (schema 3 writes ``ROLLUP_WIDTHS``, 2 three of them, 1 none)."""
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     return tuple(w for w in ROLLUP_WIDTHS if rollup_table(w) in tables)
+
+
+def timing_rollup_widths(conn: sqlite3.Connection) -> tuple[int, ...]:
+    """The timing rollup levels this trace has (schema 3 writes them; older traces have none)."""
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    return tuple(w for w in ROLLUP_WIDTHS if timing_rollup_table(w) in tables)
+
+
+def cover(lo: int, hi: int, levels: Sequence[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """Steps [lo, hi] as pieces, each read from one place: ``(width, first, last)`` for stored buckets
+    ``first..last`` of a rollup of that width, ``(1, a, b)`` for raw steps a..b. ``levels``: (width, last stored
+    bucket) from the coarsest to the finest; each level covers what lies wholly inside its complete buckets and
+    finer levels cover the edges, so the pieces are at most (hi - lo) / coarsest + 2 x (ratio of widths) per level
+    rows, plus the raw edges (under one finest bucket each, and the writer's unstored tail)."""
+    if lo > hi:
+        return []
+    if not levels:
+        return [(1, lo, hi)]
+    (w, last), finer = levels[0], levels[1:]
+    first, end = -(-(lo - 1) // w), min(hi // w - 1, last)  # buckets wholly inside [lo, hi], stored
+    if first > end:
+        return cover(lo, hi, finer)
+    return [*cover(lo, first * w, finer), (w, first, end), *cover((end + 1) * w + 1, hi, finer)]
+
+
+def _levels(conn: sqlite3.Connection, widths: Iterable[int], table: Callable[[int], str],
+            up_to: int) -> list[tuple[int, int]]:
+    """(width, last stored bucket) of the rollups not wider than ``up_to``, coarsest first."""
+    out = []
+    for w in sorted((w for w in widths if w <= up_to), reverse=True):
+        last = conn.execute(f"SELECT MAX(bucket) FROM {table(w)}").fetchone()[0]
+        if last is not None:
+            out.append((w, int(last)))
+    return out
 
 
 def sql_buckets(run_dir: Path, spec: Spec, lo: int, hi: int, width: int, threads: int = 2) -> pd.DataFrame:
     """Bucketed sums and min/max envelopes over steps [lo, hi] (``attrs["width"]``: the width used).
 
     From the writer's rollups when the trace has them and buckets are at least one rollup wide: buckets are then a
-    multiple of the rollup width, on the trace's step grid (bucket k holds steps k*width+1 .. (k+1)*width), and the
-    read is about (hi - lo) / rollup rows plus raw rows at the edges (at most a rollup's worth each, and the open
-    bucket the writer has not completed yet), whatever the run's length. Otherwise one aggregate query per bucket over the raw rows (a summary in memory of the reader;
-    no reader ever writes)."""
+    multiple of the widest rollup not wider than ``width``, on the trace's step grid (bucket k holds steps
+    k*width+1 .. (k+1)*width), read as ``cover`` splits the range: whole buckets of that rollup, finer rollups at
+    the edges, raw rows only within a finest bucket of each edge (and the writer's unstored tail), so a view reads
+    on the order of a thousand rows whatever the run's length. Otherwise one aggregate query per bucket over the raw
+    rows (a summary in memory of the reader; no reader ever writes)."""
     if all(e in figures.REGISTRY for e in spec.envelopes):
         conn = connect(run_dir)
         try:
-            r = max((w for w in rollup_widths(conn) if w <= width), default=None)
-            if r is not None:
-                return _rollup_buckets(conn, spec, lo, hi, width, r)
+            levels = _levels(conn, rollup_widths(conn), rollup_table, width)
+            if levels:
+                return _rollup_buckets(conn, spec, lo, hi, width, levels)
         except sqlite3.Error as exc:
             raise TraceError(describe_sqlite_error(Path(run_dir).name, exc)) from None
         finally:
             conn.close()
-    out = _raw_buckets(run_dir, spec, lo, hi, width, threads)
+    if hi - lo + 1 <= RAW_READ_MAX:  # a short range (a zoom): its rows at once, bucketed in memory
+        conn = connect(run_dir)
+        try:
+            raw = read_rows(conn, lo - 1, list(spec.sums), upto=hi)
+        except sqlite3.Error as exc:
+            raise TraceError(describe_sqlite_error(Path(run_dir).name, exc)) from None
+        finally:
+            conn.close()
+        out = aggregate_rows(raw, spec, width, origin=lo)
+    else:
+        out = _raw_buckets(run_dir, spec, lo, hi, width, threads)
     out.attrs.update(width=width, rollup=1)
     return out
 
 
-def _rollup_buckets(conn: sqlite3.Connection, spec: Spec, lo: int, hi: int, width: int, r: int) -> pd.DataFrame:
-    """``sql_buckets`` from the rollup table of width ``r``: whole rollup buckets inside [lo, hi], raw rows at the
-    edges, grouped into buckets of a multiple of ``r`` on the step grid."""
+def _rollup_buckets(conn: sqlite3.Connection, spec: Spec, lo: int, hi: int, width: int,
+                    levels: list[tuple[int, int]]) -> pd.DataFrame:
+    """``sql_buckets`` from the rollups ``levels`` (coarsest first): the pieces of ``cover``, grouped into
+    buckets of a multiple of the coarsest width on the step grid."""
+    r = levels[0][0]
     big = math.ceil(width / r) * r
-    # rollup buckets wholly inside [lo, hi] and complete (the writer stores a bucket once its last step is in)
-    stored = conn.execute(f"SELECT MAX(bucket) FROM {rollup_table(r)}").fetchone()[0]
-    b_first, b_last = math.ceil((lo - 1) / r), min(hi // r - 1, -1 if stored is None else int(stored))
     cols = _frame_columns(spec)
+    # whole rollup buckets are grouped into the view's buckets by SQLite (one row per view bucket comes back)
+    exprs = ", ".join(["MAX(step_hi)", "MIN(step_lo)", "SUM(n)", *(f"SUM({_q(c)})" for c in spec.sums),
+                       *(f"{m.upper()}({_q(f'{e}__{m}')})" for e in spec.envelopes for m in ("min", "max"))])
     parts: list[pd.DataFrame] = []
-    if b_first <= b_last:
-        exprs = ["step_hi", "step_lo", "n", *(_q(c) for c in spec.sums),
-                 *(_q(f"{e}__{m}") for e in spec.envelopes for m in ("min", "max"))]
-        got = conn.execute(f"SELECT {', '.join(exprs)} FROM {rollup_table(r)} WHERE bucket BETWEEN ? AND ? "
-                           "ORDER BY bucket", (b_first, b_last)).fetchall()
-        parts.append(pd.DataFrame.from_records(got, columns=cols).astype(float))
-        edges = [(lo, b_first * r), ((b_last + 1) * r + 1, hi)]
-    else:
-        edges = [(lo, hi)]
-    for a, b in edges:
-        if a <= b:
-            raw = read_rows(conn, a - 1, list(spec.sums), upto=b)
-            if len(raw):
-                parts.append(aggregate_rows(raw, spec, 1))
+    conn.execute("BEGIN")  # one read transaction: a writer's commit between the pieces cannot split a step
+    try:
+        for w, a, b in cover(lo, hi, levels):
+            if w == 1:
+                raw = read_rows(conn, a - 1, list(spec.sums), upto=b)
+                if len(raw):
+                    parts.append(aggregate_rows(raw, spec, 1))
+            else:
+                got = conn.execute(f"SELECT {exprs} FROM {rollup_table(w)} WHERE bucket BETWEEN ? AND ? "
+                                   f"GROUP BY (bucket * {w}) / {big} ORDER BY 1", (a, b)).fetchall()
+                if got:  # one float matrix (NULL -> NaN), not a frame built row by row
+                    parts.append(pd.DataFrame(np.array(got, dtype=float), columns=cols))
+    finally:
+        conn.execute("COMMIT")
+    parts = [p for p in parts if len(p)]
     if not parts:
         out = pd.DataFrame({c: pd.Series(dtype=float) for c in cols})
     else:
@@ -333,22 +383,33 @@ def read_rows(conn: sqlite3.Connection, after: int, columns: list[str] | None = 
     if upto is not None:
         sql += " AND step <= ?"
         args.append(upto)
-    df = pd.read_sql_query(sql + " ORDER BY step", conn, params=args)
-    df = df.set_index("step")
-    df.index = df.index.astype("int64")
-    return df.astype(float)
+    cur = conn.execute(sql + " ORDER BY step", args)
+    names = [d[0] for d in cur.description]
+    got = cur.fetchall()
+    data = np.array(got, dtype=float) if got else np.zeros((0, len(names)))  # NULL -> NaN
+    return pd.DataFrame(data[:, 1:], index=pd.Index(data[:, 0].astype(np.int64), name="step"), columns=names[1:])
 
 
 def read_timings(run_dir: Path, lo: int, hi: int, width: int,
                  max_steps: int = MAX_TIMING_STEPS) -> pd.DataFrame:
     """Mean seconds per step of each phase per bucket (averaged over ranks): columns step, phase, seconds.
 
-    Up to ``max_steps`` steps in range are read in full; beyond that, ``max_steps`` evenly spaced steps are read
-    through the (step, rank, phase) index (timings are noisy averages, not counts), and ``attrs['sampled']`` says so.
+    From the timing rollups (schema 3) when buckets are at least one rollup wide, or the range is longer than
+    ``max_steps`` (its buckets are then at least the finest rollup's width): sums of seconds and rows per (bucket,
+    phase), split over the range as ``cover`` does, so exact and on the order of a thousand rows whatever the
+    run's length (buckets then are a multiple of the rollup width, on the step grid). Otherwise up to
+    ``max_steps`` steps in range are read in full; beyond that, ``max_steps`` evenly spaced steps are read through
+    the (step, rank, phase) index (timings are noisy averages, not counts), and ``attrs['sampled']`` says so.
     """
     conn = connect(run_dir)
     try:
         span = hi - lo + 1
+        # timings are noisy means, not counts: a range too long to read whole is read from the finest rollup
+        # even when the view asked for narrower buckets
+        up_to = max(width, ROLLUP_WIDTHS[0]) if span > max_steps else width
+        levels = _levels(conn, timing_rollup_widths(conn), timing_rollup_table, up_to)
+        if levels:
+            return _rollup_timings(conn, lo, hi, max(width, levels[0][0]), levels)
         if span <= max_steps:
             df = pd.read_sql_query("SELECT step, phase, AVG(seconds) AS seconds FROM timings "
                                    "WHERE step BETWEEN ? AND ? GROUP BY step, phase", conn, params=(lo, hi))
@@ -373,6 +434,41 @@ def read_timings(run_dir: Path, lo: int, hi: int, width: int,
     return out
 
 
+def _rollup_timings(conn: sqlite3.Connection, lo: int, hi: int, width: int,
+                    levels: list[tuple[int, int]]) -> pd.DataFrame:
+    """``read_timings`` from the timing rollups: (step_hi, phase, rows, seconds) pieces of ``cover``, grouped into
+    buckets of a multiple of the coarsest width; a bucket's value is its seconds over its rows."""
+    big = math.ceil(width / levels[0][0]) * levels[0][0]
+    pieces: list[tuple] = []
+    conn.execute("BEGIN")
+    try:
+        for w, a, b in cover(lo, hi, levels):
+            if w == 1:
+                pieces += conn.execute(f"SELECT (step - 1) / {big}, MAX(step), phase, COUNT(*), TOTAL(seconds) "
+                                       "FROM timings WHERE step BETWEEN ? AND ? GROUP BY 1, phase", (a, b)).fetchall()
+            else:
+                pieces += conn.execute(f"SELECT (bucket * {w}) / {big}, MAX((bucket + 1) * {w}), phase, SUM(n), "
+                                       f"SUM(seconds) FROM {timing_rollup_table(w)} WHERE bucket BETWEEN ? AND ? "
+                                       "GROUP BY 1, phase", (a, b)).fetchall()
+    finally:
+        conn.execute("COMMIT")
+    if not pieces:
+        out = pd.DataFrame(columns=["step", "phase", "seconds"])
+    else:  # pieces of one (bucket, phase) from several levels are merged: rows and seconds added
+        bucket, step, phase, n, sec = zip(*pieces)
+        names, code = np.unique(np.array(phase, dtype=object).astype(str), return_inverse=True)
+        key = np.asarray(bucket, dtype=np.int64) * len(names) + code
+        keys, at = np.unique(key, return_inverse=True)
+        rows = np.bincount(at, weights=np.asarray(n, dtype=float))
+        total = np.bincount(at, weights=np.asarray(sec, dtype=float))
+        last = np.zeros(len(keys), dtype=np.int64)
+        np.maximum.at(last, at, np.asarray(step, dtype=np.int64))
+        out = pd.DataFrame({"step": np.minimum(last, hi), "phase": names[keys % len(names)],
+                            "seconds": total / rows})
+    out.attrs.update(sampled=False, width=big)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Evals, findings, markers, alignment samples
 
@@ -381,7 +477,7 @@ def read_evals(conn: sqlite3.Connection) -> pd.DataFrame:
     long = pd.read_sql_query("SELECT step, name, value FROM evals ORDER BY step", conn)
     if long.empty:
         return pd.DataFrame(index=pd.Index([], dtype="int64", name="step"))
-    wide = long.pivot_table(index="step", columns="name", values="value", aggfunc="last")
+    wide = long.pivot(index="step", columns="name", values="value")  # (step, name) is the key: no aggregation
     wide.columns.name = None
     return wide.astype(float)
 
@@ -431,7 +527,9 @@ def read_alignment(conn: sqlite3.Connection, limit: int | None = None) -> pd.Dat
 
 def step_range(conn: sqlite3.Connection) -> tuple[int, int]:
     """The first and last stored step (0, 0 when there is none)."""
-    lo, hi = conn.execute("SELECT MIN(step), MAX(step) FROM steps").fetchone()
+    # two queries: each is one b-tree descent, where MIN and MAX together would scan the table
+    lo = conn.execute("SELECT MIN(step) FROM steps").fetchone()[0]
+    hi = conn.execute("SELECT MAX(step) FROM steps").fetchone()[0]
     return int(lo or 0), int(hi or 0)
 
 
@@ -446,4 +544,4 @@ __all__ = ["CONNECT_TIMEOUT_S", "MAX_BUCKETS", "MAX_TIMING_STEPS", "Spec", "aggr
            "connect", "describe_sqlite_error", "envelope_sql", "envelope_values", "finish", "halt_columns",
            "merge_frames", "ratio_spec", "read_alignment", "read_eval_audits", "read_evals", "read_findings", "read_markers", "read_meta",
            "read_rows", "read_status_inputs", "read_timings", "readable", "rollup_widths", "sql_buckets", "step_columns",
-           "step_range"]
+           "step_range", "cover", "timing_rollup_widths"]

@@ -5,7 +5,7 @@ to ``SCHEMA_VERSION``, and docs/diagnostics.md lists what each version added. ``
 trace's version; a writer of a later version resuming an older trace adds what its version adds (the rollups of the
 rows already there) and records ``upgraded_from``.
 
-Version 2 adds the rollups: ``rollup_64``, ``rollup_4096``, ``rollup_262144`` (``ROLLUP_WIDTHS``), one row per
+Version 2 adds the rollups: ``rollup_64``, ``rollup_4096``, ``rollup_262144``, one row per
 bucket of that many steps (``bucket`` = (step - 1) // width): ``n`` rows, ``step_lo``/``step_hi``, the sum of every
 counter column (NULL counts 0), and ``<figure>__min``/``<figure>__max`` of every registered figure's per-step value.
 They are written in the same transaction as their rows, and kept equal to the sums of their rows across a resume's
@@ -15,6 +15,12 @@ Version 3 adds (issue 14, evaluation audits; ``_TABLES_V3_EVAL_AUDITS``): ``eval
 halt_rule, count, halt_exact, halt_token, halt_step)``, one row per evaluation and weights (``ema``/``raw``), and
 ``eval_act_steps(step, weights, act_step, exact, token, halt_share)``, one row per evaluation, weights and ACT step
 (``diagnostics.eval_audits``).
+
+Version 3 also adds ``rollup_512`` and ``rollup_32768`` (so that a view's finest usable level is at most 8x finer than
+its buckets: a view reads at most about 8 rows per bucket) and the timing rollups: ``timing_rollup_<width>`` for
+every width of ``ROLLUP_WIDTHS``, one row per (bucket, phase):
+``n`` timing rows (steps x ranks) and the sum of their ``seconds``, kept equal to the sums of their rows at every
+commit (updated by each flush, recomputed after a truncation or a rewritten step).
 
 Version 1 (``meta.schema_version``):
 - ``meta(key, value)``: schema version, run description (model, mode, preset, max_steps, trace_every, config JSON).
@@ -34,12 +40,15 @@ import json
 import math
 import sqlite3
 import time
-from itertools import chain
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
+
 SCHEMA_VERSION = 3
-ROLLUP_WIDTHS = (64, 4096, 262144)
+ROLLUP_WIDTHS = (64, 512, 4096, 32768, 262144)  # version 2 wrote 64, 4096, 262144; 3 adds the rest
+ROLLUP_BATCH = 256  # the writer stores finest buckets once this many rows wait (a reader's raw edge stays small)
 TRACE_NAME = "trace.sqlite"
 
 _TABLES = """
@@ -112,8 +121,18 @@ class TraceWriter:
         self.conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", rows.items())
         self.columns = [r[1] for r in self.conn.execute("PRAGMA table_info(steps)").fetchall() if r[1] != "step"]
         self.rollups = Rollups(self.conn, self.columns)
-        if had_rows and int(version) < SCHEMA_VERSION:  # resuming an older trace: what later versions add is added
-            # (rollups of its rows from version 2, empty eval audit tables from version 3)
+        self._insert_sql: dict[tuple[str, ...], str] = {}
+        tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        for w in ROLLUP_WIDTHS:
+            self.conn.execute(f"CREATE TABLE IF NOT EXISTS {timing_rollup_table(w)} (bucket INTEGER NOT NULL, "
+                              "phase TEXT NOT NULL, n INTEGER NOT NULL, seconds REAL NOT NULL, "
+                              "PRIMARY KEY (bucket, phase)) WITHOUT ROWID")
+        self.conn.execute("CREATE TEMP TABLE IF NOT EXISTS timing_delta (bucket INTEGER, phase TEXT, n INTEGER, "
+                          "seconds REAL)")  # a flush's timing sums on their way into the rollups
+        if timing_rollup_table(ROLLUP_WIDTHS[0]) not in tables:  # an older trace's timings get their rollups
+            self._rebuild_timings(1)
+        if had_rows and int(version) < SCHEMA_VERSION:  # resuming an older trace: what this version adds is added
+            # (rollups of its rows from version 2; eval audit tables and the new rollup levels from version 3)
             self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('upgraded_from', ?)", (version,))
         self.conn.commit()
 
@@ -128,22 +147,73 @@ class TraceWriter:
         self.conn.commit()
 
     def write_steps(self, names: list[str], rows: list[tuple]) -> None:
-        """Insert step rows: each tuple is (step, value for each of ``names``)."""
+        """Insert step rows: each tuple is (step, value for each of ``names``); NaN and None are stored as NULL.
+
+        The rows become one float matrix (one conversion, shared by the insert and the rollups)."""
         if not rows:
             return
-        cols = ", ".join(["step"] + [_safe(n) for n in names])
-        marks = ", ".join("?" * (len(names) + 1))
-        lo, hi = min(r[0] for r in rows), max(r[0] for r in rows)
+        steps, values = step_matrix(rows, len(names))
+        key = tuple(names)
+        sql = self._insert_sql.get(key)
+        if sql is None:
+            cols = ", ".join(["step"] + [_safe(n) for n in names])
+            marks = ", ".join("?" * (len(names) + 1))
+            sql = self._insert_sql[key] = f"INSERT OR REPLACE INTO steps ({cols}) VALUES ({marks})"
+        lo, hi = int(steps.min()), int(steps.max())
         rewrite = self.conn.execute("SELECT 1 FROM steps WHERE step BETWEEN ? AND ? LIMIT 1", (lo, hi)).fetchone()
-        self.conn.executemany(f"INSERT OR REPLACE INTO steps ({cols}) VALUES ({marks})",
-                              [tuple(_num(v) for v in row) for row in rows])
+        self.conn.executemany(sql, stored_rows(steps, values))
         if rewrite:  # a step written again (rare): its buckets are recomputed from the rows
-            self.rollups.rebuild(int(lo))
+            self.rollups.rebuild(lo)
         else:
-            self.rollups.add(names, rows)
+            self.rollups.add(names, steps, values)
 
     def write_timings(self, rows: list[tuple[int, int, str, float]]) -> None:
+        """Insert (step, rank, phase, seconds) rows and add them to the timing rollups."""
+        if not rows:
+            return
+        lo, hi = min(r[0] for r in rows), max(r[0] for r in rows)
+        rewrite = self.conn.execute("SELECT 1 FROM timings WHERE step BETWEEN ? AND ? LIMIT 1", (lo, hi)).fetchone()
         self.conn.executemany("INSERT OR REPLACE INTO timings VALUES (?, ?, ?, ?)", rows)
+        if rewrite:  # a step's timings written again (rare): its buckets are recomputed from the rows
+            self._rebuild_timings(int(lo))
+        else:
+            self.rollup_timings(int(lo), int(hi))
+
+    def rollup_timings(self, lo: int, hi: int) -> None:
+        """Add the timing rows of steps [lo, hi] (new: not counted yet) to every timing rollup: their sums per
+        (finest bucket, phase) once, in SQL, then ``add_timing_sums``."""
+        self.conn.execute("DELETE FROM temp.timing_delta")
+        self.conn.execute(f"INSERT INTO temp.timing_delta SELECT (step - 1) / {ROLLUP_WIDTHS[0]}, phase, COUNT(*), "
+                          "TOTAL(seconds) FROM timings WHERE step BETWEEN ? AND ? GROUP BY 1, 2", (lo, hi))
+        self._fold_timings()
+
+    def add_timing_sums(self, rows: list[tuple[int, str, int, float]]) -> None:
+        """Add (finest bucket, phase, rows, seconds) sums of timing rows just stored to every timing rollup (for a
+        bulk writer that knows them; ``write_timings`` computes them itself)."""
+        self.conn.execute("DELETE FROM temp.timing_delta")
+        self.conn.executemany("INSERT INTO temp.timing_delta VALUES (?, ?, ?, ?)", rows)
+        self._fold_timings()
+
+    def _fold_timings(self) -> None:
+        fine = ROLLUP_WIDTHS[0]
+        for w in ROLLUP_WIDTHS:
+            self.conn.execute(f"INSERT INTO {timing_rollup_table(w)} (bucket, phase, n, seconds) "
+                              f"SELECT bucket / {w // fine}, phase, SUM(n), SUM(seconds) FROM temp.timing_delta "
+                              "WHERE 1 GROUP BY 1, 2 ON CONFLICT (bucket, phase) DO UPDATE SET n = n + excluded.n, "
+                              "seconds = seconds + excluded.seconds")
+
+    def _rebuild_timings(self, lo: int) -> None:
+        """Recompute every timing bucket holding a step at or after ``lo``: the finest from the rows, coarser ones
+        from the finest."""
+        fine = ROLLUP_WIDTHS[0]
+        for w in ROLLUP_WIDTHS:
+            self.conn.execute(f"DELETE FROM {timing_rollup_table(w)} WHERE bucket >= ?", ((lo - 1) // w,))
+        self.conn.execute(f"INSERT INTO {timing_rollup_table(fine)} SELECT (step - 1) / {fine}, phase, COUNT(*), "
+                          "TOTAL(seconds) FROM timings WHERE step >= ? GROUP BY 1, 2", ((lo - 1) // fine * fine + 1,))
+        for w in ROLLUP_WIDTHS[1:]:
+            self.conn.execute(f"INSERT INTO {timing_rollup_table(w)} SELECT bucket / {w // fine}, phase, SUM(n), "
+                              f"SUM(seconds) FROM {timing_rollup_table(fine)} WHERE bucket >= ? GROUP BY 1, 2",
+                              ((lo - 1) // w * (w // fine),))
 
     def write_eval(self, step: int, values: dict[str, float]) -> None:
         self.conn.executemany("INSERT OR REPLACE INTO evals VALUES (?, ?, ?)",
@@ -178,6 +248,7 @@ class TraceWriter:
         for table in ("steps", "timings", "evals", "alignment_samples", *EVAL_AUDIT_TABLES):
             self.conn.execute(f"DELETE FROM {table} WHERE step > ?", (step,))
         self.rollups.rebuild(step + 1)  # every bucket equals the sum of its remaining rows
+        self._rebuild_timings(step + 1)
         # a finding that first held on a deleted row is found again (or not) when those steps are re-run
         self.conn.execute("DELETE FROM findings WHERE first_step > ?", (step,))
         self.conn.commit()
@@ -194,30 +265,68 @@ def rollup_table(width: int) -> str:
     return f"rollup_{int(width)}"
 
 
-class Rollups:
-    """The writer's multi-resolution summaries of ``steps`` (schema version 2).
+def timing_rollup_table(width: int) -> str:
+    return f"timing_rollup_{int(width)}"
 
-    A bucket's row is written once, when the bucket is complete (a row of a later bucket arrives), in the same
-    transaction as the rows that complete it; the open bucket of each width lives in memory (readers read its rows
-    directly: at most one bucket's worth at the edge). The finest buckets are made from rows, one vector pass per
-    completed bucket; coarser ones are sums of finest buckets. So every stored bucket equals the sum of its rows at
-    every commit, and a flush mostly appends to a list. ``rebuild`` recomputes the buckets from a step on (a
-    truncation, a rewritten step); ``sync`` restores the open buckets when a writer opens an existing trace.
+
+@dataclass
+class Buckets:
+    """Consecutive rollup buckets of one width as arrays: key, rows ``n``, step bounds, the sum of every counter
+    column ``[m, columns]`` and the min/max of every envelope ``[m, figures]`` (NaN: no finite value)."""
+
+    key: np.ndarray
+    n: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    sums: np.ndarray
+    mn: np.ndarray
+    mx: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.key)
+
+    def cat(self, other: "Buckets") -> "Buckets":
+        return Buckets(*(np.concatenate([a, b]) for a, b in zip(self.fields(), other.fields())))
+
+    def fields(self) -> tuple[np.ndarray, ...]:
+        return self.key, self.n, self.lo, self.hi, self.sums, self.mn, self.mx
+
+    def group(self, keys: np.ndarray) -> "Buckets":
+        """Runs of equal ``keys`` (ascending) merged into one bucket each: sums added, bounds and envelopes
+        reduced."""
+        at = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+        return Buckets(keys[at], np.add.reduceat(self.n, at), np.minimum.reduceat(self.lo, at),
+                       np.maximum.reduceat(self.hi, at), np.add.reduceat(self.sums, at, axis=0),
+                       np.fmin.reduceat(self.mn, at, axis=0), np.fmax.reduceat(self.mx, at, axis=0))
+
+    def take(self, a: int, b: int | None = None) -> "Buckets":
+        return Buckets(*(f[a:b] for f in self.fields()))
+
+
+class Rollups:
+    """The writer's multi-resolution summaries of ``steps`` (schema versions 2 and 3).
+
+    A bucket's row is written once, when the bucket is complete (a row of a later bucket has arrived), in the
+    transaction of the flush that stores it; finest buckets are stored once ``ROLLUP_BATCH`` rows wait, and the open
+    bucket of each width lives in memory (readers read what is not stored from finer buckets and, at the very edge,
+    at most ``ROLLUP_BATCH + ROLLUP_WIDTHS[0]`` rows). The finest buckets are made from rows and coarser ones are sums
+    of finest buckets, each in one vectorised pass and one ``executemany`` per width. So every stored bucket equals
+    the sum of its rows at every commit. ``rebuild`` recomputes the buckets from a step on (a truncation, a
+    rewritten step); ``sync`` restores the open buckets when a writer opens an existing trace.
     """
 
     def __init__(self, conn: sqlite3.Connection, columns: list[str]) -> None:
-        import numpy as np
-
         from diagnostics import figures  # the registry's per-step values give the min/max envelopes
 
-        self.np, self.conn = np, conn
+        self.conn = conn
         self.envelopes = [f for f in figures.REGISTRY.values() if not f.sqrt]
         for w in ROLLUP_WIDTHS:
             conn.execute(f"CREATE TABLE IF NOT EXISTS {rollup_table(w)} (bucket INTEGER PRIMARY KEY, "
                          "n INTEGER NOT NULL, step_lo INTEGER NOT NULL, step_hi INTEGER NOT NULL)")
         self.columns: list[str] | None = None
-        self.open: dict[int, list | None] = {w: None for w in ROLLUP_WIDTHS}  # coarser widths' open buckets
-        self.pending: list[tuple] = []  # rows of the open finest bucket
+        self.open: dict[int, Buckets | None] = {w: None for w in ROLLUP_WIDTHS}  # coarser widths' open buckets
+        self.pending: list[tuple[np.ndarray, np.ndarray]] = []  # rows not in a stored bucket yet, as flushed
+        self.waiting = 0
         self.add_columns(columns)
 
     def add_columns(self, columns: list[str]) -> None:
@@ -231,132 +340,177 @@ class Rollups:
                 if c not in have:
                     self.conn.execute(f"ALTER TABLE {rollup_table(w)} ADD COLUMN {_safe(c)} REAL")
         self.columns = list(columns)
-        index = {c: i for i, c in enumerate(self.columns)}
-        self.env = [(f, [index[t] for t in f.num], [index[t] for t in f.den]) for f in self.envelopes
-                    if all(t in index for t in f.terms)]
-        # the envelopes' numerators and denominators as two matrix products (a per-step figure divides by 1)
-        np = self.np
-        self.num_m = np.zeros((len(self.columns), len(self.env)))
-        self.den_m = np.zeros((len(self.columns), len(self.env)))
+        self.index = {c: i for i, c in enumerate(self.columns)}
+        self.env = [(f, [self.index[t] for t in f.num], [self.index[t] for t in f.den]) for f in self.envelopes
+                    if all(t in self.index for t in f.terms)]
+        # the envelopes' numerators and denominators: a gather of each one's first term plus its few other terms
+        # (much cheaper than a product with a 0/1 matrix); a per-step figure divides by 1
         self.per_step = np.array([not den for _, _, den in self.env], dtype=bool)
-        for j, (_, num, den) in enumerate(self.env):
-            self.num_m[num, j] = 1.0
-            self.den_m[den, j] = 1.0
+        self.num_idx = np.array([num[0] for _, num, _ in self.env], dtype=np.int64)
+        self.den_idx = np.array([den[0] if den else 0 for _, _, den in self.env], dtype=np.int64)
+        self.num_more = [(j, c) for j, (_, num, _) in enumerate(self.env) for c in num[1:]]
+        self.den_more = [(j, c) for j, (_, _, den) in enumerate(self.env) for c in den[1:]]
         names = ["bucket", "n", "step_lo", "step_hi", *self.columns,
                  *(f"{f.name}__{m}" for f, _, _ in self.env for m in ("min", "max"))]
         self.insert = {w: f"INSERT OR REPLACE INTO {rollup_table(w)} ({', '.join(_safe(c) for c in names)}) "
                           f"VALUES ({', '.join('?' * len(names))})" for w in ROLLUP_WIDTHS}
         self.sync()
 
-    def _matrix(self, names: list[str], rows: list[tuple]):
-        """Steps [k] and values [k, columns] (NULL and NaN as 0; absent columns 0), and per-step envelopes."""
-        np = self.np
-        width = len(names) + 1
-        try:
-            data = np.fromiter(chain.from_iterable(rows), dtype=float, count=len(rows) * width).reshape(-1, width)
-        except (TypeError, ValueError):  # NULLs
-            data = np.array([[np.nan if v is None else v for v in r] for r in rows], dtype=float)
-        steps = data[:, 0].astype(np.int64)
+    def _values(self, names: list[str], values: np.ndarray) -> np.ndarray:
+        """Values [k, columns] in this writer's column order (absent columns 0); NaN stays (``_complete`` counts it
+        0, as a NULL)."""
         if names == self.columns:
-            vals = data[:, 1:]
-            vals[np.isnan(vals)] = 0.0
-        else:
-            vals = np.zeros((len(rows), len(self.columns)))
-            index = {c: i for i, c in enumerate(self.columns)}
-            for j, n in enumerate(names):
-                vals[:, index[n]] = np.nan_to_num(data[:, 1 + j], nan=0.0, posinf=np.inf, neginf=-np.inf)
+            return values
+        vals = np.zeros((len(values), len(self.columns)))
+        vals[:, [self.index[n] for n in names]] = values
+        return vals
+
+    def _envelopes(self, vals: np.ndarray) -> np.ndarray:
+        """Each envelope figure's per-step value [k, figures] (NaN where its denominator is 0)."""
+        if not self.env:
+            return np.zeros((len(vals), 0))
         finite = vals if np.isfinite(vals).all() else np.where(np.isfinite(vals), vals, 0.0)
-        a, b = finite @ self.num_m, finite @ self.den_m
+        a, b = finite[:, self.num_idx], finite[:, self.den_idx]
+        for j, c in self.num_more:
+            a[:, j] += finite[:, c]
+        for j, c in self.den_more:
+            b[:, j] += finite[:, c]
         b[:, self.per_step] = 1.0
-        with np.errstate(divide="ignore", invalid="ignore"):
-            env = np.where(b != 0, a / np.where(b != 0, b, 1.0), np.nan)
-        return steps, vals, env
+        return a / np.where(b == 0, np.nan, b)
 
-    def _complete(self, rows: list[tuple]) -> None:
-        """Rows that fill finest buckets completely: one vector pass makes those buckets, written and folded up."""
-        np = self.np
-        steps, vals, env = self._matrix(self.columns, rows)
-        keys = (steps - 1) // ROLLUP_WIDTHS[0]
-        cuts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1], True])
-        for a, b in zip(cuts[:-1], cuts[1:]):
-            e = env[a:b]
-            ok = ~np.isnan(e)
-            agg = [int(keys[a]), b - a, int(steps[a]), int(steps[b - 1]), vals[a:b].sum(0),
-                   np.fmin.reduce(e, axis=0, initial=np.inf, where=ok),
-                   np.fmax.reduce(e, axis=0, initial=-np.inf, where=ok)]
-            self._write(ROLLUP_WIDTHS[0], agg)
-            self._up(agg)
+    def _complete(self, steps: np.ndarray, vals: np.ndarray) -> None:
+        """Rows that fill finest buckets completely: those buckets in one vector pass, written, folded up.
+        ``vals`` is the writer's own copy: NaN (a NULL) is set to 0 in place, so it counts 0."""
+        vals[np.isnan(vals)] = 0.0
+        env = self._envelopes(vals)
+        fw, k = ROLLUP_WIDTHS[0], len(steps)
+        keys = (steps - 1) // fw
+        if k % fw == 0 and (steps[0] - 1) % fw == 0 and steps[-1] - steps[0] == k - 1:  # whole buckets (usual)
+            m = k // fw
+            fine = Buckets(keys[::fw], np.full(m, fw), steps[::fw], steps[fw - 1::fw],
+                           vals.reshape(m, fw, -1).sum(1), np.fmin.reduce(env.reshape(m, fw, -1), 1),
+                           np.fmax.reduce(env.reshape(m, fw, -1), 1))
+        else:  # a partial bucket (the first after a resume or a gap)
+            one = np.ones(k, dtype=np.int64)
+            fine = Buckets(steps, one, steps, steps, vals, env, env).group(keys)
+        self._write(ROLLUP_WIDTHS[0], fine)
+        for w in ROLLUP_WIDTHS[1:]:
+            self._fold(w, fine)
 
-    def _up(self, agg: list, widths: tuple[int, ...] = ROLLUP_WIDTHS[1:]) -> None:
-        """Fold one complete finest bucket into the open bucket of each coarser width (writing a completed one)."""
-        np = self.np
-        for w in widths:
-            key = (agg[2] - 1) // w
-            acc = self.open[w]
-            if acc is not None and acc[0] != key:
-                self._write(w, acc)
-                acc = None
-            if acc is None:
-                self.open[w] = [key, agg[1], agg[2], agg[3], agg[4].copy(), agg[5].copy(), agg[6].copy()]
-            else:
-                acc[1] += agg[1]
-                acc[2], acc[3] = min(acc[2], agg[2]), max(acc[3], agg[3])
-                acc[4] += agg[4]
-                np.fmin(acc[5], agg[5], out=acc[5])
-                np.fmax(acc[6], agg[6], out=acc[6])
-
-    def _write(self, w: int, acc: list) -> None:
-        key, n, lo, hi, sums, mn, mx = acc
-        env = [None if not self.np.isfinite(v) else float(v) for pair in zip(mn, mx) for v in pair]
-        self.conn.execute(self.insert[w], (key, int(n), lo, hi, *sums.tolist(), *env))
-
-    def add(self, names: list[str], rows: list[tuple]) -> None:
-        """Take new step rows (later than every row already counted). The open finest bucket's rows wait in memory
-        (at most ``ROLLUP_WIDTHS[0]``); each bucket they complete is written now, in the caller's transaction."""
-        if not rows:
+    def _fold(self, w: int, fine: Buckets) -> None:
+        """Fold complete finer buckets into width ``w``: every coarse bucket a later one follows is written, the
+        last stays open (in memory)."""
+        if not len(fine):
             return
-        if names != self.columns:  # the columns in this writer's order, absent ones 0
-            at = {n: i + 1 for i, n in enumerate(names)}
-            rows = [(r[0], *(r[at[c]] if c in at else 0.0 for c in self.columns)) for r in rows]
-        self.pending.extend(sorted(rows))
-        fine = ROLLUP_WIDTHS[0]
-        open_key = (self.pending[-1][0] - 1) // fine
-        done = 0
-        while done < len(self.pending) and (self.pending[done][0] - 1) // fine < open_key:
-            done += 1
-        if done:
-            ready, self.pending = self.pending[:done], self.pending[done:]
-            self._complete(ready)
+        acc = self.open[w]
+        keys = (fine.lo - 1) // w
+        if acc is not None and keys[0] == keys[-1] == acc.key[0]:  # all inside the open bucket: in place
+            acc.n += fine.n.sum()
+            acc.hi[0] = max(acc.hi[0], fine.hi[-1])
+            acc.sums += fine.sums.sum(0)
+            np.fmin(acc.mn, np.fmin.reduce(fine.mn, 0), out=acc.mn)
+            np.fmax(acc.mx, np.fmax.reduce(fine.mx, 0), out=acc.mx)
+            return
+        both = fine if acc is None else acc.cat(fine)
+        coarse = both.group((both.lo - 1) // w)
+        if len(coarse) > 1:
+            self._write(w, coarse.take(0, -1))
+        self.open[w] = coarse.take(-1)
 
-    def sync(self) -> None:
-        """Restore the open buckets from what is stored: the coarser widths' from the finest buckets past their
-        last stored bucket, then the rows past the last finest bucket (writing any bucket those complete)."""
-        np = self.np
+    def _write(self, w: int, b: Buckets) -> None:
+        env = np.empty((len(b), 2 * b.mn.shape[1]))
+        env[:, 0::2], env[:, 1::2] = b.mn, b.mx
+        bad = ~np.isfinite(env)
+        if bad.any():  # no finite value: NULL
+            env = env.astype(object)
+            env[bad] = None
+        cells = env.tolist()
+        self.conn.executemany(self.insert[w], [(k, n, lo, hi, *s, *e) for k, n, lo, hi, s, e in zip(
+            b.key.tolist(), b.n.tolist(), b.lo.tolist(), b.hi.tolist(), b.sums.tolist(), cells)])
+
+    def add(self, names: list[str], steps: np.ndarray, values: np.ndarray) -> None:
+        """Take new step rows (``steps`` [k], ``values`` [k, names]; later than every row already counted). The
+        rows wait in memory until ``ROLLUP_BATCH`` of them do; then every finest bucket a later row completes is
+        written, in the caller's transaction (so a stored bucket always equals the sum of its stored rows)."""
+        if not len(steps):
+            return
+        steps = np.asarray(steps, dtype=np.int64)
+        self.pending.append((steps, self._values(names, np.asarray(values, dtype=float).reshape(len(steps), -1))))
+        self.waiting += len(steps)
+        if self.waiting < ROLLUP_BATCH:
+            return  # stored once ``ROLLUP_BATCH`` rows wait: fewer, larger writes
+        self._store_complete()
+
+    def _store_complete(self) -> None:
+        """Store every finest bucket that a later row completes (and fold it up); the open one's rows wait."""
         fine = ROLLUP_WIDTHS[0]
-        self.pending, self.open = [], {w: None for w in ROLLUP_WIDTHS}
+        steps = np.concatenate([b[0] for b in self.pending])
+        vals = np.concatenate([b[1] for b in self.pending])  # a copy: the writer's own
+        if (np.diff(steps) < 0).any():
+            order = np.argsort(steps, kind="stable")
+            steps, vals = steps[order], vals[order]
+        keys = (steps - 1) // fine
+        done = int(np.searchsorted(keys, keys[-1], side="left"))
+        if done:
+            self._complete(steps[:done], vals[:done])
+        self.pending = [(steps[done:], vals[done:])]
+        self.waiting = len(steps) - done
+
+    def sync(self, chunk: int = 65_536) -> None:
+        """Restore the open buckets from what is stored: the coarser widths' from the finest buckets past their
+        last stored bucket, then the rows past the last finest bucket (writing any bucket those complete), read in
+        chunks so that upgrading a long version-1 trace stays in bounded memory."""
+        fine = ROLLUP_WIDTHS[0]
+        self.pending, self.waiting = [], 0
+        self.open = {w: None for w in ROLLUP_WIDTHS}
         env_cols = "".join(f", {_safe(f'{f.name}__{m}')}" for f, _, _ in self.env for m in ("min", "max"))
         sum_cols = "".join(", " + _safe(c) for c in self.columns)
+        k = len(self.columns)
         for w in ROLLUP_WIDTHS[1:]:
             last = self.conn.execute(f"SELECT MAX(bucket) FROM {rollup_table(w)}").fetchone()[0]
             first_fine = 0 if last is None else (int(last) + 1) * (w // fine)
-            for r in self.conn.execute(f"SELECT bucket, n, step_lo, step_hi{sum_cols}{env_cols} FROM "
-                                       f"{rollup_table(fine)} WHERE bucket >= ? ORDER BY bucket", (first_fine,)):
-                k = len(self.columns)
-                env = np.array([np.nan if v is None else v for v in r[4 + k:]], dtype=float)
-                self._up([r[0], r[1], r[2], r[3], np.array([0.0 if v is None else v for v in r[4:4 + k]]),
-                          np.where(np.isnan(env[0::2]), np.inf, env[0::2]),
-                          np.where(np.isnan(env[1::2]), -np.inf, env[1::2])], (w,))
+            got = self.conn.execute(f"SELECT bucket, n, step_lo, step_hi{sum_cols}{env_cols} FROM "
+                                    f"{rollup_table(fine)} WHERE bucket >= ? ORDER BY bucket",
+                                    (first_fine,)).fetchall()
+            if got:
+                a = np.array(got, dtype=float)  # NULL -> NaN: sums count it 0, envelopes ignore it
+                ints = a[:, :4].astype(np.int64)
+                self._fold(w, Buckets(ints[:, 0], ints[:, 1], ints[:, 2], ints[:, 3],
+                                      np.nan_to_num(a[:, 4:4 + k], nan=0.0, posinf=np.inf, neginf=-np.inf),
+                                      a[:, 4 + k::2], a[:, 5 + k::2]))
         last = self.conn.execute(f"SELECT MAX(bucket) FROM {rollup_table(fine)}").fetchone()[0]
         start = 1 if last is None else (int(last) + 1) * fine + 1
-        rows = self.conn.execute(f"SELECT step{sum_cols} FROM steps WHERE step >= ? ORDER BY step",
-                                 (start,)).fetchall()
-        self.add(self.columns, rows)
+        cur = self.conn.execute(f"SELECT step{sum_cols} FROM steps WHERE step >= ? ORDER BY step", (start,))
+        while rows := cur.fetchmany(chunk):
+            steps, values = step_matrix(rows, k)
+            self.add(self.columns, steps, values)
+        if self.pending:
+            self._store_complete()
 
     def rebuild(self, lo: int) -> None:
         """Recompute every bucket holding a step at or after ``lo`` from the rows now stored."""
         for w in ROLLUP_WIDTHS:
             self.conn.execute(f"DELETE FROM {rollup_table(w)} WHERE bucket >= ?", ((lo - 1) // w,))
         self.sync()
+
+
+def step_matrix(rows: list[tuple] | list[list], width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Step rows (step, ``width`` values) as steps [k] (int) and values [k, width] (float; None as NaN)."""
+    try:
+        data = np.array(rows, dtype=float)
+    except (TypeError, ValueError):
+        data = np.array([[np.nan if v is None else v for v in r] for r in rows], dtype=float)
+    if data.ndim != 2 or data.shape[1] != width + 1:
+        raise ValueError(f"step rows must be (step, {width} values); got shape {data.shape}")
+    return data[:, 0].astype(np.int64), data[:, 1:]
+
+
+def stored_rows(steps: np.ndarray, values: np.ndarray) -> list[tuple]:
+    """The rows as SQLite stores them: (step, values), NaN as NULL (infinities stay)."""
+    cells = values.tolist()
+    for i, j in zip(*np.nonzero(np.isnan(values))):
+        cells[i][j] = None
+    return [(s, *v) for s, v in zip(steps.tolist(), cells)]
 
 
 def _meta_value(value: Any) -> str:

@@ -12,7 +12,7 @@ import pytest
 from dashboards import runs as R
 from diagnostics import reader
 from dashboards.synthetic import write_synthetic
-from diagnostics.store import TRACE_NAME, TraceWriter
+from diagnostics.store import ROLLUP_WIDTHS, TRACE_NAME, TraceWriter, timing_rollup_table
 
 
 def synthetic(root: Path, name: str, steps: int, **kw) -> Path:
@@ -98,12 +98,23 @@ def test_large_runs_are_bucketed_and_zoom_gives_full_detail(tmp_path, monkeypatc
     assert t.empty or set(t.columns) == {"step", "phase", "seconds"}
 
 
-def test_timings_are_sampled_over_long_ranges(tmp_path):
+def test_timings_of_long_ranges_come_from_the_rollups_or_are_sampled_without_them(tmp_path):
     run = write_synthetic(tmp_path / "t", 600, chunk=600)
-    full = reader.read_timings(run, 1, 600, 10, max_steps=1000)
+    full = reader.read_timings(run, 1, 600, 10, max_steps=1000)    # read whole, in 10-step buckets
+    rolled = reader.read_timings(run, 1, 600, 10, max_steps=100)   # too long to read whole: the 64-step rollup
+    phases = full["phase"].nunique()
+    assert not full.attrs["sampled"] and len(full) == 60 * phases
+    assert not rolled.attrs["sampled"] and rolled.attrs["width"] == 64 and len(rolled) == 10 * phases
+    db = sqlite3.connect(run / TRACE_NAME)
+    want = dict(db.execute("SELECT phase, AVG(seconds) FROM timings WHERE step <= 64 GROUP BY phase").fetchall())
+    first = rolled[rolled["step"] == 64].set_index("phase")["seconds"].to_dict()
+    assert first == pytest.approx(want)  # a rollup bucket's mean is its rows' mean
+    for w in ROLLUP_WIDTHS:  # as a version-2 trace has it: no timing rollups, so a long range is sampled
+        db.execute(f"DROP TABLE {timing_rollup_table(w)}")
+    db.commit()
+    db.close()
     sampled = reader.read_timings(run, 1, 600, 10, max_steps=100)
-    assert not full.attrs["sampled"] and sampled.attrs["sampled"]
-    assert set(full["phase"]) == set(sampled["phase"]) and len(full) == 60 * full["phase"].nunique()
+    assert sampled.attrs["sampled"] and set(sampled["phase"]) == set(full["phase"])
 
 
 # -- live refresh --------------------------------------------------------------------------------------------------
@@ -139,9 +150,10 @@ def test_refresh_reads_only_rows_past_the_last_step(tmp_path, monkeypatch, raw_m
     assert cache.refresh() is False and seen == []  # nothing new: no row read
     append_steps(run, 301, 40)
     assert cache.refresh() is True
-    assert seen and all(a == 300 for a in seen)
+    assert all(a == 300 for a in seen)  # a small run's table takes the new rows now
     assert cache.info.last_step == 340
-    after = cache.frame(R.OVERVIEW, max_buckets=50)
+    after = cache.frame(R.OVERVIEW, max_buckets=50)  # a large run's cached frame takes them when drawn
+    assert seen and all(a == 300 for a in seen)
     assert after["n"].sum() == 340 and before["n"].sum() == 300
     fresh = R.RunCache(tmp_path, "live")
     fresh.refresh()

@@ -1,5 +1,6 @@
-"""Rollups (trace schema 2): written in the same transaction as their rows, equal to the sums of their rows after
-a resume's truncation, and readable by the reader exactly as an in-memory summary of the rows."""
+"""Rollups (trace schemas 2 and 3): stored in the transaction of the flush that completes them, equal to the sums
+of their rows after a resume's truncation, and readable by the reader exactly as an in-memory summary of the rows;
+the phase-timing rollups likewise."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 
 from diagnostics import figures, reader
-from diagnostics.store import ROLLUP_WIDTHS, SCHEMA_VERSION, TRACE_NAME, TraceWriter, rollup_table
+from diagnostics.store import (ROLLUP_BATCH, ROLLUP_WIDTHS, SCHEMA_VERSION, TRACE_NAME, TraceWriter, rollup_table,
+                              timing_rollup_table)
 
 NAMES = ["coverage_num", "coverage_den", "resets", "slots", "loss", "q_tp", "q_fp", "grad_norm_encoder"]
 
@@ -36,14 +38,17 @@ def check_buckets_equal_rows(db) -> int:
         want = conn.execute(f"SELECT (step - 1) / {w}, COUNT(*), MIN(step), MAX(step), "
                             f"{', '.join(f'TOTAL({c})' for c in NAMES)} FROM steps GROUP BY (step - 1) / {w} "
                             "ORDER BY 1").fetchall()
-        # every bucket but the open one (holding the last step, still an accumulator in the writer) is stored
-        assert got == want[:-1], w
+        # the stored buckets are the leading complete ones, each equal to its rows; the rest (the open bucket, and
+        # finest buckets waiting for a batch of ROLLUP_BATCH rows) are the writer's and less than a batch behind
+        assert got == want[:len(got)] and len(got) < len(want), w
+        unstored = sum(n for _, n, *_ in want[len(got):])
+        assert unstored < w + ROLLUP_BATCH, (w, unstored)
         mins = conn.execute(f"SELECT bucket, loss_per_slot__min, loss_per_slot__max, q_precision__min "
                             f"FROM {rollup_table(w)} ORDER BY bucket").fetchall()
         want_env = conn.execute(f"SELECT (step - 1) / {w}, MIN(loss / slots), MAX(loss / slots), "
                                 f"MIN(1.0 * q_tp / NULLIF(q_tp + q_fp, 0)) FROM steps GROUP BY 1 ORDER BY 1").fetchall()
-        assert [(b, a, c) for b, a, c, _ in mins] == [(b, a, c) for b, a, c, _ in want_env[:-1]]
-        assert [m[3] for m in mins] == pytest.approx([e[3] for e in want_env[:-1]], nan_ok=True)
+        assert [(b, a, c) for b, a, c, _ in mins] == [(b, a, c) for b, a, c, _ in want_env[:len(got)]]
+        assert [m[3] for m in mins] == pytest.approx([e[3] for e in want_env[:len(got)]], nan_ok=True)
         checked += len(got)
     conn.close()
     return checked
@@ -110,3 +115,81 @@ def test_the_reader_uses_rollups_and_matches_the_in_memory_summary(tmp_path):
         assert env and got[env].to_numpy() == pytest.approx(want[env].to_numpy(), nan_ok=True)
         f = reader.finish(got)
         assert f["loss_per_slot"].to_numpy() == pytest.approx(reader.finish(want)["loss_per_slot"].to_numpy())
+
+
+def check_timing_buckets_equal_rows(db) -> int:
+    """Every timing rollup bucket against SQL sums of its rows (every bucket is stored, the open one included)."""
+    conn = sqlite3.connect(db)
+    checked = 0
+    for w in ROLLUP_WIDTHS:
+        got = conn.execute(f"SELECT bucket, phase, n, seconds FROM {timing_rollup_table(w)} ORDER BY 1, 2").fetchall()
+        want = conn.execute(f"SELECT (step - 1) / {w}, phase, COUNT(*), TOTAL(seconds) FROM timings "
+                            "GROUP BY 1, 2 ORDER BY 1, 2").fetchall()
+        assert [g[:3] for g in got] == [x[:3] for x in want], w
+        assert [g[3] for g in got] == pytest.approx([x[3] for x in want], rel=1e-12), w
+        checked += len(got)
+    conn.close()
+    return checked
+
+
+def timing_rows(first: int, n: int, seed: int = 0) -> list[tuple]:
+    rng = np.random.default_rng(seed + first)
+    return [(s, r, ph, float(rng.random())) for s in range(first, first + n) for r in (0, 1) for ph in ("fwd", "bwd")]
+
+
+def test_timing_rollups_equal_their_rows_after_writes_a_truncation_and_a_rewrite(tmp_path):
+    db = tmp_path / TRACE_NAME
+    w = writer(tmp_path)
+    for first in range(1, 5_001, 20):
+        w.write_steps(NAMES, rows(first, 20))
+        w.write_timings(timing_rows(first, 20))
+        w.commit()
+    assert check_timing_buckets_equal_rows(db) > 3 * 4
+    w.truncate_after(4_200)  # inside the first 4096-bucket's successor: every width loses part of a bucket
+    check_timing_buckets_equal_rows(db)
+    w.write_timings(timing_rows(4_201, 100, seed=1))
+    w.write_timings(timing_rows(4_250, 3, seed=2))  # steps written again are recomputed, not double-counted
+    w.commit()
+    check_timing_buckets_equal_rows(db)
+    w.close()
+
+
+def test_a_version_2_trace_resumed_gets_its_timing_rollups(tmp_path):
+    db = tmp_path / TRACE_NAME
+    w = writer(tmp_path)
+    w.write_timings(timing_rows(1, 300))
+    w.commit()
+    for t in ROLLUP_WIDTHS:  # as a version-2 writer left it: no timing rollups
+        w.conn.execute(f"DROP TABLE {timing_rollup_table(t)}")
+    w.conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    w.close()
+    TraceWriter(db).close()
+    assert check_timing_buckets_equal_rows(db) == 5 * 2 + (len(ROLLUP_WIDTHS) - 1) * 2  # 300 steps, 2 phases
+
+
+def test_the_reader_reads_timings_from_their_rollups_as_from_the_rows(tmp_path):
+    w = writer(tmp_path)
+    for first in range(1, 20_001, 500):
+        w.write_steps(NAMES, rows(first, 500))
+        w.write_timings(timing_rows(first, 500))
+    w.close()
+    conn = sqlite3.connect(tmp_path / TRACE_NAME)
+    import pandas as pd
+    raw = pd.read_sql_query("SELECT step, phase, seconds FROM timings", conn)
+    conn.close()
+    for lo, hi in ((1, 20_000), (77, 19_999), (5_000, 9_000)):
+        got = reader.read_timings(tmp_path, lo, hi, reader.bucket_width(lo, hi, 50))
+        big = got.attrs["width"]
+        assert big >= 64 and not got.attrs["sampled"]
+        part = raw[(raw.step >= lo) & (raw.step <= hi)].assign(bucket=lambda d: (d.step - 1) // big)
+        want = part.groupby(["bucket", "phase"]).agg(step=("step", "max"), seconds=("seconds", "mean")).reset_index()
+        assert got["phase"].tolist() == want["phase"].tolist()
+        assert got["step"].tolist() == want["step"].tolist()
+        assert got["seconds"].to_numpy() == pytest.approx(want["seconds"].to_numpy(), rel=1e-9)
+
+
+def test_cover_reads_whole_buckets_and_finer_edges():
+    pieces = reader.cover(100, 10_000, [(4096, 10), (64, 200)])
+    steps = [s for w, a, b in pieces for s in (range(a, b + 1) if w == 1 else range(a * w + 1, (b + 1) * w + 1))]
+    assert steps == list(range(100, 10_001))  # every step once
+    assert (4096, 1, 1) in pieces and sum(1 for w, *_ in pieces if w == 1) == 2
