@@ -10,8 +10,8 @@ import importlib
 from typing import Any
 
 __all__ = ["EVENTS_VERSION", "CarryShape", "CarryView", "PhaseClock", "RunSpec", "StepEvents", "TracedRun",
-           "build_events", "load_run", "trace_run"]
-_HOME = {"load_run": "diagnostics.loading",
+           "build_events", "load_ledger", "load_run", "load_task_stats", "trace_run"]
+_HOME = {"load_run": "diagnostics.loading", "load_ledger": "diagnostics.loading", "load_task_stats": "diagnostics.loading",
          **{name: "diagnostics.session" for name in ("CarryShape", "RunSpec", "TracedRun", "build_events", "trace_run")}}
 
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 import torch
 from rich.markup import escape
 
+from diagnostics import ledger
 from diagnostics.doctor import Finding, LiveDoctor
 from diagnostics.events import PhaseClock, StepEvents
 from diagnostics.loading import load_run
@@ -209,6 +210,8 @@ class Trace(Instrument):
             self.tracer.submit(lambda w: w.write_eval(step, values))
 
     def on_checkpoint(self, step: int) -> None:
+        if not self.closed:  # the ledger's exits so far become what a resume from this checkpoint keeps
+            self.tracer.submit(lambda w: w.ledger_checkpoint(step))
         self.tracer.drain()  # every row up to this step is committed before the checkpoint (resume loses none)
 
     def on_end(self, step: int, status: str, detail: str) -> None:
@@ -376,6 +379,7 @@ def trace_meta(trainer: "Trainer", preset: str | None) -> dict[str, Any]:
         "max_steps_per_sample": cfg.max_steps_per_sample, "max_steps": cfg.train.max_steps,
         "trace_every": cfg.train.trace_every, "device": trainer.device.type, "config": cfg.to_dict(),
         "doctor": cfg.doctor.to_dict(),
+        "ledger_sample_every": ledger.sample_every(cfg.train.batch_size, cfg.train.ledger_every),
     }
     if preset is None and trainer.step:  # resumed (the CLI knows no preset then): keep the one the trace names
         del meta["preset"]
@@ -392,7 +396,7 @@ def add_trace(trainer: "Trainer", preset: str | None = None) -> Trace:
     if dist.is_main:  # every rank traces (the counters are summed at each flush); rank 0 stores
         writer = open_writer(trainer.run_dir, meta, trainer.step)
     groups = trainer.parameter_groups()
-    probes = default_probes(trainer.cfg.max_steps_per_sample, groups)
+    probes = default_probes(trainer.cfg.max_steps_per_sample, groups, trainer.train_ds.puzzle_task, dist.rank)
     columns = [name for p in probes for name, _ in p.counters]
     reduce = gather = None
     if dist.enabled:
