@@ -73,10 +73,10 @@ CREATE TABLE IF NOT EXISTS ledger ({", ".join(c + " INTEGER" if c not in ("q_hal
 CREATE INDEX IF NOT EXISTS ledger_exit ON ledger (exit_step);
 CREATE TABLE IF NOT EXISTS ledger_tasks (task INTEGER NOT NULL, seg INTEGER NOT NULL,
                                          {", ".join(c + " REAL NOT NULL DEFAULT 0" for c in TASK_SUMS)},
-                                         PRIMARY KEY (task, seg));
+                                         PRIMARY KEY (task, seg)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS ledger_bins (task INTEGER NOT NULL, seg INTEGER NOT NULL, kind TEXT NOT NULL,
                                         bin INTEGER NOT NULL, {", ".join(c + " REAL NOT NULL DEFAULT 0" for c in BIN_SUMS)},
-                                        PRIMARY KEY (task, seg, kind, bin));
+                                        PRIMARY KEY (task, seg, kind, bin)) WITHOUT ROWID;
 """
 
 
