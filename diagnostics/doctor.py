@@ -645,6 +645,11 @@ def diagnose(df: pd.DataFrame, meta: Mapping[str, Any] | None = None, cfg: Docto
     """Every finding that holds on the steps table, errors first, then by first step."""
     found = earliest_per_code(f for rule in (RULES if rules is None else rules)
                               if (f := check(rule, df, meta, cfg, alignment)) is not None)
+    return sort_findings(found)
+
+
+def sort_findings(found: Iterable[Finding]) -> list[Finding]:
+    """Errors first, then warnings, then info; by first step within each."""
     return sorted(found, key=lambda f: (SEVERITIES.index(f.severity), f.first_step or 0))
 
 

@@ -33,11 +33,20 @@ class DoctorConfig:
     never_halt_warmup_share: float = 0.5  # halting-never-learned: judge only after this share of the planned
     #                                  steps (meta max_steps) ...
     never_halt_warmup_min: int = 50  # ... and at least this many steps
+    # the ledger findings (diagnostics.ledger_doctor), run-level over the per-sample ACT ledger
+    ledger_late_share: float = 0.5   # q-halt-miscalibrated: judge the exits of the last this share of the steps ...
+    calibration_min_records: int = 200  # ... with at least this many raw records there ...
+    calibration_error_max: float = 0.2  # ... and fire when the calibration error (ECE, 10 bins) is above this
+    never_halt_min_samples: int = 16  # tasks-never-halt: judge a task with at least this many exits ...
+    never_halt_others_share: float = 0.5  # ... none a Q-halt, while the other tasks' exits are Q-halts this often
+    never_solved_min_samples: int = 16  # tasks-never-solved: list tasks with this many exits, none exact
 
     def __post_init__(self) -> None:
         for name in ("window", "halting_window", "collapse_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DoctorConfig.{name} must be at least 1")
+        if not 0.0 < self.ledger_late_share <= 1.0:
+            raise ValueError("DoctorConfig.ledger_late_share must lie in (0, 1]")
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> "DoctorConfig":
