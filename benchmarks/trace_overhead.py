@@ -201,6 +201,7 @@ def ledger_growth(root: Path, steps: int, batch: int, max_steps: int = 16, tasks
             tracer.drain()
             raw, agg = ledger_bytes(db)
             out.append((s, raw, agg, records))
+            print(f"  (ledger run at {s:,} steps: {raw + agg:,} bytes)", flush=True)
     tracer.close()
     return out, flush_s / steps, k
 
@@ -213,10 +214,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--ledger-steps", type=int, default=100_000, help="steps of the synthetic ledger run")
     parser.add_argument("--ledger-batch", type=int, default=256, help="slots of the synthetic ledger run")
+    parser.add_argument("--ledger-only", action="store_true", help="only the ledger's bytes (the synthetic run)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.ledger_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            report_ledger(*ledger_growth(Path(tmp), args.ledger_steps, args.ledger_batch), args.ledger_batch)
+        return
     cfg = Config.from_dict(apply_overrides(load_preset(args.preset), args.overrides))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -252,7 +258,11 @@ def main() -> None:
     print(f"ledger cost per step: traced step {statistics.median(tr) * 1e3:.2f} ms with the ledger vs "
           f"{statistics.median(nl) * 1e3:.2f} ms without (median ratio {statistics.median(ledger_ratios):.4f}, "
           f"per-round min {min(ledger_ratios):.4f}, max {max(ledger_ratios):.4f}); observe {costs['ledger']:.0f} us")
-    print(f"ledger bytes (synthetic slot simulation, no model: {args.ledger_batch} slots, 16 max ACT steps, 1000 "
+    report_ledger(growth, ledger_flush_s, k, args.ledger_batch)
+
+
+def report_ledger(growth: list[tuple[int, int, int, int]], ledger_flush_s: float, k: int, batch: int) -> None:
+    print(f"ledger bytes (synthetic slot simulation, no model: {batch} slots, 16 max ACT steps, 1000 "
           f"tasks x 8 augmentations, every {k}-th raw record kept, flush every 20 steps, {ledger_flush_s * 1e6:.0f} "
           f"us of flush per step):")
     for s, raw, agg, records in growth:
