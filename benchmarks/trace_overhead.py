@@ -214,6 +214,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--ledger-steps", type=int, default=100_000, help="steps of the synthetic ledger run")
     parser.add_argument("--ledger-batch", type=int, default=256, help="slots of the synthetic ledger run")
+    parser.add_argument("--memory-steps", type=int, default=10_000, help="synthetic steps of the memory reading")
     parser.add_argument("--ledger-only", action="store_true", help="only the ledger's bytes (the synthetic run)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -243,7 +244,7 @@ def main() -> None:
         traced.instruments.find(instruments.Trace).tracer.close()  # tracer_memory replaces the instruments
         rows_s = writer_rows_per_s(root)
         mem_1k = tracer_memory(traced, 1000)
-        mem_10k = tracer_memory(traced, 10000)
+        mem_10k = tracer_memory(traced, args.memory_steps)
         growth, ledger_flush_s, k = ledger_growth(root, args.ledger_steps, args.ledger_batch)
     print(f"preset {args.preset} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
           f"{args.rounds} rounds x {args.steps} steps, interleaved")
@@ -254,7 +255,7 @@ def main() -> None:
     print("probe cost per step (observe, microseconds): " + ", ".join(f"{k} {v:.0f}" for k, v in costs.items()))
     print(f"trace writer: {rows_s:,.0f} rows/s (blocks of 20 rows, one commit per block)")
     print(f"tracer memory: {mem_1k[0] / 1024:.1f} KiB python heap after 1k steps, {mem_10k[0] / 1024:.1f} KiB "
-          f"after 10k; device buffer {mem_1k[1]} B vs {mem_10k[1]} B")
+          f"after {args.memory_steps / 1000:g}k; device buffer {mem_1k[1]} B vs {mem_10k[1]} B")
     print(f"ledger cost per step: traced step {statistics.median(tr) * 1e3:.2f} ms with the ledger vs "
           f"{statistics.median(nl) * 1e3:.2f} ms without (median ratio {statistics.median(ledger_ratios):.4f}, "
           f"per-round min {min(ledger_ratios):.4f}, max {max(ledger_ratios):.4f}); observe {costs['ledger']:.0f} us")
