@@ -12,7 +12,8 @@ decides halting (not ``fct``). Thresholds live in ``DoctorConfig`` (``ledger_*``
 - ``tasks-never-halt`` (warning): tasks with at least ``never_halt_min_samples`` exits of which the Q-head halted
   none (every one ran to the maximum step), while the other such tasks' exits were Q-halts at a share of at least
   ``never_halt_others_share``.
-- ``tasks-never-solved`` (info): tasks with at least ``never_solved_min_samples`` exits, none of them exact.
+- ``tasks-never-solved`` (info): tasks with at least ``never_solved_min_samples`` exits, none of them exact, when
+  they are at least ``never_solved_min_share`` of the tasks so judged (a straggler or two is not a finding).
 """
 
 from __future__ import annotations
@@ -109,9 +110,9 @@ def tasks_never_solved(tasks: pd.DataFrame, meta: Mapping[str, Any], cfg: Doctor
         return None
     judged = tasks[tasks["samples"] >= cfg.never_solved_min_samples]
     never = judged[judged["exact"] == 0]
-    if never.empty:
+    if never.empty or len(never) < cfg.never_solved_min_share * len(judged):
         return None
-    evidence = {"tasks": int(len(never)), "judged_tasks": int(len(judged)),
+    evidence = {"tasks": int(len(never)), "judged_tasks": int(len(judged)), "min_share": cfg.never_solved_min_share,
                 "task_ids": never["task"].astype(int).tolist()[:LISTED],
                 "their_exits": int(never["samples"].sum()),
                 "their_token_acc": float(never["token_correct"].sum() / max(never["token_count"].sum(), 1)),

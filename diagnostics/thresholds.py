@@ -39,7 +39,9 @@ class DoctorConfig:
     calibration_error_max: float = 0.2  # ... and fire when the calibration error (ECE, 10 bins) is above this
     never_halt_min_samples: int = 16  # tasks-never-halt: judge a task with at least this many exits ...
     never_halt_others_share: float = 0.5  # ... none a Q-halt, while the other tasks' exits are Q-halts this often
-    never_solved_min_samples: int = 16  # tasks-never-solved: list tasks with this many exits, none exact
+    never_solved_min_samples: int = 16  # tasks-never-solved: tasks with this many exits, none exact ...
+    never_solved_min_share: float = 0.01  # ... listed when they are at least this share of the tasks judged (the
+    #                                  healthy demo re-encode run has 1 of 2048, 15 of 16 tokens right: not listed)
 
     def __post_init__(self) -> None:
         for name in ("window", "halting_window", "collapse_window"):

@@ -93,6 +93,8 @@ def test_tasks_never_solved_is_an_info_listing_them(tmp_path):
     f = {f.code: f for f in diagnose_run(run, {"mode": "fct"})}["tasks-never-solved"]
     assert f.severity == "info" and sorted(f.evidence["task_ids"]) == [1, 2, 3]
     assert f.evidence["their_exits"] >= 3 * DoctorConfig().never_solved_min_samples
+    # one straggler among 120 tasks (under never_solved_min_share) is not listed
+    assert codes(write_run(tmp_path, "straggler", simulate(tasks=120, unsolved=1)), "fct") == []
 
 
 def test_etrm_doctor_reports_ledger_findings(tmp_path, capsys):
