@@ -13,7 +13,8 @@ decides halting (not ``fct``). Thresholds live in ``DoctorConfig`` (``ledger_*``
   none (every one ran to the maximum step), while the other such tasks' exits were Q-halts at a share of at least
   ``never_halt_others_share``.
 - ``tasks-never-solved`` (info): tasks with at least ``never_solved_min_samples`` exits, none of them exact, when
-  they are at least ``never_solved_min_share`` of the tasks so judged (a straggler or two is not a finding).
+  they are at least ``never_solved_min_share`` of the tasks so judged (a straggler or two is not a finding) while at
+  least ``never_solved_others_share`` of them were solved (early in training, unsolved is the norm, not a list).
 """
 
 from __future__ import annotations
@@ -110,9 +111,12 @@ def tasks_never_solved(tasks: pd.DataFrame, meta: Mapping[str, Any], cfg: Doctor
         return None
     judged = tasks[tasks["samples"] >= cfg.never_solved_min_samples]
     never = judged[judged["exact"] == 0]
-    if never.empty or len(never) < cfg.never_solved_min_share * len(judged):
-        return None
+    solved = len(judged) - len(never)
+    if never.empty or len(never) < cfg.never_solved_min_share * len(judged) or \
+            solved < cfg.never_solved_others_share * len(judged):
+        return None  # none, a straggler, or a run that does not solve most tasks yet (its exact curve says so)
     evidence = {"tasks": int(len(never)), "judged_tasks": int(len(judged)), "min_share": cfg.never_solved_min_share,
+                "solved_tasks": int(solved),
                 "task_ids": never["task"].astype(int).tolist()[:LISTED],
                 "their_exits": int(never["samples"].sum()),
                 "their_token_acc": float(never["token_correct"].sum() / max(never["token_count"].sum(), 1)),

@@ -42,6 +42,8 @@ class DoctorConfig:
     never_solved_min_samples: int = 16  # tasks-never-solved: tasks with this many exits, none exact ...
     never_solved_min_share: float = 0.01  # ... listed when they are at least this share of the tasks judged (the
     #                                  healthy demo re-encode run has 1 of 2048, 15 of 16 tokens right: not listed)
+    never_solved_others_share: float = 0.5  # ... and at least this share of them was solved (training has got
+    #                                  past the point where unsolved is the norm)
 
     def __post_init__(self) -> None:
         for name in ("window", "halting_window", "collapse_window"):

@@ -29,6 +29,7 @@ from rich.markup import escape
 
 from diagnostics import ledger
 from diagnostics.doctor import Finding, LiveDoctor
+from diagnostics.ledger_doctor import diagnose_run as diagnose_ledger_run
 from diagnostics.events import PhaseClock, StepEvents
 from diagnostics.loading import load_run
 from diagnostics.probes import default_probes
@@ -245,13 +246,29 @@ class Doctor(Instrument):
     def __init__(self, doctor: LiveDoctor, trace: Trace) -> None:
         self.doctor, self.trace = doctor, trace
         self.reporter: Reporter | None = None
+        self.max_steps: int | None = None
         self.new: list[Finding] = []
 
+    def ledger_findings(self, step: int) -> list[Finding]:
+        """The run-level findings of the per-sample ledger (``diagnostics.ledger_doctor``), as ``etrm-doctor`` judges
+        them, once the rows up to ``step`` are stored; those that already held (a resume) are not new."""
+        tracer = self.trace.tracer
+        if tracer.writer is None:
+            return []
+        tracer.drain()
+        known = {f.code for f in self.doctor.findings}
+        found = [f for f in diagnose_ledger_run(tracer.writer.path, self.doctor.meta, self.doctor.cfg, step)
+                 if f.code not in known]
+        self.doctor.findings.extend(found)
+        return found
+
     def on_start(self, reporter: "Reporter", max_steps: int) -> None:
-        self.reporter = reporter
+        self.reporter, self.max_steps = reporter, max_steps
 
     def on_flush(self, rows: Rows, step: int) -> None:
         self.new = self.doctor.update(rows, alignment=self.trace.tracer.last_alignment)
+        if self.max_steps is not None and step >= self.max_steps:  # the run's last flush: the ledger's findings
+            self.new += self.ledger_findings(step)
         for finding in self.new:
             text = f"{finding.code} (step {finding.first_step}): {finding.message}"
             if self.reporter is not None:

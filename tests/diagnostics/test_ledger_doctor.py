@@ -95,6 +95,8 @@ def test_tasks_never_solved_is_an_info_listing_them(tmp_path):
     assert f.evidence["their_exits"] >= 3 * DoctorConfig().never_solved_min_samples
     # one straggler among 120 tasks (under never_solved_min_share) is not listed
     assert codes(write_run(tmp_path, "straggler", simulate(tasks=120, unsolved=1)), "fct") == []
+    # nor is a run that does not solve most tasks yet (early training: its exact curve says so)
+    assert codes(write_run(tmp_path, "early", simulate(tasks=10, unsolved=6)), "fct") == []
 
 
 def test_etrm_doctor_reports_ledger_findings(tmp_path, capsys):
