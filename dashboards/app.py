@@ -20,6 +20,8 @@ import dash
 from dash import ALL, Dash, Input, Output, State, ctx, dcc, html, no_update
 
 from dashboards import figures as F
+from dashboards import samples
+from diagnostics.loading import load_task_stats
 from diagnostics import figures as registry
 from diagnostics.store import TraceError
 from dashboards.runs import (ALIGNMENT, COMPARE, COVERAGE, OVERVIEW, TIMING, Refused, RunCache, RunError, RunInfo, Runs,
@@ -28,8 +30,8 @@ from dashboards.runs import (ALIGNMENT, COMPARE, COVERAGE, OVERVIEW, TIMING, Ref
 ASSETS = Path(__file__).with_name("assets")
 REFRESH_MS = 2000
 LIST_REFRESH_MS = 5000
-TABS = (("overview", "Overview"), ("coverage", "Coverage"), ("halting", "Halting"), ("alignment", "Alignment"),
-        ("timing", "Timing"))
+TABS = (("overview", "Overview"), ("coverage", "Coverage"), ("halting", "Halting"), ("samples", "Samples"),
+        ("alignment", "Alignment"), ("timing", "Timing"))
 GRAPH_CONFIG = {"displaylogo": False, "displayModeBar": False, "responsive": True}
 
 
@@ -143,13 +145,15 @@ def tab_figures(cache: RunCache, tab: str, xrange: Sequence[float] | None = None
                 focus: int | None = None) -> dict[str, Any]:
     """The figures of one tab of the run view, by id, over ``xrange`` (whole run when None)."""
     info = cache.info
-    meta, findings, mode = info.meta, info.findings, info.meta.get("mode")
+    findings, mode = info.findings, info.meta.get("mode")
     xr = tuple(xrange) if xrange else None
     threshold = info.thresholds.coverage_min  # the run's own doctor threshold (its config's [doctor])
     trm = mode == "trm"  # TRM trains puzzle-table rows where ETRM trains an encoder: the titles say which
     cov_title = ("Puzzle-table row gradient coverage vs reset fraction" if trm
                  else "Encoder gradient coverage vs reset fraction")
     out: dict[str, Any] = {}
+    if tab == "samples":  # the per-sample ledger (dashboards.samples); its charts have their own axes
+        return samples.samples_figures(cache, xr)
     if tab == "overview":
         f = cache.frame(OVERVIEW, xr)
         out["loss"] = safe(lambda: F.loss_figure(f, findings, focus))
@@ -213,6 +217,9 @@ def tab_layout(tab: str, figs: Mapping[str, Any], cache: RunCache) -> list:
         return [html.Div([g("halting-heatmap", "fig span2"), g("q-halt"), g("inflight")], className="grid2")]
     if tab == "alignment":
         return [g("alignment"), html.H2("First offending samples"), alignment_table(cache)]
+    if tab == "samples":
+        return samples.samples_layout(figs, load_task_stats(cache.path), graph,
+                                      lambda k, fig: dgraph({"type": "samples-graph", "fig": k}, fig))
     if tab == "timing":
         return [html.Div([g("timing-detail", "fig span2"), g("encoder-work-t")], className="grid2"),
                 html.H2("Profiler traces"), profiler_panel(cache)]

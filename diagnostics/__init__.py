@@ -10,8 +10,9 @@ import importlib
 from typing import Any
 
 __all__ = ["EVENTS_VERSION", "CarryShape", "CarryView", "PhaseClock", "RunSpec", "StepEvents", "TracedRun",
-           "build_events", "load_eval_audits", "load_run", "trace_run"]
+           "build_events", "load_eval_audits", "load_ledger", "load_run", "load_task_stats", "trace_run"]
 _HOME = {"load_run": "diagnostics.loading", "load_eval_audits": "diagnostics.loading",
+         "load_ledger": "diagnostics.loading", "load_task_stats": "diagnostics.loading",
          **{name: "diagnostics.session" for name in ("CarryShape", "RunSpec", "TracedRun", "build_events", "trace_run")}}
 
 

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 from diagnostics import figures
 from diagnostics.doctor import DoctorConfig, Finding, diagnose, has_error, ordered, summary
 from diagnostics.eval_findings import diagnose_evals
+from diagnostics.ledger_doctor import diagnose_run
 from diagnostics.loading import as_json_value, load_eval_audits, load_evals, load_run
 from diagnostics.store import TraceError
 
@@ -66,7 +67,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.set:
         print(f"{PROG}: what-if with {', '.join(args.set)}: findings recomputed with these thresholds; read-only, "
               "the run's config and stored findings are unchanged", file=sys.stderr)
-    findings = ordered(diagnose(df, meta, cfg) + diagnose_evals(audits, meta, cfg))
+    try:  # the ledger's run-level findings beside the window rules' (none for a trace without a ledger)
+        ledger_found = diagnose_run(args.run, meta, cfg, int(df.index.max()) if len(df) else None)
+    except TraceError as exc:
+        return _fail(exc)
+    findings = ordered(diagnose(df, meta, cfg) + diagnose_evals(audits, meta, cfg) + ledger_found)
     info = summary(df, meta, cfg=cfg)
     info["what_if"] = list(args.set)
     if len(evals):

@@ -80,6 +80,28 @@ def load_alignment(path: str | Path) -> pd.DataFrame:
         return reader.read_alignment(conn)
 
 
+def load_ledger(path: str | Path, lo: int | None = None, hi: int | None = None) -> pd.DataFrame:
+    """The per-sample ACT ledger: one row per stored record of a sample that left its slot (sample_id, puzzle_id,
+    task, slot, rank, enter_step, exit_step, steps_used, reason, vetoes, exact, token_correct, token_count,
+    token_acc, q_halt_logit, q_continue_logit, encoder_grad_steps). ``attrs["sample_rate"]``: the share of exits
+    stored (1.0 when every one is); ``lo``/``hi`` bound the exit step."""
+    with _trace(path) as conn:
+        return reader.read_ledger(conn, lo, hi)
+
+
+def load_task_stats(path: str | Path) -> pd.DataFrame:
+    """One row per task (augmentations folded), exact over every exit whatever the sample rate: samples,
+    exact_rate, token_acc, mean_halt_step, q_halt_share, mean_q_prob, calibration_error, never_solved and the sums."""
+    with _trace(path) as conn:
+        return reader.read_task_stats(conn)
+
+
+def load_ledger_bins(path: str | Path) -> pd.DataFrame:
+    """The ledger's histograms per task: kind (``halt_step``, ``q_prob``), bin, n, exact, prob_sum."""
+    with _trace(path) as conn:
+        return reader.read_ledger_bins(conn)
+
+
 def load_evals(path: str | Path) -> pd.DataFrame:
     """Evaluation results, one row per eval step and one column per metric."""
     with _trace(path) as conn:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from diagnostics import eval_audits, figures
+from diagnostics import eval_audits, figures, ledger
 from diagnostics.store import (EVAL_AUDIT_TABLES, ROLLUP_WIDTHS, SCHEMA_VERSION, TRACE_NAME, TraceError, read_meta,
                                read_only_uri, readable, rollup_table, timing_rollup_table)
 
@@ -525,6 +525,63 @@ def read_alignment(conn: sqlite3.Connection, limit: int | None = None) -> pd.Dat
     return pd.read_sql_query(sql + (f" LIMIT {int(limit)}" if limit is not None else ""), conn)
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# The per-sample ledger (schema version 3; ``diagnostics.ledger`` defines its columns and figures)
+
+def _tables(conn: sqlite3.Connection) -> set[str]:
+    return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+
+def ledger_sample_rate(conn: sqlite3.Connection) -> float:
+    """The share of exits whose raw record is stored (1.0 when every one is; NaN for a trace without a ledger)."""
+    row = conn.execute("SELECT value FROM meta WHERE key = 'ledger_sample_rate'").fetchone()
+    return float(row[0]) if row is not None else math.nan
+
+
+def read_ledger(conn: sqlite3.Connection, lo: int | None = None, hi: int | None = None,
+                limit: int | None = None) -> pd.DataFrame:
+    """The stored raw ledger records (exit step in [lo, hi] when given), in exit order: the columns of
+    ``diagnostics.ledger.RECORD_COLUMNS`` (``reason`` as ``q_halt``/``max_step``) plus ``token_acc``.
+    ``attrs["sample_rate"]``: the share of exits kept (scale counts by its inverse). Empty before version 3."""
+    cols = list(ledger.RECORD_COLUMNS)
+    if "ledger" not in _tables(conn):
+        out = ledger.as_frame([], cols)
+    else:
+        sql, args = f"SELECT {', '.join(cols)} FROM ledger WHERE 1", []
+        if lo is not None:
+            sql, args = sql + " AND exit_step >= ?", args + [lo]
+        if hi is not None:
+            sql, args = sql + " AND exit_step <= ?", args + [hi]
+        sql += " ORDER BY exit_step, rank, slot" + (f" LIMIT {int(limit)}" if limit is not None else "")
+        out = ledger.as_frame(conn.execute(sql, args).fetchall(), cols)
+    out["token_acc"] = out["token_correct"] / out["token_count"].where(out["token_count"] > 0)
+    out.attrs["sample_rate"] = ledger_sample_rate(conn)
+    return out
+
+
+def read_ledger_bins(conn: sqlite3.Connection) -> pd.DataFrame:
+    """Per task and histogram kind (``halt_step``, ``q_prob``): bin, n, exact, prob_sum, over both segments."""
+    cols = ["task", "kind", "bin", *ledger.BIN_SUMS]
+    if "ledger_bins" not in _tables(conn):
+        return pd.DataFrame({c: pd.Series(dtype=float) for c in cols})
+    sums = ", ".join(f"SUM({c}) AS {c}" for c in ledger.BIN_SUMS)
+    return pd.read_sql_query(f"SELECT task, kind, bin, {sums} FROM ledger_bins GROUP BY task, kind, bin "
+                             "ORDER BY task, kind, bin", conn)
+
+
+def read_task_stats(conn: sqlite3.Connection) -> pd.DataFrame:
+    """One row per task (augmentations folded): the exact sums over every exit and the task figures of
+    ``diagnostics.ledger.task_stats`` (exact_rate, mean_halt_step, q_halt_share, calibration_error, ...)."""
+    if "ledger_tasks" not in _tables(conn):
+        tasks = pd.DataFrame(columns=["task", *ledger.TASK_SUMS])
+    else:
+        sums = ", ".join(f"SUM({c}) AS {c}" for c in ledger.TASK_SUMS)
+        tasks = pd.read_sql_query(f"SELECT task, {sums} FROM ledger_tasks GROUP BY task", conn)
+    out = ledger.task_stats(tasks, read_ledger_bins(conn))
+    out.attrs["sample_rate"] = ledger_sample_rate(conn)
+    return out
+
+
 def step_range(conn: sqlite3.Connection) -> tuple[int, int]:
     """The first and last stored step (0, 0 when there is none)."""
     # two queries: each is one b-tree descent, where MIN and MAX together would scan the table
@@ -542,6 +599,7 @@ def _json(text: Any) -> Any:
 
 __all__ = ["CONNECT_TIMEOUT_S", "MAX_BUCKETS", "MAX_TIMING_STEPS", "Spec", "aggregate_rows", "bucket_width",
            "connect", "describe_sqlite_error", "envelope_sql", "envelope_values", "finish", "halt_columns",
-           "merge_frames", "ratio_spec", "read_alignment", "read_eval_audits", "read_evals", "read_findings", "read_markers", "read_meta",
+           "ledger_sample_rate", "merge_frames", "ratio_spec", "read_alignment", "read_eval_audits", "read_evals",
+           "read_findings", "read_ledger", "read_ledger_bins", "read_markers", "read_meta", "read_task_stats",
            "read_rows", "read_status_inputs", "read_timings", "readable", "rollup_widths", "sql_buckets", "step_columns",
            "step_range", "cover", "timing_rollup_widths"]

@@ -22,6 +22,15 @@ every width of ``ROLLUP_WIDTHS``, one row per (bucket, phase):
 ``n`` timing rows (steps x ranks) and the sum of their ``seconds``, kept equal to the sums of their rows at every
 commit (updated by each flush, recomputed after a truncation or a rewritten step).
 
+Version 3 also adds the per-sample ACT ledger (``LEDGER_TABLES``; ``diagnostics.ledger`` defines the columns):
+- ``ledger(<RECORD_COLUMNS>)``: the raw records kept (every ``meta.ledger_sample_every``-th exit, chosen by a hash of
+  sample id and exit step; ``meta.ledger_sample_rate`` = 1 / that), one per sample that left its slot.
+- ``ledger_tasks(task, seg, <TASK_SUMS>)``: exact per-task sums over every exit, kept or not; ``seg`` 0 holds the
+  exits up to the last checkpoint (``meta.ledger_checkpoint_step``), 1 those after, so a resume from that checkpoint
+  drops exactly the exits it re-runs.
+- ``ledger_bins(task, seg, kind, bin, n, exact, prob_sum)``: per task the halting-step histogram (``halt_step``, bin =
+  ACT steps used) and the calibration bins of sigmoid(q-halt logit) at exit (``q_prob``, 10 bins).
+
 Version 1 (``meta.schema_version``):
 - ``meta(key, value)``: schema version, run description (model, mode, preset, max_steps, trace_every, config JSON).
 - ``counters(name, probe, description)``: the per-step columns, self-describing; probes may add columns.
@@ -45,6 +54,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+
+from diagnostics.ledger import BIN_SUMS, RECORD_COLUMNS, TASK_SUMS, increments, kept
 
 SCHEMA_VERSION = 3
 ROLLUP_WIDTHS = (64, 512, 4096, 32768, 262144)  # version 2 wrote 64, 4096, 262144; 3 adds the rest
@@ -79,6 +90,85 @@ CREATE TABLE IF NOT EXISTS eval_act_steps (step INTEGER NOT NULL, weights TEXT N
 """
 EVAL_AUDIT_TABLES = ("eval_audits", "eval_act_steps")
 # ---- end of schema version 3: evaluation audits ------------------------------------------------------------------
+
+
+# -- schema version 3: the per-sample ACT ledger (issue 14a; one block, additive) --------------------------------------
+LEDGER_TABLES = f"""
+CREATE TABLE IF NOT EXISTS ledger ({", ".join(c + " INTEGER" if c not in ("q_halt_logit", "q_continue_logit")
+                                              else c + " REAL" for c in RECORD_COLUMNS)});
+CREATE INDEX IF NOT EXISTS ledger_exit ON ledger (exit_step);
+CREATE TABLE IF NOT EXISTS ledger_tasks (task INTEGER NOT NULL, seg INTEGER NOT NULL,
+                                         {", ".join(c + " REAL NOT NULL DEFAULT 0" for c in TASK_SUMS)},
+                                         PRIMARY KEY (task, seg)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ledger_bins (task INTEGER NOT NULL, seg INTEGER NOT NULL, kind TEXT NOT NULL,
+                                        bin INTEGER NOT NULL, {", ".join(c + " REAL NOT NULL DEFAULT 0" for c in BIN_SUMS)},
+                                        PRIMARY KEY (task, seg, kind, bin)) WITHOUT ROWID;
+"""
+
+
+class LedgerStore:
+    """The writer's half of the ledger tables: every record's increments go into the exact per-task aggregates
+    (segment 1, after the last checkpoint), every ``every``-th record (``diagnostics.ledger.kept``) into ``ledger``.
+    ``checkpoint`` folds segment 1 into segment 0; ``truncate_after`` (a resume) drops what the resumed run re-runs."""
+
+    def __init__(self, conn: sqlite3.Connection, every: int) -> None:
+        self.conn, self.every = conn, max(1, int(every))
+        conn.executescript(LEDGER_TABLES)
+        conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                         [("ledger_sample_every", str(self.every)), ("ledger_sample_rate", json.dumps(1 / self.every))])
+        sums = ", ".join(TASK_SUMS)
+        self.task_sql = (f"INSERT INTO ledger_tasks (task, seg, {sums}) VALUES (?, 1, {', '.join('?' * len(TASK_SUMS))}) "
+                         f"ON CONFLICT (task, seg) DO UPDATE SET "
+                         + ", ".join(f"{c} = {c} + excluded.{c}" for c in TASK_SUMS))
+        self.bin_sql = ("INSERT INTO ledger_bins (task, seg, kind, bin, n, exact, prob_sum) VALUES (?, 1, ?, ?, ?, ?, ?) "
+                        "ON CONFLICT (task, seg, kind, bin) DO UPDATE SET n = n + excluded.n, "
+                        "exact = exact + excluded.exact, prob_sum = prob_sum + excluded.prob_sum")
+        self.record_sql = f"INSERT INTO ledger VALUES ({', '.join('?' * len(RECORD_COLUMNS))})"
+
+    def write(self, records: list[tuple]) -> None:
+        """Add one flush's records: every one into the aggregates, the kept ones raw."""
+        if not records:
+            return
+        import numpy as np
+
+        inc = increments(records)
+        self.conn.executemany(self.task_sql, [(t, *v) for t, v in inc.tasks.items()])
+        self.conn.executemany(self.bin_sql, [(t, k, b, *v) for (t, k, b), v in inc.bins.items()])
+        sid, ex = RECORD_COLUMNS.index("sample_id"), RECORD_COLUMNS.index("exit_step")
+        keep = kept(np.array([r[sid] for r in records]), np.array([r[ex] for r in records]), self.every)
+        self.conn.executemany(self.record_sql, [r for r, k in zip(records, keep) if k])
+
+    def checkpoint(self, step: int) -> None:
+        """A checkpoint at ``step``: the exits so far become segment 0 (what a resume from it keeps)."""
+        sums = ", ".join(TASK_SUMS)
+        self.conn.execute(f"INSERT INTO ledger_tasks (task, seg, {sums}) SELECT task, 0, {sums} FROM ledger_tasks "
+                          "WHERE seg = 1 ON CONFLICT (task, seg) DO UPDATE SET "
+                          + ", ".join(f"{c} = {c} + excluded.{c}" for c in TASK_SUMS))
+        self.conn.execute("INSERT INTO ledger_bins (task, seg, kind, bin, n, exact, prob_sum) SELECT task, 0, kind, "
+                          "bin, n, exact, prob_sum FROM ledger_bins WHERE seg = 1 ON CONFLICT (task, seg, kind, bin) "
+                          "DO UPDATE SET n = n + excluded.n, exact = exact + excluded.exact, "
+                          "prob_sum = prob_sum + excluded.prob_sum")
+        for table in ("ledger_tasks", "ledger_bins"):
+            self.conn.execute(f"DELETE FROM {table} WHERE seg = 1")
+        self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('ledger_checkpoint_step', ?)", (str(int(step)),))
+
+    def truncate_after(self, step: int) -> None:
+        """Resuming from the checkpoint at ``step``: raw records past it go, and so do the aggregates of segment 1
+        (the exits after that checkpoint); from step 0, everything. A resume from any other step (no checkpoint of
+        the ledger's at it) keeps segment 1 and records ``ledger_inexact_from`` (its aggregates may count exits
+        twice)."""
+        self.conn.execute("DELETE FROM ledger WHERE exit_step > ?", (step,))
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'ledger_checkpoint_step'").fetchone()
+        at = int(row[0]) if row is not None else 0
+        if step == 0:
+            for table in ("ledger_tasks", "ledger_bins"):
+                self.conn.execute(f"DELETE FROM {table}")
+        elif step == at:
+            for table in ("ledger_tasks", "ledger_bins"):
+                self.conn.execute(f"DELETE FROM {table} WHERE seg = 1")
+        elif self.conn.execute("SELECT 1 FROM ledger_tasks WHERE seg = 1 LIMIT 1").fetchone() is not None:
+            self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('ledger_inexact_from', ?)", (str(int(step)),))
+# -- end of schema version 3's ledger block -----------------------------------------------------------------------------
 
 
 def readable(version: Any) -> bool:
@@ -131,8 +221,10 @@ class TraceWriter:
                           "seconds REAL)")  # a flush's timing sums on their way into the rollups
         if timing_rollup_table(ROLLUP_WIDTHS[0]) not in tables:  # an older trace's timings get their rollups
             self._rebuild_timings(1)
+        self.ledger = LedgerStore(self.conn, int(rows.get("ledger_sample_every",
+                                                        existing.get("ledger_sample_every", 1))))
         if had_rows and int(version) < SCHEMA_VERSION:  # resuming an older trace: what this version adds is added
-            # (rollups of its rows from version 2; eval audit tables and the new rollup levels from version 3)
+            # (rollups of its rows from version 2; eval audit tables, ledger tables and the new rollup levels from 3)
             self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('upgraded_from', ?)", (version,))
         self.conn.commit()
 
@@ -233,6 +325,13 @@ class TraceWriter:
     def write_alignment(self, rows: list[tuple[int, int, int, int, int]]) -> None:
         self.conn.executemany("INSERT INTO alignment_samples VALUES (?, ?, ?, ?, ?)", rows)
 
+    def write_ledger(self, records: list[tuple]) -> None:
+        """One flush's ledger records (``diagnostics.ledger.RECORD_COLUMNS``): aggregates exact, raw sampled."""
+        self.ledger.write(records)
+
+    def ledger_checkpoint(self, step: int) -> None:
+        self.ledger.checkpoint(step)
+
     def write_finding(self, code: str, severity: str, first_step: int | None, evidence: dict, message: str) -> None:
         self.conn.execute("INSERT OR REPLACE INTO findings VALUES (?, ?, ?, ?, ?)",
                           (code, severity, first_step, json.dumps(evidence), message))
@@ -249,6 +348,7 @@ class TraceWriter:
             self.conn.execute(f"DELETE FROM {table} WHERE step > ?", (step,))
         self.rollups.rebuild(step + 1)  # every bucket equals the sum of its remaining rows
         self._rebuild_timings(step + 1)
+        self.ledger.truncate_after(step)
         # a finding that first held on a deleted row is found again (or not) when those steps are re-run
         self.conn.execute("DELETE FROM findings WHERE first_step > ?", (step,))
         self.conn.commit()

@@ -39,11 +39,24 @@ class DoctorConfig:
     ema_gap: float = 0.1             # ema-gap: |exact of the EMA weights - exact of the raw weights| above this ...
     ema_warmup_time_constants: float = 3.0  # ... at an evaluation at least this many EMA time constants
     #                                  (1 / (1 - train.ema_rate) steps) into the run, or at the run's last step
+    # the ledger findings (diagnostics.ledger_doctor), run-level over the per-sample ACT ledger
+    ledger_late_share: float = 0.5   # q-halt-miscalibrated: judge the exits of the last this share of the steps ...
+    calibration_min_records: int = 200  # ... with at least this many raw records there ...
+    calibration_error_max: float = 0.2  # ... and fire when the calibration error (ECE, 10 bins) is above this
+    never_halt_min_samples: int = 16  # tasks-never-halt: judge a task with at least this many exits ...
+    never_halt_others_share: float = 0.5  # ... none a Q-halt, while the other tasks' exits are Q-halts this often
+    never_solved_min_samples: int = 16  # tasks-never-solved: tasks with this many exits, none exact ...
+    never_solved_min_share: float = 0.01  # ... listed when they are at least this share of the tasks judged (the
+    #                                  healthy demo re-encode run has 1 of 2048, 15 of 16 tokens right: not listed)
+    never_solved_others_share: float = 0.5  # ... and at least this share of them was solved (training has got
+    #                                  past the point where unsolved is the norm)
 
     def __post_init__(self) -> None:
         for name in ("window", "halting_window", "collapse_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DoctorConfig.{name} must be at least 1")
+        if not 0.0 < self.ledger_late_share <= 1.0:
+            raise ValueError("DoctorConfig.ledger_late_share must lie in (0, 1]")
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> "DoctorConfig":

@@ -16,6 +16,7 @@ import torch
 from diagnostics.events import PhaseClock, StepEvents
 from diagnostics.killpoints import kill_point
 from diagnostics.probes.base import Probe
+from diagnostics.probes.ledger import TABLE as LEDGER_TABLE
 from diagnostics.store import TraceWriter
 
 Tensor = torch.Tensor
@@ -24,8 +25,8 @@ Tensor = torch.Tensor
 class _Row:
     """One step's row: values set now are stacked into the buffer at ``commit``; ``later`` writes in place."""
 
-    def __init__(self, tracer: "Tracer", index: int) -> None:
-        self.tracer, self.index = tracer, index
+    def __init__(self, tracer: "Tracer", index: int, step: int = 0) -> None:
+        self.tracer, self.index, self.step = tracer, index, step  # step: the optimizer step the row completes
         self.cols: list[int] = []
         self.values: list[Tensor] = []
 
@@ -107,6 +108,7 @@ class Tracer:
         self.writer = writer
         self.thread: _Writer | None = None
         self.last_alignment: list[tuple] = []
+        self.last_ledger: list[tuple] = []  # the ledger records of the last flush (diagnostics.ledger.RECORD_COLUMNS)
         self._index_cache: dict[tuple[int, ...], Tensor] = {}
         if writer is not None:
             writer.add_counters((name, p.name, desc) for p in probes for name, desc in p.counters)
@@ -120,7 +122,7 @@ class Tracer:
         timings when the caller keeps them (default: ``events.clock``)."""
         if len(self.steps) == self.capacity:
             self._grow()
-        row = _Row(self, len(self.steps))
+        row = _Row(self, len(self.steps), step + 1)
         self.buffer[row.index].zero_()
         for probe in self.probes:
             probe.observe(events, metrics, row)
@@ -140,7 +142,7 @@ class Tracer:
         """Probes that read gradients (norms) before the optimizer step."""
         if not self.rows:
             return
-        row = _Row(self, self.rows[-1].index)
+        row = _Row(self, self.rows[-1].index, self.steps[-1])
         for probe in self.probes:
             probe.after_backward(row)
         row.commit()
@@ -171,8 +173,12 @@ class Tracer:
         for probe in self.probes:
             for table, rows in probe.flush(steps).items():
                 extras.setdefault(table, []).extend(rows)
+        if self.gather is not None and LEDGER_TABLE in extras:  # every rank's samples, stored by rank 0
+            parts = self.gather(extras[LEDGER_TABLE])
+            extras[LEDGER_TABLE] = [r for part in parts for r in part] if parts is not None else []
         self.steps, self.clocks, self.rows = [], [], []
         self.last_alignment = extras.get("alignment_samples", [])
+        self.last_ledger = extras.get(LEDGER_TABLE, [])
         records = [dict(zip(self.columns, v)) for v in values]
         if self.thread is not None:
             names = list(self.columns)
@@ -183,6 +189,8 @@ class Tracer:
                 w.write_timings(timings)
                 if extras.get("alignment_samples"):
                     w.write_alignment(extras["alignment_samples"])
+                if extras.get(LEDGER_TABLE):
+                    w.write_ledger(extras[LEDGER_TABLE])
                 w.heartbeat(steps[-1])
                 kill_point("flush-commit", steps[-1])  # tests: rows written, not committed
 

@@ -271,6 +271,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     trace_every: int = 20
     diversity_every: int = DIVERSITY_EVERY  # the context-diversity probe measures one step in this many (1: every)
+    ledger_every: int = 0  # the ledger keeps every k-th sample's raw record (0: about 64 per step; aggregates exact)
     device: str = "auto"
     seed: int = 0
     compile: bool = False  # torch.compile the recursion core and encoder (worth it on GPUs, long runs)
@@ -286,6 +287,7 @@ class TrainConfig:
             _positive(s, name, getattr(self, name), 0.0)
         for name in ("lr_min_ratio", "beta1", "beta2", "ema_rate"):
             _unit(s, name, getattr(self, name))
+        _positive(s, "ledger_every", self.ledger_every, 0)
         _choice(s, "lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _choice(s, "sampler", self.sampler, SAMPLERS)
         _choice(s, "data_path", self.data_path, DATA_PATHS)

@@ -17,7 +17,9 @@ Tensor = torch.Tensor
 
 
 class Row(Protocol):
-    """Where a probe writes one step's counters."""
+    """Where a probe writes one step's counters; ``step`` is the optimizer step the row completes (1-based)."""
+
+    step: int
 
     def set(self, name: str, value: Tensor | float) -> None: ...
 

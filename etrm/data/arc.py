@@ -357,6 +357,8 @@ def build_arc(train_tasks: Sequence[ArcTask], eval_tasks: Sequence[ArcTask], can
     truths: dict[tuple[str, int], np.ndarray] = {}
     num_tests: dict[str, int] = {}
     next_id = 1
+    task_of: list[int] = []    # one entry per task (train, then eval)
+    pid_task: list[int] = [0]  # the task of each puzzle id (0: the blank id)
     n_train_variants = n_eval_variants = 0
     bases = BaseGrids()  # the training rows' base grids: the device renders training rows from them
     for split, tasks in (("train", train_kept), ("eval", eval_kept)):
@@ -367,8 +369,11 @@ def build_arc(train_tasks: Sequence[ArcTask], eval_tasks: Sequence[ArcTask], can
                 num_tests[task.name] = len(task.tests)
                 for qi, (_, out) in enumerate(task.tests):
                     truths[(task.name, qi)] = out
+            task_index = len(task_of) + 1  # the ledger's task: every variant of this task folds into it
+            task_of.append(task_index)
             for v, demos, tests in variant_pairs(task, rng, num_aug):
                 pid, next_id = next_id, next_id + 1
+                pid_task.append(task_index)
                 if split == "train":
                     n_train_variants += 1
                 else:
@@ -409,6 +414,7 @@ def build_arc(train_tasks: Sequence[ArcTask], eval_tasks: Sequence[ArcTask], can
         row_tid=np.asarray([r[2] for r in index_rows], dtype=np.int8),
         row_perm=np.asarray([r[3] for r in index_rows], dtype=np.uint8).reshape(-1, 10),
         truths=truths, num_tests=num_tests)
+    train_ds.puzzle_task = eval_ds.puzzle_task = np.asarray(pid_task, dtype=np.int64)
     info = ArcInfo(num_puzzle_ids=next_id, seq_len=canvas * canvas, vocab_size=VOCAB_SIZE,
                    num_demos=k if view == "etrm" else 0, view=view, train_tasks=len(train_kept),
                    eval_tasks=len(eval_kept), left_out_train=train_out, left_out_eval=eval_out,

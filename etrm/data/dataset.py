@@ -36,6 +36,9 @@ class GridDataset:
     # set's valid-shortest-path check (etrm.data.maze.MazeScorer); evaluation reports their means beside ``exact``.
     row_scorer: Any = None
     info: dict[str, Any] = field(default_factory=dict)  # facts about how the set was built (printed by the trainer)
+    # The task of each puzzle id ([num_puzzle_ids] int64: augmented variants share their base task's index), for the
+    # ledger's per-task aggregates; None when every puzzle id is its own task
+    puzzle_task: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])

@@ -247,6 +247,14 @@ def trm_views(train_tasks: list[Task], heldout_tasks: list[Task], canvas: int) -
     return _plain_dataset(train_rows, canvas), _plain_dataset(eval_rows, canvas)
 
 
+def puzzle_tasks(tasks: list[Task], num_ids: int) -> np.ndarray:
+    """The base task (``group``, +1; 0 for the blank id) of every puzzle id: augmented variants fold into their task."""
+    out = np.zeros(num_ids, dtype=np.int64)
+    for t in tasks:
+        out[t.puzzle_id] = t.group + 1
+    return out
+
+
 def build_fewshot(cfg: FewShotConfig, view: Literal["etrm", "trm"]) -> tuple[GridDataset, GridDataset, FewShotInfo]:
     """Generate the tasks and return (train dataset, eval dataset, info) in the requested view."""
     train_tasks, heldout_tasks = generate_tasks(cfg)
@@ -257,6 +265,8 @@ def build_fewshot(cfg: FewShotConfig, view: Literal["etrm", "trm"]) -> tuple[Gri
     else:
         raise ValueError(f"view must be 'etrm' or 'trm', got {view!r}")
     max_id = max((t.puzzle_id for t in train_tasks + heldout_tasks), default=0)
+    task_of = puzzle_tasks(train_tasks + heldout_tasks, max_id + 1)
+    train_ds.puzzle_task, eval_ds.puzzle_task = task_of, task_of
     info = FewShotInfo(num_puzzle_ids=max_id + 1, seq_len=cfg.canvas * cfg.canvas, vocab_size=VOCAB_SIZE,
                        num_demos=cfg.num_demos, view=view, num_train_tasks=len(train_tasks),
                        num_heldout_tasks=len(heldout_tasks))

@@ -28,9 +28,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 import torch
 from rich.markup import escape
 
+from diagnostics import ledger
 from diagnostics.doctor import Finding, LiveDoctor
 from diagnostics.eval_audits import EvalAudit
 from diagnostics.eval_findings import LiveEvalDoctor
+from diagnostics.ledger_doctor import diagnose_run as diagnose_ledger_run
 from diagnostics.events import PhaseClock, StepEvents
 from diagnostics.loading import load_eval_audits, load_run
 from diagnostics.probes import default_probes
@@ -222,6 +224,8 @@ class Trace(Instrument):
             self.tracer.submit(lambda w: w.write_eval_audits(audits))
 
     def on_checkpoint(self, step: int) -> None:
+        if not self.closed:  # the ledger's exits so far become what a resume from this checkpoint keeps
+            self.tracer.submit(lambda w: w.ledger_checkpoint(step))
         self.tracer.drain()  # every row up to this step is committed before the checkpoint (resume loses none)
 
     def on_end(self, step: int, status: str, detail: str) -> None:
@@ -257,13 +261,29 @@ class Doctor(Instrument):
         self.doctor, self.trace = doctor, trace
         self.evals = evals or LiveEvalDoctor(doctor.meta, doctor.cfg)
         self.reporter: Reporter | None = None
+        self.max_steps: int | None = None
         self.new: list[Finding] = []
 
+    def ledger_findings(self, step: int) -> list[Finding]:
+        """The run-level findings of the per-sample ledger (``diagnostics.ledger_doctor``), as ``etrm-doctor`` judges
+        them, once the rows up to ``step`` are stored; those that already held (a resume) are not new."""
+        tracer = self.trace.tracer
+        if tracer.writer is None:
+            return []
+        tracer.drain()
+        known = {f.code for f in self.doctor.findings}
+        found = [f for f in diagnose_ledger_run(tracer.writer.path, self.doctor.meta, self.doctor.cfg, step)
+                 if f.code not in known]
+        self.doctor.findings.extend(found)
+        return found
+
     def on_start(self, reporter: "Reporter", max_steps: int) -> None:
-        self.reporter = reporter
+        self.reporter, self.max_steps = reporter, max_steps
 
     def on_flush(self, rows: Rows, step: int) -> None:
         self.new = self.doctor.update(rows, alignment=self.trace.tracer.last_alignment)
+        if self.max_steps is not None and step >= self.max_steps:  # the run's last flush: the ledger's findings
+            self.new += self.ledger_findings(step)
         self.report(self.new)
 
     @property
@@ -402,6 +422,7 @@ def trace_meta(trainer: "Trainer", preset: str | None) -> dict[str, Any]:
         "max_steps_per_sample": cfg.max_steps_per_sample, "max_steps": cfg.train.max_steps,
         "trace_every": cfg.train.trace_every, "diversity_every": cfg.train.diversity_every, "device": trainer.device.type, "config": cfg.to_dict(),
         "doctor": cfg.doctor.to_dict(),
+        "ledger_sample_every": ledger.sample_every(cfg.train.batch_size, cfg.train.ledger_every),
     }
     if preset is None and trainer.step:  # resumed (the CLI knows no preset then): keep the one the trace names
         del meta["preset"]
@@ -428,7 +449,7 @@ def add_trace(trainer: "Trainer", preset: str | None = None) -> Trace:
     if dist.is_main:  # every rank traces (the counters are summed at each flush); rank 0 stores
         writer = open_writer(trainer.run_dir, meta, trainer.step)
     probes = default_probes(trainer.cfg.max_steps_per_sample, grad_norm_groups(trainer),
-                            trainer.cfg.train.diversity_every)
+                            trainer.cfg.train.diversity_every, trainer.train_ds.puzzle_task, dist.rank)
     columns = [name for p in probes for name, _ in p.counters]
     reduce = gather = None
     if dist.enabled:

@@ -275,3 +275,47 @@ def test_trm_runs_say_puzzle_table_rows(browser, four):
     assert "puzzle-table row" in browser.driver.find_element(By.CSS_SELECTOR, ".kpis").text.lower()
     open_tab(browser, four, "reencode", "coverage", "grad-norm")
     assert "encoder" in axis_texts(browser, "grad-norm", ".legendtext")
+def test_samples_tab_shows_the_ledger_per_task_sortable_with_its_charts(browser, served, runs_root):
+    """The per-sample ledger's tab: the per-task table (values those of ``load_task_stats``; sorting by a column
+    reorders it), the calibration diagram and the halting-step histogram drawn, halt reasons over time, and the
+    evaluation audits' exact-per-ACT-step curve."""
+    from diagnostics import load_task_stats
+
+    stats = load_task_stats(runs_root / "reencode")
+    assert len(stats) > 1
+    browser.driver.get(served.url + "/run/reencode")
+    browser.wait_for_element("#run-tab", timeout=30)
+    tab = wait_until(lambda: [t for t in browser.driver.find_elements(By.CSS_SELECTOR, "#run-tab .tab")
+                              if t.text.strip() == "Samples"])
+    tab[0].click()
+    browser.wait_for_element("#samples-table", timeout=30)
+    heads = browser.driver.find_element(By.ID, "samples-table").text
+    for label in ("SAMPLES SEEN", "MEAN HALT STEP", "EXACT RATE", "CALIBRATION ERROR"):
+        assert label in heads.upper(), heads
+
+    def column(name: str) -> list[str]:
+        return [td.text for td in browser.driver.find_elements(
+            By.CSS_SELECTOR, f"#samples-table td[data-dash-column='{name}']")]
+
+    shown = wait_until(lambda: column("samples"))
+    top = sorted(stats["samples"].astype(int).tolist(), reverse=True)[:len(shown)]
+    assert [int(v) for v in shown] == top  # sorted by samples seen, most first, as the trace's task stats say
+    sort = browser.driver.find_element(
+        By.CSS_SELECTOR, "#samples-table th[data-dash-column='mean_halt_step'] .column-header--sort")
+    sort.click()
+
+    def ascending():
+        """the table re-sorted by mean halt step"""
+        v = [float(x) for x in column("mean_halt_step")]
+        return v if v == sorted(v) and v[0] == round(stats["mean_halt_step"].min(), 2) else None
+
+    wait_until(ascending)
+    for fig in ("calibration", "halt-steps"):
+        plot = browser.wait_for_element(f"div[id*='samples-graph'][id*='\"{fig}\"'] .js-plotly-plot", timeout=30)
+        assert plot.find_elements(By.CSS_SELECTOR, "g.trace")
+    reasons = browser.wait_for_element("div[id*='step-graph'][id*='\"halt-reasons\"'] .js-plotly-plot", timeout=30)
+    legend = " ".join(e.text for e in reasons.find_elements(By.CSS_SELECTOR, ".legendtext"))
+    assert "Q-halt" in legend and "max step" in legend
+    curve = browser.wait_for_element("div[id*='samples-graph'][id*='\"eval-per-step\"'] .js-plotly-plot", timeout=30)
+    assert "exact accuracy at each ACT step" in curve.text  # the evaluation audits' curve (an eval at the last step)
+    assert curve.find_elements(By.CSS_SELECTOR, "g.trace")

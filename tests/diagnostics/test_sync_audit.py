@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from diagnostics.probes import LedgerProbe
 from diagnostics.sync_audit import SyncAudit, format_reads, optimizer_step_counters
 from etrm.train import instruments
 from etrm.train.trainer import Trainer
@@ -17,9 +18,12 @@ STEPS = 20
 
 def audit_training(trainer: Trainer, steps: int = STEPS) -> tuple[SyncAudit, list[int]]:
     """Run ``steps`` traced training steps under the audit; the flushes (the tracer's read-back, by design) run
-    paused between steps, as the trainer's loop does. Returns the audit and the read count of each step."""
+    paused between steps, as the trainer's loop does. Returns the audit and the read count of each step.
+    The per-sample ledger is among the audited probes, and it recorded samples leaving their slots."""
     per_step = []
     tracer = trainer.instruments.find(instruments.Trace).tracer
+    assert any(isinstance(p, LedgerProbe) for p in tracer.probes)
+    records = 0
     with SyncAudit(trainer.device, allow=optimizer_step_counters(trainer.optimizers)) as audit:
         for _ in range(steps):
             label = f"step {trainer.step + 1}"
@@ -30,7 +34,9 @@ def audit_training(trainer: Trainer, steps: int = STEPS) -> tuple[SyncAudit, lis
                 with audit.paused():
                     rows = tracer.flush()
                 assert rows and rows[-1]["step"] == trainer.step
+                records += len(tracer.last_ledger)
     tracer.close()
+    assert records > 0  # the ledger did its work inside the audited steps
     return audit, per_step
 
 

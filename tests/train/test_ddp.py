@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from diagnostics import load_ledger, load_task_stats
 from diagnostics.liveness import LOCK_NAME
 from diagnostics.store import TRACE_NAME
 from etrm.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
@@ -116,6 +117,11 @@ def test_ddp_two_ranks(mode_args: list[str], ddp_args: list[str], torchrun, tmp_
     assert markers.count("start") == 1 and markers.count("end") == 1  # one writer
     assert timing_ranks == {0, 1}  # each rank's phase timings, stored by rank 0
     assert_audits_are_whole_set(run_dir, STEPS)
+    # the ledger: every rank's samples that left their slots, gathered to rank 0 (one record each, all kept here)
+    records = load_ledger(run_dir)
+    assert set(records["rank"]) == {0, 1} and len(records) == col["halted"].sum()
+    assert not records.duplicated(["rank", "sample_id", "exit_step"]).any()
+    assert load_task_stats(run_dir)["samples"].sum() == len(records)
 
 
 def assert_audits_are_whole_set(run_dir: Path, step: int) -> None:
