@@ -59,7 +59,7 @@ from diagnostics.ledger import BIN_SUMS, RECORD_COLUMNS, TASK_SUMS, increments, 
 
 SCHEMA_VERSION = 3
 ROLLUP_WIDTHS = (64, 512, 4096, 32768, 262144)  # version 2 wrote 64, 4096, 262144; 3 adds the rest
-ROLLUP_BATCH = 256  # the writer stores finest buckets once this many rows wait (a reader's raw edge stays small)
+ROLLUP_BATCH = 1024  # the writer stores finest buckets once this many rows wait (a reader's raw edge stays small)
 TRACE_NAME = "trace.sqlite"
 
 _TABLES = """
@@ -357,6 +357,9 @@ class TraceWriter:
         self.conn.commit()
 
     def close(self) -> None:
+        """Store the complete buckets still waiting for a batch (a closed trace has every complete bucket), commit."""
+        if self.rollups.waiting:
+            self.rollups._store_complete()
         self.conn.commit()
         self.conn.close()
 

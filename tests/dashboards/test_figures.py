@@ -315,3 +315,15 @@ def test_a_gradient_norm_at_zero_throughout_is_named_not_silently_missing():
     fig = F.grad_norm_figure(f, mode="trm")
     assert any("puzzle-table rows: 0 on every step" in a["text"] for a in fig["layout"]["annotations"])
     assert not F.grad_norm_figure(framed(raw_steps(), COVERAGE))["layout"]["annotations"]
+
+
+def test_phase_table_is_the_mean_pivot_of_the_timings():
+    """The timing chart's step x phase table: the mean of each (step, phase)'s rows (ranks), NaN where none, steps
+    and phases sorted; the same as pandas' mean pivot it replaced."""
+    t = pd.DataFrame({"step": [20.0, 10.0, 10.0, 10.0, 20.0, 30.0], "phase": ["fwd", "fwd", "fwd", "bwd", "bwd", "fwd"],
+                      "seconds": [0.5, 0.1, 0.3, 0.2, np.nan, 0.7]})
+    got = F._phase_table(t)
+    want = t.pivot_table(index="step", columns="phase", values="seconds", aggfunc="mean").sort_index()
+    assert list(got.index) == [10.0, 20.0, 30.0] and list(got.columns) == ["bwd", "fwd"]
+    np.testing.assert_allclose(got.to_numpy(), want.reindex(got.index).to_numpy(), equal_nan=True)
+    assert got.loc[10.0, "fwd"] == pytest.approx(0.2) and np.isnan(got.loc[20.0, "bwd"])

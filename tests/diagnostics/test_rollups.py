@@ -9,7 +9,7 @@ import sqlite3
 import numpy as np
 import pytest
 
-from diagnostics import figures, reader
+from diagnostics import reader
 from diagnostics.store import (ROLLUP_BATCH, ROLLUP_WIDTHS, SCHEMA_VERSION, TRACE_NAME, TraceWriter, rollup_table,
                               timing_rollup_table)
 
@@ -63,14 +63,16 @@ def writer(tmp_path) -> TraceWriter:
 def test_rollups_equal_their_rows_after_writes_and_a_resume_truncation(tmp_path):
     db = tmp_path / TRACE_NAME
     w = writer(tmp_path)
-    for first in range(1, 301, 20):  # flushes of 20 rows, as the tracer writes them
+    n = (ROLLUP_BATCH + 300) // 20 * 20  # past one batch of waiting rows, so that buckets are stored
+    for first in range(1, n + 1, 20):  # flushes of 20 rows, as the tracer writes them
         w.write_steps(NAMES, rows(first, 20))
         w.commit()
     assert check_buckets_equal_rows(db) > 0
-    w.truncate_after(130)  # --resume from a checkpoint at step 130: later rows go, and with them their sums
+    cut = n - 170
+    w.truncate_after(cut)  # --resume from a checkpoint at step `cut`: later rows go, and with them their sums
     assert check_buckets_equal_rows(db) > 0
-    w.write_steps(NAMES, rows(131, 50, seed=1))  # the resumed run writes the steps again, with new values
-    w.write_steps(NAMES, rows(170, 3, seed=2))   # and a step written twice is recomputed, not double-counted
+    w.write_steps(NAMES, rows(cut + 1, 50, seed=1))  # the resumed run writes the steps again, with new values
+    w.write_steps(NAMES, rows(cut + 40, 3, seed=2))  # and a step written twice is recomputed, not double-counted
     w.commit()
     check_buckets_equal_rows(db)
     w.close()
@@ -82,11 +84,13 @@ def test_a_version_1_trace_resumed_gets_its_rollups(tmp_path):
     db = tmp_path / TRACE_NAME
     w = writer(tmp_path)
     w.write_steps(NAMES, rows(1, 100))
-    w.commit()
-    for t in ROLLUP_WIDTHS:  # as a version-1 writer left it: no rollup tables
-        w.conn.execute(f"DROP TABLE {rollup_table(t)}")
-    w.conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     w.close()
+    conn = sqlite3.connect(db)
+    for t in ROLLUP_WIDTHS:  # as a version-1 writer left it: no rollup tables
+        conn.execute(f"DROP TABLE {rollup_table(t)}")
+    conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
     conn = reader.connect(tmp_path)  # readers accept every version from 1 to the current one
     assert reader.rollup_widths(conn) == ()
     conn.close()
