@@ -162,6 +162,27 @@ def records_calibration(records: pd.DataFrame) -> tuple[float, int]:
     return calibration_error(n, e, p), int(len(records))
 
 
+def ratios(sums: pd.DataFrame) -> pd.DataFrame:
+    """The task figures of rows of summed aggregates (``TASK_SUMS``), added as columns: ``exact_rate``,
+    ``token_acc``, ``mean_halt_step``, ``q_halt_share`` (share of exits the Q-head decided), ``mean_q_prob``; NaN
+    where the denominator is 0. One definition for a task's row and for any group of tasks (``pooled``)."""
+    t = sums.copy()
+    n = t["samples"].where(t["samples"] > 0)
+    t["exact_rate"] = t["exact"] / n
+    t["token_acc"] = t["token_correct"] / t["token_count"].where(t["token_count"] > 0)
+    t["mean_halt_step"] = t["steps_sum"] / n
+    t["q_halt_share"] = t["q_halts"] / n
+    t["mean_q_prob"] = t["q_prob_sum"] / n
+    return t
+
+
+def pooled(tasks: pd.DataFrame) -> Mapping[str, float]:
+    """The task figures of a group of tasks taken together (ratios of their summed aggregates)."""
+    import pandas as pd
+
+    return {k: float(v) for k, v in ratios(pd.DataFrame([totals(tasks)])).iloc[0].items()}
+
+
 def task_stats(tasks: pd.DataFrame, bins: pd.DataFrame) -> pd.DataFrame:
     """One row per task from the summed aggregates: the sums, ``exact_rate``, ``token_acc``, ``mean_halt_step``,
     ``q_halt_share`` (share of exits the Q-head decided), ``mean_q_prob`` and ``calibration_error`` (the task's
@@ -170,14 +191,8 @@ def task_stats(tasks: pd.DataFrame, bins: pd.DataFrame) -> pd.DataFrame:
 
     cols = ["task", *TASK_SUMS]
     t = tasks.groupby("task")[list(TASK_SUMS)].sum().reset_index() if len(tasks) else pd.DataFrame(columns=cols)
-    t = t.astype(float)
+    t = ratios(t.astype(float))
     t["task"] = t["task"].astype("int64")
-    n = t["samples"].where(t["samples"] > 0)
-    t["exact_rate"] = t["exact"] / n
-    t["token_acc"] = t["token_correct"] / t["token_count"].where(t["token_count"] > 0)
-    t["mean_halt_step"] = t["steps_sum"] / n
-    t["q_halt_share"] = t["q_halts"] / n
-    t["mean_q_prob"] = t["q_prob_sum"] / n
     t["calibration_error"] = _task_calibration(t["task"].to_numpy(), bins)
     t["never_solved"] = (t["samples"] > 0) & (t["exact"] == 0)
     return t.sort_values("task").reset_index(drop=True)

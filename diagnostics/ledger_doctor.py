@@ -91,7 +91,7 @@ def tasks_never_halt(tasks: pd.DataFrame, meta: Mapping[str, Any], cfg: DoctorCo
     others = judged[judged["q_halts"] > 0]
     if never.empty or others.empty:
         return None
-    share = float(others["q_halts"].sum() / others["samples"].sum())
+    share = ledger.pooled(others)["q_halt_share"]
     if share < cfg.never_halt_others_share:
         return None
     evidence = {"tasks": int(len(never)), "judged_tasks": int(len(judged)),
@@ -119,7 +119,7 @@ def tasks_never_solved(tasks: pd.DataFrame, meta: Mapping[str, Any], cfg: Doctor
                 "solved_tasks": int(solved),
                 "task_ids": never["task"].astype(int).tolist()[:LISTED],
                 "their_exits": int(never["samples"].sum()),
-                "their_token_acc": float(never["token_correct"].sum() / max(never["token_count"].sum(), 1)),
+                "their_token_acc": ledger.pooled(never)["token_acc"],
                 "min_samples": cfg.never_solved_min_samples}
     msg = (f"{len(never)} of {len(judged)} tasks seen at least {cfg.never_solved_min_samples} times were never "
            f"solved exactly ({', '.join(str(t) for t in evidence['task_ids'][:5])}"
