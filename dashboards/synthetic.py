@@ -86,17 +86,24 @@ def _fast_multinomial(rng: np.random.Generator, counts: np.ndarray, p: np.ndarra
     return np.stack(cols, axis=1)
 
 
+def _start(run_dir: str | Path, steps: int, mode: str, batch_size: int, max_steps_per_sample: int, seed: int,
+           preset: str) -> tuple[Path, np.random.Generator, dict]:
+    """The run directory (created), the random generator and the trace meta of a synthetic run."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"model": "etrm", "mode": mode, "fault": "none", "preset": preset, "sampler": "refill",
+            "batch_size": batch_size, "max_steps_per_sample": max_steps_per_sample, "max_steps": steps,
+            "trace_every": 20, "device": "cpu"}
+    return run_dir, np.random.default_rng(seed), meta
+
+
 def write_synthetic(run_dir: str | Path, steps: int, *, mode: str = "cached", batch_size: int = 64,
                     max_steps_per_sample: int = 16, timings: bool = True, finished: bool = True,
                     chunk: int = 50_000, seed: int = 0, preset: str = "synthetic",
                     doctor: dict | None = None) -> Path:
     """Write a ``steps``-step synthetic trace into ``run_dir`` (created); returns the directory."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
+    run_dir, rng, meta = _start(run_dir, steps, mode, batch_size, max_steps_per_sample, seed, preset)
     M, B = max_steps_per_sample, batch_size
-    meta = {"model": "etrm", "mode": mode, "fault": "none", "preset": preset, "sampler": "refill",
-            "batch_size": B, "max_steps_per_sample": M, "max_steps": steps, "trace_every": 20, "device": "cpu"}
     if doctor is not None:  # the run's doctor thresholds, as the trainer stores its config's [doctor]
         meta["doctor"] = doctor
     w = TraceWriter(run_dir / TRACE_NAME, meta)
@@ -172,12 +179,8 @@ def write_bulk(run_dir: str | Path, steps: int, *, mode: str = "cached", batch_s
     ``chunk`` steps is one transaction, summarised by the writer's own rollups (``Rollups.add`` on the same values,
     ``TraceWriter.add_timing_sums``). Findings come from the live doctor over the template. ``progress`` (optional)
     is called with the steps written so far."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
+    run_dir, rng, meta = _start(run_dir, steps, mode, batch_size, max_steps_per_sample, seed, preset)
     M, B = max_steps_per_sample, batch_size
-    meta = {"model": "etrm", "mode": mode, "fault": "none", "preset": preset, "sampler": "refill",
-            "batch_size": B, "max_steps_per_sample": M, "max_steps": steps, "trace_every": 20, "device": "cpu"}
     w = TraceWriter(run_dir / TRACE_NAME, meta)
     names = counter_names(M)
     w.add_counters((n, "synthetic", n) for n in names)
