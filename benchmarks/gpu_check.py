@@ -269,7 +269,7 @@ def timed_block(trainer: Any, steps: int) -> float:
 
 def run_check(args: argparse.Namespace, device: torch.device | None = None) -> CheckResult:
     """Build the traced and untraced trainers on ``device`` (CUDA; tests pass the CPU with torch.cuda faked)."""
-    from diagnostics.loading import load_timings
+    from diagnostics.trace.loading import load_timings
     from etrm.config import Config, apply_overrides
     from etrm.presets import load_preset
     from etrm.train import instruments

@@ -29,14 +29,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from diagnostics import figures, ledger
+from diagnostics.trace import figures
+
+from diagnostics.trace import ledger
 from diagnostics.events import Mode, StepEvents
-from diagnostics.loading import load_run
+from diagnostics.trace.loading import load_run
 from diagnostics.probes import ContextDiversityProbe, LedgerProbe, default_probes
 from diagnostics.probes.diversity import context_stats
-from diagnostics.thresholds import DoctorConfig
-from diagnostics.store import TraceWriter
-from diagnostics.tracer import Tracer
+from diagnostics.doctor.thresholds import DoctorConfig
+from diagnostics.trace.store import TraceWriter
+from diagnostics.probes.tracer import Tracer
 from etrm.config import Config, apply_overrides
 from etrm.presets import load_preset
 from etrm.train import instruments

@@ -21,9 +21,9 @@ from dash import ALL, Dash, Input, Output, State, ctx, dcc, html, no_update
 
 from dashboards import figures as F
 from dashboards import samples
-from diagnostics.loading import load_task_stats
-from diagnostics import figures as registry
-from diagnostics.store import TraceError
+from diagnostics.trace.loading import load_task_stats
+from diagnostics.trace import figures as registry
+from diagnostics.trace.store import TraceError
 from dashboards.runs import (ALIGNMENT, COMPARE, COVERAGE, OVERVIEW, TIMING, Refused, RunCache, RunError, RunInfo, Runs,
                              halting_spec, metric_spec)
 

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from diagnostics import figures as registry
+from diagnostics.trace import figures as registry
 
 Figure = dict[str, Any]
 
@@ -40,7 +40,7 @@ PER_STEP_MAX = 120    # at full detail, a faint per-step line is drawn under the
 X_TITLE = "step"      # every step chart's x-axis title (optimizer steps)
 SIDE_CAPTION = "mean of<br>shown steps"  # under the coverage chart's side bars
 
-# Metrics offered on the compare page: every registered figure, by name -> label (diagnostics.figures).
+# Metrics offered on the compare page: every registered figure, by name -> label (diagnostics.trace.figures).
 METRICS: dict[str, str] = {name: fig.label for name, fig in registry.REGISTRY.items()}
 PERCENT = {name for name, fig in registry.REGISTRY.items() if fig.percent}
 
@@ -733,7 +733,7 @@ def _fmt(row: str, v: Any) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Evaluation audits (diagnostics.eval_audits; the Samples tab)
+# Evaluation audits (diagnostics.trace.eval_audits; the Samples tab)
 
 def eval_act_step_figure(audits: pd.DataFrame, weights: str | None = None,
                          title: str = "Held-out exact accuracy at each ACT step", height: int = HEIGHT + 40) -> Figure:

@@ -2,8 +2,8 @@
 
 Only dashboard concerns live here: run names resolved against the runs root (never followed out of it), and a
 ``RunCache`` per run that holds what the pages show and refreshes it incrementally. Every read goes through the one
-trace reader, ``diagnostics.reader`` (read-only; no SQL here), and every figure comes from the registry
-(``diagnostics.figures``). Small runs (up to ``RAW_MAX_STEPS`` steps) are held as their raw steps table, bucketed in
+trace reader, ``diagnostics.trace.reader`` (read-only; no SQL here), and every figure comes from the registry
+(``diagnostics.trace.figures``). Small runs (up to ``RAW_MAX_STEPS`` steps) are held as their raw steps table, bucketed in
 memory; large runs as bucketed SQL aggregates over the visible range (full detail once a zoom shows few enough
 steps). A live refresh reads only the rows past the last step seen. Any failure to read a run (missing, corrupt,
 locked, half-written) is a ``RunError`` whose message the app shows on that run's error card.
@@ -24,15 +24,17 @@ from urllib.parse import unquote
 import numpy as np
 import pandas as pd
 
-from diagnostics import figures, reader
-from diagnostics.doctor import SEVERITIES, diagnose
-from diagnostics.liveness import trainer_alive
-from diagnostics.loading import STALE_AFTER_S, status_from_markers
-from diagnostics.profiling import PROFILER_DIR
-from diagnostics.reader import (MAX_BUCKETS, Spec, aggregate_rows, bucket_width, finish, halt_columns,
+from diagnostics.trace import figures
+
+from diagnostics.trace import reader
+from diagnostics.doctor.steps import SEVERITIES, diagnose
+from diagnostics.trace.liveness import trainer_alive
+from diagnostics.trace.loading import STALE_AFTER_S, status_from_markers
+from diagnostics.probes.profiling import PROFILER_DIR
+from diagnostics.trace.reader import (MAX_BUCKETS, Spec, aggregate_rows, bucket_width, finish, halt_columns,
                                 merge_frames, ratio_spec)
-from diagnostics.store import TRACE_NAME, TraceError
-from diagnostics.thresholds import DoctorConfig
+from diagnostics.trace.store import TRACE_NAME, TraceError
+from diagnostics.doctor.thresholds import DoctorConfig
 
 RAW_MAX_STEPS = 50_000       # runs up to this many steps are held raw (exact doctor, in-memory bucketing)
 MAX_DEPTH = 3                # how deep under --runs to look for traces
@@ -169,7 +171,7 @@ class RunInfo:
 
 def status_of(markers: list[tuple[float, str]], beat: float | None, mtime: float, now: float | None = None,
               alive: bool | None = None) -> str:
-    """``live``, ``finished``, ``stopped`` or ``crashed``: ``diagnostics.loading``'s rule, on rows already read."""
+    """``live``, ``finished``, ``stopped`` or ``crashed``: ``diagnostics.trace.loading``'s rule, on rows already read."""
     now = time.time() if now is None else now
     return status_from_markers(markers, beat, [mtime] if mtime else [], now, STALE_AFTER_S, alive=alive)
 

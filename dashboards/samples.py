@@ -4,7 +4,7 @@ Pure figure functions (frames in, Plotly dicts out) and the tab's layout: the pe
 calibration diagram (q-halt probability at exit against the exact rate), the halting-step histogram, halt reasons
 over time (the steps table's ``halted`` / ``halted_early`` counters, the registry's ``early_halt_share``), and the
 evaluation's exact accuracy at each ACT step (from the evaluation audits: ``figures.eval_act_step_figure``).
-Every number comes from ``diagnostics.ledger`` (through the reader) or the figure registry.
+Every number comes from ``diagnostics.trace.ledger`` (through the reader) or the figure registry.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import pandas as pd
 from dash import dash_table, html
 
 from dashboards import figures as F
-from diagnostics import ledger
-from diagnostics.reader import ratio_spec
+from diagnostics.trace import ledger
+from diagnostics.trace.reader import ratio_spec
 
 REASONS_SPEC = ratio_spec("early_halt_share", extra=("halted", "halted_early"))
 TASK_COLUMNS = (("task", "task", None), ("samples", "samples seen", None), ("mean_halt_step", "mean halt step", ".2f"),
@@ -113,7 +113,7 @@ def sample_rate_note(stats: pd.DataFrame, records: int | None = None) -> str:
 
 def samples_figures(cache: Any, xrange: Sequence[float] | None = None) -> dict[str, Any]:
     """The tab's figures by id: the ledger read through the reader, halt reasons from the steps table."""
-    from diagnostics.loading import load_eval_audits, load_ledger_bins
+    from diagnostics.trace.loading import load_eval_audits, load_ledger_bins
 
     bins = load_ledger_bins(cache.path)
     mode = cache.info.meta.get("mode")

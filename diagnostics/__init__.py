@@ -11,8 +11,8 @@ from typing import Any
 
 __all__ = ["EVENTS_VERSION", "CarryShape", "CarryView", "PhaseClock", "RunSpec", "StepEvents", "TracedRun",
            "build_events", "load_eval_audits", "load_ledger", "load_run", "load_task_stats", "trace_run"]
-_HOME = {"load_run": "diagnostics.loading", "load_eval_audits": "diagnostics.loading",
-         "load_ledger": "diagnostics.loading", "load_task_stats": "diagnostics.loading",
+_HOME = {"load_run": "diagnostics.trace.loading", "load_eval_audits": "diagnostics.trace.loading",
+         "load_ledger": "diagnostics.trace.loading", "load_task_stats": "diagnostics.trace.loading",
          **{name: "diagnostics.session" for name in ("CarryShape", "RunSpec", "TracedRun", "build_events", "trace_run")}}
 
 

@@ -14,12 +14,12 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from diagnostics import figures
-from diagnostics.doctor import DoctorConfig, Finding, diagnose, has_error, ordered, summary
-from diagnostics.eval_findings import diagnose_evals
-from diagnostics.ledger_doctor import diagnose_run
-from diagnostics.loading import as_json_value, load_eval_audits, load_evals, load_run
-from diagnostics.store import TraceError
+from diagnostics.trace import figures
+from diagnostics.doctor.steps import DoctorConfig, Finding, diagnose, has_error, ordered, summary
+from diagnostics.doctor.eval_findings import diagnose_evals
+from diagnostics.doctor.ledger_doctor import diagnose_run
+from diagnostics.trace.loading import as_json_value, load_eval_audits, load_evals, load_run
+from diagnostics.trace.store import TraceError
 
 PROG = "etrm-doctor"
 COLOURS = {"error": "bold red", "warning": "yellow", "info": "cyan"}
@@ -137,7 +137,7 @@ def _report(run: str, info: dict[str, Any], findings: list[Finding]) -> None:
     console.print(table)
     final = info.get("final") or {}
     window = final.get("window")
-    figs = Table(title="figures (diagnostics.figures)", title_justify="left")
+    figs = Table(title="figures (diagnostics.trace.figures)", title_justify="left")
     figs.add_column("figure", style="bold")
     figs.add_column("whole run", justify="right")
     figs.add_column(f"steps {window[0]}..{window[1]}" if window else "last window", justify="right")

@@ -18,7 +18,7 @@ import torch
 # 3: ``mode`` is a ``Mode`` and required (version 2 silently defaulted it to "reencode"); its values are unchanged.
 #    The own-loop session API (``diagnostics.session``: RunSpec, CarryShape, TracedRun, build_events) joined the
 #    contract, building version-3 events from an upstream-shaped step. Optional ``content_checksum`` (the
-#    [B, 3] checksums the slot's data carries, ``diagnostics.fingerprints``) and ``loss_labels`` (the labels the
+#    [B, 3] checksums the slot's data carries, ``diagnostics.properties.fingerprints``) and ``loss_labels`` (the labels the
 #    loss head used, filled by it): the runtime content check of label alignment.
 EVENTS_VERSION = 3
 

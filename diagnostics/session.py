@@ -29,12 +29,12 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 import torch
 from torch import nn
 
-from diagnostics.doctor import DoctorConfig, Finding, LiveDoctor, NonFiniteLoss
+from diagnostics.doctor.steps import DoctorConfig, Finding, LiveDoctor, NonFiniteLoss
 from diagnostics.events import PhaseClock, StepEvents
 from diagnostics.probes import DIVERSITY_EVERY, default_probes
-from diagnostics.step_metrics import IGNORE_LABEL, correctness, slot_metrics
-from diagnostics.store import TRACE_NAME, TraceWriter
-from diagnostics.tracer import Tracer
+from diagnostics.probes.step_metrics import IGNORE_LABEL, correctness, slot_metrics
+from diagnostics.trace.store import TRACE_NAME, TraceWriter
+from diagnostics.probes.tracer import Tracer
 
 Tensor = torch.Tensor
 MODES = ("reencode", "cached", "fct", "trm")  # design.md's encoder modes, and TRM's puzzle table
@@ -184,7 +184,7 @@ def build_events(spec: RunSpec, before: Any, after: Any, batch: Mapping[str, Ten
 
 def loss_metrics(events: StepEvents, loss: Tensor, logits: Tensor, labels: Tensor,
                  terms: Optional[Mapping[str, Tensor]] = None, ignore_label: int = IGNORE_LABEL) -> dict[str, Tensor]:
-    """The loss probe's metrics (``diagnostics.step_metrics``) from the step's logits and the labels the loss used;
+    """The loss probe's metrics (``diagnostics.probes.step_metrics``) from the step's logits and the labels the loss used;
     fills the events' correctness, loss terms and non-finite flag. ``loss`` and ``terms`` are sums over the batch,
     as upstream's loss head returns them."""
     with torch.no_grad():

@@ -17,9 +17,11 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-from diagnostics import killpoints, liveness
-from diagnostics.runtime_check import InvariantError
-from diagnostics.store import TRACE_NAME
+from diagnostics.trace import killpoints
+
+from diagnostics.trace import liveness
+from diagnostics.properties.runtime_check import InvariantError
+from diagnostics.trace.store import TRACE_NAME
 from etrm.config import Config, ConfigError, apply_overrides, load_toml
 from etrm.data.maze import VALID_PATH_KEY
 from etrm.errors import UserError
@@ -205,7 +207,7 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _hold(made: dict[str, Any], run_dir: Path) -> None:
-    """Rank 0 holds the run's lock while it trains (``diagnostics.liveness``: readers tell a killed trainer)."""
+    """Rank 0 holds the run's lock while it trains (``diagnostics.trace.liveness``: readers tell a killed trainer)."""
     try:
         made["held"].enter_context(liveness.hold(run_dir))
     except liveness.LockHeld as exc:
@@ -270,7 +272,7 @@ def _train(args: argparse.Namespace, cfg: Config, preset: str | None, run_dir: P
     if restart and tracer is not None:  # the dashboard marks it; rows past the checkpoint were dropped
         step, detail = trainer.step, f"torchrun restart {restart}"
         tracer.tracer.submit(lambda w: w.marker("restart", step, detail))
-    if os.environ.get(killpoints.ENV):  # tests only: see diagnostics.killpoints
+    if os.environ.get(killpoints.ENV):  # tests only: see diagnostics.trace.killpoints
         trainer.add(instruments.OnStep(killpoints.step_hook))
     reporter = Reporter(total=cfg.train.max_steps, start=trainer.step) if env.is_main else _Quiet()
     if continued:

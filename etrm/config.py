@@ -18,7 +18,7 @@ from typing import Any, get_type_hints
 
 from diagnostics.events import Mode
 from diagnostics.probes.diversity import EVERY as DIVERSITY_EVERY
-from diagnostics.thresholds import DoctorConfig
+from diagnostics.doctor.thresholds import DoctorConfig
 
 
 
@@ -266,7 +266,7 @@ class TrainConfig:
     eval_batch_size: int = 64
     # With EMA on, evaluations score the EMA weights; every ``eval_raw_every``-th evaluation (the one at step
     # k * eval_every with k a multiple of it) and the last one also score the raw weights, for the EMA audit
-    # (diagnostics.eval_audits). 1: every evaluation (doubles eval time); 0: never.
+    # (diagnostics.trace.eval_audits). 1: every evaluation (doubles eval time); 0: never.
     eval_raw_every: int = 1
     checkpoint_every: int = 100
     trace_every: int = 20
@@ -365,7 +365,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
-    doctor: DoctorConfig = field(default_factory=DoctorConfig)  # the doctor's thresholds (diagnostics.thresholds)
+    doctor: DoctorConfig = field(default_factory=DoctorConfig)  # the doctor's thresholds (diagnostics.doctor.thresholds)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from diagnostics.events import StepEvents
-from diagnostics.step_metrics import IGNORE_LABEL, correctness, slot_metrics
+from diagnostics.probes.step_metrics import IGNORE_LABEL, correctness, slot_metrics
 from etrm.config import LossConfig
 from etrm.model.act import StepOutput
 

@@ -10,10 +10,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from diagnostics.adapter import ACTAdapter, EvalStep, Supports, eval_steps
-from diagnostics.capture import ContentHooks
+from diagnostics.properties.adapter import ACTAdapter, EvalStep, Supports, eval_steps
+from diagnostics.properties.capture import ContentHooks
 from diagnostics.events import CarryView, StepEvents
-from diagnostics.fingerprints import ContentSpec, SampleContent, stack_content
+from diagnostics.properties.fingerprints import ContentSpec, SampleContent, stack_content
 from etrm.config import Config, LossConfig
 from etrm.loss import ACTLoss
 from etrm.model import Carry, ModelShape, StepOutput, build_model

@@ -39,8 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dashboards.figures import efficiency_table  # noqa: E402
-from diagnostics import figures, load_run  # noqa: E402
-from diagnostics.loading import load_evals  # noqa: E402
+from diagnostics import load_run
+from diagnostics.trace import figures  # noqa: E402
+from diagnostics.trace.loading import load_evals  # noqa: E402
 
 COLORS = {"reencode": "#1f77b4", "cached": "#d62728", "fct": "#2ca02c", "demo-trm": "#9467bd"}
 ROLL = 40  # steps in the rolling means (a multiple of the 4-step ACT cycle, so bursts average out)
@@ -209,7 +210,7 @@ def markdown(df: pd.DataFrame) -> str:
 
 
 def totals_of(df: pd.DataFrame) -> dict[str, float]:
-    """Whole-run sums of every counter the registered figures read (``diagnostics.figures``), with ``steps``."""
+    """Whole-run sums of every counter the registered figures read (``diagnostics.trace.figures``), with ``steps``."""
     out = figures.frame_sums(df)
     out["steps"] = float(len(df))
     return out

@@ -19,12 +19,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from dashboards import app as A
 from dashboards import figures as F
 from dashboards import runs as R
-from diagnostics import figures
+from diagnostics.trace import figures
 from diagnostics.cli import main as doctor_main
-from diagnostics.loading import load_run
-from diagnostics.reader import ratio_spec
-from diagnostics.store import TRACE_NAME
-from diagnostics.tb_scalars import TENSORBOARD_DIR
+from diagnostics.trace.loading import load_run
+from diagnostics.trace.reader import ratio_spec
+from diagnostics.trace.store import TRACE_NAME
+from diagnostics.trace.tb_scalars import TENSORBOARD_DIR
 from etrm.cli import main as train_main
 
 TINY = ["arch.hidden_size=16", "arch.num_heads=2", "arch.L_layers=1", "arch.L_cycles=1", "arch.expansion=1.0",

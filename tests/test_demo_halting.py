@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from diagnostics.loading import load_evals
+from diagnostics.trace.loading import load_evals
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 300

@@ -1,6 +1,6 @@
 """Label alignment: slots whose loss labels, demos or carried identity belong to another sample.
 
-Counts violations of the invariants in ``diagnostics.invariants`` and keeps the first offending slots' sample ids
+Counts violations of the invariants in ``diagnostics.properties.invariants`` and keeps the first offending slots' sample ids
 in a small device buffer, read only at a flush.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from diagnostics.events import StepEvents
-from diagnostics.invariants import label_content_mismatch
+from diagnostics.properties.invariants import label_content_mismatch
 from diagnostics.probes.base import Figure, Probe, Row, Tensor, count
 
 KEEP_FIRST = 32

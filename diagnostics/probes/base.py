@@ -58,7 +58,7 @@ class Figure:
 
 class Probe:
     """Base class: ``counters`` are (name, description) pairs; ``observe`` fills them for one step. ``figures``
-    are the derived figures it declares from its counters (``diagnostics.figures`` does their arithmetic)."""
+    are the derived figures it declares from its counters (``diagnostics.trace.figures`` does their arithmetic)."""
 
     name = "probe"
     counters: tuple[tuple[str, str], ...] = ()

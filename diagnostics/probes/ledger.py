@@ -4,7 +4,7 @@ Per slot it carries on the device the optimizer step its sample entered, the Q-h
 on which the encoder output row (TRM: the puzzle-table row) got a non-zero gradient from it. Each step it packs, for
 every slot, the record the slot's sample would leave with and the mask of slots whose real sample halted this step
 (they leave at the next reset). ``flush`` selects the halted rows of every step since the last flush (the flush's
-read-back) and returns one record per sample that left, in ``diagnostics.ledger.RECORD_COLUMNS`` order. Samples
+read-back) and returns one record per sample that left, in ``diagnostics.trace.ledger.RECORD_COLUMNS`` order. Samples
 still in flight when the run ends have no record.
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from diagnostics.events import StepEvents
-from diagnostics.ledger import MAX_STEP, Q_HALT, UNKNOWN_ENTER, fold_tasks
+from diagnostics.trace.ledger import MAX_STEP, Q_HALT, UNKNOWN_ENTER, fold_tasks
 from diagnostics.probes.base import Probe, Row, Tensor
 
 TABLE = "ledger"  # the extra table name ``flush`` returns its records under

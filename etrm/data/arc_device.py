@@ -109,7 +109,7 @@ class ArcDeviceData:
                       offset[:, 0], offset[:, 1], self.canvas, self.coeffs)
 
     def batch(self, slot_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        from diagnostics.fingerprints import content_checksums
+        from diagnostics.properties.fingerprints import content_checksums
         from etrm.data.dataset import BLANK_PUZZLE_ID
         from etrm.data.tokens import IGNORE_LABEL
 

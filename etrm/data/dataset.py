@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diagnostics.fingerprints import content_checksums
+from diagnostics.properties.fingerprints import content_checksums
 from etrm.data.tokens import IGNORE_LABEL, PAD, VOCAB_SIZE
 
 BLANK_PUZZLE_ID = 0
@@ -96,7 +96,7 @@ class GridDataset:
             out["demo_outputs"] = gather(self.demo_outputs, PAD, np.int64)
             out["demo_mask"] = gather(self.demo_mask, False, np.bool_)
         # per-sample content checksums, carried with the slot's data so the runtime checks can compare what the
-        # model used against them on the device (``diagnostics.fingerprints.CHECKSUM_KEY``)
+        # model used against them on the device (``diagnostics.properties.fingerprints.CHECKSUM_KEY``)
         out.update(content_checksums(out))
         return out
 

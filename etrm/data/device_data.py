@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diagnostics.fingerprints import content_checksums
+from diagnostics.properties.fingerprints import content_checksums
 from etrm.data.dataset import BLANK_PUZZLE_ID, GridDataset
 from etrm.data.tokens import IGNORE_LABEL, PAD
 

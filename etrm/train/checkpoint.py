@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from diagnostics.killpoints import kill_point
+from diagnostics.trace.killpoints import kill_point
 from etrm.errors import UserError
 
 CHECKPOINT_NAME = "checkpoint.pt"

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diagnostics.eval_audits import ACT_FIELDS, act_key
+from diagnostics.trace.eval_audits import ACT_FIELDS, act_key
 from diagnostics.events import q_says_halt
 from etrm.loss import IGNORE_LABEL
 
@@ -120,7 +120,7 @@ def evaluate(model, dataset, batch_size: int, device: torch.device, autocast,
              out_dir: Path | None = None) -> dict[str, float]:
     """Evaluate ``model`` on every sample of ``dataset``; returns means over samples and the sample count.
 
-    Per ACT step k = 1..``model.max_steps`` (the audit, ``diagnostics.eval_audits``): ``act.<k>.exact`` and
+    Per ACT step k = 1..``model.max_steps`` (the audit, ``diagnostics.trace.eval_audits``): ``act.<k>.exact`` and
     ``act.<k>.token`` (the answer at step k) and ``act.<k>.halts`` (the share of samples whose would-halt step is k),
     from the same ACT run. On an ARC eval set (``dataset.arc_index``) it also votes over augmentations
     (``arc.pass@1``, ``arc.pass@2``, ``arc.tasks``) and, given ``out_dir``, writes ``submission.json`` there. A set

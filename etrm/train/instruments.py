@@ -15,7 +15,7 @@ Order of the calls of one training step (``Trainer.train_step``)::
 
 and of the loop (``Trainer.run``): ``on_start``; per flush ``flush_rows`` (the rows the tracer read back) then
 ``on_flush(rows, step)``; ``on_eval(step, values)`` then ``on_eval_audit(step, audits)`` (the evaluation audits:
-``diagnostics.eval_audits``); ``on_checkpoint(step)`` before a checkpoint is written;
+``diagnostics.trace.eval_audits``); ``on_checkpoint(step)`` before a checkpoint is written;
 ``on_end(step, status, detail)`` once, however the run ends (``end``, ``stopped``, ``crashed``).
 """
 
@@ -28,19 +28,19 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 import torch
 from rich.markup import escape
 
-from diagnostics import ledger
-from diagnostics.doctor import Finding, LiveDoctor
-from diagnostics.eval_audits import EvalAudit
-from diagnostics.eval_findings import LiveEvalDoctor
-from diagnostics.ledger_doctor import diagnose_run as diagnose_ledger_run
+from diagnostics.trace import ledger
+from diagnostics.doctor.steps import Finding, LiveDoctor
+from diagnostics.trace.eval_audits import EvalAudit
+from diagnostics.doctor.eval_findings import LiveEvalDoctor
+from diagnostics.doctor.ledger_doctor import diagnose_run as diagnose_ledger_run
 from diagnostics.events import PhaseClock, StepEvents
-from diagnostics.loading import load_eval_audits, load_run
+from diagnostics.trace.loading import load_eval_audits, load_run
 from diagnostics.probes import default_probes
-from diagnostics.profiling import PROFILER_DIR, ProfilerWindows, WindowSchedule
-from diagnostics.runtime_check import InvariantChecker
+from diagnostics.probes.profiling import PROFILER_DIR, ProfilerWindows, WindowSchedule
+from diagnostics.properties.runtime_check import InvariantChecker
 from diagnostics.session import open_writer
-from diagnostics.tb_scalars import TENSORBOARD_DIR, TensorBoardScalars
-from diagnostics.tracer import Tracer
+from diagnostics.trace.tb_scalars import TENSORBOARD_DIR, TensorBoardScalars
+from diagnostics.probes.tracer import Tracer
 from etrm.errors import UserError
 from etrm.model import Carry
 from etrm.train import distributed
@@ -265,7 +265,7 @@ class Doctor(Instrument):
         self.new: list[Finding] = []
 
     def ledger_findings(self, step: int) -> list[Finding]:
-        """The run-level findings of the per-sample ledger (``diagnostics.ledger_doctor``), as ``etrm-doctor`` judges
+        """The run-level findings of the per-sample ledger (``diagnostics.doctor.ledger_doctor``), as ``etrm-doctor`` judges
         them, once the rows up to ``step`` are stored; those that already held (a resume) are not new."""
         tracer = self.trace.tracer
         if tracer.writer is None:
@@ -291,7 +291,7 @@ class Doctor(Instrument):
         return [*self.doctor.findings, *self.evals.findings]
 
     def on_eval_audit(self, step: int, audits: Sequence[EvalAudit]) -> None:
-        self.report(self.evals.update(audits))  # the evaluation findings (diagnostics.eval_findings)
+        self.report(self.evals.update(audits))  # the evaluation findings (diagnostics.doctor.eval_findings)
 
     def report(self, findings: Sequence[Finding]) -> None:
         """Print each new finding and store it in the trace."""

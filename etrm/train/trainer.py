@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from rich.markup import escape
 
-from diagnostics.eval_audits import EMA as EMA_WEIGHTS, RAW, EvalAudit, without_act_steps
+from diagnostics.trace.eval_audits import EMA as EMA_WEIGHTS, RAW, EvalAudit, without_act_steps
 from diagnostics.events import StepEvents, q_halt_rule
 from diagnostics.session import grad_groups
 from etrm.config import Config

@@ -17,7 +17,7 @@ import string
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from diagnostics import figures as registry
+from diagnostics.trace import figures as registry
 from etrm.errors import UserError
 from etrm.train.instruments import Doctor, Instrument, Rows
 
@@ -40,7 +40,7 @@ def require_wandb() -> Any:
 
 def flush_figures(rows: Sequence[Mapping[str, float]], mode: str | None = None) -> dict[str, float]:
     """The trace's figures over one flush, under ``trace/<name>``: every registered figure of the run's mode
-    (``diagnostics.figures``, the ratio of the rows' sums, exact for those steps) whose denominator is not 0."""
+    (``diagnostics.trace.figures``, the ratio of the rows' sums, exact for those steps) whose denominator is not 0."""
     return {f"trace/{name}": v for name, v in registry.of_rows(rows, mode).items() if math.isfinite(v)}
 
 

@@ -95,13 +95,13 @@ def test_summary_block_of_a_pass(gpu_check):
 
 def test_summary_block_names_sync_sites_and_whose_they_are(gpu_check):
     r = result(gpu_check, sync_error="called a synchronizing CUDA operation",
-               sync_sites=[("diagnostics/tracer.py:40", "tracing"),
+               sync_sites=[("diagnostics/probes/tracer.py:40", "tracing"),
                            ("etrm/model/act.py:190", "model/trainer")], mode="cached",
                notes=[gpu_check.SYNCING_MODES["cached"]])
     text = gpu_check.format_summary(r)
-    assert not r.passed and r.tracing_syncs == ["diagnostics/tracer.py:40"]
+    assert not r.passed and r.tracing_syncs == ["diagnostics/probes/tracer.py:40"]
     assert "FAIL: 2 sync site(s)" in text and "first error: called a synchronizing" in text
-    assert "tracing       diagnostics/tracer.py:40" in text
+    assert "tracing       diagnostics/probes/tracer.py:40" in text
     assert "model/trainer etrm/model/act.py:190" in text
     assert "note" in text and "by design" in text
     # only the model's own syncs: tracing passes
@@ -112,9 +112,9 @@ def test_summary_block_names_sync_sites_and_whose_they_are(gpu_check):
 def test_sync_sites_are_attributed_to_tracing_or_the_model(gpu_check):
     repo = gpu_check.REPO
     frames = [traceback.FrameSummary(str(repo / "etrm/train/trainer.py"), 10, "train_step"),
-              traceback.FrameSummary(str(repo / "diagnostics/tracer.py"), 40, "set"),
+              traceback.FrameSummary(str(repo / "diagnostics/probes/tracer.py"), 40, "set"),
               traceback.FrameSummary(str(repo / ".venv/lib/python3.11/site-packages/torch/x.py"), 5, "f")]
-    assert gpu_check._site(frames) == ("diagnostics/tracer.py:40", "tracing")
+    assert gpu_check._site(frames) == ("diagnostics/probes/tracer.py:40", "tracing")
     assert gpu_check._site(frames[:1]) == ("etrm/train/trainer.py:10", "model/trainer")
     assert gpu_check._site(frames[2:]) is None
 

@@ -109,8 +109,8 @@ def _find(component, id_: str):
 def test_run_card_shows_the_traces_own_sums_over_its_window(runs_root):
     """"loss per slot" on the card is sum(loss) / sum(slots) over the steps it names (it showed the per-step sum,
     batch-size times larger, because two figures were both called ``loss_mean``)."""
-    from diagnostics import figures
-    from diagnostics.loading import load_run
+    from diagnostics.trace import figures
+    from diagnostics.trace.loading import load_run
 
     for name in ("cached", "reencode"):
         cache = Runs(runs_root).get(name)

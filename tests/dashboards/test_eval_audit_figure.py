@@ -7,8 +7,8 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from dashboards import figures as F
-from diagnostics.eval_audits import COLUMNS, ActStep, EvalAudit
-from diagnostics.eval_findings import audit_rows
+from diagnostics.trace.eval_audits import COLUMNS, ActStep, EvalAudit
+from diagnostics.doctor.eval_findings import audit_rows
 
 
 def audit(step: int, curve: list[float], weights: str = "ema", halt_step: float = 2.5) -> EvalAudit:

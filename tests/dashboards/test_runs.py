@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 
 from dashboards import runs as R
-from diagnostics import reader
+from diagnostics.trace import reader
 from dashboards.synthetic import write_synthetic
-from diagnostics.store import ROLLUP_WIDTHS, TRACE_NAME, TraceWriter, timing_rollup_table
+from diagnostics.trace.store import ROLLUP_WIDTHS, TRACE_NAME, TraceWriter, timing_rollup_table
 
 
 def synthetic(root: Path, name: str, steps: int, **kw) -> Path:

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from dashboards import samples
-from diagnostics import ledger
+from diagnostics.trace import ledger
 
 
 def bins_of(records: list[tuple[float, int]]) -> pd.DataFrame:

@@ -9,8 +9,8 @@ import pytest
 
 from dashboards.runs import OVERVIEW, Runs
 from dashboards.synthetic import PHASES, write_bulk
-from diagnostics import reader
-from diagnostics.store import ROLLUP_WIDTHS, TRACE_NAME, rollup_table, timing_rollup_table
+from diagnostics.trace import reader
+from diagnostics.trace.store import ROLLUP_WIDTHS, TRACE_NAME, rollup_table, timing_rollup_table
 
 
 def test_a_bulk_trace_has_exact_rollups_and_reads_as_a_written_one(tmp_path):

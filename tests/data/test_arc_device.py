@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from diagnostics.sync_audit import SyncAudit, format_reads
+from diagnostics.probes.sync_audit import SyncAudit, format_reads
 from etrm.data.arc import Variant, encode_at, load_arc_tasks
 from etrm.data.arc_device import pad_grids, render
 

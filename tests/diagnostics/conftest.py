@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from diagnostics.store import TRACE_NAME, TraceWriter
+from diagnostics.trace.store import TRACE_NAME, TraceWriter
 
 
 def simulate(steps: int = 60, B: int = 16, M: int = 4, mode: str = "reencode", sampler: str = "refill",

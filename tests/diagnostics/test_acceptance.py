@@ -24,8 +24,8 @@ import pandas as pd
 import pytest
 import torch
 
-from diagnostics.loading import STALE_AFTER_S, load_findings, load_markers, load_run, run_status
-from diagnostics.store import TRACE_NAME
+from diagnostics.trace.loading import STALE_AFTER_S, load_findings, load_markers, load_run, run_status
+from diagnostics.trace.store import TRACE_NAME
 from etrm.cli import main as train_main
 from etrm.config import Config, apply_overrides
 from etrm.presets import load_preset
@@ -375,7 +375,7 @@ def test_sigkill_leaves_a_loadable_trace_and_resume_continues_it_exactly_once(sa
         proc.communicate()
     assert proc.returncode == -signal.SIGKILL
 
-    # what is left loads, has no gap, and reads as crashed at once: its trainer's lock is free (diagnostics.liveness)
+    # what is left loads, has no gap, and reads as crashed at once: its trainer's lock is free (diagnostics.trace.liveness)
     killed = load_run(run)
     n = int(killed.index.max())
     assert 40 <= n < 400
@@ -445,7 +445,7 @@ def test_ctrl_c_stops_at_a_checkpoint_and_resume_continues_the_trace(tmp_path, c
 def windowed_only(trainer: Trainer) -> None:
     """The live doctor without the single-step rules, so that gradient-starvation first holds at step 10 (its
     window), past the checkpoint at 8: the finding this test needs (the single-step rule names step 2)."""
-    from diagnostics.doctor import RULES, GradientStarvationAtStep, LiveDoctor, WastedEncoderComputeAtStep
+    from diagnostics.doctor.steps import RULES, GradientStarvationAtStep, LiveDoctor, WastedEncoderComputeAtStep
 
     rules = [r for r in RULES if not isinstance(r, (GradientStarvationAtStep, WastedEncoderComputeAtStep))]
     live = trainer.instruments.find(instruments.Doctor)

@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from diagnostics.doctor import DoctorConfig, LiveDoctor, diagnose, encoder_collapse
-from diagnostics.loading import load_findings, load_run
+from diagnostics.doctor.steps import DoctorConfig, LiveDoctor, diagnose, encoder_collapse
+from diagnostics.trace.loading import load_findings, load_run
 from diagnostics.probes import DIVERSITY_EVERY, ContextDiversityProbe, default_probes
 from diagnostics.probes.diversity import context_stats
 from etrm.cli import main as train_main
@@ -113,7 +113,7 @@ def test_the_probe_measures_the_first_step_then_one_in_every_exactly():
 def test_the_estimate_of_a_steady_context_equals_the_exact_figure_and_a_collapse_still_shows():
     """Over a window the figures are ratios of sums over the measured steps: for a context whose statistics do not
     change from step to step the estimate is the exact figure, and a collapsed context reads ~0 either way."""
-    from diagnostics import figures
+    from diagnostics.trace import figures
 
     g = torch.Generator().manual_seed(2)
     ctx, ids = torch.randn(8, 2, 4, generator=g), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])

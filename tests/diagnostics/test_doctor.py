@@ -9,12 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from diagnostics.doctor import (RULES, DoctorConfig, Finding, LiveDoctor, Rule, diagnose, dropped_samples,
+from diagnostics.doctor.steps import (RULES, DoctorConfig, Finding, LiveDoctor, Rule, diagnose, dropped_samples,
                                 gradient_starvation, halting_collapse, halting_never_learned, has_error,
                                 label_misalignment,
                                 non_finite_loss, summary, wasted_encoder_compute)
-from diagnostics.loading import load_findings, load_run
-from diagnostics.store import TRACE_NAME, TraceWriter
+from diagnostics.trace.loading import load_findings, load_run
+from diagnostics.trace.store import TRACE_NAME, TraceWriter
 
 
 def first_window_end(df: pd.DataFrame, num: str, den: str, w: int, below: float | None = None,

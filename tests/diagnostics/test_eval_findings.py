@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from diagnostics.eval_audits import ActStep, EvalAudit
-from diagnostics.eval_findings import LiveEvalDoctor, audit_rows, diagnose_evals
-from diagnostics.store import TRACE_NAME, TraceWriter
-from diagnostics.thresholds import DoctorConfig
+from diagnostics.trace.eval_audits import ActStep, EvalAudit
+from diagnostics.doctor.eval_findings import LiveEvalDoctor, audit_rows, diagnose_evals
+from diagnostics.trace.store import TRACE_NAME, TraceWriter
+from diagnostics.doctor.thresholds import DoctorConfig
 
 
 def audit(step: int, curve, halt_exact: float, weights: str = "ema", count: float = 64,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from diagnostics.loading import load_findings
+from diagnostics.trace.loading import load_findings
 
 STEPS = 80
 BASE = ['data.families=["draw_border"]', "arch.hidden_size=32", "arch.num_heads=2", "arch.L_layers=1",

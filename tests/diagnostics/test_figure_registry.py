@@ -1,4 +1,4 @@
-"""The figure registry (``diagnostics.figures``): one definition per figure, ratio-of-sums arithmetic, one Q rule."""
+"""The figure registry (``diagnostics.trace.figures``): one definition per figure, ratio-of-sums arithmetic, one Q rule."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from diagnostics import figures
+from diagnostics.trace import figures
 from diagnostics.events import q_says_halt
 from diagnostics.probes import default_probes
 from etrm.config import LossConfig
@@ -84,6 +84,6 @@ def test_evaluation_uses_the_q_rule():
 
 def test_the_docs_figure_list_is_generated_from_the_registry():
     doc = (Path(__file__).resolve().parents[2] / "docs" / "diagnostics.md").read_text()
-    assert figures.update_doc(doc) == doc, "run: python -m diagnostics.figures docs/diagnostics.md"
+    assert figures.update_doc(doc) == doc, "run: python -m diagnostics.trace.figures docs/diagnostics.md"
     for name in figures.REGISTRY:
         assert f"| `{name}` |" in doc

@@ -12,11 +12,13 @@ import pandas as pd
 import pytest
 import torch
 
-from diagnostics import ledger, load_ledger, load_task_stats
-from diagnostics.loading import load_run
+from diagnostics import load_ledger, load_task_stats
+
+from diagnostics.trace import ledger
+from diagnostics.trace.loading import load_run
 from diagnostics.probes import default_probes
-from diagnostics.store import TRACE_NAME, TraceWriter
-from diagnostics.tracer import Tracer
+from diagnostics.trace.store import TRACE_NAME, TraceWriter
+from diagnostics.probes.tracer import Tracer
 from etrm.testing import bundled_adapter
 
 B, M = 6, 4

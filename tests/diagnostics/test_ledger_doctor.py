@@ -13,11 +13,11 @@ import math
 import numpy as np
 import pytest
 
-from diagnostics import ledger
+from diagnostics.trace import ledger
 from diagnostics.cli import main as doctor_main
-from diagnostics.ledger_doctor import diagnose_run
-from diagnostics.store import TRACE_NAME, TraceWriter
-from diagnostics.thresholds import DoctorConfig
+from diagnostics.doctor.ledger_doctor import diagnose_run
+from diagnostics.trace.store import TRACE_NAME, TraceWriter
+from diagnostics.doctor.thresholds import DoctorConfig
 
 M = 4
 

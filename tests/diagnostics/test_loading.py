@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import diagnostics
-from diagnostics.loading import (load_alignment, load_evals, load_findings, load_markers, load_run, load_timings,
+from diagnostics.trace.loading import (load_alignment, load_evals, load_findings, load_markers, load_run, load_timings,
                                  run_status)
-from diagnostics.store import TRACE_NAME, TraceError, TraceWriter
+from diagnostics.trace.store import TRACE_NAME, TraceError, TraceWriter
 
 
 def test_load_run_indexes_by_step_with_derived_ratios(sim, meta, make_run):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diagnostics.profiling import PROFILER_DIR, ProfilerWindows, WindowSchedule
+from diagnostics.probes.profiling import PROFILER_DIR, ProfilerWindows, WindowSchedule
 from etrm.cli import main as train_main
 from etrm.config import Config, ConfigError, apply_overrides
 from etrm.presets import load_preset
@@ -203,7 +203,7 @@ def test_profiled_run_console_has_no_kineto_lines(tmp_path):
 
 
 def test_kineto_filter_passes_other_stderr_lines(capfd):
-    from diagnostics.profiling import _without_kineto_noise
+    from diagnostics.probes.profiling import _without_kineto_noise
 
     with _without_kineto_noise():
         os.write(2, b"USDT:2026-12-01 21:51:20 11002:11002 SyncActivityProfilerHandler.cpp:52] profiler_start\n")

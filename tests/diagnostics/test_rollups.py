@@ -9,8 +9,8 @@ import sqlite3
 import numpy as np
 import pytest
 
-from diagnostics import reader
-from diagnostics.store import (ROLLUP_BATCH, ROLLUP_WIDTHS, SCHEMA_VERSION, TRACE_NAME, TraceWriter, rollup_table,
+from diagnostics.trace import reader
+from diagnostics.trace.store import (ROLLUP_BATCH, ROLLUP_WIDTHS, SCHEMA_VERSION, TRACE_NAME, TraceWriter, rollup_table,
                               timing_rollup_table)
 
 NAMES = ["coverage_num", "coverage_den", "resets", "slots", "loss", "q_tp", "q_fp", "grad_norm_encoder"]

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from diagnostics.loading import load_run, load_timings, run_status
+from diagnostics.trace.loading import load_run, load_timings, run_status
 from diagnostics.session import (UNKNOWN_ID, CarryShape, RunSpec, TracedRun, build_events, content_ids, field_of,
                                  trace_run)
-from diagnostics.store import TRACE_NAME
+from diagnostics.trace.store import TRACE_NAME
 
 B, S, V = 4, 5, 7
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from diagnostics.probes import LedgerProbe
-from diagnostics.sync_audit import SyncAudit, format_reads, optimizer_step_counters
+from diagnostics.probes.sync_audit import SyncAudit, format_reads, optimizer_step_counters
 from etrm.train import instruments
 from etrm.train.trainer import Trainer
 

@@ -7,8 +7,8 @@ import math
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from diagnostics.loading import load_run
-from diagnostics.tb_scalars import TENSORBOARD_DIR, flush_scalars
+from diagnostics.trace.loading import load_run
+from diagnostics.trace.tb_scalars import TENSORBOARD_DIR, flush_scalars
 from etrm.cli import main as train_main
 
 TINY = [

@@ -12,8 +12,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from diagnostics.probes import default_probes
 from diagnostics.session import RunSpec, trace_run
-from diagnostics.store import TraceWriter
-from diagnostics.tracer import Tracer
+from diagnostics.trace.store import TraceWriter
+from diagnostics.probes.tracer import Tracer
 from etrm.config import Config
 from etrm.train import instruments
 from etrm.train.trainer import Trainer

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from dashboards import app as A
-from diagnostics.doctor import diagnose
-from diagnostics.loading import load_findings, load_run
+from diagnostics.doctor.steps import diagnose
+from diagnostics.trace.loading import load_findings, load_run
 from etrm.cli import main as train_main
 
 STEPS, BATCH = 40, 8

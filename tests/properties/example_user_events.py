@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from diagnostics.adapter import Supports
+from diagnostics.properties.adapter import Supports
 from diagnostics.session import CarryShape, RunSpec, build_events
 from example_user_model import ToyAdapter
 

@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from diagnostics.adapter import ACTAdapter, EvalStep, Supports, eval_steps, flatten_tensors, unflatten_tensors
+from diagnostics.properties.adapter import ACTAdapter, EvalStep, Supports, eval_steps, flatten_tensors, unflatten_tensors
 from diagnostics.events import CarryView
 
 Tensor = torch.Tensor

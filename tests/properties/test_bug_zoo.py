@@ -12,7 +12,7 @@ import functools
 
 import pytest
 
-from diagnostics.property_suite import run_suite
+from diagnostics.properties.property_suite import run_suite
 from etrm.config import FAULTS
 from etrm.testing import bundled_adapter
 from example_user_model import ToyAdapter

@@ -1,4 +1,4 @@
-"""``diagnostics.runtime_check``: the per-step checker behind ``etrm-train --check-invariants``, driven the way the
+"""``diagnostics.properties.runtime_check``: the per-step checker behind ``etrm-train --check-invariants``, driven the way the
 trainer drives it (view before, forward, view after with the incoming batch, optional coverage after backward)."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from diagnostics.fingerprints import CHECKSUM_KEY, content_checksums
-from diagnostics.invariants import label_content_mismatch
+from diagnostics.properties.fingerprints import CHECKSUM_KEY, content_checksums
+from diagnostics.properties.invariants import label_content_mismatch
 from diagnostics.probes.alignment import AlignmentProbe
-from diagnostics.runtime_check import InvariantChecker, InvariantError
+from diagnostics.properties.runtime_check import InvariantChecker, InvariantError
 from etrm.model import ACTModel
 from etrm.testing import bundled_adapter
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from diagnostics.property_suite import run_suite
+from diagnostics.properties.property_suite import run_suite
 from example_user_events import make_adapter, make_label_bug_adapter
 
 

@@ -1,6 +1,6 @@
 """The property suite passes on every bundled model/mode and on the independent user model of the worked example.
 
-Each run is a Hypothesis state machine (``diagnostics.property_suite``): random halting masks, refill, tail and trm
+Each run is a Hypothesis state machine (``diagnostics.properties.property_suite``): random halting masks, refill, tail and trm
 feeds, eval runs, the model's own ``evaluate_batch``, checkpoint restores, with every invariant checked after each
 rule. The variants drive the branches a default config never takes: exploration on, the Q-continue target, and fct
 with ``fct.steps`` (3) different from ``halt_max_steps`` (4). Each run asserts that it reached its branches.
@@ -12,7 +12,7 @@ import functools
 
 import pytest
 
-from diagnostics.property_suite import check_adapter, default_examples, run_suite
+from diagnostics.properties.property_suite import check_adapter, default_examples, run_suite
 from etrm.testing import bundled_adapter
 from example_user_model import make_adapter
 

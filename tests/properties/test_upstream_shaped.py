@@ -9,8 +9,8 @@ import functools
 import pytest
 import torch
 
-from diagnostics.property_suite import default_examples, run_suite
-from diagnostics.pytest_plugin import summary_lines
+from diagnostics.properties.property_suite import default_examples, run_suite
+from diagnostics.properties.pytest_plugin import summary_lines
 from upstream_shaped import BUGS, CONFIGS, UpstreamAdapter, make_adapter
 
 EXAMPLES = default_examples()

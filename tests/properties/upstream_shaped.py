@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diagnostics.adapter import ACTAdapter, EvalStep, Supports, eval_steps
-from diagnostics.capture import ContentHooks
-from diagnostics.fingerprints import ContentSpec, SampleContent, stack_content
+from diagnostics.properties.adapter import ACTAdapter, EvalStep, Supports, eval_steps
+from diagnostics.properties.capture import ContentHooks
+from diagnostics.properties.fingerprints import ContentSpec, SampleContent, stack_content
 
 Tensor = torch.Tensor
 IGNORE = -100

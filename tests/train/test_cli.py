@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diagnostics.liveness import LOCK_NAME
+from diagnostics.trace.liveness import LOCK_NAME
 from etrm.cli import main
 from etrm.config import Config
 from etrm.train.checkpoint import CHECKPOINT_NAME, load_checkpoint

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from diagnostics import load_ledger, load_task_stats
-from diagnostics.liveness import LOCK_NAME
-from diagnostics.store import TRACE_NAME
+from diagnostics.trace.liveness import LOCK_NAME
+from diagnostics.trace.store import TRACE_NAME
 from etrm.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from etrm.errors import UserError
 from etrm.data.samplers import RefillSampler
@@ -128,7 +128,7 @@ def assert_audits_are_whole_set(run_dir: Path, step: int) -> None:
     """The evaluation audits of a two-rank run (each rank evaluated every other sample) equal one process's
     evaluation of the checkpointed weights (EMA and raw) over the whole set: the per-ACT-step sums were reduced."""
     from diagnostics import load_eval_audits
-    from diagnostics.eval_audits import act_key
+    from diagnostics.trace.eval_audits import act_key
     from etrm.config import Config
     from etrm.train.evaluate import evaluate
     from etrm.train.trainer import Trainer

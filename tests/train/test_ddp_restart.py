@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from diagnostics.killpoints import ENV
-from diagnostics.store import TRACE_NAME, read_only_uri
+from diagnostics.trace.killpoints import ENV
+from diagnostics.trace.store import TRACE_NAME, read_only_uri
 from etrm.train.checkpoint import load_checkpoint
 
 WORLD, PER_RANK, STEPS = 2, 8, 12

@@ -1,4 +1,4 @@
-"""SIGKILL at exact places (``diagnostics.killpoints``, not timing): after the temporary checkpoint file is written,
+"""SIGKILL at exact places (``diagnostics.trace.killpoints``, not timing): after the temporary checkpoint file is written,
 between a flush's rows and their commit, and mid-run. The kept checkpoint is finite and loadable, resume traces each
 step once and ends with the weights of an uninterrupted run, and readers say ``crashed`` within seconds."""
 
@@ -23,10 +23,10 @@ _conf = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_conf)
 TINY, cli_env = _conf.TINY, _conf.cli_env
 from dashboards.runs import Runs
-from diagnostics.killpoints import ENV
-from diagnostics.liveness import LOCK_NAME, trainer_alive
-from diagnostics.loading import run_status
-from diagnostics.store import TRACE_NAME, read_only_uri
+from diagnostics.trace.killpoints import ENV
+from diagnostics.trace.liveness import LOCK_NAME, trainer_alive
+from diagnostics.trace.loading import run_status
+from diagnostics.trace.store import TRACE_NAME, read_only_uri
 from etrm.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 
 STEPS = 8

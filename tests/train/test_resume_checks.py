@@ -7,7 +7,7 @@ import shutil
 import tomllib
 from pathlib import Path
 
-from diagnostics.loading import load_run
+from diagnostics.trace.loading import load_run
 from etrm.cli import main
 from etrm.train.checkpoint import load_checkpoint
 from etrm.train.rundir import CONFIG_NAME

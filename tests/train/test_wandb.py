@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from diagnostics.figures import REGISTRY
-from diagnostics.loading import load_evals, load_findings
+from diagnostics.trace.figures import REGISTRY
+from diagnostics.trace.loading import load_evals, load_findings
 from etrm.cli import main
 from etrm.train.wandb_log import INSTALL_HINT, flush_figures
 
@@ -84,7 +84,7 @@ def test_demo_trace_wandb_writes_figures_evals_findings_and_config_offline(tmp_p
     assert [h["_step"] for h in flushes] == [4, 6, 8, 12]  # trace_every 4, plus the flush before each eval
     logged = {k[len("trace/"):] for h in flushes for k in h if k.startswith("trace/")}
     assert {"coverage", "reset_fraction", "encode_ratio", "loss_per_slot", "mean_halt_step"} <= logged <= set(REGISTRY)
-    from diagnostics.loading import load_run
+    from diagnostics.trace.loading import load_run
 
     df = load_run(run)
     window = df.loc[9:12]  # the last flush's rows

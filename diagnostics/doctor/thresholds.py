@@ -33,13 +33,13 @@ class DoctorConfig:
     never_halt_warmup_share: float = 0.5  # halting-never-learned: judge only after this share of the planned
     #                                  steps (meta max_steps) ...
     never_halt_warmup_min: int = 50  # ... and at least this many steps
-    # evaluation findings (diagnostics.eval_findings, over the evaluation audits)
+    # evaluation findings (diagnostics.doctor.eval_findings, over the evaluation audits)
     eval_min_samples: int = 32       # judge an evaluation only over at least this many samples
     eval_halt_gap: float = 0.1       # eval-halting-mismatch: |exact at max step - exact at would-halt step| above
     ema_gap: float = 0.1             # ema-gap: |exact of the EMA weights - exact of the raw weights| above this ...
     ema_warmup_time_constants: float = 3.0  # ... at an evaluation at least this many EMA time constants
     #                                  (1 / (1 - train.ema_rate) steps) into the run, or at the run's last step
-    # the ledger findings (diagnostics.ledger_doctor), run-level over the per-sample ACT ledger
+    # the ledger findings (diagnostics.doctor.ledger_doctor), run-level over the per-sample ACT ledger
     ledger_late_share: float = 0.5   # q-halt-miscalibrated: judge the exits of the last this share of the steps ...
     calibration_min_records: int = 200  # ... with at least this many raw records there ...
     calibration_error_max: float = 0.2  # ... and fire when the calibration error (ECE, 10 bins) is above this

@@ -14,7 +14,7 @@ truncation. A view of any step range then reads on the order of a thousand rows 
 Version 3 adds (issue 14, evaluation audits; ``_TABLES_V3_EVAL_AUDITS``): ``eval_audits(step, weights, config_hash,
 halt_rule, count, halt_exact, halt_token, halt_step)``, one row per evaluation and weights (``ema``/``raw``), and
 ``eval_act_steps(step, weights, act_step, exact, token, halt_share)``, one row per evaluation, weights and ACT step
-(``diagnostics.eval_audits``).
+(``diagnostics.trace.eval_audits``).
 
 Version 3 also adds ``rollup_512`` and ``rollup_32768`` (so that a view's finest usable level is at most 8x finer than
 its buckets: a view reads at most about 8 rows per bucket) and the timing rollups: ``timing_rollup_<width>`` for
@@ -22,7 +22,7 @@ every width of ``ROLLUP_WIDTHS``, one row per (bucket, phase):
 ``n`` timing rows (steps x ranks) and the sum of their ``seconds``, kept equal to the sums of their rows at every
 commit (updated by each flush, recomputed after a truncation or a rewritten step).
 
-Version 3 also adds the per-sample ACT ledger (``LEDGER_TABLES``; ``diagnostics.ledger`` defines the columns):
+Version 3 also adds the per-sample ACT ledger (``LEDGER_TABLES``; ``diagnostics.trace.ledger`` defines the columns):
 - ``ledger(<RECORD_COLUMNS>)``: the raw records kept (every ``meta.ledger_sample_every``-th exit, chosen by a hash of
   sample id and exit step; ``meta.ledger_sample_rate`` = 1 / that), one per sample that left its slot.
 - ``ledger_tasks(task, seg, <TASK_SUMS>)``: exact per-task sums over every exit, kept or not; ``seg`` 0 holds the
@@ -55,7 +55,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from diagnostics.ledger import BIN_SUMS, RECORD_COLUMNS, TASK_SUMS, increments, kept
+from diagnostics.trace.ledger import BIN_SUMS, RECORD_COLUMNS, TASK_SUMS, increments, kept
 
 SCHEMA_VERSION = 3
 ROLLUP_WIDTHS = (64, 512, 4096, 32768, 262144)  # version 2 wrote 64, 4096, 262144; 3 adds the rest
@@ -79,7 +79,7 @@ CREATE TABLE IF NOT EXISTS heartbeat (id INTEGER PRIMARY KEY CHECK (id = 0), tim
                                       step INTEGER NOT NULL);
 """
 
-# ---- schema version 3: evaluation audits (issue 14, item 2; diagnostics.eval_audits) ----------------------------
+# ---- schema version 3: evaluation audits (issue 14, item 2; diagnostics.trace.eval_audits) ----------------------------
 _TABLES_V3_EVAL_AUDITS = """
 CREATE TABLE IF NOT EXISTS eval_audits (step INTEGER NOT NULL, weights TEXT NOT NULL, config_hash TEXT NOT NULL,
                                         halt_rule TEXT NOT NULL, count REAL, halt_exact REAL, halt_token REAL,
@@ -108,7 +108,7 @@ CREATE TABLE IF NOT EXISTS ledger_bins (task INTEGER NOT NULL, seg INTEGER NOT N
 
 class LedgerStore:
     """The writer's half of the ledger tables: every record's increments go into the exact per-task aggregates
-    (segment 1, after the last checkpoint), every ``every``-th record (``diagnostics.ledger.kept``) into ``ledger``.
+    (segment 1, after the last checkpoint), every ``every``-th record (``diagnostics.trace.ledger.kept``) into ``ledger``.
     ``checkpoint`` folds segment 1 into segment 0; ``truncate_after`` (a resume) drops what the resumed run re-runs."""
 
     def __init__(self, conn: sqlite3.Connection, every: int) -> None:
@@ -312,7 +312,7 @@ class TraceWriter:
                               [(step, k, _num(v)) for k, v in values.items()])
 
     def write_eval_audits(self, audits: Iterable[Any]) -> None:
-        """Store evaluation audits (``diagnostics.eval_audits.EvalAudit``): one ``eval_audits`` row each, one
+        """Store evaluation audits (``diagnostics.trace.eval_audits.EvalAudit``): one ``eval_audits`` row each, one
         ``eval_act_steps`` row per ACT step (schema version 3)."""
         for a in audits:
             self.conn.execute("INSERT OR REPLACE INTO eval_audits VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -326,7 +326,7 @@ class TraceWriter:
         self.conn.executemany("INSERT INTO alignment_samples VALUES (?, ?, ?, ?, ?)", rows)
 
     def write_ledger(self, records: list[tuple]) -> None:
-        """One flush's ledger records (``diagnostics.ledger.RECORD_COLUMNS``): aggregates exact, raw sampled."""
+        """One flush's ledger records (``diagnostics.trace.ledger.RECORD_COLUMNS``): aggregates exact, raw sampled."""
         self.ledger.write(records)
 
     def ledger_checkpoint(self, step: int) -> None:
@@ -419,7 +419,7 @@ class Rollups:
     """
 
     def __init__(self, conn: sqlite3.Connection, columns: list[str]) -> None:
-        from diagnostics import figures  # the registry's per-step values give the min/max envelopes
+        from diagnostics.trace import figures  # the registry's per-step values give the min/max envelopes
 
         self.conn = conn
         self.envelopes = [f for f in figures.REGISTRY.values() if not f.sqrt]

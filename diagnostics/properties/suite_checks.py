@@ -1,7 +1,7 @@
 """The property suite's semantic and content checks: pure functions over what one step (or eval) consumed and produced.
 
 Each returns the violating slots (a [B] bool tensor on the host) or a list of ``Violation``. Identity comes from
-content (``diagnostics.fingerprints``): the rows the model looked up, the demos its encoder read, the labels its loss
+content (``diagnostics.properties.fingerprints``): the rows the model looked up, the demos its encoder read, the labels its loss
 pushed towards (the argmin of the loss gradient over the vocabulary), never from what the model reports.
 """
 
@@ -11,8 +11,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from diagnostics.fingerprints import ROLE_INPUTS, ROLE_LABELS, ContentSpec, decode, decode_ids, demo_role
-from diagnostics.invariants import Violation
+from diagnostics.properties.fingerprints import ROLE_INPUTS, ROLE_LABELS, ContentSpec, decode, decode_ids, demo_role
+from diagnostics.properties.invariants import Violation
 
 Tensor = torch.Tensor
 

@@ -18,10 +18,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from diagnostics import figures
+from diagnostics.trace import figures
 from diagnostics.events import Mode
-from diagnostics.loading import as_json_value
-from diagnostics.thresholds import DoctorConfig
+from diagnostics.trace.loading import as_json_value
+from diagnostics.doctor.thresholds import DoctorConfig
 
 SEVERITIES = ("error", "warning", "info")
 
@@ -159,7 +159,7 @@ def _rolling_sum(v: np.ndarray, w: int) -> np.ndarray:
 
 
 def _fig(name: str, sums: Mapping[str, float]) -> float | None:
-    """A registered figure (``diagnostics.figures``) from window or run sums; None where it is undefined."""
+    """A registered figure (``diagnostics.trace.figures``) from window or run sums; None where it is undefined."""
     v = figures.value(figures.REGISTRY[name], sums)
     return None if v != v else v
 
@@ -659,7 +659,7 @@ def has_error(findings: Iterable[Finding]) -> bool:
 
 def summary(df: pd.DataFrame, meta: Mapping[str, Any] | None = None, status: str | None = None,
             cfg: DoctorConfig | None = None) -> dict[str, Any]:
-    """The run in numbers: size, status, counts, and every registered figure (``diagnostics.figures``).
+    """The run in numbers: size, status, counts, and every registered figure (``diagnostics.trace.figures``).
 
     ``figures``: each figure over every step (a ratio of sums); ``final``: over the last ``cfg.window`` steps
     (``final["window"]`` names them); ``dynamic_halting`` says whether any slot halted before the maximum step.

@@ -4,7 +4,7 @@ An audit is one evaluation (a training step) of one set of weights (``ema`` or `
 accuracy under the run's "Q says halt" rule (``halt_rule``, ``diagnostics.events.q_halt_rule``), the config hash it
 ran under, and per ACT step k = 1..max the exact and token accuracy of the answer at step k and the share of samples
 whose would-halt step is k. The trainer builds them (``etrm.train.evaluate``); the store writes them
-(``TraceWriter.write_eval_audits``); ``diagnostics.loading.load_eval_audits`` reads them back. Pure data: no torch.
+(``TraceWriter.write_eval_audits``); ``diagnostics.trace.loading.load_eval_audits`` reads them back. Pure data: no torch.
 """
 
 from __future__ import annotations

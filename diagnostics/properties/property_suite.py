@@ -5,8 +5,8 @@ Rules: a training step with a drawn halting mask (never, all, single slot, alter
 own decision) and a drawn feed (``refill``: new ids only into reset slots, -1 padding elsewhere; ``tail``: refill with
 some reset slots left padding, as at the end of the data; ``full-batch``: fresh ids everywhere, as upstream TRM's loader; ``adapter``: the adapter's
 own feed); an eval run on a fresh carry; the model's own evaluation entry point; a checkpoint of the carry, a few
-steps, a restore and a replay. After each step: every check of ``diagnostics.invariants`` (the carry-only ones for
-models without events), the content checks of ``diagnostics.suite_checks`` (protocol v2), gradient coverage after a
+steps, a restore and a replay. After each step: every check of ``diagnostics.properties.invariants`` (the carry-only ones for
+models without events), the content checks of ``diagnostics.properties.suite_checks`` (protocol v2), gradient coverage after a
 backward of the step's loss, reset-from-init equivalence, and (on drawn steps) slot-permutation independence and the
 metamorphic check that a continuing slot ignores the incoming batch row at its position.
 
@@ -29,20 +29,20 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule, run_state_machine_as_test
 
-from diagnostics import suite_checks as sc
-from diagnostics.adapter import ACTAdapter, AdapterFactory, EvalStep
-from diagnostics.capture import Capture, Consumed
+from diagnostics.properties import suite_checks as sc
+from diagnostics.properties.adapter import ACTAdapter, AdapterFactory, EvalStep
+from diagnostics.properties.capture import Capture, Consumed
 from diagnostics.events import CarryView, Mode, StepEvents
-from diagnostics.fingerprints import make_content
-from diagnostics.invariants import STEP_INVARIANTS, GradRows, StepContext, Violation, violations
-from diagnostics.suite_checks import rows_differ as _rows_differ
+from diagnostics.properties.fingerprints import make_content
+from diagnostics.properties.invariants import STEP_INVARIANTS, GradRows, StepContext, Violation, violations
+from diagnostics.properties.suite_checks import rows_differ as _rows_differ
 
 Tensor = torch.Tensor
 
 #: Checks that need only the carry: they run for every model, with or without ``StepEvents``.
 CARRY_ONLY = ("reset-takes-sample", "continuing-keeps-sample", "steps-in-range", "carry-detached")
 
-#: Checks the suite adds beyond ``diagnostics.invariants`` (they need to re-run the model).
+#: Checks the suite adds beyond ``diagnostics.properties.invariants`` (they need to re-run the model).
 SUITE_CHECKS = {
     "reset-from-init": "a reset slot's outputs must equal a fresh carry's first step on that sample alone",
     "slot-permutation-independence": "permuting the slots (carry, batch, mask) must permute the outputs",
@@ -827,7 +827,7 @@ def check_adapter(adapter: ACTAdapter) -> None:
     if getattr(adapter, "protocol", 1) >= 2:
         spec = adapter.content_spec
         if spec is None:
-            raise AssertionError("adapter protocol 2 needs content_spec (a diagnostics.fingerprints.ContentSpec)")
+            raise AssertionError("adapter protocol 2 needs content_spec (a diagnostics.properties.fingerprints.ContentSpec)")
         spec.validate()
         content = [make_content(spec, i) if i >= 0 else None for i in ids]
         b1, b2 = adapter.make_batch(ids, content), adapter.make_batch(ids, content)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from diagnostics.property_suite import check_adapter, run_suite
+from diagnostics.properties.property_suite import check_adapter, run_suite
 
 pytestmark = pytest.mark.etrm_suite
 

@@ -6,7 +6,7 @@ step range and columns, steps after step N (a live tail), bucketed sums and min/
 (``Spec``, ``sql_buckets``; ``aggregate_rows``/``merge_frames`` do the same in memory), phase timings, evals,
 evaluation audits (``read_eval_audits``), findings, markers and heartbeat (the run-status inputs), and the first
 offending alignment samples. Figures are added to bucketed frames by ``finish`` from the registry
-(``diagnostics.figures``).
+(``diagnostics.trace.figures``).
 
 A bucketed frame has one row per bucket: ``step`` (last step in it), ``step_lo``, ``n`` (rows), the sum of each
 stored column asked for, and ``<name>_min``/``<name>_max`` envelopes of per-step values; the figures are exact at
@@ -26,8 +26,12 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from diagnostics import eval_audits, figures, ledger
-from diagnostics.store import (EVAL_AUDIT_TABLES, ROLLUP_WIDTHS, SCHEMA_VERSION, TRACE_NAME, TraceError, read_meta,
+from diagnostics.trace import eval_audits
+
+from diagnostics.trace import figures
+
+from diagnostics.trace import ledger
+from diagnostics.trace.store import (EVAL_AUDIT_TABLES, ROLLUP_WIDTHS, SCHEMA_VERSION, TRACE_NAME, TraceError, read_meta,
                                read_only_uri, readable, rollup_table, timing_rollup_table)
 
 MAX_BUCKETS = 800            # points per series over any visible range
@@ -142,7 +146,7 @@ def halt_columns(columns: Iterable[str]) -> list[str]:
 
 
 def envelope_sql(name: str) -> str:
-    """The per-step value of an envelope as SQL: a figure's (``diagnostics.figures.per_step_sql``) or a column."""
+    """The per-step value of an envelope as SQL: a figure's (``diagnostics.trace.figures.per_step_sql``) or a column."""
     fig = figures.REGISTRY.get(name)
     return figures.per_step_sql(fig, _q) if fig is not None else _q(name)
 
@@ -215,7 +219,7 @@ def _group(frame: pd.DataFrame, key: np.ndarray, spec: Spec) -> pd.DataFrame:
 
 
 def finish(frame: pd.DataFrame, mode: str | None = None) -> pd.DataFrame:
-    """A bucketed frame with every available registered figure added per bucket (``diagnostics.figures``: a ratio
+    """A bucketed frame with every available registered figure added per bucket (``diagnostics.trace.figures``: a ratio
     of the bucket's sums, per step over its ``n`` steps for figures without a denominator)."""
     n = frame["n"].to_numpy(dtype=float) if "n" in frame.columns else None
     cols = figures.columns(frame, n=n, mode=mode)
@@ -483,7 +487,7 @@ def read_evals(conn: sqlite3.Connection) -> pd.DataFrame:
 
 
 def read_eval_audits(conn: sqlite3.Connection) -> pd.DataFrame:
-    """The evaluation audits (schema 3; ``diagnostics.eval_audits.COLUMNS``): one row per eval step, weights and
+    """The evaluation audits (schema 3; ``diagnostics.trace.eval_audits.COLUMNS``): one row per eval step, weights and
     ACT step, with the eval's would-halt figures, config hash and halt rule on each. Empty (same columns) for a
     trace of an older schema, which has no audits."""
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -526,7 +530,7 @@ def read_alignment(conn: sqlite3.Connection, limit: int | None = None) -> pd.Dat
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# The per-sample ledger (schema version 3; ``diagnostics.ledger`` defines its columns and figures)
+# The per-sample ledger (schema version 3; ``diagnostics.trace.ledger`` defines its columns and figures)
 
 def _tables(conn: sqlite3.Connection) -> set[str]:
     return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -541,7 +545,7 @@ def ledger_sample_rate(conn: sqlite3.Connection) -> float:
 def read_ledger(conn: sqlite3.Connection, lo: int | None = None, hi: int | None = None,
                 limit: int | None = None) -> pd.DataFrame:
     """The stored raw ledger records (exit step in [lo, hi] when given), in exit order: the columns of
-    ``diagnostics.ledger.RECORD_COLUMNS`` (``reason`` as ``q_halt``/``max_step``) plus ``token_acc``.
+    ``diagnostics.trace.ledger.RECORD_COLUMNS`` (``reason`` as ``q_halt``/``max_step``) plus ``token_acc``.
     ``attrs["sample_rate"]``: the share of exits kept (scale counts by its inverse). Empty before version 3."""
     cols = list(ledger.RECORD_COLUMNS)
     if "ledger" not in _tables(conn):
@@ -571,7 +575,7 @@ def read_ledger_bins(conn: sqlite3.Connection) -> pd.DataFrame:
 
 def read_task_stats(conn: sqlite3.Connection) -> pd.DataFrame:
     """One row per task (augmentations folded): the exact sums over every exit and the task figures of
-    ``diagnostics.ledger.task_stats`` (exact_rate, mean_halt_step, q_halt_share, calibration_error, ...)."""
+    ``diagnostics.trace.ledger.task_stats`` (exact_rate, mean_halt_step, q_halt_share, calibration_error, ...)."""
     if "ledger_tasks" not in _tables(conn):
         tasks = pd.DataFrame(columns=["task", *ledger.TASK_SUMS])
     else:

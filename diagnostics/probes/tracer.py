@@ -14,10 +14,10 @@ from typing import Any, Callable
 import torch
 
 from diagnostics.events import PhaseClock, StepEvents
-from diagnostics.killpoints import kill_point
+from diagnostics.trace.killpoints import kill_point
 from diagnostics.probes.base import Probe
 from diagnostics.probes.ledger import TABLE as LEDGER_TABLE
-from diagnostics.store import TraceWriter
+from diagnostics.trace.store import TraceWriter
 
 Tensor = torch.Tensor
 
@@ -108,7 +108,7 @@ class Tracer:
         self.writer = writer
         self.thread: _Writer | None = None
         self.last_alignment: list[tuple] = []
-        self.last_ledger: list[tuple] = []  # the ledger records of the last flush (diagnostics.ledger.RECORD_COLUMNS)
+        self.last_ledger: list[tuple] = []  # the ledger records of the last flush (diagnostics.trace.ledger.RECORD_COLUMNS)
         self._index_cache: dict[tuple[int, ...], Tensor] = {}
         if writer is not None:
             writer.add_counters((name, p.name, desc) for p in probes for name, desc in p.counters)

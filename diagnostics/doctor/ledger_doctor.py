@@ -1,7 +1,7 @@
 """The doctor's ledger findings: what the per-sample ACT ledger says that per-step counters cannot.
 
 Run-level rules over the ledger of a stored trace (``load_ledger`` / ``load_task_stats``), beside the window rules of
-``diagnostics.doctor`` (which read the steps table). Mode-aware: the halting rules judge only modes whose Q-head
+``diagnostics.doctor.steps`` (which read the steps table). Mode-aware: the halting rules judge only modes whose Q-head
 decides halting (not ``fct``). Thresholds live in ``DoctorConfig`` (``ledger_*``, ``calibration_*``,
 ``never_halt_*``, ``never_solved_*``); docs/diagnostics.md gives each finding's evidence and fix.
 
@@ -24,11 +24,11 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from diagnostics import ledger
-from diagnostics.doctor import Finding
+from diagnostics.trace import ledger
+from diagnostics.doctor.steps import Finding
 from diagnostics.events import Mode
-from diagnostics.loading import as_json_value, load_ledger, load_task_stats
-from diagnostics.thresholds import DoctorConfig
+from diagnostics.trace.loading import as_json_value, load_ledger, load_task_stats
+from diagnostics.doctor.thresholds import DoctorConfig
 
 LISTED = 20  # task ids named in a finding's evidence
 

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from diagnostics.events import CarryView, Mode, StepEvents
-from diagnostics.fingerprints import CHECKSUM_KEY, checksum
+from diagnostics.properties.fingerprints import CHECKSUM_KEY, checksum
 
 Tensor = torch.Tensor
 

@@ -1,4 +1,4 @@
-"""``--check-invariants``: the cheap per-step invariants of ``diagnostics.invariants`` run on every training step.
+"""``--check-invariants``: the cheap per-step invariants of ``diagnostics.properties.invariants`` run on every training step.
 
 For debugging runs. Reading the checks back costs one host sync per step, which is why it is opt-in (the traced path
 only counts violations on the device). The first violation stops the run with an ``InvariantError`` naming the
@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from diagnostics.events import CarryView, StepEvents
-from diagnostics.invariants import STEP_INVARIANTS, GradRows, Invariant, StepContext, Violation, violations
+from diagnostics.properties.invariants import STEP_INVARIANTS, GradRows, Invariant, StepContext, Violation, violations
 
 Tensor = torch.Tensor
 

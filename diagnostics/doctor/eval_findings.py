@@ -1,4 +1,4 @@
-"""Findings from the evaluation audits (``diagnostics.eval_audits``): whether evaluation would stop where training
+"""Findings from the evaluation audits (``diagnostics.trace.eval_audits``): whether evaluation would stop where training
 learned to stop (``eval-halting-mismatch``), and whether the EMA weights are the ones that score (``ema-gap``).
 
 The rules read one row per evaluation and weights (``per_eval``) and hold at the first evaluation that satisfies
@@ -14,11 +14,11 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from diagnostics.doctor import Finding
-from diagnostics.eval_audits import COLUMNS, EMA, RAW, EvalAudit
+from diagnostics.doctor.steps import Finding
+from diagnostics.trace.eval_audits import COLUMNS, EMA, RAW, EvalAudit
 from diagnostics.events import Mode
-from diagnostics.loading import as_json_value
-from diagnostics.thresholds import DoctorConfig
+from diagnostics.trace.loading import as_json_value
+from diagnostics.doctor.thresholds import DoctorConfig
 
 PER_EVAL = ("step", "weights", "exact", "token", "halt_exact", "halt_token", "halt_step", "count", "best_step",
             "best_exact", "exact_curve", "halt_shares", "halt_rule", "config_hash")

@@ -11,13 +11,13 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from diagnostics import figures
+from diagnostics.trace import figures
 
 TENSORBOARD_DIR = "tensorboard"
 
 def flush_scalars(rows: Sequence[Mapping[str, float]], mode: str | None = None) -> dict[str, float]:
     """The scalars of one flush: ``train/<figure>`` for every registered figure defined over the rows
-    (``diagnostics.figures``; a figure whose denominator is 0 over the flush gets no point)."""
+    (``diagnostics.trace.figures``; a figure whose denominator is 0 over the flush gets no point)."""
     return {f"train/{name}": v for name, v in figures.of_rows(rows, mode).items() if math.isfinite(v)}
 
 

@@ -1,7 +1,7 @@
 """Reading a run's trace into pandas: the steps table with derived ratios, evals, timings, findings and run status.
 
 Everything opens the trace read-only (a live trainer may be writing it) and turns a missing or corrupt trace into a
-``TraceError`` with a one-line message. Derived columns are the figures of ``diagnostics.figures.REGISTRY``, per step,
+``TraceError`` with a one-line message. Derived columns are the figures of ``diagnostics.trace.figures.REGISTRY``, per step,
 NaN where the denominator is 0.
 """
 
@@ -16,9 +16,11 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from diagnostics import figures, reader
-from diagnostics.liveness import trainer_alive
-from diagnostics.store import TRACE_NAME, TraceError, open_trace, read_meta
+from diagnostics.trace import figures
+
+from diagnostics.trace import reader
+from diagnostics.trace.liveness import trainer_alive
+from diagnostics.trace.store import TRACE_NAME, TraceError, open_trace, read_meta
 
 LIFECYCLE = {"start": "live", "resume": "live", "end": "finished", "finished": "finished",
              "stopped": "stopped", "crashed": "crashed"}
@@ -56,7 +58,7 @@ def load_run(path: str | Path) -> pd.DataFrame:
     Stored counters keep their names and per-step meaning: ``loss`` is the step's loss summed over slots,
     ``coverage_num``/``coverage_den`` its counts. Every registered figure that applies to the run's mode is added
     per step under its own name (``loss_per_slot``, ``coverage``, ``exact_inflight``...: see
-    ``diagnostics.figures.REGISTRY`` and docs/diagnostics.md). ``attrs``: ``meta``, ``status``,
+    ``diagnostics.trace.figures.REGISTRY`` and docs/diagnostics.md). ``attrs``: ``meta``, ``status``,
     ``alignment_samples``. The index is unnamed so that ``df["step"]`` and ``df.sort_values("step")`` are not
     ambiguous.
     """
@@ -109,7 +111,7 @@ def load_evals(path: str | Path) -> pd.DataFrame:
 
 
 def load_eval_audits(path: str | Path) -> pd.DataFrame:
-    """The evaluation audits (``diagnostics.eval_audits``): one row per (eval step, weights, ACT step) with columns
+    """The evaluation audits (``diagnostics.trace.eval_audits``): one row per (eval step, weights, ACT step) with columns
     ``step``, ``weights`` (``ema``/``raw``), ``act_step`` (1..max), ``exact``, ``token`` (the answer at that ACT step),
     ``halt_share`` (share of samples whose would-halt step it is), and per eval ``halt_exact``, ``halt_token``,
     ``halt_step`` (at the would-halt step), ``count``, ``config_hash``, ``halt_rule``. Empty for traces before
@@ -140,7 +142,7 @@ def load_markers(path: str | Path) -> pd.DataFrame:
 def status_from_markers(markers: Sequence[tuple[float, str]], beat: float | None, fallback: list[float],
                         now: float, stale_after: float = STALE_AFTER_S, alive: bool | None = None) -> str:
     """The status rule, pure: the last lifecycle marker decides, unless it is ``start``/``resume``; then ``alive``
-    (``diagnostics.liveness``: whether the trainer's process holds the run, when that can be told on this host)
+    (``diagnostics.trace.liveness``: whether the trainer's process holds the run, when that can be told on this host)
     decides, and failing that the run is live while its last sign of life (heartbeat, that marker, else the
     ``fallback`` times) is younger than ``stale_after`` seconds, and crashed after."""
     last_kind, last_time = None, None
