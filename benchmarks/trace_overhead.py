@@ -37,7 +37,7 @@ from diagnostics.trace.loading import load_run
 from diagnostics.probes import ContextDiversityProbe, LedgerProbe, default_probes
 from diagnostics.probes.diversity import context_stats
 from diagnostics.doctor.thresholds import DoctorConfig
-from diagnostics.trace.store import TraceWriter
+from diagnostics.trace.writer import TraceWriter
 from diagnostics.probes.tracer import Tracer
 from etrm.config import Config, apply_overrides
 from etrm.presets import load_preset

@@ -36,7 +36,8 @@ from diagnostics.doctor.thresholds import DoctorConfig
 from diagnostics.events import PhaseClock, StepEvents
 from diagnostics.probes import DIVERSITY_EVERY, default_probes
 from diagnostics.probes.step_metrics import IGNORE_LABEL, correctness, slot_metrics
-from diagnostics.trace.store import TRACE_NAME, TraceWriter
+from diagnostics.trace.schema import TRACE_NAME
+from diagnostics.trace.writer import TraceWriter
 from diagnostics.probes.tracer import Tracer
 
 Tensor = torch.Tensor

@@ -21,7 +21,7 @@ from diagnostics.trace import killpoints
 
 from diagnostics.trace import liveness
 from diagnostics.properties.runtime_check import InvariantError
-from diagnostics.trace.store import TRACE_NAME
+from diagnostics.trace.schema import TRACE_NAME
 from etrm.config import Config, ConfigError, apply_overrides, load_toml
 from etrm.data.maze import VALID_PATH_KEY
 from etrm.errors import UserError

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from diagnostics.trace.loading import STALE_AFTER_S, load_findings, load_markers, load_run, run_status
-from diagnostics.trace.store import TRACE_NAME
+from diagnostics.trace.schema import TRACE_NAME
 from etrm.cli import main as train_main
 from etrm.config import Config, apply_overrides
 from etrm.presets import load_preset

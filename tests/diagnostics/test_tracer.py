@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from diagnostics.probes import default_probes
 from diagnostics.session import RunSpec, trace_run
-from diagnostics.trace.store import TraceWriter
+from diagnostics.trace.writer import TraceWriter
 from diagnostics.probes.tracer import Tracer
 from etrm.config import Config
 from etrm.train import instruments

@@ -10,7 +10,8 @@ import torch
 from diagnostics import load_eval_audits
 from diagnostics.trace.eval_audits import COLUMNS, EvalAudit, act_key
 from diagnostics.trace.loading import load_evals
-from diagnostics.trace.store import TRACE_NAME, TraceWriter
+from diagnostics.trace.schema import TRACE_NAME
+from diagnostics.trace.writer import TraceWriter
 from etrm.loss import IGNORE_LABEL
 from etrm.train import instruments
 from etrm.train.console import Reporter
