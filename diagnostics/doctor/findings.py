@@ -33,15 +33,14 @@ class Finding:
         writer.write_finding(self.code, self.severity, self.first_step, as_json_value(self.evidence), self.message)
 
 
-
 def ordered(findings: Iterable[Finding]) -> list[Finding]:
     """Findings in report order: errors first, then by first step."""
     return sorted(findings, key=lambda f: (SEVERITIES.index(f.severity), f.first_step or 0))
 
 
 def has_error(findings: Iterable[Finding]) -> bool:
+    """Whether any finding is an error (``etrm-doctor``'s exit status reads it)."""
     return any(f.severity == "error" for f in findings)
-
 
 
 def earliest_per_code(findings: Iterable[Finding], pending: dict[str, Finding] | None = None) -> list[Finding]:

@@ -139,15 +139,17 @@ def figure_of(name: str, sums: Mapping[str, float]) -> float | None:
 
 
 def safe_div(num: float, den: float) -> float | None:
+    """``num / den``, None where ``den`` is 0 (a finding's evidence says n/a, not inf)."""
     return num / den if den else None
 
 
 def pct(x: float | None) -> str:
+    """A share in a finding's message: three decimals, or n/a."""
     return "n/a" if x is None else f"{x:.3f}"
 
 
-
 def _columns(df: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The numeric columns of a steps table as float arrays."""
     return {c: df[c].to_numpy(dtype=float) for c in df.columns if pd.api.types.is_numeric_dtype(df[c])}
 
 

@@ -248,8 +248,6 @@ def step_matrix(rows: list[tuple] | list[list], width: int) -> tuple[np.ndarray,
     return data[:, 0].astype(np.int64), data[:, 1:]
 
 
-
-
 class TimingRollups:
     """The writer's sums of timing rows per (bucket, phase) at every width of ``ROLLUP_WIDTHS``: ``n`` timing rows
     (steps x ranks) and their ``seconds``, updated by each flush, recomputed after a truncation or a rewritten step."""
