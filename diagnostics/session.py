@@ -31,6 +31,7 @@ from torch import nn
 
 from diagnostics.doctor.steps import DoctorConfig, Finding, LiveDoctor, NonFiniteLoss
 from diagnostics.events import PhaseClock, StepEvents
+from diagnostics.forks import ContextPicker, LossHeadCatch, Selector, next_free_run_dir
 from diagnostics.probes import DIVERSITY_EVERY, default_probes
 from diagnostics.probes.step_metrics import IGNORE_LABEL, correctness, slot_metrics
 from diagnostics.trace.store import TRACE_NAME, TraceWriter
@@ -240,10 +241,10 @@ class TracedRun:
                  groups: Optional[dict[str, list[nn.Parameter]]] = None, shape: CarryShape = CarryShape(),
                  on_finding: Optional[Callable[[Finding], None]] = print_finding,
                  doctor: Optional[DoctorConfig] = None) -> None:
-        self.run_dir = Path(run_dir)
-        if (self.run_dir / TRACE_NAME).exists():
-            raise FileExistsError(f"{self.run_dir} already holds a trace; pick a new run directory (nothing was "
-                                  "overwritten)")
+        asked = Path(run_dir)
+        self.run_dir = next_free_run_dir(asked, TRACE_NAME)
+        if self.run_dir != asked:
+            print(f"etrm: {asked} already holds a trace; this run writes {self.run_dir}", file=sys.stderr)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.spec, self.shape, self.device = spec, shape, torch.device(device)
         self.meta = spec.meta(self.device.type)
@@ -258,16 +259,26 @@ class TracedRun:
         self._handles: list[Any] = []
         self._clock: Optional[PhaseClock] = None
         self._closed = False
+        self._catch: Optional[LossHeadCatch] = None
+        self._encoder_problem: Optional[str] = None
 
     # -- where the encoder output comes from --------------------------------------------------------------------
-    def watch(self, module: nn.Module) -> None:
+    def watch(self, module: nn.Module, select: Selector = None) -> None:
         """Catch ``module``'s output (the encoder, or the puzzle embedding) on every training forward with grad:
-        the fresh rows, before any mixing with cached context, for coverage, encoder work and diversity."""
+        the fresh rows, before any mixing with cached context, for coverage, encoder work and diversity. A
+        non-tensor output gives its context by ``ContextPicker``'s rule or ``select``; one it cannot use is a
+        one-line error here when the forward's return annotation shows it, else at the next ``step``."""
+        pick = ContextPicker(select)
+        pick.check_module(module)
 
         def hook(mod: nn.Module, args: Any, output: Any) -> None:
-            rows = output if isinstance(output, Tensor) else next((o for o in output if isinstance(o, Tensor)), None)
-            if rows is not None and mod.training and torch.is_grad_enabled():
-                self.encoder_output(rows)
+            if not (mod.training and torch.is_grad_enabled()):
+                return
+            problem = pick.problem(output)
+            if problem is None:
+                self.encoder_output(pick(output))
+            else:  # never raise inside the user's forward: run.step raises it
+                self._encoder_problem = self._encoder_problem or problem
 
         self._handles.append(module.register_forward_hook(hook))
 
@@ -293,6 +304,8 @@ class TracedRun:
         """Record one step (after the loss, before backward): ``before``/``after`` the carry around the model call,
         the ``batch`` fed, the model's ``outputs``, the ``loss`` (sum over the batch), the ``labels`` the loss read,
         optional loss ``terms`` (``lm_loss``, ``q_halt_loss``, ``q_continue_loss``)."""
+        if self._encoder_problem is not None:
+            raise ValueError(self._encoder_problem)
         if len(self._rows) > 1:
             raise ValueError(f"the watched module ran {len(self._rows)} times with grad in one step; hand the "
                              "fresh rows over with run.encoder_output(rows) instead")
@@ -309,6 +322,15 @@ class TracedRun:
         self.steps += 1
         self._rows = []
         return events
+
+    def record(self, loss: Tensor, terms: Optional[Mapping[str, Tensor]] = None) -> StepEvents:
+        """Record one step of a caught loss head (``trace_run(..., loss_head=...)``): after the loss-head call,
+        before backward; ``terms`` its metrics (the loss terms are picked from them)."""
+        if self._catch is None:
+            raise ValueError("run.record needs trace_run(..., loss_head=...); without it call run.step(before, after, "
+                             "batch, outputs, loss, labels=...)")
+        before, batch, after, outputs, labels = self._catch.take()
+        return self.step(before, after, batch, outputs, loss, labels, terms)
 
     def after_backward(self) -> list[Finding]:
         """Gradient norms (before clipping and the optimizer); on the cadence, a flush. Its new findings."""
@@ -339,6 +361,8 @@ class TracedRun:
         self._closed = True
         for handle in self._handles:
             handle.remove()
+        if self._catch is not None:
+            self._catch.remove()
         try:
             if kind != "crashed":
                 self.flush()
@@ -360,13 +384,27 @@ class TracedRun:
 
 
 def trace_run(run_dir: str | Path, spec: RunSpec, model: nn.Module, encoder: Optional[nn.Module] = None,
-              shape: CarryShape = CarryShape(), **options: Any) -> TracedRun:
+              shape: CarryShape = CarryShape(), loss_head: Optional[nn.Module] = None,
+              encoder_select: Selector = None, **options: Any) -> TracedRun:
     """Open a traced run for ``model`` (its device; gradient norms of ``encoder`` vs the rest) and watch
-    ``encoder``'s output when given. ``options`` go to ``TracedRun`` (``on_finding``, ``doctor``)."""
+    ``encoder``'s output when given (``encoder_select`` picks the context from a non-tensor output). With
+    ``loss_head`` (upstream's ``ACTLossHead`` shape) the session catches ``model``'s calls and the loss's labels:
+    call ``run.record(loss, metrics)`` per step. A ``run_dir`` that holds a trace gives the next free ``run_dir-N``
+    (``run.run_dir``). ``options`` go to ``TracedRun`` (``on_finding``, ``doctor``)."""
     device = next(model.parameters()).device
-    run = TracedRun(run_dir, spec, device, grad_groups(model, encoder), shape, **options)
+    picker_ok = ContextPicker(encoder_select)  # a bad selector or output type: refused before anything is created
     if encoder is not None:
-        run.watch(encoder)
+        picker_ok.check_module(encoder)
+    catch = LossHeadCatch(model, loss_head) if loss_head is not None else None
+    try:
+        run = TracedRun(run_dir, spec, device, grad_groups(model, encoder), shape, **options)
+    except BaseException:
+        if catch is not None:
+            catch.remove()
+        raise
+    run._catch = catch
+    if encoder is not None:
+        run.watch(encoder, encoder_select)
     return run
 
 
