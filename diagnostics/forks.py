@@ -126,6 +126,18 @@ def _annotated_fields(tp: Any) -> Optional[Union[dict, list]]:
     return None
 
 
+def carry_and_batch(module: nn.Module) -> Callable[[tuple, dict], tuple[Any, Any]]:
+    """(carry, batch) of a call of ``module`` from a forward hook's ``args``/``kwargs``: its first two parameters,
+    passed by position or by name (upstream's loss head calls ``model(carry=..., batch=...)``)."""
+    params = list(inspect.signature(module.forward).parameters)[:2]
+
+    def pick(args: tuple, kwargs: dict) -> tuple[Any, Any]:
+        bound = dict(zip(params, args), **kwargs)
+        return bound.get(params[0]), bound.get(params[1]) if len(params) > 1 else None
+
+    return pick
+
+
 class LossHeadCatch:
     """Upstream's ``ACTLossHead`` shape, traced as is: ``model``'s training forwards with grad are caught (carry in,
     batch, new carry, outputs) and so are the labels passed to ``loss_head.loss_fn`` (the ones the loss read).
@@ -139,12 +151,11 @@ class LossHeadCatch:
         self.loss_head, self.original = loss_head, fn
         self.calls: list[tuple[Any, Any, Any, Any]] = []
         self.labels: list[Tensor] = []
-        params = list(inspect.signature(model.forward).parameters)
+        pick = carry_and_batch(model)
 
         def model_hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if mod.training and torch.is_grad_enabled():
-                bound = dict(zip(params, args), **kwargs)
-                self.calls.append((bound.get(params[0]), bound.get(params[1]), output[0], output[1]))
+                self.calls.append((*pick(args, kwargs), output[0], output[1]))
 
         def caught_loss_fn(logits: Tensor, labels: Tensor, *args: Any, **kwargs: Any) -> Any:
             if loss_head.training and torch.is_grad_enabled():

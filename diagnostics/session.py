@@ -31,6 +31,9 @@ from torch import nn
 
 from diagnostics.doctor.steps import DoctorConfig, Finding, LiveDoctor, NonFiniteLoss
 from diagnostics.events import PhaseClock, StepEvents
+from diagnostics.doctor.eval_findings import LiveEvalDoctor
+from diagnostics.eval_recorder import Evaluation
+from diagnostics.trace.eval_audits import RAW, EvalAudit, without_act_steps
 from diagnostics.forks import ContextPicker, LossHeadCatch, Selector, next_free_run_dir
 from diagnostics.probes import DIVERSITY_EVERY, default_probes
 from diagnostics.probes.step_metrics import IGNORE_LABEL, correctness, slot_metrics
@@ -260,6 +263,8 @@ class TracedRun:
         self._clock: Optional[PhaseClock] = None
         self._closed = False
         self._catch: Optional[LossHeadCatch] = None
+        self._model: Optional[nn.Module] = None   # the ACT model (trace_run's): evaluations hook it
+        self.eval_doctor = LiveEvalDoctor(self.meta, self.doctor.cfg)
         self._encoder_problem: Optional[str] = None
 
     # -- where the encoder output comes from --------------------------------------------------------------------
@@ -332,6 +337,31 @@ class TracedRun:
         before, batch, after, outputs, labels = self._catch.take()
         return self.step(before, after, batch, outputs, loss, labels, terms)
 
+    def evaluation(self, weights: str = RAW, model: Optional[nn.Module] = None) -> Evaluation:
+        """Record one evaluation of the user's model (``diagnostics.eval_recorder``): open it around the loop's own
+        evaluation (``with run.evaluation(): evaluate(...)``, or ``audit = run.evaluation()`` ... ``audit.close()``);
+        ``weights`` is ``raw`` or ``ema``, ``model`` the ACT model it runs (default: trace_run's). At close the audit
+        (exact and token per ACT step, would-halt step per sample) is stored and the evaluation findings judged."""
+        target = model or self._model
+        if target is None:
+            raise ValueError("run.evaluation needs the ACT model: pass run.evaluation(model=...)")
+        return Evaluation(target, self.steps, weights, self.spec.q_continue_halts,
+                          lambda obj, key: field_of(obj, getattr(self.shape, key)), self._evaluated,
+                          self.shape.ignore_label)
+
+    def _evaluated(self, audit: EvalAudit, values: dict[str, float]) -> None:
+        plain = without_act_steps(values)
+        self.tracer.submit(lambda w: w.write_eval(audit.step, plain))
+        self.tracer.submit(lambda w: w.write_eval_audits([audit]))
+        self._report(self.eval_doctor.update([audit]))
+
+    def _report(self, found: list[Finding]) -> None:
+        for finding in found:
+            self.tracer.submit(finding.store)
+            if self.on_finding is not None:
+                self.on_finding(finding)
+        self.findings.extend(found)
+
     def after_backward(self) -> list[Finding]:
         """Gradient norms (before clipping and the optimizer); on the cadence, a flush. Its new findings."""
         self.tracer.after_backward()
@@ -345,13 +375,9 @@ class TracedRun:
         """Read the buffered rows back (the one sync), store them, run the live doctor; its new findings."""
         rows = self.tracer.flush()
         found = self.doctor.update(rows, alignment=self.tracer.last_alignment) if rows else []
-        for finding in found:
-            self.tracer.submit(finding.store)
-            if self.on_finding is not None:
-                self.on_finding(finding)
+        self._report(found)
         self.non_finite = (self.non_finite or any((r.get("non_finite") or 0) > 0 for r in rows)
                            or any(f.code == NonFiniteLoss.code for f in found))  # a gradient's, too
-        self.findings.extend(found)
         return found
 
     def close(self, kind: str = "end", detail: str = "") -> None:
@@ -402,7 +428,7 @@ def trace_run(run_dir: str | Path, spec: RunSpec, model: nn.Module, encoder: Opt
         if catch is not None:
             catch.remove()
         raise
-    run._catch = catch
+    run._catch, run._model = catch, model
     if encoder is not None:
         run.watch(encoder, encoder_select)
     return run

@@ -561,6 +561,17 @@ RULES: list[Rule] = [GradientStarvation(), LabelMisalignment(), NonFiniteLoss(),
                      GradientStarvationAtStep(), WastedEncoderComputeAtStep()]
 
 
+def _register_encoder_mode() -> None:
+    """The measured encoder-work rules (diagnostics.doctor.encoder_mode) replace the declared ones; mode-mismatch."""
+    from diagnostics.doctor import encoder_mode as em
+
+    RULES[3], RULES[9] = em.MeasuredWastedEncoderCompute(), em.MeasuredWastedEncoderComputeAtStep()
+    RULES.append(em.ModeMismatch())
+
+
+_register_encoder_mode()
+
+
 def earliest_per_code(findings: Iterable[Finding], pending: dict[str, Finding] | None = None) -> list[Finding]:
     """One finding per code, the earliest. A single-step finding (``"evidence": "single step"``) only dates a
     finding: it is reported when its code's windowed rule holds too (the thresholds decide whether a finding

@@ -118,9 +118,9 @@ def test_wasted_encoder_compute(sampler, sim, meta, make_run):
 def test_wasted_encoder_compute_with_nothing_needed(sim, meta, make_run):
     rows = sim(mode="cached", M=8)
     for r in rows:
-        r["encoded"], r["encode_needed"] = 16.0, 0.0
+        r["encoded"], r["encode_needed"], r["coverage_num"] = 16.0, 0.0, 0.0
     f = wasted_encoder_compute(load_run(make_run("zero", rows, meta("cached", M=8))))
-    assert f.first_step == 10 and f.evidence["ratio"] is None  # infinite: nothing was needed
+    assert f.first_step == 10 and f.evidence["ratio"] is None  # infinite: no row reached the loss (issue 26)
 
 
 def test_non_finite_loss(sim, meta, make_run):
