@@ -27,7 +27,8 @@ import pandas as pd
 from diagnostics.trace import figures
 
 from diagnostics.trace import reader
-from diagnostics.doctor.steps import SEVERITIES, diagnose
+from diagnostics.doctor.diagnose import diagnose
+from diagnostics.doctor.findings import SEVERITIES
 from diagnostics.trace.liveness import trainer_alive
 from diagnostics.trace.loading import STALE_AFTER_S, status_from_markers
 from diagnostics.probes.profiling import PROFILER_DIR

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diagnostics.doctor.steps import LiveDoctor
+from diagnostics.doctor.live import LiveDoctor
 from diagnostics.doctor.thresholds import DoctorConfig
 from diagnostics.trace.store import TRACE_NAME, TraceWriter
 

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from diagnostics.trace import figures
-from diagnostics.doctor.steps import DoctorConfig, Finding, diagnose, has_error, ordered, summary
+from diagnostics.doctor.diagnose import diagnose, summary
+from diagnostics.doctor.findings import Finding, has_error, ordered
+from diagnostics.doctor.thresholds import DoctorConfig
 from diagnostics.doctor.eval_findings import diagnose_evals
 from diagnostics.doctor.ledger_doctor import diagnose_run
 from diagnostics.trace.loading import as_json_value, load_eval_audits, load_evals, load_run

@@ -29,7 +29,10 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 import torch
 from torch import nn
 
-from diagnostics.doctor.steps import DoctorConfig, Finding, LiveDoctor, NonFiniteLoss
+from diagnostics.doctor.findings import Finding
+from diagnostics.doctor.integrity_rules import NonFiniteLoss
+from diagnostics.doctor.live import LiveDoctor
+from diagnostics.doctor.thresholds import DoctorConfig
 from diagnostics.events import PhaseClock, StepEvents
 from diagnostics.doctor.eval_findings import LiveEvalDoctor
 from diagnostics.eval_recorder import Evaluation

@@ -16,7 +16,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from diagnostics.doctor.steps import SINGLE_STEP, Rule, WastedEncoderCompute, _div
+from diagnostics.doctor.coverage_rules import WastedEncoderCompute, WastedEncoderComputeAtStep
+from diagnostics.doctor.findings import SINGLE_STEP
+from diagnostics.doctor.scan import Rule, safe_div as _div
 
 EVERY_SLOT_MODES = ("reencode", "fct", "trm")  # modes whose every slot's context must reach the loss each step
 
@@ -52,7 +54,7 @@ class MeasuredWastedEncoderCompute(WastedEncoderCompute):
         return self.make(ev, at.end, msg)
 
 
-class MeasuredWastedEncoderComputeAtStep(MeasuredWastedEncoderCompute):
+class MeasuredWastedEncoderComputeAtStep(MeasuredWastedEncoderCompute, WastedEncoderComputeAtStep):
     """The measured rule on the first step that computes a row that does not reach the loss; it dates the windowed
     rule's finding (``earliest_per_code``)."""
 

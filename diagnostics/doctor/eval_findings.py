@@ -14,7 +14,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from diagnostics.doctor.steps import Finding
+from diagnostics.doctor.findings import Finding
 from diagnostics.trace.eval_audits import COLUMNS, EMA, RAW, EvalAudit
 from diagnostics.events import Mode
 from diagnostics.trace.loading import as_json_value

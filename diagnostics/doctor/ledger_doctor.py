@@ -1,8 +1,8 @@
 """The doctor's ledger findings: what the per-sample ACT ledger says that per-step counters cannot.
 
 Run-level rules over the ledger of a stored trace (``load_ledger`` / ``load_task_stats``), beside the window rules of
-``diagnostics.doctor.steps`` (which read the steps table). Mode-aware: the halting rules judge only modes whose Q-head
-decides halting (not ``fct``). Thresholds live in ``DoctorConfig`` (``ledger_*``, ``calibration_*``,
+``diagnostics.doctor.diagnose`` (which read the steps table). Mode-aware: the halting rules judge only modes whose
+Q-head decides halting (not ``fct``). Thresholds live in ``DoctorConfig`` (``ledger_*``, ``calibration_*``,
 ``never_halt_*``, ``never_solved_*``); docs/diagnostics.md gives each finding's evidence and fix.
 
 - ``q-halt-miscalibrated`` (warning): over the exits of the run's last ``ledger_late_share`` of steps, the Q-head has
@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from diagnostics.trace import ledger
-from diagnostics.doctor.steps import Finding
+from diagnostics.doctor.findings import Finding
 from diagnostics.events import Mode
 from diagnostics.trace.loading import as_json_value, load_ledger, load_task_stats
 from diagnostics.doctor.thresholds import DoctorConfig

@@ -29,7 +29,8 @@ import torch
 from rich.markup import escape
 
 from diagnostics.trace import ledger
-from diagnostics.doctor.steps import Finding, LiveDoctor
+from diagnostics.doctor.findings import Finding
+from diagnostics.doctor.live import LiveDoctor
 from diagnostics.trace.eval_audits import EvalAudit
 from diagnostics.doctor.eval_findings import LiveEvalDoctor
 from diagnostics.doctor.ledger_doctor import diagnose_run as diagnose_ledger_run

@@ -445,7 +445,9 @@ def test_ctrl_c_stops_at_a_checkpoint_and_resume_continues_the_trace(tmp_path, c
 def windowed_only(trainer: Trainer) -> None:
     """The live doctor without the single-step rules, so that gradient-starvation first holds at step 10 (its
     window), past the checkpoint at 8: the finding this test needs (the single-step rule names step 2)."""
-    from diagnostics.doctor.steps import RULES, GradientStarvationAtStep, LiveDoctor, WastedEncoderComputeAtStep
+    from diagnostics.doctor.coverage_rules import GradientStarvationAtStep, WastedEncoderComputeAtStep
+    from diagnostics.doctor.diagnose import RULES
+    from diagnostics.doctor.live import LiveDoctor
 
     rules = [r for r in RULES if not isinstance(r, (GradientStarvationAtStep, WastedEncoderComputeAtStep))]
     live = trainer.instruments.find(instruments.Doctor)

@@ -15,7 +15,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from diagnostics.doctor.steps import DoctorConfig, LiveDoctor, diagnose, encoder_collapse
+from diagnostics.doctor.diagnose import diagnose, encoder_collapse
+from diagnostics.doctor.live import LiveDoctor
+from diagnostics.doctor.thresholds import DoctorConfig
 from diagnostics.trace.loading import load_findings, load_run
 from diagnostics.probes import DIVERSITY_EVERY, ContextDiversityProbe, default_probes
 from diagnostics.probes.diversity import context_stats

@@ -9,10 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from diagnostics.doctor.steps import (RULES, DoctorConfig, Finding, LiveDoctor, Rule, diagnose, dropped_samples,
-                                gradient_starvation, halting_collapse, halting_never_learned, has_error,
-                                label_misalignment,
-                                non_finite_loss, summary, wasted_encoder_compute)
+from diagnostics.doctor.diagnose import (RULES, diagnose, dropped_samples, gradient_starvation, halting_collapse,
+                                         halting_never_learned, label_misalignment, non_finite_loss, summary,
+                                         wasted_encoder_compute)
+from diagnostics.doctor.findings import Finding, has_error
+from diagnostics.doctor.live import LiveDoctor
+from diagnostics.doctor.scan import Rule
+from diagnostics.doctor.thresholds import DoctorConfig
 from diagnostics.trace.loading import load_findings, load_run
 from diagnostics.trace.store import TRACE_NAME, TraceWriter
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from dashboards import app as A
-from diagnostics.doctor.steps import diagnose
+from diagnostics.doctor.diagnose import diagnose
 from diagnostics.trace.loading import load_findings, load_run
 from etrm.cli import main as train_main
 
