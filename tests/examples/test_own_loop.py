@@ -19,7 +19,6 @@ import pytest
 from dashboards import app as A
 from diagnostics.doctor.diagnose import diagnose
 from diagnostics.trace.loading import load_findings, load_run
-from etrm.cli import main as train_main
 
 STEPS, BATCH = 40, 8
 VARIANTS = ("healthy", "cached", "labels-from-batch", "full-batch-encode")
@@ -46,16 +45,6 @@ def own_runs(own_loop, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("own_runs")
     for variant in VARIANTS:
         pretrain.pretrain(root / variant, variant, steps=STEPS, batch_size=BATCH)
-    return root
-
-
-@pytest.fixture(scope="module")
-def bundled_runs(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("bundled_runs")
-    for variant, extra in BUNDLED.items():
-        code = train_main(["--preset", "demo", *extra, "--trace", "--run-dir", str(root / variant), "--device",
-                           "cpu", "--max-steps", str(STEPS), *TINY])
-        assert code == 0
     return root
 
 
