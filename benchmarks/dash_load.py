@@ -35,8 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dashboards import app as A  # noqa: E402
 from dashboards.runs import Runs  # noqa: E402
 from dashboards.synthetic import PHASES, write_bulk  # noqa: E402
-from diagnostics.trace.reader import connect, read_rows, step_columns, step_range  # noqa: E402
-from diagnostics.trace.store import TRACE_NAME, TraceError, TraceWriter  # noqa: E402
+from diagnostics.trace.connection import connect  # noqa: E402
+from diagnostics.trace.reader import read_rows, step_columns, step_range  # noqa: E402
+from diagnostics.trace.schema import TRACE_NAME, TraceError  # noqa: E402
+from diagnostics.trace.writer import TraceWriter  # noqa: E402
 
 REPEATS = 5
 TABS = ("coverage", "halting", "alignment", "timing")

@@ -272,7 +272,7 @@ def run_check(args: argparse.Namespace, device: torch.device | None = None) -> C
     from diagnostics.trace.loading import load_timings
     from etrm.config import Config, apply_overrides
     from etrm.presets import load_preset
-    from etrm.train import instruments
+    from etrm.train import instrument_setup, instruments
     from etrm.train.trainer import Trainer
 
     t_start = time.perf_counter()
@@ -287,7 +287,7 @@ def run_check(args: argparse.Namespace, device: torch.device | None = None) -> C
         trainer = Trainer(cfg, root / name, device=device)
         (root / name).mkdir()
         if traced:
-            instruments.add_trace(trainer, args.preset)
+            instrument_setup.add_trace(trainer, args.preset)
         return trainer
 
     traced = build("traced", True)
@@ -409,7 +409,7 @@ def measure_variant(name: str, variant: Variant, cfg_data: dict, device: torch.d
                     args: argparse.Namespace) -> Row:
     """Build the variant's trainer, warm it up (compiling), count its syncs, time it; any failure is the row's."""
     from etrm.config import Config, apply_overrides
-    from etrm.train import instruments
+    from etrm.train import instrument_setup, instruments
     from etrm.train.trainer import Trainer
 
     row = Row(name)
@@ -420,7 +420,7 @@ def measure_variant(name: str, variant: Variant, cfg_data: dict, device: torch.d
         trainer = Trainer(cfg, root / name, device=device)
         (root / name).mkdir()
         if variant.traced:
-            instruments.add_trace(trainer, args.preset)
+            instrument_setup.add_trace(trainer, args.preset)
         if variant.compile != "eager":
             compile_modules(trainer, variant.compile)
         graphs = variant.compile == "reduce-overhead"

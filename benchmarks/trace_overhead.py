@@ -37,11 +37,11 @@ from diagnostics.trace.loading import load_run
 from diagnostics.probes import ContextDiversityProbe, LedgerProbe, default_probes
 from diagnostics.probes.diversity import context_stats
 from diagnostics.doctor.thresholds import DoctorConfig
-from diagnostics.trace.store import TraceWriter
+from diagnostics.trace.writer import TraceWriter
 from diagnostics.probes.tracer import Tracer
 from etrm.config import Config, apply_overrides
 from etrm.presets import load_preset
-from etrm.train import instruments
+from etrm.train import instrument_setup, instruments
 from etrm.train.trainer import Trainer
 
 
@@ -50,7 +50,7 @@ def build(cfg: Config, root: Path, name: str, traced: bool) -> Trainer:
     trainer = Trainer(cfg, root / name, device=torch.device("cpu"))
     (root / name).mkdir()
     if traced:
-        instruments.add_trace(trainer)
+        instrument_setup.add_trace(trainer)
     return trainer
 
 

@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dashboards.synthetic import _chunk, counter_names  # noqa: E402
-from diagnostics.trace.store import TraceWriter  # noqa: E402
+from diagnostics.trace.writer import TraceWriter  # noqa: E402
 
 
 def write(path: Path, names: list[str], rows: list[tuple], flush: int, rollups: bool) -> float:

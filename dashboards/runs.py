@@ -2,11 +2,12 @@
 
 Only dashboard concerns live here: run names resolved against the runs root (never followed out of it), and a
 ``RunCache`` per run that holds what the pages show and refreshes it incrementally. Every read goes through the one
-trace reader, ``diagnostics.trace.reader`` (read-only; no SQL here), and every figure comes from the registry
-(``diagnostics.trace.figures``). Small runs (up to ``RAW_MAX_STEPS`` steps) are held as their raw steps table, bucketed in
-memory; large runs as bucketed SQL aggregates over the visible range (full detail once a zoom shows few enough
-steps). A live refresh reads only the rows past the last step seen. Any failure to read a run (missing, corrupt,
-locked, half-written) is a ``RunError`` whose message the app shows on that run's error card.
+trace reader, ``diagnostics.trace.reader``/``records``/``connection`` (read-only; no SQL here), and every figure
+comes from the registry (``diagnostics.trace.figures``). Small runs (up to ``RAW_MAX_STEPS`` steps) are held as
+their raw steps table, bucketed in memory; large runs as bucketed SQL aggregates over the visible range (full detail
+once a zoom shows few enough steps). A live refresh reads only the rows past the last step seen. Any failure to read
+a run (missing, corrupt, locked, half-written) is a ``RunError`` whose message the app shows on that run's error
+card.
 """
 
 from __future__ import annotations
@@ -26,15 +27,17 @@ import pandas as pd
 
 from diagnostics.trace import figures
 
+from diagnostics.trace import connection
 from diagnostics.trace import reader
+from diagnostics.trace import records
 from diagnostics.doctor.diagnose import diagnose
 from diagnostics.doctor.findings import SEVERITIES
 from diagnostics.trace.liveness import trainer_alive
 from diagnostics.trace.loading import STALE_AFTER_S, status_from_markers
 from diagnostics.probes.profiling import PROFILER_DIR
-from diagnostics.trace.reader import (MAX_BUCKETS, Spec, aggregate_rows, bucket_width, finish, halt_columns,
-                                merge_frames, ratio_spec)
-from diagnostics.trace.store import TRACE_NAME, TraceError
+from diagnostics.trace.bucketing import (MAX_BUCKETS, Spec, aggregate_rows, bucket_width, finish, halt_columns,
+                                         merge_frames, ratio_spec)
+from diagnostics.trace.schema import TRACE_NAME, TraceError
 from diagnostics.doctor.thresholds import DoctorConfig
 
 RAW_MAX_STEPS = 50_000       # runs up to this many steps are held raw (exact doctor, in-memory bucketing)
@@ -209,7 +212,7 @@ class RunCache:
             except (RunError, TraceError) as exc:
                 self.info.error = str(exc)
             except sqlite3.Error as exc:
-                self.info.error = reader.describe_sqlite_error(self.name, exc)
+                self.info.error = connection.describe_sqlite_error(self.name, exc)
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 self.info.error = f"{self.name}: the trace could not be read ({' '.join(str(exc).split())})"
             return False
@@ -218,10 +221,10 @@ class RunCache:
         self.path = resolve_run(self.root, self.name)  # again: a link may have been swapped since
         db = self.path / TRACE_NAME
         st = db.stat()
-        conn = reader.connect(self.path)
+        conn = connection.connect(self.path)
         try:
-            meta = reader.read_meta(conn)
-            markers, beat = reader.read_status_inputs(conn)
+            meta = connection.read_meta(conn)
+            markers, beat = records.read_status_inputs(conn)
             lo, hi = reader.step_range(conn)
             inode = (st.st_dev, st.st_ino)
             restarted = (inode != self._inode or len(markers) < self._marker_count
@@ -242,9 +245,9 @@ class RunCache:
                     self.raw = self.raw.reindex(columns=self.columns)
             else:
                 self.raw = None  # whole-run frames take the new rows when next drawn (``_extended``)
-            self.evals = reader.read_evals(conn)
-            self.alignment = reader.read_alignment(conn, limit=200)
-            stored = reader.read_findings(conn)
+            self.evals = records.read_evals(conn)
+            self.alignment = records.read_alignment(conn, limit=200)
+            stored = records.read_findings(conn)
         finally:
             conn.close()
         info = self.info
@@ -287,7 +290,7 @@ class RunCache:
             return cached
         if hi - upto > RAW_MAX_STEPS:
             return None
-        conn = reader.connect(self.path)
+        conn = connection.connect(self.path)
         try:
             new = reader.read_rows(conn, upto, list(spec.sums), upto=hi)
         finally:

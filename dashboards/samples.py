@@ -17,7 +17,7 @@ from dash import dash_table, html
 
 from dashboards import figures as F
 from diagnostics.trace import ledger
-from diagnostics.trace.reader import ratio_spec
+from diagnostics.trace.bucketing import ratio_spec
 
 REASONS_SPEC = ratio_spec("early_halt_share", extra=("halted", "halted_early"))
 TASK_COLUMNS = (("task", "task", None), ("samples", "samples seen", None), ("mean_halt_step", "mean halt step", ".2f"),

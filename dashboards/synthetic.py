@@ -16,7 +16,8 @@ import numpy as np
 
 from diagnostics.doctor.live import LiveDoctor
 from diagnostics.doctor.thresholds import DoctorConfig
-from diagnostics.trace.store import TRACE_NAME, TraceWriter
+from diagnostics.trace.schema import TRACE_NAME
+from diagnostics.trace.writer import TraceWriter
 
 PHASES = ("data", "h2d", "encoder", "inner", "loss", "trace", "backward", "optimizer")
 PHASE_SECONDS = (0.004, 0.001, 0.012, 0.030, 0.002, 0.001, 0.045, 0.006)
@@ -155,7 +156,7 @@ def _noise(steps: np.ndarray, k: int) -> np.ndarray:
 
 def _timing_sums(steps: np.ndarray) -> list[tuple[int, str, int, float]]:
     """(finest bucket, phase, rows, seconds) sums of the timings ``_NOISE_SQL`` draws for ``steps``."""
-    from diagnostics.trace.store import ROLLUP_WIDTHS
+    from diagnostics.trace.schema import ROLLUP_WIDTHS
 
     keys = (steps - 1) // ROLLUP_WIDTHS[0]
     at = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])

@@ -21,7 +21,7 @@ from diagnostics.doctor.thresholds import DoctorConfig
 from diagnostics.doctor.eval_findings import diagnose_evals
 from diagnostics.doctor.ledger_doctor import diagnose_run
 from diagnostics.trace.loading import as_json_value, load_eval_audits, load_evals, load_run
-from diagnostics.trace.store import TraceError
+from diagnostics.trace.schema import TraceError
 
 PROG = "etrm-doctor"
 COLOURS = {"error": "bold red", "warning": "yellow", "info": "cyan"}

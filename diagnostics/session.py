@@ -40,7 +40,8 @@ from diagnostics.trace.eval_audits import RAW, EvalAudit, without_act_steps
 from diagnostics.forks import ContextPicker, LossHeadCatch, Selector, next_free_run_dir
 from diagnostics.probes import DIVERSITY_EVERY, default_probes
 from diagnostics.probes.step_metrics import IGNORE_LABEL, correctness, slot_metrics
-from diagnostics.trace.store import TRACE_NAME, TraceWriter
+from diagnostics.trace.schema import TRACE_NAME
+from diagnostics.trace.writer import TraceWriter
 from diagnostics.probes.tracer import Tracer
 
 Tensor = torch.Tensor

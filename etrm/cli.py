@@ -21,7 +21,7 @@ from diagnostics.trace import killpoints
 
 from diagnostics.trace import liveness
 from diagnostics.properties.runtime_check import InvariantError
-from diagnostics.trace.store import TRACE_NAME
+from diagnostics.trace.schema import TRACE_NAME
 from etrm.config import Config, ConfigError, apply_overrides, load_toml
 from etrm.data.maze import VALID_PATH_KEY
 from etrm.errors import UserError
@@ -246,7 +246,7 @@ def _train(args: argparse.Namespace, cfg: Config, preset: str | None, run_dir: P
     import torch
     from rich.markup import escape
 
-    from etrm.train import distributed, instruments
+    from etrm.train import distributed, instrument_setup, instruments
     from etrm.train.console import Reporter
     from etrm.train.trainer import Trainer
 
@@ -265,7 +265,7 @@ def _train(args: argparse.Namespace, cfg: Config, preset: str | None, run_dir: P
         _hold(made, run_dir)
     trace = args.trace or args.tensorboard or args.wandb or (args.resume and (run_dir / TRACE_NAME).exists())
     trace = distributed.broadcast_object(trace, env)  # rank 0's view of the run directory decides for every rank
-    instruments.build(trainer, instruments.Options(trace=trace, preset=preset, profile=args.profile,
+    instrument_setup.build(trainer, instrument_setup.Options(trace=trace, preset=preset, profile=args.profile,
                                                    tensorboard=args.tensorboard, wandb=args.wandb,
                                                    check_invariants=args.check_invariants))
     tracer = trainer.instruments.find(instruments.Trace)

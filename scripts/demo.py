@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diagnostics.trace.store import read_only_uri
+from diagnostics.trace.connection import read_only_uri
 
 # name -> (etrm-train arguments, the doctor's expected exit status)
 RUNS: dict[str, tuple[list[str], int]] = {

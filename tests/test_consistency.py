@@ -22,8 +22,8 @@ from dashboards import runs as R
 from diagnostics.trace import figures
 from diagnostics.cli import main as doctor_main
 from diagnostics.trace.loading import load_run
-from diagnostics.trace.reader import ratio_spec
-from diagnostics.trace.store import TRACE_NAME
+from diagnostics.trace.bucketing import ratio_spec
+from diagnostics.trace.schema import TRACE_NAME
 from diagnostics.trace.tb_scalars import TENSORBOARD_DIR
 from etrm.cli import main as train_main
 

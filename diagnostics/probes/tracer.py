@@ -17,7 +17,7 @@ from diagnostics.events import PhaseClock, StepEvents
 from diagnostics.trace.killpoints import kill_point
 from diagnostics.probes.base import Probe
 from diagnostics.probes.ledger import TABLE as LEDGER_TABLE
-from diagnostics.trace.store import TraceWriter
+from diagnostics.trace.writer import TraceWriter
 
 Tensor = torch.Tensor
 

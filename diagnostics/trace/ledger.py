@@ -5,8 +5,9 @@ reasons, how puzzle ids fold into tasks, which records the store keeps raw (ever
 and exit step, so the rate is known and the choice survives a resume), the per-task increments a batch of records
 adds (counts, sums, the halting-step histogram and calibration bins of q-halt probability vs exact at exit), and the
 task-level figures read from them (exact rate, mean halting step, q-halt share, calibration error). The probe
-(``diagnostics.probes.ledger``) makes records, the store (``diagnostics.trace.store``) keeps them, the reader, the doctor's
-ledger findings and the dashboard's Samples tab read the figures from here.
+(``diagnostics.probes.ledger``) makes records, the writer (``diagnostics.trace.writer``) keeps them, the reader
+(``diagnostics.trace.records``), the doctor's ledger findings and the dashboard's Samples tab read the figures from
+here.
 """
 
 from __future__ import annotations

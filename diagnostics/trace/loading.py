@@ -18,9 +18,10 @@ import pandas as pd
 
 from diagnostics.trace import figures
 
-from diagnostics.trace import reader
+from diagnostics.trace import records
 from diagnostics.trace.liveness import trainer_alive
-from diagnostics.trace.store import TRACE_NAME, TraceError, open_trace, read_meta
+from diagnostics.trace.connection import open_trace, read_meta
+from diagnostics.trace.schema import TRACE_NAME, TraceError
 
 LIFECYCLE = {"start": "live", "resume": "live", "end": "finished", "finished": "finished",
              "stopped": "stopped", "crashed": "crashed"}
@@ -65,7 +66,7 @@ def load_run(path: str | Path) -> pd.DataFrame:
     with _trace(path) as conn:
         meta = read_meta(conn)
         df = pd.read_sql_query("SELECT * FROM steps ORDER BY step", conn)
-        alignment = reader.read_alignment(conn)
+        alignment = records.read_alignment(conn)
     df = df.astype(float)
     df["step"] = df["step"].astype("int64")
     df.index = pd.Index(df["step"].to_numpy(), dtype="int64")
@@ -79,7 +80,7 @@ def load_run(path: str | Path) -> pd.DataFrame:
 def load_alignment(path: str | Path) -> pd.DataFrame:
     """The first offending slots kept by the alignment probe: step, slot, sample_id, label_sample_id, demo_sample_id."""
     with _trace(path) as conn:
-        return reader.read_alignment(conn)
+        return records.read_alignment(conn)
 
 
 def load_ledger(path: str | Path, lo: int | None = None, hi: int | None = None) -> pd.DataFrame:
@@ -88,26 +89,26 @@ def load_ledger(path: str | Path, lo: int | None = None, hi: int | None = None) 
     token_acc, q_halt_logit, q_continue_logit, encoder_grad_steps). ``attrs["sample_rate"]``: the share of exits
     stored (1.0 when every one is); ``lo``/``hi`` bound the exit step."""
     with _trace(path) as conn:
-        return reader.read_ledger(conn, lo, hi)
+        return records.read_ledger(conn, lo, hi)
 
 
 def load_task_stats(path: str | Path) -> pd.DataFrame:
     """One row per task (augmentations folded), exact over every exit whatever the sample rate: samples,
     exact_rate, token_acc, mean_halt_step, q_halt_share, mean_q_prob, calibration_error, never_solved and the sums."""
     with _trace(path) as conn:
-        return reader.read_task_stats(conn)
+        return records.read_task_stats(conn)
 
 
 def load_ledger_bins(path: str | Path) -> pd.DataFrame:
     """The ledger's histograms per task: kind (``halt_step``, ``q_prob``), bin, n, exact, prob_sum."""
     with _trace(path) as conn:
-        return reader.read_ledger_bins(conn)
+        return records.read_ledger_bins(conn)
 
 
 def load_evals(path: str | Path) -> pd.DataFrame:
     """Evaluation results, one row per eval step and one column per metric."""
     with _trace(path) as conn:
-        return reader.read_evals(conn)
+        return records.read_evals(conn)
 
 
 def load_eval_audits(path: str | Path) -> pd.DataFrame:
@@ -117,7 +118,7 @@ def load_eval_audits(path: str | Path) -> pd.DataFrame:
     ``halt_step`` (at the would-halt step), ``count``, ``config_hash``, ``halt_rule``. Empty for traces before
     schema 3."""
     with _trace(path) as conn:
-        return reader.read_eval_audits(conn)
+        return records.read_eval_audits(conn)
 
 
 def load_timings(path: str | Path) -> pd.DataFrame:
@@ -129,14 +130,14 @@ def load_timings(path: str | Path) -> pd.DataFrame:
 def load_findings(path: str | Path) -> pd.DataFrame:
     """The findings the trainer stored (code, severity, first_step, evidence as a dict, message)."""
     with _trace(path) as conn:
-        rows = reader.read_findings(conn)
+        rows = records.read_findings(conn)
     return pd.DataFrame(rows, columns=["code", "severity", "first_step", "evidence", "message"])
 
 
 def load_markers(path: str | Path) -> pd.DataFrame:
     """Lifecycle markers in the order written: time, kind, step, detail."""
     with _trace(path) as conn:
-        return reader.read_markers(conn)
+        return records.read_markers(conn)
 
 
 def status_from_markers(markers: Sequence[tuple[float, str]], beat: float | None, fallback: list[float],
@@ -166,7 +167,7 @@ def run_status(path: str | Path, stale_after: float = STALE_AFTER_S, now: float 
     """
     now = time.time() if now is None else now
     with _trace(path) as conn:
-        markers, beat = reader.read_status_inputs(conn)
+        markers, beat = records.read_status_inputs(conn)
     p = Path(path)
     db = p / TRACE_NAME if p.is_dir() else p
     wal = db.with_name(db.name + "-wal")  # a reader's own -shm/-wal (empty) must not count as a write

@@ -1,16 +1,10 @@
-"""The one trace reader: everything a view of a run reads from its ``trace.sqlite``, read-only.
+"""The trace reader: steps and timings over any step range of a run's ``trace.sqlite``, read-only.
 
-A live trainer may be writing the trace (WAL), so every connection is read-only with a short lock timeout, and any
-failure is a ``TraceError`` with a one-line message. No reader ever writes to a trace. Served here: the meta, the
+A live trainer may be writing the trace (WAL), so every connection comes from ``diagnostics.trace.connection``
+(read-only, a short lock timeout) and any failure is a ``TraceError`` with a one-line message. Served here: the
 step range and columns, steps after step N (a live tail), bucketed sums and min/max envelopes over any step range
-(``Spec``, ``sql_buckets``; ``aggregate_rows``/``merge_frames`` do the same in memory), phase timings, evals,
-evaluation audits (``read_eval_audits``), findings, markers and heartbeat (the run-status inputs), and the first
-offending alignment samples. Figures are added to bucketed frames by ``finish`` from the registry
-(``diagnostics.trace.figures``).
-
-A bucketed frame has one row per bucket: ``step`` (last step in it), ``step_lo``, ``n`` (rows), the sum of each
-stored column asked for, and ``<name>_min``/``<name>_max`` envelopes of per-step values; the figures are exact at
-any bucket width because numerators and denominators are summed apart.
+(``sql_buckets``; the frames and ``Spec`` are ``diagnostics.trace.bucketing``'s) and phase timings. The other
+tables (evals, audits, findings, markers, alignment samples, the ledger) are read by ``diagnostics.trace.records``.
 """
 
 from __future__ import annotations
@@ -19,74 +13,19 @@ import json
 import math
 import sqlite3
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 
-from diagnostics.trace import eval_audits
-
 from diagnostics.trace import figures
+from diagnostics.trace.bucketing import Spec, aggregate_rows, envelope_sql, frame_columns, group_buckets
+from diagnostics.trace.connection import connect, describe_sqlite_error
+from diagnostics.trace.schema import ROLLUP_WIDTHS, TraceError, rollup_table, sql_name, timing_rollup_table
 
-from diagnostics.trace import ledger
-from diagnostics.trace.store import (EVAL_AUDIT_TABLES, ROLLUP_WIDTHS, SCHEMA_VERSION, TRACE_NAME, TraceError, read_meta,
-                               read_only_uri, readable, rollup_table, timing_rollup_table)
-
-MAX_BUCKETS = 800            # points per series over any visible range
 MAX_TIMING_STEPS = 2_000     # timings of at most this many steps are read per range (sampled evenly beyond)
 RAW_READ_MAX = 50_000        # a range of at most this many steps without a rollup level is read whole, in one query
-CONNECT_TIMEOUT_S = 1.0      # a locked trace fails fast instead of hanging a page
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Reading the store
-
-def connect(run_dir: Path, timeout: float = CONNECT_TIMEOUT_S) -> sqlite3.Connection:
-    """A read-only connection with a short lock timeout; ``TraceError`` (one line) for a trace that is missing,
-    half-written, corrupt or of a schema this version cannot read (it reads 1..``SCHEMA_VERSION``)."""
-    run_dir = Path(run_dir)
-    db = run_dir if run_dir.is_file() else run_dir / TRACE_NAME
-    if not db.is_file():
-        raise TraceError(f"no {TRACE_NAME} in {run_dir.name}")
-    if db.stat().st_size == 0:
-        raise TraceError(f"{run_dir.name}: the trace is empty (half-written: the trainer has not committed yet)")
-    try:
-        conn = sqlite3.connect(read_only_uri(db), uri=True, timeout=timeout,
-                               check_same_thread=False)
-    except sqlite3.Error as exc:
-        raise TraceError(f"{run_dir.name}: cannot open the trace ({_one_line(exc)})") from None
-    try:
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if "meta" not in tables or "steps" not in tables:
-            raise TraceError(f"{run_dir.name}: the trace has no schema yet (half-written, or not an etrm trace)")
-        row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        if row is None:
-            raise TraceError(f"{run_dir.name}: the trace has no schema version (half-written, or not an etrm trace)")
-        if not readable(row[0]):
-            raise TraceError(f"{run_dir.name}: trace schema {row[0]}, this etrm reads 1 to {SCHEMA_VERSION}; "
-                             "upgrade etrm")
-    except TraceError:
-        conn.close()
-        raise
-    except sqlite3.Error as exc:
-        conn.close()
-        raise TraceError(describe_sqlite_error(run_dir.name, exc)) from None
-    return conn
-
-
-def describe_sqlite_error(name: str, exc: BaseException) -> str:
-    text = _one_line(exc)
-    if "locked" in text or "busy" in text:
-        return f"{name}: the trace is locked by another process ({text}); it will be retried"
-    if "not a database" in text or "malformed" in text or "corrupt" in text:
-        return f"{name}: the trace is corrupt ({text})"
-    return f"{name}: the trace could not be read ({text})"
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
 
 
 def step_columns(conn: sqlite3.Connection) -> list[str]:
@@ -94,139 +33,12 @@ def step_columns(conn: sqlite3.Connection) -> list[str]:
     return [r[1] for r in conn.execute("PRAGMA table_info(steps)") if r[1] != "step"]
 
 
-def _q(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Bucketing specs: which sums and envelopes a page needs
-
-@dataclass(frozen=True)
-class Spec:
-    """Columns to sum per bucket and per-step values whose min/max envelope to keep (derived ratio names or stored
-    column names)."""
-
-    sums: tuple[str, ...]
-    envelopes: tuple[str, ...] = ()
-
-    def resolve(self, columns: Iterable[str]) -> "Spec":
-        """Only what this trace has: sums of present columns (plus figure inputs), envelopes whose inputs exist
-        (a figure's root, ``sqrt``, has no envelope: its per-step value is not a plain ratio in SQL)."""
-        have = set(columns)
-        sums = list(dict.fromkeys(c for c in self.sums if c in have))
-        envs = []
-        for e in self.envelopes:
-            fig = figures.REGISTRY.get(e)
-            if fig is not None:
-                if all(c in have for c in fig.terms) and not fig.sqrt:
-                    envs.append(e)
-                    sums.extend(c for c in fig.terms if c not in sums)
-            elif e in have:
-                envs.append(e)
-                if e not in sums:
-                    sums.append(e)
-        return Spec(tuple(sums), tuple(envs))
-
-
-def ratio_spec(*names: str, extra: Iterable[str] = ()) -> Spec:
-    """A spec with the ratio terms of ``names`` summed and their envelopes kept."""
-    sums: list[str] = list(extra)
-    for n in names:
-        if n in figures.REGISTRY:
-            sums.extend(figures.REGISTRY[n].terms)
-        else:
-            sums.append(n)
-    return Spec(tuple(dict.fromkeys(sums)), tuple(names))
-
-
-def halt_columns(columns: Iterable[str]) -> list[str]:
-    """``halt_at_k`` columns in k order."""
-    ks = sorted(int(c[8:]) for c in columns if c.startswith("halt_at_") and c[8:].isdigit())
-    return [f"halt_at_{k}" for k in ks]
-
-
-def envelope_sql(name: str) -> str:
-    """The per-step value of an envelope as SQL: a figure's (``diagnostics.trace.figures.per_step_sql``) or a column."""
-    fig = figures.REGISTRY.get(name)
-    return figures.per_step_sql(fig, _q) if fig is not None else _q(name)
-
-
-def envelope_values(raw: pd.DataFrame, name: str) -> pd.Series:
-    """The same per-step values in pandas."""
-    fig = figures.REGISTRY.get(name)
-    return figures.series(raw, fig) if fig is not None else raw[name].astype(float)
-
-
-def bucket_width(lo: int, hi: int, max_buckets: int = MAX_BUCKETS) -> int:
-    """Steps per bucket so that [lo, hi] makes at most ``max_buckets`` buckets (1 = full detail)."""
-    return max(1, math.ceil((hi - lo + 1) / max_buckets))
-
-
-def aggregate_rows(raw: pd.DataFrame, spec: Spec, width: int, origin: int = 1) -> pd.DataFrame:
-    """Bucket raw per-step rows (indexed by step) into the bucketed-frame layout (sums, ``_min``/``_max``)."""
-    cols = _frame_columns(spec)
-    if raw.empty:
-        return pd.DataFrame({c: pd.Series(dtype=float) for c in cols})
-    steps = raw.index.to_numpy(dtype=np.int64)
-    data = {"step": steps.astype(float), "step_lo": steps.astype(float), "n": np.ones(len(raw))}
-    for c in spec.sums:
-        data[c] = raw[c].to_numpy(dtype=float) if c in raw.columns else np.full(len(raw), np.nan)
-    for e in spec.envelopes:
-        v = envelope_values(raw, e).to_numpy(dtype=float)
-        data[f"{e}_min"], data[f"{e}_max"] = v, v
-    frame = pd.DataFrame(data, columns=cols)
-    if width == 1:
-        return frame
-    return _group(frame, (steps - origin) // width, spec)
-
-
-def merge_frames(a: pd.DataFrame, b: pd.DataFrame, spec: Spec, width: int, origin: int = 1) -> pd.DataFrame:
-    """Fold bucketed frame ``b`` (later steps) into ``a``, re-bucketing both at ``width`` (exact: sums, min, max)."""
-    parts = [x for x in (a, b) if len(x)]
-    if not parts:
-        return a
-    both = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
-    key = (both["step_lo"].to_numpy(dtype=np.int64) - origin) // width
-    return _group(both[_frame_columns(spec)], key, spec)
-
-
-def _frame_columns(spec: Spec) -> list[str]:
-    return ["step", "step_lo", "n", *spec.sums, *(f"{e}_{m}" for e in spec.envelopes for m in ("min", "max"))]
-
-
-def _group(frame: pd.DataFrame, key: np.ndarray, spec: Spec) -> pd.DataFrame:
-    """Rows with equal ``key`` merged: sums added (NaN only where all are NaN), ``_min``/``_max`` and the step
-    bounds reduced; vectorised with ``reduceat`` over the (sorted) keys."""
-    if len(key) > 1 and (np.diff(key) < 0).any():
-        order = np.argsort(key, kind="stable")
-        frame, key = frame.iloc[order], key[order]
-    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-    mins = {"step_lo", *(f"{e}_min" for e in spec.envelopes)}
-    maxs = {"step", *(f"{e}_max" for e in spec.envelopes)}
-    out: dict[str, np.ndarray] = {}
-    for c in frame.columns:
-        v = frame[c].to_numpy(dtype=float)
-        if c in mins:
-            out[c] = np.fmin.reduceat(v, starts)
-        elif c in maxs:
-            out[c] = np.fmax.reduceat(v, starts)
-        else:
-            nan = np.isnan(v)
-            total = np.add.reduceat(np.where(nan, 0.0, v), starts)
-            total[np.add.reduceat(~nan, starts) == 0] = np.nan
-            out[c] = total
-    return pd.DataFrame(out, columns=list(frame.columns))
-
-
-def finish(frame: pd.DataFrame, mode: str | None = None) -> pd.DataFrame:
-    """A bucketed frame with every available registered figure added per bucket (``diagnostics.trace.figures``: a ratio
-    of the bucket's sums, per step over its ``n`` steps for figures without a denominator)."""
-    n = frame["n"].to_numpy(dtype=float) if "n" in frame.columns else None
-    cols = figures.columns(frame, n=n, mode=mode)
-    keep = frame.drop(columns=[c for c in cols if c in frame.columns])
-    out = pd.concat([keep, pd.DataFrame(cols, index=frame.index)], axis=1) if cols else frame.copy()
-    out.attrs.update(frame.attrs)
-    return out
+def step_range(conn: sqlite3.Connection) -> tuple[int, int]:
+    """The first and last stored step (0, 0 when there is none)."""
+    # two queries: each is one b-tree descent, where MIN and MAX together would scan the table
+    lo = conn.execute("SELECT MIN(step) FROM steps").fetchone()[0]
+    hi = conn.execute("SELECT MAX(step) FROM steps").fetchone()[0]
+    return int(lo or 0), int(hi or 0)
 
 
 def rollup_widths(conn: sqlite3.Connection) -> tuple[int, ...]:
@@ -309,10 +121,10 @@ def _rollup_buckets(conn: sqlite3.Connection, spec: Spec, lo: int, hi: int, widt
     buckets of a multiple of the coarsest width on the step grid."""
     r = levels[0][0]
     big = math.ceil(width / r) * r
-    cols = _frame_columns(spec)
+    cols = frame_columns(spec)
     # whole rollup buckets are grouped into the view's buckets by SQLite (one row per view bucket comes back)
-    exprs = ", ".join(["MAX(step_hi)", "MIN(step_lo)", "SUM(n)", *(f"SUM({_q(c)})" for c in spec.sums),
-                       *(f"{m.upper()}({_q(f'{e}__{m}')})" for e in spec.envelopes for m in ("min", "max"))])
+    exprs = ", ".join(["MAX(step_hi)", "MIN(step_lo)", "SUM(n)", *(f"SUM({sql_name(c)})" for c in spec.sums),
+                       *(f"{m.upper()}({sql_name(f'{e}__{m}')})" for e in spec.envelopes for m in ("min", "max"))])
     parts: list[pd.DataFrame] = []
     conn.execute("BEGIN")  # one read transaction: a writer's commit between the pieces cannot split a step
     try:
@@ -333,7 +145,7 @@ def _rollup_buckets(conn: sqlite3.Connection, spec: Spec, lo: int, hi: int, widt
         out = pd.DataFrame({c: pd.Series(dtype=float) for c in cols})
     else:
         frame = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
-        out = _group(frame, (frame["step_lo"].to_numpy(dtype=np.int64) - 1) // big, spec)
+        out = group_buckets(frame, (frame["step_lo"].to_numpy(dtype=np.int64) - 1) // big, spec)
     out.attrs.update(width=big, rollup=r)
     return out
 
@@ -341,13 +153,13 @@ def _rollup_buckets(conn: sqlite3.Connection, spec: Spec, lo: int, hi: int, widt
 def _raw_buckets(run_dir: Path, spec: Spec, lo: int, hi: int, width: int, threads: int = 2) -> pd.DataFrame:
     """Bucketed sums and envelopes from the raw rows, one aggregate query per bucket (SQLite scans each bucket's
     rowid range once; no temporary GROUP BY b-tree). Large ranges are split over ``threads`` connections."""
-    exprs = ["MAX(step)", "MIN(step)", "COUNT(*)"] + [f"SUM({_q(c)})" for c in spec.sums]
+    exprs = ["MAX(step)", "MIN(step)", "COUNT(*)"] + [f"SUM({sql_name(c)})" for c in spec.sums]
     for e in spec.envelopes:
         v = envelope_sql(e)
         exprs += [f"MIN({v})", f"MAX({v})"]
     sql = f"SELECT {', '.join(exprs)} FROM steps WHERE step BETWEEN ? AND ?"
     starts = list(range(lo, hi + 1, width))
-    cols = _frame_columns(spec)
+    cols = frame_columns(spec)
     parts: list[list[tuple] | None] = [None] * max(1, threads)
     errors: list[BaseException] = []
 
@@ -382,7 +194,7 @@ def _raw_buckets(run_dir: Path, spec: Spec, lo: int, hi: int, width: int, thread
 def read_rows(conn: sqlite3.Connection, after: int, columns: list[str] | None = None,
               upto: int | None = None) -> pd.DataFrame:
     """Raw steps rows with step > ``after`` (and <= ``upto``), indexed by step, as floats."""
-    cols = ", ".join(["step"] + [_q(c) for c in columns]) if columns is not None else "*"
+    cols = ", ".join(["step"] + [sql_name(c) for c in columns]) if columns is not None else "*"
     sql, args = f"SELECT {cols} FROM steps WHERE step > ?", [after]
     if upto is not None:
         sql += " AND step <= ?"
@@ -471,139 +283,3 @@ def _rollup_timings(conn: sqlite3.Connection, lo: int, hi: int, width: int,
                             "seconds": total / rows})
     out.attrs.update(sampled=False, width=big)
     return out
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Evals, findings, markers, alignment samples
-
-def read_evals(conn: sqlite3.Connection) -> pd.DataFrame:
-    """Evaluation results, one row per eval step (index) and one column per metric."""
-    long = pd.read_sql_query("SELECT step, name, value FROM evals ORDER BY step", conn)
-    if long.empty:
-        return pd.DataFrame(index=pd.Index([], dtype="int64", name="step"))
-    wide = long.pivot(index="step", columns="name", values="value")  # (step, name) is the key: no aggregation
-    wide.columns.name = None
-    return wide.astype(float)
-
-
-def read_eval_audits(conn: sqlite3.Connection) -> pd.DataFrame:
-    """The evaluation audits (schema 3; ``diagnostics.trace.eval_audits.COLUMNS``): one row per eval step, weights and
-    ACT step, with the eval's would-halt figures, config hash and halt rule on each. Empty (same columns) for a
-    trace of an older schema, which has no audits."""
-    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    if not set(EVAL_AUDIT_TABLES) <= tables:
-        return pd.DataFrame({c: pd.Series(dtype=float) for c in eval_audits.COLUMNS})
-    cols = ", ".join(f"{'s' if c in _ACT_STEP_COLUMNS else 'a'}.{_q(c)}" for c in eval_audits.COLUMNS)
-    df = pd.read_sql_query(f"SELECT {cols} FROM eval_act_steps s JOIN eval_audits a USING (step, weights) "
-                           "ORDER BY s.step, s.weights, s.act_step", conn)
-    return df.astype({"step": "int64", "act_step": "int64"})
-
-
-_ACT_STEP_COLUMNS = ("step", "weights", "act_step", "exact", "token", "halt_share")
-
-
-def read_findings(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-    """The findings the trainer stored: code, severity, first_step, evidence (a dict), message."""
-    rows = conn.execute("SELECT code, severity, first_step, evidence, message FROM findings").fetchall()
-    return [{"code": c, "severity": s, "first_step": None if f is None else int(f), "evidence": _json(e),
-             "message": m} for c, s, f, e, m in rows]
-
-
-def read_markers(conn: sqlite3.Connection) -> pd.DataFrame:
-    """Lifecycle markers in the order written: time, kind, step, detail."""
-    return pd.read_sql_query("SELECT time, kind, step, detail FROM markers ORDER BY time, rowid", conn)
-
-
-def read_status_inputs(conn: sqlite3.Connection) -> tuple[list[tuple[float, str]], float | None]:
-    """What the run-status rule reads: (time, kind) markers in order and the last heartbeat time."""
-    markers = conn.execute("SELECT time, kind FROM markers ORDER BY time, rowid").fetchall()
-    beat = conn.execute("SELECT MAX(time) FROM heartbeat").fetchone()[0]
-    return markers, beat
-
-
-def read_alignment(conn: sqlite3.Connection, limit: int | None = None) -> pd.DataFrame:
-    """The first offending slots kept by the alignment probe: step, slot, sample_id, label_sample_id,
-    demo_sample_id."""
-    sql = ("SELECT step, slot, sample_id, label_sample_id, demo_sample_id FROM alignment_samples "
-           "ORDER BY step, slot")
-    return pd.read_sql_query(sql + (f" LIMIT {int(limit)}" if limit is not None else ""), conn)
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# The per-sample ledger (schema version 3; ``diagnostics.trace.ledger`` defines its columns and figures)
-
-def _tables(conn: sqlite3.Connection) -> set[str]:
-    return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-
-
-def ledger_sample_rate(conn: sqlite3.Connection) -> float:
-    """The share of exits whose raw record is stored (1.0 when every one is; NaN for a trace without a ledger)."""
-    row = conn.execute("SELECT value FROM meta WHERE key = 'ledger_sample_rate'").fetchone()
-    return float(row[0]) if row is not None else math.nan
-
-
-def read_ledger(conn: sqlite3.Connection, lo: int | None = None, hi: int | None = None,
-                limit: int | None = None) -> pd.DataFrame:
-    """The stored raw ledger records (exit step in [lo, hi] when given), in exit order: the columns of
-    ``diagnostics.trace.ledger.RECORD_COLUMNS`` (``reason`` as ``q_halt``/``max_step``) plus ``token_acc``.
-    ``attrs["sample_rate"]``: the share of exits kept (scale counts by its inverse). Empty before version 3."""
-    cols = list(ledger.RECORD_COLUMNS)
-    if "ledger" not in _tables(conn):
-        out = ledger.as_frame([], cols)
-    else:
-        sql, args = f"SELECT {', '.join(cols)} FROM ledger WHERE 1", []
-        if lo is not None:
-            sql, args = sql + " AND exit_step >= ?", args + [lo]
-        if hi is not None:
-            sql, args = sql + " AND exit_step <= ?", args + [hi]
-        sql += " ORDER BY exit_step, rank, slot" + (f" LIMIT {int(limit)}" if limit is not None else "")
-        out = ledger.as_frame(conn.execute(sql, args).fetchall(), cols)
-    out["token_acc"] = out["token_correct"] / out["token_count"].where(out["token_count"] > 0)
-    out.attrs["sample_rate"] = ledger_sample_rate(conn)
-    return out
-
-
-def read_ledger_bins(conn: sqlite3.Connection) -> pd.DataFrame:
-    """Per task and histogram kind (``halt_step``, ``q_prob``): bin, n, exact, prob_sum, over both segments."""
-    cols = ["task", "kind", "bin", *ledger.BIN_SUMS]
-    if "ledger_bins" not in _tables(conn):
-        return pd.DataFrame({c: pd.Series(dtype=float) for c in cols})
-    sums = ", ".join(f"SUM({c}) AS {c}" for c in ledger.BIN_SUMS)
-    return pd.read_sql_query(f"SELECT task, kind, bin, {sums} FROM ledger_bins GROUP BY task, kind, bin "
-                             "ORDER BY task, kind, bin", conn)
-
-
-def read_task_stats(conn: sqlite3.Connection) -> pd.DataFrame:
-    """One row per task (augmentations folded): the exact sums over every exit and the task figures of
-    ``diagnostics.trace.ledger.task_stats`` (exact_rate, mean_halt_step, q_halt_share, calibration_error, ...)."""
-    if "ledger_tasks" not in _tables(conn):
-        tasks = pd.DataFrame(columns=["task", *ledger.TASK_SUMS])
-    else:
-        sums = ", ".join(f"SUM({c}) AS {c}" for c in ledger.TASK_SUMS)
-        tasks = pd.read_sql_query(f"SELECT task, {sums} FROM ledger_tasks GROUP BY task", conn)
-    out = ledger.task_stats(tasks, read_ledger_bins(conn))
-    out.attrs["sample_rate"] = ledger_sample_rate(conn)
-    return out
-
-
-def step_range(conn: sqlite3.Connection) -> tuple[int, int]:
-    """The first and last stored step (0, 0 when there is none)."""
-    # two queries: each is one b-tree descent, where MIN and MAX together would scan the table
-    lo = conn.execute("SELECT MIN(step) FROM steps").fetchone()[0]
-    hi = conn.execute("SELECT MAX(step) FROM steps").fetchone()[0]
-    return int(lo or 0), int(hi or 0)
-
-
-def _json(text: Any) -> Any:
-    try:
-        return json.loads(text)
-    except (TypeError, json.JSONDecodeError):
-        return text
-
-
-__all__ = ["CONNECT_TIMEOUT_S", "MAX_BUCKETS", "MAX_TIMING_STEPS", "Spec", "aggregate_rows", "bucket_width",
-           "connect", "describe_sqlite_error", "envelope_sql", "envelope_values", "finish", "halt_columns",
-           "ledger_sample_rate", "merge_frames", "ratio_spec", "read_alignment", "read_eval_audits", "read_evals",
-           "read_findings", "read_ledger", "read_ledger_bins", "read_markers", "read_meta", "read_task_stats",
-           "read_rows", "read_status_inputs", "read_timings", "readable", "rollup_widths", "sql_buckets", "step_columns",
-           "step_range", "cover", "timing_rollup_widths"]

@@ -24,15 +24,15 @@ from typing import TYPE_CHECKING, Literal, Sequence
 import numpy as np
 
 from etrm.data.dataset import GridDataset
-from etrm.data.families import NUM_DIHEDRAL, dihedral, inverse_dihedral
-from etrm.data.tokens import EOS, PAD, VOCAB_SIZE, COLOUR_OFFSET, decode_grid, labels_from_tokens
+from etrm.data.arc_variants import ArcVariants, Variant, VariantTable, encode_at, invert_grid
+from etrm.data.families import NUM_DIHEDRAL
+from etrm.data.tokens import VOCAB_SIZE, decode_grid, labels_from_tokens
 
 if TYPE_CHECKING:
     from etrm.data.arc_rows import ArcTrainSet
 
 Pair = tuple[np.ndarray, np.ndarray]
 ARC_VERSIONS = {"arc1": "arcagi1", "arc2": "arcagi2"}
-IDENTITY_PERM = tuple(range(10))
 
 
 class ArcDataError(ValueError):
@@ -52,32 +52,6 @@ class ArcTask:
 
     def max_side(self) -> int:
         return max(max(g.shape) for g in self.grids())
-
-
-@dataclass(frozen=True)
-class Variant:
-    """A dihedral transform ``tid`` after the colour permutation ``perm`` (``perm[c]`` is the new colour of ``c``)."""
-
-    tid: int = 0
-    perm: tuple[int, ...] = IDENTITY_PERM
-
-    def apply(self, grid: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(dihedral(np.asarray(self.perm, dtype=np.uint8)[np.asarray(grid)], self.tid))
-
-    def invert(self, grid: np.ndarray) -> np.ndarray:
-        """Map a grid in this variant's frame back to the original task's frame."""
-        return invert_grid(grid, self.tid, np.asarray(self.perm))
-
-    @property
-    def name(self) -> str:
-        return f"t{self.tid}|" + "".join(map(str, self.perm))
-
-
-def invert_grid(grid: np.ndarray, tid: int, perm: np.ndarray) -> np.ndarray:
-    """Undo ``dihedral(perm[g], tid)``: the inverse transform, then the inverse colour permutation."""
-    inv = np.argsort(np.asarray(perm)).astype(np.uint8)
-    grid = np.asarray(grid, dtype=np.int64)
-    return np.ascontiguousarray(inv[dihedral(grid, inverse_dihedral(int(tid)))])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -161,22 +135,6 @@ def variant_pairs(task: ArcTask, rng: np.random.Generator,
     return out
 
 
-def encode_at(grid: np.ndarray, canvas: int, top: int = 0, left: int = 0) -> np.ndarray:
-    """``encode_grid`` with the grid (and its EOS edges) shifted down by ``top`` and right by ``left``."""
-    h, w = grid.shape
-    if top + h > canvas or left + w > canvas:
-        raise ValueError(f"grid of {h}x{w} at ({top}, {left}) does not fit the {canvas}x{canvas} canvas")
-    out = np.full((canvas, canvas), PAD, dtype=np.uint8)
-    out[top:top + h, left:left + w] = grid.astype(np.uint8) + COLOUR_OFFSET
-    if top + h < canvas:
-        out[top + h, left:left + w] = EOS
-    if left + w < canvas:
-        out[top:top + h, left + w] = EOS
-    if top + h < canvas and left + w < canvas:
-        out[top + h, left + w] = EOS
-    return out.reshape(-1)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The index that maps eval rows back to their tasks (voting)
 
@@ -203,26 +161,6 @@ class ArcIndex:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Building the datasets
-
-@dataclass
-class VariantTable:
-    """How every row (or demo-pool entry) was made from the base grids: base input and output grid, dihedral id,
-    colour permutation and translation. ``etrm.data.arc_device`` renders rows from it on the device."""
-
-    source: np.ndarray  # [N, 2] int32 indices into the base grids (input, output)
-    tid: np.ndarray  # [N] int8
-    perm: np.ndarray  # [N, 10] uint8
-    offset: np.ndarray  # [N, 2] uint8 (top, left; a canvas is at most 255 cells a side)
-
-
-@dataclass
-class ArcVariants:
-    """A training set as base grids plus how each row (and, ETRM, each demo-pool entry) was made from them."""
-
-    grids: list[np.ndarray]
-    rows: VariantTable
-    pool: VariantTable | None = None
-
 
 @dataclass
 class BaseGrids:

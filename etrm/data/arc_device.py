@@ -77,8 +77,6 @@ class ArcDeviceData:
     their compact dtypes; ``batch`` renders the drawn rows (and their demos) there, equal to the host's ``batch``."""
 
     def __init__(self, ds, device: torch.device) -> None:
-        from etrm.data.device_data import DeviceGridData
-
         variants = ds.arc_variants
         self.device = torch.device(device)
         self.canvas = int(round(ds.seq_len ** 0.5))

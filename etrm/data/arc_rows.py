@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from etrm.data.arc import ArcVariants, Variant, VariantTable, encode_at
+from etrm.data.arc_variants import ArcVariants, Variant, VariantTable, encode_at
 from etrm.data.dataset import GridDataset
 from etrm.data.tokens import NUM_COLOURS, VOCAB_SIZE, labels_from_tokens
 

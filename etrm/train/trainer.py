@@ -153,7 +153,7 @@ class Trainer:
         self.carry: Carry = self.model.initial_carry(self._to_device(self._padding_batch()))
         self.step = 0
         self.stop_requested = False
-        self.instruments = Instruments()  # everything optional (etrm.train.instruments.build)
+        self.instruments = Instruments()  # everything optional (etrm.train.instrument_setup.build)
         self.checkpoint_step: int | None = None  # the step of the checkpoint on disk (written or resumed from)
 
     def add(self, instrument: I) -> I:

@@ -10,7 +10,7 @@ import pytest
 
 from dashboards import figures as F
 from dashboards.runs import ALIGNMENT, COVERAGE, OVERVIEW, halting_spec
-from diagnostics.trace.reader import aggregate_rows, finish, ratio_spec
+from diagnostics.trace.bucketing import aggregate_rows, finish, ratio_spec
 
 B, M = 8, 4
 

@@ -10,9 +10,12 @@ import pandas as pd
 import pytest
 
 from dashboards import runs as R
+from diagnostics.trace import bucketing
+from diagnostics.trace import connection
 from diagnostics.trace import reader
 from dashboards.synthetic import write_synthetic
-from diagnostics.trace.store import ROLLUP_WIDTHS, TRACE_NAME, TraceWriter, timing_rollup_table
+from diagnostics.trace.schema import ROLLUP_WIDTHS, TRACE_NAME, timing_rollup_table
+from diagnostics.trace.writer import TraceWriter
 
 
 def synthetic(root: Path, name: str, steps: int, **kw) -> Path:
@@ -55,16 +58,16 @@ def test_runs_inside_resolve_and_discovery_skips_links_out(tree):
 
 def test_sql_buckets_equal_pandas_bucketing_of_the_raw_rows(tmp_path):
     run = synthetic(tmp_path, "s", 1234, max_steps_per_sample=4)
-    conn = reader.connect(run)
+    conn = connection.connect(run)
     raw = reader.read_rows(conn, 0)
     conn.close()
     spec = R.COVERAGE.resolve(raw.columns)
     for width, lo, hi in ((1, 1, 1234), (7, 1, 1234), (50, 101, 1100)):
         sql = reader.sql_buckets(run, spec, lo, hi, width, threads=2)
-        pan = reader.aggregate_rows(raw.loc[lo:hi], spec, width, origin=lo)
+        pan = bucketing.aggregate_rows(raw.loc[lo:hi], spec, width, origin=lo)
         pd.testing.assert_frame_equal(sql.reset_index(drop=True), pan.reset_index(drop=True), check_dtype=False,
                                       rtol=1e-9)
-    f = reader.finish(reader.sql_buckets(run, spec, 1, 1234, 100))
+    f = bucketing.finish(reader.sql_buckets(run, spec, 1, 1234, 100))
     expect = raw["coverage_num"].sum() / raw["coverage_den"].sum()
     assert (f["coverage_num"].sum() / f["coverage_den"].sum()) == pytest.approx(expect)
     per_step = raw["coverage_num"] / raw["coverage_den"]
@@ -74,12 +77,12 @@ def test_sql_buckets_equal_pandas_bucketing_of_the_raw_rows(tmp_path):
 
 def test_merging_buckets_is_exact(tmp_path):
     run = synthetic(tmp_path, "s", 500)
-    conn = reader.connect(run)
+    conn = connection.connect(run)
     raw = reader.read_rows(conn, 0)
     conn.close()
     spec = R.OVERVIEW.resolve(raw.columns)
-    whole = reader.aggregate_rows(raw, spec, 20)
-    parts = reader.merge_frames(reader.aggregate_rows(raw.loc[:230], spec, 10), reader.aggregate_rows(raw.loc[231:], spec, 10),
+    whole = bucketing.aggregate_rows(raw, spec, 20)
+    parts = bucketing.merge_frames(bucketing.aggregate_rows(raw.loc[:230], spec, 10), bucketing.aggregate_rows(raw.loc[231:], spec, 10),
                            spec, 20)
     pd.testing.assert_frame_equal(whole, parts[whole.columns], check_dtype=False)
 
@@ -121,7 +124,7 @@ def test_timings_of_long_ranges_come_from_the_rollups_or_are_sampled_without_the
 
 def append_steps(run: Path, first: int, n: int) -> None:
     """Add rows as a trainer's flush would (same columns as the synthetic run)."""
-    conn = reader.connect(run)
+    conn = connection.connect(run)
     cols = reader.step_columns(conn)
     last = conn.execute(f"SELECT * FROM steps WHERE step = {first - 1}").fetchone()
     conn.close()

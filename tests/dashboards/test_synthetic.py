@@ -9,8 +9,10 @@ import pytest
 
 from dashboards.runs import OVERVIEW, Runs
 from dashboards.synthetic import PHASES, write_bulk
+from diagnostics.trace import bucketing
+from diagnostics.trace import connection
 from diagnostics.trace import reader
-from diagnostics.trace.store import ROLLUP_WIDTHS, TRACE_NAME, rollup_table, timing_rollup_table
+from diagnostics.trace.schema import ROLLUP_WIDTHS, TRACE_NAME, rollup_table, timing_rollup_table
 
 
 def test_a_bulk_trace_has_exact_rollups_and_reads_as_a_written_one(tmp_path):
@@ -33,10 +35,10 @@ def test_a_bulk_trace_has_exact_rollups_and_reads_as_a_written_one(tmp_path):
     cache = Runs(tmp_path).get("bulk")
     assert cache.info.last_step == 5_000 and cache.info.meta["mode"] == "cached" and cache.info.status == "finished"
     spec = OVERVIEW.resolve(cache.columns)
-    conn = reader.connect(run)
+    conn = connection.connect(run)
     raw = reader.read_rows(conn, 0)
     conn.close()
     got = reader.sql_buckets(run, spec, 1, 5_000, 512)
-    want = reader.aggregate_rows(raw, spec, got.attrs["width"])
+    want = bucketing.aggregate_rows(raw, spec, got.attrs["width"])
     assert got.attrs["rollup"] == 512 and got["n"].tolist() == want["n"].tolist()
     assert got["coverage_num"].tolist() == want["coverage_num"].tolist()

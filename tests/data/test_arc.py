@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from etrm.data.arc import ArcDataError, ArcTask, Variant, build_arc, load_arc_tasks, make_variants, select_tasks
+from etrm.data.arc import ArcDataError, ArcTask, build_arc, load_arc_tasks, make_variants, select_tasks
+from etrm.data.arc_variants import Variant
 from etrm.data.tokens import decode_grid
 
 

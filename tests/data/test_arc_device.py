@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from diagnostics.probes.sync_audit import SyncAudit, format_reads
-from etrm.data.arc import Variant, encode_at, load_arc_tasks
+from etrm.data.arc import load_arc_tasks
+from etrm.data.arc_variants import Variant, encode_at
 from etrm.data.arc_device import pad_grids, render
 
 

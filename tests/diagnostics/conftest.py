@@ -14,7 +14,8 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from diagnostics.trace.store import TRACE_NAME, TraceWriter
+from diagnostics.trace.schema import TRACE_NAME
+from diagnostics.trace.writer import TraceWriter
 
 
 def simulate(steps: int = 60, B: int = 16, M: int = 4, mode: str = "reencode", sampler: str = "refill",

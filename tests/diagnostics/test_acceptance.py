@@ -25,11 +25,11 @@ import pytest
 import torch
 
 from diagnostics.trace.loading import STALE_AFTER_S, load_findings, load_markers, load_run, run_status
-from diagnostics.trace.store import TRACE_NAME
+from diagnostics.trace.schema import TRACE_NAME
 from etrm.cli import main as train_main
 from etrm.config import Config, apply_overrides
 from etrm.presets import load_preset
-from etrm.train import instruments
+from etrm.train import instrument_setup, instruments
 from etrm.train.checkpoint import load_checkpoint
 from etrm.train.console import Reporter
 from etrm.train.trainer import Trainer
@@ -267,7 +267,7 @@ def test_coverage_is_exact_per_step_under_staggered_halting(mode, sampler, tmp_p
     trainer = Trainer(cfg, run, device=torch.device("cpu"))
     run.mkdir()
     stagger_halting(trainer)
-    instruments.add_trace(trainer, "demo")
+    instrument_setup.add_trace(trainer, "demo")
     capsys.readouterr()
     trainer.run(STEPS, Reporter(STEPS, live=False))
     out = capsys.readouterr().out
@@ -465,7 +465,7 @@ def test_second_ctrl_c_leaves_rows_past_the_checkpoint_which_resume_deletes(tmp_
                       "train.checkpoint_every=8", "train.eval_every=6", "train.max_steps=40")
     trainer = Trainer(cfg, run, device=torch.device("cpu"))
     run.mkdir()
-    instruments.add_trace(trainer, "demo")
+    instrument_setup.add_trace(trainer, "demo")
     windowed_only(trainer)
 
     def ctrl_c_twice(step, events, metrics):
@@ -485,7 +485,7 @@ def test_second_ctrl_c_leaves_rows_past_the_checkpoint_which_resume_deletes(tmp_
 
     resumed = Trainer(cfg, run, device=torch.device("cpu"))
     resumed.resume()
-    instruments.add_trace(resumed)
+    instrument_setup.add_trace(resumed)
     windowed_only(resumed)
     # before a single resumed step: nothing past the checkpoint is left
     df = load_run(run)

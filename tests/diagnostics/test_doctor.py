@@ -17,7 +17,8 @@ from diagnostics.doctor.live import LiveDoctor
 from diagnostics.doctor.scan import Rule
 from diagnostics.doctor.thresholds import DoctorConfig
 from diagnostics.trace.loading import load_findings, load_run
-from diagnostics.trace.store import TRACE_NAME, TraceWriter
+from diagnostics.trace.schema import TRACE_NAME
+from diagnostics.trace.writer import TraceWriter
 
 
 def first_window_end(df: pd.DataFrame, num: str, den: str, w: int, below: float | None = None,

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from diagnostics.cli import main
-from diagnostics.trace.store import TRACE_NAME
+from diagnostics.trace.schema import TRACE_NAME
 
 
 def run_json(capsys, *argv: str) -> tuple[int, dict]:

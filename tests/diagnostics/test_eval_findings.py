@@ -13,7 +13,8 @@ import pytest
 
 from diagnostics.trace.eval_audits import ActStep, EvalAudit
 from diagnostics.doctor.eval_findings import LiveEvalDoctor, audit_rows, diagnose_evals
-from diagnostics.trace.store import TRACE_NAME, TraceWriter
+from diagnostics.trace.schema import TRACE_NAME
+from diagnostics.trace.writer import TraceWriter
 from diagnostics.doctor.thresholds import DoctorConfig
 
 

@@ -17,7 +17,8 @@ from diagnostics import load_ledger, load_task_stats
 from diagnostics.trace import ledger
 from diagnostics.trace.loading import load_run
 from diagnostics.probes import default_probes
-from diagnostics.trace.store import TRACE_NAME, TraceWriter
+from diagnostics.trace.schema import TRACE_NAME
+from diagnostics.trace.writer import TraceWriter
 from diagnostics.probes.tracer import Tracer
 from etrm.testing import bundled_adapter
 

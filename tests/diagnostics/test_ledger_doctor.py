@@ -16,7 +16,8 @@ import pytest
 from diagnostics.trace import ledger
 from diagnostics.cli import main as doctor_main
 from diagnostics.doctor.ledger_doctor import diagnose_run
-from diagnostics.trace.store import TRACE_NAME, TraceWriter
+from diagnostics.trace.schema import TRACE_NAME
+from diagnostics.trace.writer import TraceWriter
 from diagnostics.doctor.thresholds import DoctorConfig
 
 M = 4

@@ -12,7 +12,8 @@ import pytest
 import diagnostics
 from diagnostics.trace.loading import (load_alignment, load_evals, load_findings, load_markers, load_run, load_timings,
                                  run_status)
-from diagnostics.trace.store import TRACE_NAME, TraceError, TraceWriter
+from diagnostics.trace.schema import TRACE_NAME, TraceError
+from diagnostics.trace.writer import TraceWriter
 
 
 def test_load_run_indexes_by_step_with_derived_ratios(sim, meta, make_run):

@@ -21,7 +21,7 @@ from diagnostics.probes.profiling import PROFILER_DIR, ProfilerWindows, WindowSc
 from etrm.cli import main as train_main
 from etrm.config import Config, ConfigError, apply_overrides
 from etrm.presets import load_preset
-from etrm.train import instruments
+from etrm.train import instrument_setup, instruments
 from etrm.train.trainer import Trainer
 
 TINY = [
@@ -92,7 +92,7 @@ def profiler_states(trainer: Trainer, steps: int) -> list[bool]:
 
 def test_no_profiler_unless_asked(tmp_path):
     trainer = Trainer(tiny_config(), tmp_path / "run", device=torch.device("cpu"))
-    assert instruments.add_profile(trainer, requested=False) is None  # untraced: no live doctor, nothing to profile for
+    assert instrument_setup.add_profile(trainer, requested=False) is None  # untraced: no live doctor, nothing to profile for
     assert trainer.instruments.find(instruments.Profile) is None
     assert profiler_states(trainer, 3) == [False, False, False]
     assert not (tmp_path / "run" / PROFILER_DIR).exists()
@@ -101,22 +101,22 @@ def test_no_profiler_unless_asked(tmp_path):
 def test_traced_run_arms_but_does_not_profile(tmp_path):
     trainer = Trainer(tiny_config(), tmp_path / "run", device=torch.device("cpu"))
     trainer.run_dir.mkdir()
-    instruments.add_trace(trainer)
-    windows = instruments.add_profile(trainer, requested=False).windows
+    instrument_setup.add_trace(trainer)
+    windows = instrument_setup.add_profile(trainer, requested=False).windows
     assert windows is not None and not windows.recording  # waits for a finding
     assert profiler_states(trainer, 3) == [False, False, False]
     trainer.instruments.find(instruments.Trace).tracer.close()
     off = Trainer(tiny_config("profile.on_finding=false"), tmp_path / "off", device=torch.device("cpu"))
     off.run_dir.mkdir()
-    instruments.add_trace(off)
-    assert instruments.add_profile(off, requested=False) is None
+    instrument_setup.add_trace(off)
+    assert instrument_setup.add_profile(off, requested=False) is None
     off.instruments.find(instruments.Trace).tracer.close()
 
 
 def test_requested_window_covers_the_scheduled_steps(tmp_path):
     trainer = Trainer(tiny_config(*PROFILE), tmp_path / "run", device=torch.device("cpu"))
     trainer.run_dir.mkdir()
-    windows = instruments.add_profile(trainer, requested=True).windows
+    windows = instrument_setup.add_profile(trainer, requested=True).windows
     assert windows.windows[0].first_active == (3, 4)
     states = profiler_states(trainer, 6)
     assert states == [False, False, True, True, False, False]  # wait, warmup, 2 recorded steps; then closed

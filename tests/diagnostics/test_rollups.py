@@ -9,9 +9,12 @@ import sqlite3
 import numpy as np
 import pytest
 
+from diagnostics.trace import bucketing
+from diagnostics.trace import connection
 from diagnostics.trace import reader
-from diagnostics.trace.store import (ROLLUP_BATCH, ROLLUP_WIDTHS, SCHEMA_VERSION, TRACE_NAME, TraceWriter, rollup_table,
-                              timing_rollup_table)
+from diagnostics.trace.schema import (ROLLUP_BATCH, ROLLUP_WIDTHS, SCHEMA_VERSION, TRACE_NAME, rollup_table,
+                                      timing_rollup_table)
+from diagnostics.trace.writer import TraceWriter
 
 NAMES = ["coverage_num", "coverage_den", "resets", "slots", "loss", "q_tp", "q_fp", "grad_norm_encoder"]
 
@@ -91,7 +94,7 @@ def test_a_version_1_trace_resumed_gets_its_rollups(tmp_path):
     conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     conn.commit()
     conn.close()
-    conn = reader.connect(tmp_path)  # readers accept every version from 1 to the current one
+    conn = connection.connect(tmp_path)  # readers accept every version from 1 to the current one
     assert reader.rollup_widths(conn) == ()
     conn.close()
     TraceWriter(db).close()
@@ -102,23 +105,23 @@ def test_the_reader_uses_rollups_and_matches_the_in_memory_summary(tmp_path):
     w = writer(tmp_path)
     w.write_steps(NAMES, rows(1, 20_000))
     w.close()
-    spec = reader.ratio_spec("coverage", "loss_per_slot", "q_precision", "grad_norm_encoder_mean").resolve(NAMES)
-    conn = reader.connect(tmp_path)
+    spec = bucketing.ratio_spec("coverage", "loss_per_slot", "q_precision", "grad_norm_encoder_mean").resolve(NAMES)
+    conn = connection.connect(tmp_path)
     raw = reader.read_rows(conn, 0)
     assert reader.rollup_widths(conn) == ROLLUP_WIDTHS
     conn.close()
     for lo, hi in ((1, 20_000), (77, 19_999), (5_000, 9_000)):
-        got = reader.sql_buckets(tmp_path, spec, lo, hi, reader.bucket_width(lo, hi, 50))
+        got = reader.sql_buckets(tmp_path, spec, lo, hi, bucketing.bucket_width(lo, hi, 50))
         width = got.attrs["width"]
         assert got.attrs["rollup"] > 1 and width % got.attrs["rollup"] == 0
-        want = reader.aggregate_rows(raw.loc[lo:hi], spec, width, origin=1)
+        want = bucketing.aggregate_rows(raw.loc[lo:hi], spec, width, origin=1)
         assert got["n"].sum() == hi - lo + 1
         cols = ["step", "step_lo", "n", *spec.sums]
         assert got[cols].to_numpy() == pytest.approx(want[cols].to_numpy())
         env = [c for c in got.columns if c.endswith(("_min", "_max"))]
         assert env and got[env].to_numpy() == pytest.approx(want[env].to_numpy(), nan_ok=True)
-        f = reader.finish(got)
-        assert f["loss_per_slot"].to_numpy() == pytest.approx(reader.finish(want)["loss_per_slot"].to_numpy())
+        f = bucketing.finish(got)
+        assert f["loss_per_slot"].to_numpy() == pytest.approx(bucketing.finish(want)["loss_per_slot"].to_numpy())
 
 
 def check_timing_buckets_equal_rows(db) -> int:
@@ -182,7 +185,7 @@ def test_the_reader_reads_timings_from_their_rollups_as_from_the_rows(tmp_path):
     raw = pd.read_sql_query("SELECT step, phase, seconds FROM timings", conn)
     conn.close()
     for lo, hi in ((1, 20_000), (77, 19_999), (5_000, 9_000)):
-        got = reader.read_timings(tmp_path, lo, hi, reader.bucket_width(lo, hi, 50))
+        got = reader.read_timings(tmp_path, lo, hi, bucketing.bucket_width(lo, hi, 50))
         big = got.attrs["width"]
         assert big >= 64 and not got.attrs["sampled"]
         part = raw[(raw.step >= lo) & (raw.step <= hi)].assign(bucket=lambda d: (d.step - 1) // big)

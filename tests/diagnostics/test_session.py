@@ -12,7 +12,7 @@ from torch import nn
 from diagnostics.trace.loading import load_run, load_timings, run_status
 from diagnostics.session import (UNKNOWN_ID, CarryShape, RunSpec, TracedRun, build_events, content_ids, field_of,
                                  trace_run)
-from diagnostics.trace.store import TRACE_NAME
+from diagnostics.trace.schema import TRACE_NAME
 
 B, S, V = 4, 5, 7
 

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from diagnostics.trace.reader import connect
+from diagnostics.trace.connection import connect
 from diagnostics.cli import main as doctor
 from diagnostics.trace.loading import load_run, run_status
-from diagnostics.trace.store import TRACE_NAME, open_trace
+from diagnostics.trace.connection import open_trace
+from diagnostics.trace.schema import TRACE_NAME
 
 NAMES = ["has#hash", "has?query", "has%20percent", "has%", "has space", "ünïcødé-运行", "a?mode=rw#x"]
 

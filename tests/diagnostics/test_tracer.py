@@ -12,10 +12,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from diagnostics.probes import default_probes
 from diagnostics.session import RunSpec, trace_run
-from diagnostics.trace.store import TraceWriter
+from diagnostics.trace.writer import TraceWriter
 from diagnostics.probes.tracer import Tracer
 from etrm.config import Config
-from etrm.train import instruments
+from etrm.train import instrument_setup, instruments
 from etrm.train.trainer import Trainer
 
 SYNC_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.item")
@@ -38,7 +38,7 @@ def make_trainer(tmp_path, model="etrm", mode="reencode", fault="none", **train)
     cfg = Config.from_dict({"model": model, "fault": fault, "encoder": {**data.pop("encoder"), "mode": mode}, **data})
     trainer = Trainer(cfg, tmp_path / "run", device=torch.device("cpu"))
     (tmp_path / "run").mkdir(parents=True)
-    instruments.add_trace(trainer)
+    instrument_setup.add_trace(trainer)
     return trainer
 
 

@@ -14,7 +14,7 @@ import torch
 
 from diagnostics import load_ledger, load_task_stats
 from diagnostics.trace.liveness import LOCK_NAME
-from diagnostics.trace.store import TRACE_NAME
+from diagnostics.trace.schema import TRACE_NAME
 from etrm.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from etrm.errors import UserError
 from etrm.data.samplers import RefillSampler

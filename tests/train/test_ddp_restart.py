@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from diagnostics.trace.killpoints import ENV
-from diagnostics.trace.store import TRACE_NAME, read_only_uri
+from diagnostics.trace.connection import read_only_uri
+from diagnostics.trace.schema import TRACE_NAME
 from etrm.train.checkpoint import load_checkpoint
 
 WORLD, PER_RANK, STEPS = 2, 8, 12

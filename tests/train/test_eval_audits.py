@@ -10,9 +10,10 @@ import torch
 from diagnostics import load_eval_audits
 from diagnostics.trace.eval_audits import COLUMNS, EvalAudit, act_key
 from diagnostics.trace.loading import load_evals
-from diagnostics.trace.store import TRACE_NAME, TraceWriter
+from diagnostics.trace.schema import TRACE_NAME
+from diagnostics.trace.writer import TraceWriter
 from etrm.loss import IGNORE_LABEL
-from etrm.train import instruments
+from etrm.train import instrument_setup
 from etrm.train.console import Reporter
 from etrm.train.evaluate import evaluate
 
@@ -77,7 +78,7 @@ def test_would_halt_step_follows_the_training_rule(q_continue, halt_bias, contin
 
 def traced_run(make_trainer, steps: int, *overrides: str):
     trainer = make_trainer("reencode", "train.eval_every=5", *overrides)
-    instruments.add_trace(trainer)
+    instrument_setup.add_trace(trainer)
     trainer.run(steps, Reporter(steps, live=False))
     return trainer
 

@@ -7,7 +7,7 @@ import inspect
 
 import torch
 
-from etrm.train import instruments
+from etrm.train import instrument_setup, instruments
 from etrm.train.checkpoint import CHECKPOINT_NAME
 from etrm.train.console import Reporter
 from etrm.train.instruments import Instrument
@@ -106,9 +106,9 @@ def test_the_loop_names_no_instrument():
 
 def test_flags_build_the_instruments_in_calling_order(make_trainer):
     trainer = make_trainer("reencode", "profile.on_finding=true")
-    built = instruments.build(trainer, instruments.Options(trace=True, tensorboard=True, check_invariants=True))
+    built = instrument_setup.build(trainer, instrument_setup.Options(trace=True, tensorboard=True, check_invariants=True))
     assert [type(i).__name__ for i in built] == ["CheckInvariants", "Trace", "Doctor", "Profile", "TensorBoard"]
     built.on_end(0, "end", "")
     untraced = make_trainer("reencode")
-    assert list(instruments.build(untraced, instruments.Options())) == []  # nothing asked: nothing runs
+    assert list(instrument_setup.build(untraced, instrument_setup.Options())) == []  # nothing asked: nothing runs
     assert untraced.instruments.clock() is None and torch.is_tensor(untraced.train_step()[1]["loss"])

@@ -26,7 +26,8 @@ from dashboards.runs import Runs
 from diagnostics.trace.killpoints import ENV
 from diagnostics.trace.liveness import LOCK_NAME, trainer_alive
 from diagnostics.trace.loading import run_status
-from diagnostics.trace.store import TRACE_NAME, read_only_uri
+from diagnostics.trace.connection import read_only_uri
+from diagnostics.trace.schema import TRACE_NAME
 from etrm.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 
 STEPS = 8
