@@ -121,22 +121,43 @@ def field_of(obj: Any, name: str, what: str = "carry") -> Any:
                          f"CarryShape({name}=...)") from None
 
 
+_WEIGHTS: dict[tuple[int, str], Tensor] = {}  # content_ids' position weights, per (row width, device)
+
+
+def _position_weights(n: int, device: torch.device) -> Tensor:
+    key = (n, str(device))
+    weights = _WEIGHTS.get(key)
+    if weights is None:
+        mix = torch.arange(1, n + 1, device=device, dtype=torch.int64) * 0x2545F4914F6CDD1D
+        mix = (mix ^ (mix >> 29)) * 0x5851F42D4C957F2D  # int64 products wrap: a deterministic scramble
+        weights = _WEIGHTS[key] = torch.remainder(mix ^ (mix >> 32), _PRIME)
+    return weights
+
+
 def content_ids(*parts: Tensor) -> Tensor:
     """A per-row id from content ([B] int64 in [0, 2^31 - 1)): equal rows give equal ids, different rows different
     ones but for a ~2^-31 chance. On the device, no sync: a sum of the values under pseudo-random position weights
     (a mixing hash of the position, so no structured difference such as a swap or a shift cancels out), mod a prime."""
     flat = torch.cat([p.reshape(p.shape[0], -1).to(torch.int64) for p in parts], 1)
-    mix = torch.arange(1, flat.shape[1] + 1, device=flat.device, dtype=torch.int64) * 0x2545F4914F6CDD1D
-    mix = (mix ^ (mix >> 29)) * 0x5851F42D4C957F2D  # int64 products wrap: a deterministic scramble
-    weights = torch.remainder(mix ^ (mix >> 32), _PRIME)
+    weights = _position_weights(flat.shape[1], flat.device)
     terms = torch.remainder(torch.remainder(flat + 1, _PRIME) * weights, _PRIME)  # each < 2^31: sums cannot wrap
     return torch.remainder(terms.sum(1), _PRIME)
 
 
-def _ids(data: Any, shape: CarryShape) -> Tensor:
+def content_ids_of(groups: list[list[Tensor]]) -> list[Tensor]:
+    """``content_ids`` of several row sets at once (one hash over their rows stacked: a row's id does not depend on
+    the rows beside it), each set a list of parts; one call per set when their shapes differ."""
+    shapes = [[tuple(p.shape) for p in parts] for parts in groups]
+    if any(s != shapes[0] for s in shapes[1:]):
+        return [content_ids(*parts) for parts in groups]
+    ids = content_ids(*(torch.cat(column) for column in zip(*groups)))
+    return list(ids.split(groups[0][0].shape[0]))
+
+
+def _ids(datas: list[tuple[Any, str]], shape: CarryShape) -> list[Tensor]:
     if shape.sample_id is not None:
-        return field_of(data, shape.sample_id, "data").to(torch.int64)
-    return content_ids(*(field_of(data, k, "data") for k in shape.identity))
+        return [field_of(data, shape.sample_id, what).to(torch.int64) for data, what in datas]
+    return content_ids_of([[field_of(data, k, what) for k in shape.identity] for data, what in datas])
 
 
 def build_events(spec: RunSpec, before: Any, after: Any, batch: Mapping[str, Tensor], outputs: Mapping[str, Tensor],
@@ -152,9 +173,9 @@ def build_events(spec: RunSpec, before: Any, after: Any, batch: Mapping[str, Ten
     reset = field_of(before, shape.halted).to(torch.bool)
     b = reset.shape[0]
     data_before, data_after = field_of(before, shape.data), field_of(after, shape.data)
-    sid_before, sid_after, fed = _ids(data_before, shape), _ids(data_after, shape), _ids(batch, shape)
-    own_labels, fed_labels, used = (content_ids(x) for x in (field_of(data_after, shape.labels, "data"),
-                                                             field_of(batch, shape.labels, "batch"), labels))
+    sid_before, sid_after, fed = _ids([(data_before, "data"), (data_after, "data"), (batch, "batch")], shape)
+    own_labels, fed_labels, used = content_ids_of([[field_of(data_after, shape.labels, "data")],
+                                                   [field_of(batch, shape.labels, "batch")], [labels]])
     label_sid = torch.where(used == own_labels, sid_after,
                             torch.where(used == fed_labels, fed, torch.full_like(fed, UNKNOWN_ID)))
 

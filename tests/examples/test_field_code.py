@@ -19,6 +19,18 @@ from diagnostics.doctor.diagnose import diagnose
 from diagnostics.trace.loading import load_eval_audits, load_findings, load_run
 from test_own_loop import BATCH, STEPS, VARIANTS, etrm_doctor
 
+
+def doctor_in_process(run: Path, capsys) -> tuple[int, dict]:
+    """``etrm-doctor RUN --json`` through its entry point in this process (the variant tests run the real
+    subprocess; these save its start-up)."""
+    import json
+
+    from diagnostics.cli import main
+
+    capsys.readouterr()
+    code = main([str(run), "--json"])
+    return code, json.loads(capsys.readouterr().out)
+
 # (variant, declared mode) -> the findings etrm-doctor names when the declaration is not what the code does
 MISDECLARED = {("cached", "reencode"): {"gradient-starvation", "mode-mismatch", "dropped-samples"},
                ("full-batch-encode", "reencode"): {"gradient-starvation", "wasted-encoder-compute", "mode-mismatch",
@@ -68,8 +80,8 @@ def test_field_code_fork_is_traced_without_touching_its_model_or_loss(upstream_f
 
 
 @pytest.mark.parametrize("variant,declared", sorted(MISDECLARED))
-def test_field_code_encoder_mode_is_measured_not_declared(variant, declared, fork_runs):
-    code, report = etrm_doctor(fork_runs / f"{variant}-as-{declared}")
+def test_field_code_encoder_mode_is_measured_not_declared(variant, declared, fork_runs, capsys):
+    code, report = doctor_in_process(fork_runs / f"{variant}-as-{declared}", capsys)
     found = {f["code"]: f for f in report["findings"]}
     assert set(found) == MISDECLARED[(variant, declared)] and report["summary"]["mode"] == declared
     mismatch = found["mode-mismatch"]
@@ -217,7 +229,7 @@ def test_field_code_example_records_its_evaluation(fork_runs):
     assert audits["halt_rule"].iloc[0] == "q_halt > 0" and audits["halt_share"].sum() == pytest.approx(1.0)
 
 
-def test_field_code_late_halting_evaluation_gets_eval_halting_mismatch(upstream_fork, tmp_path):
+def test_field_code_late_halting_evaluation_gets_eval_halting_mismatch(upstream_fork, tmp_path, capsys):
     """A constructed model: in evaluation it answers right at ACT step 1, where its Q-head says halt, and wrong at
     every later step, so evaluating at the maximum step understates it (``late``)."""
     from upstream_fork import pretrain
@@ -251,7 +263,7 @@ def test_field_code_late_halting_evaluation_gets_eval_halting_mismatch(upstream_
         pretrain.evaluate(head, data)
     run.close()
     assert [f.code for f in run.findings if f.code == "eval-halting-mismatch"]  # the live doctor saw it
-    code, report = etrm_doctor(run.run_dir)
+    code, report = doctor_in_process(run.run_dir, capsys)
     [f] = [f for f in report["findings"] if f["code"] == "eval-halting-mismatch"]
     ev = f["evidence"]
     assert ev["kind"] == "late" and f["first_step"] == 2
