@@ -86,7 +86,7 @@ def evaluate(loss_head: ACTLossHead, data: PuzzleDataset) -> dict:
 
 
 def pretrain(run_dir: str | Path, variant: str = "healthy", steps: int = 60, batch_size: int = 16, seed: int = 0,
-             lr: float = 1e-3, warmup: int = 5, trace_every: int = 10, declare: Optional[str] = None,
+             lr: float = 1e-3, warmup: int = 5, trace_every: int = 20, declare: Optional[str] = None,
              forward_dtype: str = "float32", hidden_size: int = 32, eval_at_end: bool = True) -> dict:
     """Train ``steps`` optimizer steps of a variant, then evaluate; returns the last step's metrics and the
     evaluation's (``eval/`` keys), as floats."""
