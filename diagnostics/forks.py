@@ -55,21 +55,22 @@ class ContextPicker:
                              f"{_type_name(select)}")
         self.select = select
 
-    def problem(self, output: Any) -> Optional[str]:
-        """None when ``output`` gives a tensor, else the one-line reason (the type found, the selector to pass)."""
+    def rows(self, output: Any) -> Optional[Tensor]:
+        """The context tensor in ``output``; None when the rule or selector finds none."""
         try:
             got = _pick(output, self.select)
         except (KeyError, IndexError, AttributeError, TypeError):
-            got = None
-        if isinstance(got, Tensor):
+            return None
+        return got if isinstance(got, Tensor) else None
+
+    def problem(self, output: Any) -> Optional[str]:
+        """None when ``output`` gives a tensor, else the one-line reason (the type found, the selector to pass)."""
+        if self.rows(output) is not None:
             return None
         how = "the rule" if self.select is None else f"encoder_select={self.select!r}"
         return (f"the watched encoder returns {_type_name(output)}{_fields_of(output)} and {how} found no tensor "
                 f"in it; pass trace_run(..., encoder_select=NAME) naming the field that holds the context rows "
                 f"(a key, attribute or index), or a callable output -> tensor")
-
-    def __call__(self, output: Any) -> Tensor:
-        return _pick(output, self.select)
 
     def check_module(self, module: nn.Module) -> None:
         """At ``trace_run``: when the module's ``forward`` annotates its return type, check the rule or selector

@@ -304,11 +304,11 @@ class TracedRun:
         def hook(mod: nn.Module, args: Any, output: Any) -> None:
             if not (mod.training and torch.is_grad_enabled()):
                 return
-            problem = pick.problem(output)
-            if problem is None:
-                self.encoder_output(pick(output))
+            rows = output if isinstance(output, Tensor) and select is None else pick.rows(output)
+            if rows is not None:
+                self.encoder_output(rows)
             else:  # never raise inside the user's forward: run.step raises it
-                self._encoder_problem = self._encoder_problem or problem
+                self._encoder_problem = self._encoder_problem or pick.problem(output)
 
         self._handles.append(module.register_forward_hook(hook))
 
