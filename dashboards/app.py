@@ -23,7 +23,7 @@ from dashboards import figures as F
 from dashboards import samples
 from diagnostics.trace.loading import load_task_stats
 from diagnostics.trace import figures as registry
-from diagnostics.trace.store import TraceError
+from diagnostics.trace.schema import TraceError
 from dashboards.runs import (ALIGNMENT, COMPARE, COVERAGE, OVERVIEW, TIMING, Refused, RunCache, RunError, RunInfo, Runs,
                              halting_spec, metric_spec)
 

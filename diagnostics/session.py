@@ -34,6 +34,10 @@ from diagnostics.doctor.integrity_rules import NonFiniteLoss
 from diagnostics.doctor.live import LiveDoctor
 from diagnostics.doctor.thresholds import DoctorConfig
 from diagnostics.events import PhaseClock, StepEvents
+from diagnostics.doctor.eval_findings import LiveEvalDoctor
+from diagnostics.eval_recorder import Evaluation
+from diagnostics.trace.eval_audits import RAW, EvalAudit, without_act_steps
+from diagnostics.forks import ContextPicker, LossHeadCatch, Selector, next_free_run_dir
 from diagnostics.probes import DIVERSITY_EVERY, default_probes
 from diagnostics.probes.step_metrics import IGNORE_LABEL, correctness, slot_metrics
 from diagnostics.trace.schema import TRACE_NAME
@@ -117,22 +121,43 @@ def field_of(obj: Any, name: str, what: str = "carry") -> Any:
                          f"CarryShape({name}=...)") from None
 
 
+_WEIGHTS: dict[tuple[int, str], Tensor] = {}  # content_ids' position weights, per (row width, device)
+
+
+def _position_weights(n: int, device: torch.device) -> Tensor:
+    key = (n, str(device))
+    weights = _WEIGHTS.get(key)
+    if weights is None:
+        mix = torch.arange(1, n + 1, device=device, dtype=torch.int64) * 0x2545F4914F6CDD1D
+        mix = (mix ^ (mix >> 29)) * 0x5851F42D4C957F2D  # int64 products wrap: a deterministic scramble
+        weights = _WEIGHTS[key] = torch.remainder(mix ^ (mix >> 32), _PRIME)
+    return weights
+
+
 def content_ids(*parts: Tensor) -> Tensor:
     """A per-row id from content ([B] int64 in [0, 2^31 - 1)): equal rows give equal ids, different rows different
     ones but for a ~2^-31 chance. On the device, no sync: a sum of the values under pseudo-random position weights
     (a mixing hash of the position, so no structured difference such as a swap or a shift cancels out), mod a prime."""
     flat = torch.cat([p.reshape(p.shape[0], -1).to(torch.int64) for p in parts], 1)
-    mix = torch.arange(1, flat.shape[1] + 1, device=flat.device, dtype=torch.int64) * 0x2545F4914F6CDD1D
-    mix = (mix ^ (mix >> 29)) * 0x5851F42D4C957F2D  # int64 products wrap: a deterministic scramble
-    weights = torch.remainder(mix ^ (mix >> 32), _PRIME)
+    weights = _position_weights(flat.shape[1], flat.device)
     terms = torch.remainder(torch.remainder(flat + 1, _PRIME) * weights, _PRIME)  # each < 2^31: sums cannot wrap
     return torch.remainder(terms.sum(1), _PRIME)
 
 
-def _ids(data: Any, shape: CarryShape) -> Tensor:
+def content_ids_of(groups: list[list[Tensor]]) -> list[Tensor]:
+    """``content_ids`` of several row sets at once (one hash over their rows stacked: a row's id does not depend on
+    the rows beside it), each set a list of parts; one call per set when their shapes differ."""
+    shapes = [[tuple(p.shape) for p in parts] for parts in groups]
+    if any(s != shapes[0] for s in shapes[1:]):
+        return [content_ids(*parts) for parts in groups]
+    ids = content_ids(*(torch.cat(column) for column in zip(*groups)))
+    return list(ids.split(groups[0][0].shape[0]))
+
+
+def _ids(datas: list[tuple[Any, str]], shape: CarryShape) -> list[Tensor]:
     if shape.sample_id is not None:
-        return field_of(data, shape.sample_id, "data").to(torch.int64)
-    return content_ids(*(field_of(data, k, "data") for k in shape.identity))
+        return [field_of(data, shape.sample_id, what).to(torch.int64) for data, what in datas]
+    return content_ids_of([[field_of(data, k, what) for k in shape.identity] for data, what in datas])
 
 
 def build_events(spec: RunSpec, before: Any, after: Any, batch: Mapping[str, Tensor], outputs: Mapping[str, Tensor],
@@ -148,9 +173,9 @@ def build_events(spec: RunSpec, before: Any, after: Any, batch: Mapping[str, Ten
     reset = field_of(before, shape.halted).to(torch.bool)
     b = reset.shape[0]
     data_before, data_after = field_of(before, shape.data), field_of(after, shape.data)
-    sid_before, sid_after, fed = _ids(data_before, shape), _ids(data_after, shape), _ids(batch, shape)
-    own_labels, fed_labels, used = (content_ids(x) for x in (field_of(data_after, shape.labels, "data"),
-                                                             field_of(batch, shape.labels, "batch"), labels))
+    sid_before, sid_after, fed = _ids([(data_before, "data"), (data_after, "data"), (batch, "batch")], shape)
+    own_labels, fed_labels, used = content_ids_of([[field_of(data_after, shape.labels, "data")],
+                                                   [field_of(batch, shape.labels, "batch")], [labels]])
     label_sid = torch.where(used == own_labels, sid_after,
                             torch.where(used == fed_labels, fed, torch.full_like(fed, UNKNOWN_ID)))
 
@@ -244,10 +269,10 @@ class TracedRun:
                  groups: Optional[dict[str, list[nn.Parameter]]] = None, shape: CarryShape = CarryShape(),
                  on_finding: Optional[Callable[[Finding], None]] = print_finding,
                  doctor: Optional[DoctorConfig] = None) -> None:
-        self.run_dir = Path(run_dir)
-        if (self.run_dir / TRACE_NAME).exists():
-            raise FileExistsError(f"{self.run_dir} already holds a trace; pick a new run directory (nothing was "
-                                  "overwritten)")
+        asked = Path(run_dir)
+        self.run_dir = next_free_run_dir(asked, TRACE_NAME)
+        if self.run_dir != asked:
+            print(f"etrm: {asked} already holds a trace; this run writes {self.run_dir}", file=sys.stderr)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.spec, self.shape, self.device = spec, shape, torch.device(device)
         self.meta = spec.meta(self.device.type)
@@ -262,16 +287,28 @@ class TracedRun:
         self._handles: list[Any] = []
         self._clock: Optional[PhaseClock] = None
         self._closed = False
+        self._catch: Optional[LossHeadCatch] = None
+        self._model: Optional[nn.Module] = None   # the ACT model (trace_run's): evaluations hook it
+        self.eval_doctor = LiveEvalDoctor(self.meta, self.doctor.cfg)
+        self._encoder_problem: Optional[str] = None
 
     # -- where the encoder output comes from --------------------------------------------------------------------
-    def watch(self, module: nn.Module) -> None:
+    def watch(self, module: nn.Module, select: Selector = None) -> None:
         """Catch ``module``'s output (the encoder, or the puzzle embedding) on every training forward with grad:
-        the fresh rows, before any mixing with cached context, for coverage, encoder work and diversity."""
+        the fresh rows, before any mixing with cached context, for coverage, encoder work and diversity. A
+        non-tensor output gives its context by ``ContextPicker``'s rule or ``select``; one it cannot use is a
+        one-line error here when the forward's return annotation shows it, else at the next ``step``."""
+        pick = ContextPicker(select)
+        pick.check_module(module)
 
         def hook(mod: nn.Module, args: Any, output: Any) -> None:
-            rows = output if isinstance(output, Tensor) else next((o for o in output if isinstance(o, Tensor)), None)
-            if rows is not None and mod.training and torch.is_grad_enabled():
+            if not (mod.training and torch.is_grad_enabled()):
+                return
+            rows = output if isinstance(output, Tensor) and select is None else pick.rows(output)
+            if rows is not None:
                 self.encoder_output(rows)
+            else:  # never raise inside the user's forward: run.step raises it
+                self._encoder_problem = self._encoder_problem or pick.problem(output)
 
         self._handles.append(module.register_forward_hook(hook))
 
@@ -297,6 +334,8 @@ class TracedRun:
         """Record one step (after the loss, before backward): ``before``/``after`` the carry around the model call,
         the ``batch`` fed, the model's ``outputs``, the ``loss`` (sum over the batch), the ``labels`` the loss read,
         optional loss ``terms`` (``lm_loss``, ``q_halt_loss``, ``q_continue_loss``)."""
+        if self._encoder_problem is not None:
+            raise ValueError(self._encoder_problem)
         if len(self._rows) > 1:
             raise ValueError(f"the watched module ran {len(self._rows)} times with grad in one step; hand the "
                              "fresh rows over with run.encoder_output(rows) instead")
@@ -314,6 +353,40 @@ class TracedRun:
         self._rows = []
         return events
 
+    def record(self, loss: Tensor, terms: Optional[Mapping[str, Tensor]] = None) -> StepEvents:
+        """Record one step of a caught loss head (``trace_run(..., loss_head=...)``): after the loss-head call,
+        before backward; ``terms`` its metrics (the loss terms are picked from them)."""
+        if self._catch is None:
+            raise ValueError("run.record needs trace_run(..., loss_head=...); without it call run.step(before, after, "
+                             "batch, outputs, loss, labels=...)")
+        before, batch, after, outputs, labels = self._catch.take()
+        return self.step(before, after, batch, outputs, loss, labels, terms)
+
+    def evaluation(self, weights: str = RAW, model: Optional[nn.Module] = None) -> Evaluation:
+        """Record one evaluation of the user's model (``diagnostics.eval_recorder``): open it around the loop's own
+        evaluation (``with run.evaluation(): evaluate(...)``, or ``audit = run.evaluation()`` ... ``audit.close()``);
+        ``weights`` is ``raw`` or ``ema``, ``model`` the ACT model it runs (default: trace_run's). At close the audit
+        (exact and token per ACT step, would-halt step per sample) is stored and the evaluation findings judged."""
+        target = model or self._model
+        if target is None:
+            raise ValueError("run.evaluation needs the ACT model: pass run.evaluation(model=...)")
+        return Evaluation(target, self.steps, weights, self.spec.q_continue_halts,
+                          lambda obj, key: field_of(obj, getattr(self.shape, key)), self._evaluated,
+                          self.shape.ignore_label)
+
+    def _evaluated(self, audit: EvalAudit, values: dict[str, float]) -> None:
+        plain = without_act_steps(values)
+        self.tracer.submit(lambda w: w.write_eval(audit.step, plain))
+        self.tracer.submit(lambda w: w.write_eval_audits([audit]))
+        self._report(self.eval_doctor.update([audit]))
+
+    def _report(self, found: list[Finding]) -> None:
+        for finding in found:
+            self.tracer.submit(finding.store)
+            if self.on_finding is not None:
+                self.on_finding(finding)
+        self.findings.extend(found)
+
     def after_backward(self) -> list[Finding]:
         """Gradient norms (before clipping and the optimizer); on the cadence, a flush. Its new findings."""
         self.tracer.after_backward()
@@ -327,13 +400,9 @@ class TracedRun:
         """Read the buffered rows back (the one sync), store them, run the live doctor; its new findings."""
         rows = self.tracer.flush()
         found = self.doctor.update(rows, alignment=self.tracer.last_alignment) if rows else []
-        for finding in found:
-            self.tracer.submit(finding.store)
-            if self.on_finding is not None:
-                self.on_finding(finding)
+        self._report(found)
         self.non_finite = (self.non_finite or any((r.get("non_finite") or 0) > 0 for r in rows)
                            or any(f.code == NonFiniteLoss.code for f in found))  # a gradient's, too
-        self.findings.extend(found)
         return found
 
     def close(self, kind: str = "end", detail: str = "") -> None:
@@ -343,6 +412,8 @@ class TracedRun:
         self._closed = True
         for handle in self._handles:
             handle.remove()
+        if self._catch is not None:
+            self._catch.remove()
         try:
             if kind != "crashed":
                 self.flush()
@@ -364,13 +435,27 @@ class TracedRun:
 
 
 def trace_run(run_dir: str | Path, spec: RunSpec, model: nn.Module, encoder: Optional[nn.Module] = None,
-              shape: CarryShape = CarryShape(), **options: Any) -> TracedRun:
+              shape: CarryShape = CarryShape(), loss_head: Optional[nn.Module] = None,
+              encoder_select: Selector = None, **options: Any) -> TracedRun:
     """Open a traced run for ``model`` (its device; gradient norms of ``encoder`` vs the rest) and watch
-    ``encoder``'s output when given. ``options`` go to ``TracedRun`` (``on_finding``, ``doctor``)."""
+    ``encoder``'s output when given (``encoder_select`` picks the context from a non-tensor output). With
+    ``loss_head`` (upstream's ``ACTLossHead`` shape) the session catches ``model``'s calls and the loss's labels:
+    call ``run.record(loss, metrics)`` per step. A ``run_dir`` that holds a trace gives the next free ``run_dir-N``
+    (``run.run_dir``). ``options`` go to ``TracedRun`` (``on_finding``, ``doctor``)."""
     device = next(model.parameters()).device
-    run = TracedRun(run_dir, spec, device, grad_groups(model, encoder), shape, **options)
+    picker_ok = ContextPicker(encoder_select)  # a bad selector or output type: refused before anything is created
     if encoder is not None:
-        run.watch(encoder)
+        picker_ok.check_module(encoder)
+    catch = LossHeadCatch(model, loss_head) if loss_head is not None else None
+    try:
+        run = TracedRun(run_dir, spec, device, grad_groups(model, encoder), shape, **options)
+    except BaseException:
+        if catch is not None:
+            catch.remove()
+        raise
+    run._catch, run._model = catch, model
+    if encoder is not None:
+        run.watch(encoder, encoder_select)
     return run
 
 

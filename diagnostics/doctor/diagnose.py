@@ -22,8 +22,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from diagnostics.doctor.coverage_rules import (EncoderCollapse, GradientStarvation, GradientStarvationAtStep,
-                                               WastedEncoderCompute, WastedEncoderComputeAtStep)
+from diagnostics.doctor.coverage_rules import EncoderCollapse, GradientStarvation, GradientStarvationAtStep
+from diagnostics.doctor.encoder_mode import (MeasuredWastedEncoderCompute, MeasuredWastedEncoderComputeAtStep,
+                                             ModeMismatch)
 from diagnostics.doctor.findings import Finding, earliest_per_code, ordered
 from diagnostics.doctor.halting_rules import HaltingCollapse, HaltingNeverLearned
 from diagnostics.doctor.integrity_rules import ALIGNMENT_COLUMNS, DroppedSamples, LabelMisalignment, NonFiniteLoss
@@ -32,10 +33,13 @@ from diagnostics.doctor.thresholds import DoctorConfig
 from diagnostics.trace import figures
 from diagnostics.trace.loading import as_json_value
 
-# whether the finding holds, the single step names where it started.
-RULES: list[Rule] = [GradientStarvation(), LabelMisalignment(), NonFiniteLoss(), WastedEncoderCompute(),
+# The rules, in report order. A code may have two rules (single-step evidence and its window): the window decides
+# whether the finding holds, the single step names where it started. wasted-encoder-compute is measured (rows
+# computed vs rows that reached the loss, diagnostics.doctor.encoder_mode), whatever mode the run declares;
+# mode-mismatch compares the declared mode with the observed one.
+RULES: list[Rule] = [GradientStarvation(), LabelMisalignment(), NonFiniteLoss(), MeasuredWastedEncoderCompute(),
                      HaltingCollapse(), DroppedSamples(), EncoderCollapse(), HaltingNeverLearned(),
-                     GradientStarvationAtStep(), WastedEncoderComputeAtStep()]
+                     GradientStarvationAtStep(), MeasuredWastedEncoderComputeAtStep(), ModeMismatch()]
 
 
 def gradient_starvation(df, meta=None, cfg=None):

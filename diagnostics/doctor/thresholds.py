@@ -17,7 +17,8 @@ class DoctorConfig:
 
     window: int = 10                 # steps per window for gradient-starvation and wasted-encoder-compute
     coverage_min: float = 0.5        # gradient-starvation: window coverage below this
-    encode_ratio_max: float = 1.5    # wasted-encoder-compute: slots encoded / slots needed above this
+    encode_ratio_max: float = 1.5    # wasted-encoder-compute: rows encoded / rows that reached the loss above this
+    mode_mismatch_share: float = 0.5  # mode-mismatch: share of a window's mode-showing steps that show the other mode
     halting_window: int = 20         # steps per window for halting-collapse
     halting_min_halts: int = 8       # halting-collapse: judge a window only with at least this many halts
     q_min_tp: int = 5                # Q-head has learned: at least this many true Q-halts in a window ...

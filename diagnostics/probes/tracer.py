@@ -35,7 +35,11 @@ class _Row:
         col = t.col[name]
         self.cols.append(col)
         if isinstance(value, Tensor):
-            self.values.append(value.detach().to(device=t.device, dtype=torch.float32).reshape(()))
+            if value.requires_grad:
+                value = value.detach()
+            if value.dtype != torch.float32 or value.device != t.device:
+                value = value.to(device=t.device, dtype=torch.float32)
+            self.values.append(value if value.dim() == 0 else value.reshape(()))  # each check skips a dispatch
         else:  # a fill kernel, not a host-to-device copy (which would wait for the GPU)
             self.values.append(torch.full((), float(value), dtype=torch.float32, device=t.device))
 

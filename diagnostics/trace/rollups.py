@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from diagnostics.trace.schema import ROLLUP_BATCH, ROLLUP_WIDTHS, rollup_table, safe_name, timing_rollup_table
+from diagnostics.trace.schema import (ROLLUP_BATCH, ROLLUP_WIDTHS, add_real_columns, rollup_table, safe_name,
+                                      timing_rollup_table)
 
 
 @dataclass
@@ -78,10 +79,7 @@ class Rollups:
             return
         wanted = list(columns) + [f"{f.name}__{m}" for f in self.envelopes for m in ("min", "max")]
         for w in ROLLUP_WIDTHS:
-            have = {r[1] for r in self.conn.execute(f"PRAGMA table_info({rollup_table(w)})")}
-            for c in wanted:
-                if c not in have:
-                    self.conn.execute(f"ALTER TABLE {rollup_table(w)} ADD COLUMN {safe_name(c)} REAL")
+            add_real_columns(self.conn, rollup_table(w), wanted)
         self.columns = list(columns)
         self.index = {c: i for i, c in enumerate(self.columns)}
         self.env = [(f, [self.index[t] for t in f.num], [self.index[t] for t in f.den]) for f in self.envelopes

@@ -129,6 +129,30 @@ def sql_name(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def add_real_columns(conn: Any, table: str, names: list[str]) -> list[str]:
+    """Add the ``names`` a table lacks as REAL columns; the ones added. An empty table is rebuilt with all of them
+    in one statement (an ALTER per column re-reads the whole schema: hundreds of columns took a second to start a
+    trace); a table with rows gets one ALTER per column."""
+    have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+    missing = [n for n in dict.fromkeys(names) if n not in have]
+    if not missing:
+        return []
+    empty = conn.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is None
+    create = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()
+    indexed = conn.execute("SELECT 1 FROM sqlite_master WHERE type != 'table' AND tbl_name = ? AND sql IS NOT NULL",
+                           (table,)).fetchone()
+    if empty and create and not indexed and len(missing) > 1:
+        sql = create[0]
+        cut = sql.rindex(")")
+        columns = ", ".join(f"{safe_name(n)} REAL" for n in missing)
+        conn.execute(f"DROP TABLE {table}")
+        conn.execute(f"{sql[:cut]}, {columns}{sql[cut:]}")
+    else:
+        for n in missing:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {safe_name(n)} REAL")
+    return missing
+
+
 def rollup_table(width: int) -> str:
     return f"rollup_{int(width)}"
 

@@ -16,8 +16,8 @@ import numpy as np
 from diagnostics.trace.ledger import RECORD_COLUMNS, TASK_SUMS, increments, kept
 from diagnostics.trace.rollups import Rollups, TimingRollups, step_matrix
 from diagnostics.trace.schema import (EVAL_AUDIT_TABLES, LEDGER_TABLES, ROLLUP_WIDTHS, SCHEMA_VERSION, TABLES,
-                                      TABLES_V3_EVAL_AUDITS, TraceError, readable, safe_name, schema_version,
-                                      timing_rollup_table)
+                                      TABLES_V3_EVAL_AUDITS, TraceError, add_real_columns, readable, safe_name,
+                                      schema_version, timing_rollup_table)
 
 
 class LedgerStore:
@@ -116,11 +116,9 @@ class TraceWriter:
 
     def add_counters(self, counters: Iterable[tuple[str, str, str]]) -> None:
         """Declare per-step columns (name, probe, description); new ones are added to ``steps``."""
-        for name, probe, description in counters:
-            if name not in self.columns:
-                self.conn.execute(f"ALTER TABLE steps ADD COLUMN {safe_name(name)} REAL")
-                self.columns.append(name)
-            self.conn.execute("INSERT OR REPLACE INTO counters VALUES (?, ?, ?)", (name, probe, description))
+        counters = list(counters)
+        self.columns.extend(add_real_columns(self.conn, "steps", [name for name, _, _ in counters]))
+        self.conn.executemany("INSERT OR REPLACE INTO counters VALUES (?, ?, ?)", counters)
         self.rollups.add_columns(self.columns)
         self.conn.commit()
 

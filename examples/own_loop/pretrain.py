@@ -36,7 +36,7 @@ MODE = {"reencode": "reencode", "cached": "cached", "full-batch": "cached"}  # t
 
 
 def pretrain(run_dir: str | Path, variant: str = "healthy", steps: int = 300, batch_size: int = 16, seed: int = 0,
-             lr: float = 1e-3, trace_every: int = 10) -> float:
+             lr: float = 1e-3, trace_every: int = 20) -> float:
     """Train ``steps`` optimizer steps; returns the last step's loss per sample."""
     encoder, labels_from_batch = VARIANTS[variant]
     torch.manual_seed(seed)

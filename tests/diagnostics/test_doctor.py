@@ -122,9 +122,9 @@ def test_wasted_encoder_compute(sampler, sim, meta, make_run):
 def test_wasted_encoder_compute_with_nothing_needed(sim, meta, make_run):
     rows = sim(mode="cached", M=8)
     for r in rows:
-        r["encoded"], r["encode_needed"] = 16.0, 0.0
+        r["encoded"], r["encode_needed"], r["coverage_num"] = 16.0, 0.0, 0.0
     f = wasted_encoder_compute(load_run(make_run("zero", rows, meta("cached", M=8))))
-    assert f.first_step == 10 and f.evidence["ratio"] is None  # infinite: nothing was needed
+    assert f.first_step == 10 and f.evidence["ratio"] is None  # infinite: no row reached the loss (issue 26)
 
 
 def test_non_finite_loss(sim, meta, make_run):
@@ -386,3 +386,22 @@ def test_halting_never_learned_not_for_fct_nor_a_q_head_that_asked(sim, meta, ma
     assert halting_never_learned(load_run(make_run("asked", rows, meta()))) is None
     short = never_rows(sim, steps=60)  # judged only after the warm-up
     assert halting_never_learned(load_run(make_run("short", short, meta()))) is None
+
+
+@pytest.mark.parametrize("chunk", [1, 7])
+def test_field_code_mode_mismatch_compares_the_declared_mode_with_the_measured_one(chunk, sim, meta, make_run):
+    """Issue 26: which rows reach the loss (coverage) against the reset slots shows the mode the code has."""
+    for code_mode, declared, observed in (("cached", "reencode", "cached"), ("reencode", "cached", "reencode")):
+        rows, m = sim(mode=code_mode, M=8), meta(declared, M=8)
+        df = load_run(make_run(f"{code_mode}-as-{declared}", rows, m))
+        [f] = [f for f in diagnose(df) if f.code == "mode-mismatch"]
+        assert f.severity == "warning" and f.first_step == 10  # the first full window
+        assert (f.evidence["declared"], f.evidence["observed"]) == (declared, observed)
+        assert repr(declared) in f.message and repr(observed) in f.message
+        live = LiveDoctor(m)
+        seen = [g for i in range(0, len(rows), chunk) for g in live.update(rows[i:i + chunk])]
+        assert [(g.code, g.first_step) for g in seen if g.code == "mode-mismatch"] == [("mode-mismatch", 10)]
+    for mode in ("cached", "reencode", "trm", "fct"):  # declared as the code does: nothing
+        df = load_run(make_run(f"{mode}-ok", sim(mode=mode, M=8, halting="max" if mode == "fct" else "mixed"),
+                               meta(mode, M=8)))
+        assert "mode-mismatch" not in {f.code for f in diagnose(df)}

@@ -78,8 +78,9 @@ def test_an_existing_trace_is_never_overwritten(tmp_path):
     run = TracedRun(tmp_path / "r", SPEC)
     run.close()
     before = (tmp_path / "r" / TRACE_NAME).read_bytes()
-    with pytest.raises(FileExistsError, match="already holds a trace"):
-        TracedRun(tmp_path / "r", SPEC)
+    again = TracedRun(tmp_path / "r", SPEC)  # issue 26: a rerun goes to the next numbered sibling
+    again.close()
+    assert again.run_dir == tmp_path / "r-1" and (tmp_path / "r-1" / TRACE_NAME).exists()
     assert (tmp_path / "r" / TRACE_NAME).read_bytes() == before
 
 

@@ -1,4 +1,5 @@
-"""The own-loop example (examples/own_loop/) is a folder of scripts, not a package: make it importable."""
+"""The examples are scripts, not installed packages: make them importable. The bundled trainer's equivalents of
+their variants are trained once per session (test_own_loop and test_field_code compare against them)."""
 
 from __future__ import annotations
 
@@ -16,3 +17,25 @@ def own_loop() -> Path:
     if str(EXAMPLE) not in sys.path:
         sys.path.insert(0, str(EXAMPLE))
     return EXAMPLE
+
+
+@pytest.fixture(scope="session")
+def upstream_fork() -> Path:
+    """examples/ on ``sys.path``: the fork-shaped example imports as ``upstream_fork``."""
+    if str(EXAMPLE.parent) not in sys.path:
+        sys.path.insert(0, str(EXAMPLE.parent))
+    return EXAMPLE.parent / "upstream_fork"
+
+
+@pytest.fixture(scope="session")
+def bundled_runs(tmp_path_factory) -> Path:
+    """One traced ``etrm-train`` run of each variant's bundled equivalent (test_own_loop's ``BUNDLED``), 40 steps."""
+    from etrm.cli import main as train_main
+    from test_own_loop import BUNDLED, STEPS, TINY
+
+    root = tmp_path_factory.mktemp("bundled_runs")
+    for variant, extra in BUNDLED.items():
+        code = train_main(["--preset", "demo", *extra, "--trace", "--run-dir", str(root / variant), "--device",
+                           "cpu", "--max-steps", str(STEPS), *TINY])
+        assert code == 0
+    return root
