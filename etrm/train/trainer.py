@@ -31,6 +31,7 @@ from etrm.model import Carry
 from etrm.model.faults import build_model
 from etrm.model.puzzle_emb import SignSGD
 from etrm.train import distributed, finite_guard, memory
+from etrm.train.adam_atan2 import build_adam
 from etrm.train.checkpoint import load_checkpoint, save_checkpoint
 from etrm.train.console import Reporter, format_eval, format_raw_eval
 from etrm.train.distributed import SINGLE, DistEnv
@@ -172,7 +173,7 @@ class Trainer:
         groups = [{"params": parts["rest"], "base_lr": tc.lr}]
         if parts["encoder"]:
             groups.append({"params": parts["encoder"], "base_lr": tc.lr * tc.encoder_lr_scale})
-        adam = torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
+        adam = build_adam(tc.optimizer, groups, tc.lr, (tc.beta1, tc.beta2), tc.weight_decay)
         optimizers: list[Any] = [adam]
         if self.model.is_trm:
             sign = SignSGD(self.model.puzzle_emb, tc.puzzle_emb_lr, tc.puzzle_emb_weight_decay)
