@@ -264,6 +264,9 @@ class TrainConfig:
     sampler: Sampler = Sampler.REFILL
     data_path: str = "auto"  # device / pinned: no host sync per step; host: upstream's way; auto: device if it fits
     eval_every: int = 100
+    epochs: int = 0  # > 0: run length in upstream's epochs (etrm.train.epochs); sets max_steps and eval_every
+    eval_every_epochs: int = 0  # with epochs: evaluate every this many epochs (must divide epochs; 0: at the end)
+    keep_checkpoints: str = "last"  # or "every-eval": also checkpoint_step_N.pt per evaluation (etrm.train.retention)
     eval_batch_size: int = 64
     # With EMA on, evaluations score the EMA weights; every ``eval_raw_every``-th evaluation (the one at step
     # k * eval_every with k a multiple of it) and the last one also score the raw weights, for the EMA audit
@@ -291,6 +294,12 @@ class TrainConfig:
         _positive(s, "ledger_every", self.ledger_every, 0)
         _choice(s, "lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _choice(s, "optimizer", self.optimizer, OPTIMIZERS)
+        _choice(s, "keep_checkpoints", self.keep_checkpoints, KEEP_CHECKPOINTS)
+        _positive(s, "epochs", self.epochs, 0)
+        _positive(s, "eval_every_epochs", self.eval_every_epochs, 0)
+        if self.eval_every_epochs and (not self.epochs or self.epochs % self.eval_every_epochs):
+            raise ConfigError(f"train.eval_every_epochs={self.eval_every_epochs} is not valid with train.epochs="
+                              f"{self.epochs}; allowed: a divisor of train.epochs (upstream's eval_interval)")
         _choice(s, "sampler", self.sampler, SAMPLERS)
         _choice(s, "data_path", self.data_path, DATA_PATHS)
         self.sampler = Sampler(self.sampler)

@@ -92,3 +92,56 @@ def test_upstream_recipe_trainer_steps_with_adam_atan2(make_trainer) -> None:
     again = make_trainer("trm", "train.optimizer=\"adam-atan2\"", "train.grad_clip=0")
     again.load_state_dict(trainer.state_dict())  # the optimizer state round-trips through a checkpoint
     assert again.optimizers[0].state_dict()["state"].keys() == adam.state_dict()["state"].keys()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Epochs as upstream counts them
+
+TINY_TRM = ["arch.hidden_size=16", "arch.num_heads=2", "arch.L_layers=1", "arch.L_cycles=1", "arch.H_cycles=1",
+            "arch.puzzle_emb_len=2", "act.halt_max_steps=2", "train.batch_size=4", "train.eval_batch_size=4",
+            "train.lr_warmup_steps=1", "train.device=\"cpu\""]
+
+
+def test_upstream_recipe_epochs_give_upstreams_steps_per_epoch(tmp_path, monkeypatch, capsys) -> None:
+    from upstream_files import PUZZLE_EXAMPLES, PUZZLE_GROUP, write_folder
+
+    from etrm.cli import main
+    from etrm.config import load_toml
+    from etrm.train.checkpoint import load_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+    root = write_folder(tmp_path / "data")
+    # by hand, as upstream's pretrain.py: int(epochs * total_groups * mean_puzzle_examples / global_batch_size)
+    groups = len(set(PUZZLE_GROUP))
+    mean_examples = sum(PUZZLE_EXAMPLES) / len(PUZZLE_EXAMPLES)
+    epochs, every, batch = 6, 2, 4
+    assert (groups, mean_examples) == (3, 2.0)
+    total = int(epochs * groups * mean_examples / batch)  # 9
+    per_eval = int(every * groups * mean_examples / batch)  # 3
+    run = tmp_path / "run"
+    # the preset's max_steps (and eval_every) are replaced by the epochs
+    assert main(["--preset", "demo-trm", "data.dataset=trm-folder", f"data.path={root}", "--run-dir", str(run),
+                 *TINY_TRM, f"train.epochs={epochs}", f"train.eval_every_epochs={every}"]) == 0
+    out = capsys.readouterr().out
+    assert "1.50 steps per epoch (3 groups x 2.00 examples per puzzle / batch 4) = 9 steps" in out, out
+    written = load_toml(run / "config.toml")["train"]
+    assert (written["max_steps"], written["eval_every"]) == (total, per_eval)
+    assert int(load_checkpoint(run)["step"]) == total
+
+
+def test_upstream_recipe_epochs_and_explicit_max_steps_refused(tmp_path, monkeypatch, capsys) -> None:
+    from etrm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text("[train]\nepochs = 4\nmax_steps = 10\n")
+    for argv in (["--preset", "demo-trm", "train.epochs=4", "--max-steps", "10"],
+                 ["--preset", "demo-trm", "train.epochs=4", "train.max_steps=10"],
+                 ["--preset", "demo-trm", "--config", str(cfg_file)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "train.epochs=4 and train.max_steps=10 are both given" in err[0], err
+    with pytest.raises(ConfigError, match="eval_every_epochs=3.*divisor of train.epochs"):
+        Config.from_dict({"train": {"epochs": 4, "eval_every_epochs": 3}})
+    assert not (tmp_path / "runs").exists()
