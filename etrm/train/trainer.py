@@ -38,6 +38,7 @@ from etrm.train.distributed import SINGLE, DistEnv
 from etrm.train.ema import EMA
 from etrm.train.evaluate import baselines, evaluate
 from etrm.train.instruments import Instrument, Instruments, StepRecord
+from etrm.train.retention import Retention
 from etrm.train.schedule import lr_factor, set_lr
 
 
@@ -156,6 +157,7 @@ class Trainer:
         self.stop_requested = False
         self.instruments = Instruments()  # everything optional (etrm.train.instruments.build)
         self.checkpoint_step: int | None = None  # the step of the checkpoint on disk (written or resumed from)
+        self.retention = Retention.from_config(tc)  # which checkpoints stay besides checkpoint.pt
 
     def add(self, instrument: I) -> I:
         """Attach an instrument (called in the order added); returns it."""
@@ -295,6 +297,7 @@ class Trainer:
                 # below; under torchrun the ranks must agree, so the flag is only read (and voted on) at a flush
                 stop = self.stop_requested and not self.dist.enabled
                 eval_due, ckpt_due = self._due(tc.eval_every, max_steps), self._due(tc.checkpoint_every, max_steps)
+                ckpt_due = ckpt_due or (eval_due and self.retention.saves_at_eval)
                 # flush: the one host read, before anything is evaluated or saved; a non-finite loss stops the
                 # run here, before a bad checkpoint could replace the last good one
                 if self._due(tc.trace_every, max_steps) or eval_due or ckpt_due or stop:
@@ -308,8 +311,8 @@ class Trainer:
                 if eval_due:  # eval: the EMA weights on the held-out set, from a fresh carry (and the raw ones)
                     result.last_eval = self.evaluate_and_report(reporter, result.baselines,
                                                                 last=self.step >= max_steps)
-                if ckpt_due:  # checkpoint
-                    self.save()
+                if ckpt_due:  # checkpoint (and what the retention policy keeps of it)
+                    self.save(result.last_eval if eval_due else None)
             if stop and not result.non_finite:  # Ctrl-C (on any rank): save where the run stands
                 status = self._stop_on_request(result, reporter)
         except BaseException as exc:
@@ -393,13 +396,15 @@ class Trainer:
         values = distributed.all_reduce_sum(flat).tolist()
         return {**dict(zip(keys, values[:-1])), "stop_requested": values[-1]}
 
-    def save(self) -> None:
+    def save(self, evaluated: dict[str, float] | None = None) -> None:
         """Checkpoint, after the trace has committed every row up to this step (so resume loses no row). Under
-        torchrun every rank sends its own state (carry, sampler, RNGs) and rank 0 alone writes."""
+        torchrun every rank sends its own state (carry, sampler, RNGs) and rank 0 alone writes. ``evaluated``: this
+        step's evaluation, for the retention policy (``etrm.train.retention``)."""
         self.instruments.on_checkpoint(self.step)
         state = self.state_dict()
         if self.dist.is_main:
-            save_checkpoint(self.run_dir, state)
+            written = save_checkpoint(self.run_dir, state)
+            self.retention.keep(self.run_dir, written, self.step, evaluated)
         self.checkpoint_step = self.step
 
     def _on_sigint(self, signum, frame) -> None:

@@ -145,3 +145,32 @@ def test_upstream_recipe_epochs_and_explicit_max_steps_refused(tmp_path, monkeyp
     with pytest.raises(ConfigError, match="eval_every_epochs=3.*divisor of train.epochs"):
         Config.from_dict({"train": {"epochs": 4, "eval_every_epochs": 3}})
     assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints kept per evaluation
+
+def test_upstream_recipe_keep_checkpoints_every_eval(tmp_path, monkeypatch) -> None:
+    from etrm.cli import main
+    from etrm.train.checkpoint import load_checkpoint
+    from etrm.train.retention import kept_steps
+
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+    tiny = [*TINY_TRM, "data.canvas=4", "data.min_grid=2", "data.max_grid=3", "data.train_tasks=4",
+            "data.heldout_tasks=2", "train.eval_every=2", "train.checkpoint_every=100"]
+    every, last = tmp_path / "every", tmp_path / "last"
+    assert main(["--preset", "demo-trm", "--run-dir", str(every), "--max-steps", "5", *tiny,
+                 "train.keep_checkpoints=\"every-eval\""]) == 0
+    assert main(["--preset", "demo-trm", "--run-dir", str(last), "--max-steps", "5", *tiny]) == 0
+    kept = kept_steps(every)
+    assert [s for s, _ in kept] == [2, 4, 5]  # one per evaluation, the last one included
+    for step, path in kept:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        assert int(state["step"]) == step
+    assert int(load_checkpoint(every)["step"]) == 5  # checkpoint.pt stays the resume point
+    assert kept_steps(last) == [] and int(load_checkpoint(last)["step"]) == 5
+    # the two runs trained alike: the checkpoint kept at the end equals the last run's resume point
+    a = torch.load(kept[-1][1], map_location="cpu", weights_only=True)["model"]
+    b = load_checkpoint(last)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in b)
