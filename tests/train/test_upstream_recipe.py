@@ -174,3 +174,98 @@ def test_upstream_recipe_keep_checkpoints_every_eval(tmp_path, monkeypatch) -> N
     a = torch.load(kept[-1][1], map_location="cpu", weights_only=True)["model"]
     b = load_checkpoint(last)["model"]
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Upstream checkpoints: upstream's names and shapes (tests/train/upstream_files.py), into the right weights
+
+HIDDEN, LAYERS, EXPANSION, VOCAB_U, IDS = 32, 2, 2.0, 12, 8
+
+
+def _our_trm(num_ids: int = IDS):
+    from etrm.model import ModelShape, build_model
+
+    cfg = Config.from_dict({"model": "trm", "arch": {"hidden_size": HIDDEN, "num_heads": 2, "expansion": EXPANSION,
+                                                     "L_layers": LAYERS, "puzzle_emb_len": 2}})
+    return build_model(cfg, ModelShape(vocab_size=VOCAB_U, seq_len=9, num_puzzle_ids=num_ids))
+
+
+@pytest.mark.parametrize("wrap", ["plain", "compiled", "training-state"])
+def test_upstream_recipe_upstream_checkpoint_loads_into_the_right_weights(wrap: str, tmp_path) -> None:
+    from upstream_files import upstream_state
+
+    from etrm.checkpoints.upstream import UPSTREAM, load_weights, read
+
+    state = upstream_state(HIDDEN, EXPANSION, LAYERS, VOCAB_U, IDS)
+    saved: object = state
+    if wrap == "compiled":
+        saved = {"_orig_mod." + k: v for k, v in state.items()}
+    elif wrap == "training-state":
+        saved = {"model": {"_orig_mod." + k: v for k, v in state.items()}, "optimizers": [], "step": 7}
+    path = tmp_path / "step_1234"
+    torch.save(saved, path)
+    opened = read(path)
+    assert opened.kind == UPSTREAM and opened.step == (7 if wrap == "training-state" else 1234)
+    model = _our_trm()
+    load_weights(model, opened, "ema")
+    ours = model.state_dict()
+    u = lambda k: state["model.inner." + k]  # noqa: E731
+    for i in range(LAYERS):
+        q, kv = ours[f"core.blocks.{i}.attn.q_proj.weight"], ours[f"core.blocks.{i}.attn.kv_proj.weight"]
+        k, v = kv[:HIDDEN], kv[HIDDEN:]
+        # the fixture's q, k and v rows hold 10 * block + 1, + 2, + 3 (and a small random part)
+        for part, rows in ((1, q), (2, k), (3, v)):
+            assert (rows - (10.0 * i + part)).abs().max() < 0.1, (i, part)
+        fused = u(f"L_level.layers.{i}.self_attn.qkv_proj.weight")
+        assert torch.equal(q, fused[:HIDDEN]) and torch.equal(k, fused[HIDDEN:2 * HIDDEN])
+        assert torch.equal(v, fused[2 * HIDDEN:])
+        assert torch.equal(ours[f"core.blocks.{i}.mlp.gate_up.weight"], u(f"L_level.layers.{i}.mlp.gate_up_proj.weight"))
+        assert torch.equal(ours[f"core.blocks.{i}.mlp.down.weight"], u(f"L_level.layers.{i}.mlp.down_proj.weight"))
+        assert torch.equal(ours[f"core.blocks.{i}.attn.o_proj.weight"], u(f"L_level.layers.{i}.self_attn.o_proj.weight"))
+    for theirs, mine in (("embed_tokens.embedding_weight", "core.embed_tokens"), ("lm_head.weight", "core.lm_head.weight"),
+                         ("q_head.weight", "core.q_head.weight"), ("q_head.bias", "core.q_head.bias"),
+                         ("H_init", "core.H_init"), ("L_init", "core.L_init"), ("puzzle_emb.weights", "puzzle_emb.weights")):
+        assert torch.equal(ours[mine], u(theirs)), mine
+
+
+def test_upstream_recipe_upstream_puzzle_table_follows_shifted_ids(tmp_path) -> None:
+    from upstream_files import upstream_state
+
+    from etrm.checkpoints.upstream import load_weights, read
+
+    state = upstream_state(HIDDEN, EXPANSION, LAYERS, VOCAB_U, IDS)
+    torch.save(state, tmp_path / "step_5")
+    model = _our_trm(IDS + 1)  # our reader shifted upstream's identifiers up by one (id 0 is our blank)
+    load_weights(model, read(tmp_path / "step_5"), "ema", id_shift=1)
+    table = model.state_dict()["puzzle_emb.weights"]
+    assert torch.equal(table[0], torch.zeros(HIDDEN)) and torch.equal(table[1:], state["model.inner.puzzle_emb.weights"])
+
+
+def test_upstream_recipe_bad_upstream_checkpoints_name_the_problem(tmp_path) -> None:
+    from upstream_files import upstream_state
+
+    from etrm.checkpoints.upstream import load_weights, read
+    from etrm.errors import UserError
+
+    narrow = upstream_state(16, EXPANSION, LAYERS, VOCAB_U, IDS)
+    torch.save(narrow, tmp_path / "narrow")
+    with pytest.raises(UserError, match=r"'embed_tokens.embedding_weight' has shape \[12, 16\] in the checkpoint, "
+                                        r"\[12, 32\] in the model"):
+        load_weights(_our_trm(), read(tmp_path / "narrow"), "ema")
+    one_layer = {k: v for k, v in upstream_state(HIDDEN, EXPANSION, LAYERS, VOCAB_U, IDS).items()
+                 if ".layers.1." not in k}
+    torch.save(one_layer, tmp_path / "short")
+    with pytest.raises(UserError, match=r"lacks the weights of 'core.blocks.1"):
+        load_weights(_our_trm(), read(tmp_path / "short"), "ema")
+    bad_qkv = upstream_state(HIDDEN, EXPANSION, LAYERS, VOCAB_U, IDS)
+    bad_qkv["model.inner.L_level.layers.0.self_attn.qkv_proj.weight"] = torch.zeros(2 * HIDDEN, HIDDEN)
+    torch.save(bad_qkv, tmp_path / "qkv")
+    with pytest.raises(UserError, match=r"qkv_proj.weight' has shape \[64, 32\] in the checkpoint, \[96, 32\]"):
+        load_weights(_our_trm(), read(tmp_path / "qkv"), "ema")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign")
+    with pytest.raises(UserError, match="in no format this reads; tried an etrm checkpoint"):
+        read(tmp_path / "foreign")
+    whole = (tmp_path / "narrow").read_bytes()
+    (tmp_path / "cut").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(UserError, match="corrupt or unreadable"):
+        read(tmp_path / "cut")

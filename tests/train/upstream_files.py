@@ -47,8 +47,8 @@ def write_folder(root: Path) -> Path:
 INNER = "model.inner."
 
 
-def upstream_state(hidden: int, heads: int, expansion: float, layers: int, vocab: int, num_ids: int,
-                   puzzle_emb_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def upstream_state(hidden: int, expansion: float, layers: int, vocab: int, num_ids: int,
+                   seed: int = 0) -> dict[str, torch.Tensor]:
     """An upstream TRM state dict (names and shapes of ``models/recursive_reasoning/trm.py``): each block's fused
     ``qkv_proj`` holds q rows of value ``10 * block + 1``, k rows ``10 * block + 2``, v rows ``10 * block + 3`` (plus
     a small random part), so a wrong split shows; every other tensor is random."""
@@ -66,7 +66,6 @@ def upstream_state(hidden: int, heads: int, expansion: float, layers: int, vocab
         state[pre + "self_attn.o_proj.weight"] = torch.randn(hidden, hidden, generator=g)
         state[pre + "mlp.gate_up_proj.weight"] = torch.randn(2 * inter, hidden, generator=g)
         state[pre + "mlp.down_proj.weight"] = torch.randn(hidden, inter, generator=g)
-    del heads, puzzle_emb_len  # the heads split rows inside q/k/v; the table's width is puzzle_emb_len * hidden / len
     return {INNER + k: v for k, v in state.items()}
 
 
