@@ -20,6 +20,7 @@ from diagnostics.events import Mode
 from diagnostics.probes.diversity import EVERY as DIVERSITY_EVERY
 from diagnostics.doctor.thresholds import DoctorConfig
 
+
 class Model(StrEnum):
     """Which model: TRM (a learned puzzle-embedding table) or ETRM (a demo encoder in place of the table)."""
 
@@ -59,8 +60,7 @@ DATA_PATHS = ("auto", "device", "pinned", "host")  # where a step's samples are 
 DATASETS = ("fewshot", "arc1", "arc2", "sudoku", "maze", "trm-folder")
 LR_SCHEDULES = ("cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
-OPTIMIZERS = ("adamw", "adam-atan2")  # etrm.train.adam_atan2.build_adam
-KEEP_CHECKPOINTS = ("last", "every-eval")  # etrm.train.retention
+OPTIMIZERS, KEEP_CHECKPOINTS = ("adamw", "adam-atan2"), ("last", "every-eval")  # etrm.train.adam_atan2, .retention
 
 
 class ConfigError(ValueError):
@@ -287,23 +287,18 @@ class TrainConfig:
             _positive(s, name, getattr(self, name))
         _positive(s, "eval_raw_every", self.eval_raw_every, 0)
         for name in ("lr", "lr_warmup_steps", "weight_decay", "grad_clip", "puzzle_emb_lr",
-                     "puzzle_emb_weight_decay", "encoder_lr_scale"):
+                     "puzzle_emb_weight_decay", "encoder_lr_scale", "epochs", "eval_every_epochs"):
             _positive(s, name, getattr(self, name), 0.0)
         for name in ("lr_min_ratio", "beta1", "beta2", "ema_rate"):
             _unit(s, name, getattr(self, name))
         _positive(s, "ledger_every", self.ledger_every, 0)
-        _choice(s, "lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        _choice(s, "optimizer", self.optimizer, OPTIMIZERS)
-        _choice(s, "keep_checkpoints", self.keep_checkpoints, KEEP_CHECKPOINTS)
-        _positive(s, "epochs", self.epochs, 0)
-        _positive(s, "eval_every_epochs", self.eval_every_epochs, 0)
+        for name, allowed in (("lr_schedule", LR_SCHEDULES), ("optimizer", OPTIMIZERS), ("sampler", SAMPLERS),
+                              ("keep_checkpoints", KEEP_CHECKPOINTS), ("data_path", DATA_PATHS), ("device", DEVICES)):
+            _choice(s, name, getattr(self, name), allowed)
         if self.eval_every_epochs and (not self.epochs or self.epochs % self.eval_every_epochs):
             raise ConfigError(f"train.eval_every_epochs={self.eval_every_epochs} is not valid with train.epochs="
                               f"{self.epochs}; allowed: a divisor of train.epochs (upstream's eval_interval)")
-        _choice(s, "sampler", self.sampler, SAMPLERS)
-        _choice(s, "data_path", self.data_path, DATA_PATHS)
         self.sampler = Sampler(self.sampler)
-        _choice(s, "device", self.device, DEVICES)
 
 
 @dataclass
