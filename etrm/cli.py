@@ -254,7 +254,8 @@ def _train(args: argparse.Namespace, cfg: Config, preset: str | None, run_dir: P
     restart, continued = made["restart"], made["state"] is not None or (made["restart"] and run_dir.exists())
     if continued and env.is_main:
         _hold(made, run_dir)  # before anything of the run is written: a second trainer on it is refused
-    plan = None if continued else epochs.apply(cfg, trainer.train_ds)  # train.epochs: before the config is written
+    # train.epochs -> max_steps, eval_every: for a run that starts at step 0 (before its config is written)
+    plan = epochs.apply(cfg, trainer.train_ds) if made["state"] is None else None
     if made["state"] is not None:
         trainer.resume(made["state"])
         made["state"] = None  # the checkpoint's tensors are the trainer's now
