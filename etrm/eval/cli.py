@@ -125,7 +125,7 @@ def _evaluate(cfg, arch: str, paths: list[Path], first, weights: list[str], eval
     from diagnostics.events import q_halt_rule
     from diagnostics.session import open_writer
     from diagnostics.trace import liveness
-    from diagnostics.trace.eval_audits import EvalAudit, without_act_steps
+    from diagnostics.trace.eval_audits import EVALUATED_FROM, EvalAudit, without_act_steps
     from etrm.checkpoints.upstream import load_weights, read
     from etrm.model.faults import build_model
     from etrm.train.console import format_eval
@@ -137,7 +137,7 @@ def _evaluate(cfg, arch: str, paths: list[Path], first, weights: list[str], eval
     device = pick_device(cfg.train.device)
     model = build_model(cfg, shape, cfg.train.seed).to(device)
     meta = trace_meta(SimpleNamespace(cfg=cfg, device=device, step=0, dist=SINGLE), None)
-    meta.update({"evaluated_from": str(source), "checkpoints": len(paths), "weights_source": first.kind})
+    meta.update({EVALUATED_FROM: str(source), "checkpoints": len(paths), "weights_source": first.kind})
     base = baselines(eval_ds.inputs, eval_ds.labels)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
     doctor = LiveEvalDoctor(meta, cfg.doctor)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 from etrm.cli import _merge
 from etrm.checkpoints.upstream import ALL_CONFIG, ETRM, Opened, all_config_settings

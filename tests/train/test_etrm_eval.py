@@ -78,12 +78,22 @@ def test_etrm_eval_series_is_judged_by_the_doctor(kind: str, sign: int, evaluate
     assert sign * (f["evidence"]["exact_at_max_step"] - f["evidence"]["exact_at_would_halt"]) >= 0.1
 
 
+def _texts(component) -> str:
+    return json.dumps(component.to_plotly_json(), default=lambda o: o.to_plotly_json()
+                      if hasattr(o, "to_plotly_json") else str(o))
+
+
 def test_etrm_eval_dashboard_draws_the_evaluation_curve(evaluated) -> None:
     from dashboards import app as A
     from dashboards.runs import Runs
 
     run = evaluated["late"][1]
-    cache = Runs(run.parent).get(run.name)
+    runs = Runs(run.parent)
+    listed = _texts(A.runs_page(runs))
+    assert "late" in listed and "eval-halting-mismatch" in listed  # the runs list shows it with its finding
+    page = _texts(A.run_page(runs, run.name, ""))
+    assert "refused" not in page and "eval-halting-mismatch" in page  # the run page names the finding too
+    cache = runs.get(run.name)
     for tab, _ in A.TABS:
         figs = A.tab_figures(cache, tab)
         for fid, fig in figs.items():
