@@ -205,8 +205,8 @@ ARCH_KEYS = ("hidden_size", "num_heads", "expansion", "L_layers", "H_cycles", "L
 
 
 def all_config_settings(path: Path) -> dict[str, Any]:
-    """Our config's settings (``model``, ``arch``, ``act``, ``train.ema``) from upstream's ``all_config.yaml``
-    (the resolved Hydra config; ``arch.*`` holds the model's keys). Variants our model does not have (learned
+    """Our config's settings (``model``, ``arch``, ``act``, ``train.ema``, and ``data`` when its data folder is
+    found here) from upstream's ``all_config.yaml`` (the resolved Hydra config; ``arch.*`` holds the model's keys). Variants our model does not have (learned
     positions, the MLP-mixer ``mlp_t``, a puzzle table wider than one token) are one UserError."""
     import yaml
 
@@ -234,4 +234,9 @@ def all_config_settings(path: Path) -> dict[str, Any]:
         out["act"]["q_continue"] = not bool(arch["no_ACT_continue"])
     if isinstance(data.get("ema"), bool):
         out["train"] = {"ema": data["ema"]}
+    # upstream evaluates data_paths_test when given, else data_paths: the first such folder found here is the data
+    paths = [p for key in ("data_paths_test", "data_paths") for p in (data.get(key) or []) if isinstance(p, str)]
+    found = next((p for p in paths if Path(p).is_dir()), None)
+    if found is not None:
+        out["data"] = {"dataset": "trm-folder", "path": found}
     return out

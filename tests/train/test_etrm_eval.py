@@ -112,12 +112,14 @@ ARCH = {"hidden_size": 32, "num_heads": 2, "expansion": 2.0, "L_layers": 2, "H_c
         "puzzle_emb_ndim": 32, "no_ACT_continue": True, "name": "recursive_reasoning.trm@TinyRecursiveReasoningModel_ACTV1"}
 
 
-def _upstream_run(root: Path) -> Path:
-    """A folder as upstream's pretrain.py leaves it: ``all_config.yaml`` and ``step_N`` files (one compiled)."""
+def _upstream_run(root: Path, data: Path | None = None) -> Path:
+    """A folder as upstream's pretrain.py leaves it: ``all_config.yaml`` (naming ``data`` in ``data_paths``) and
+    ``step_N`` files (one compiled)."""
     ckpt = root / "checkpoints"
     ckpt.mkdir(parents=True)
+    paths = {"data_paths": [str(data)]} if data is not None else {}
     (ckpt / "all_config.yaml").write_text(yaml.safe_dump({"arch": ARCH, "ema": True, "epochs": 2,
-                                                          "global_batch_size": 4}))
+                                                          "global_batch_size": 4, **paths}))
     state = upstream_state(32, 2.0, 2, 12, 8)
     torch.save(state, ckpt / "step_10")
     torch.save({"_orig_mod." + k: v * 1.01 for k, v in state.items()}, ckpt / "step_20")
@@ -136,6 +138,11 @@ def test_etrm_eval_upstream_series_on_a_data_folder(tmp_path) -> None:
     assert sorted(set(audits["step"])) == [10, 20] and set(audits["weights"]) == {"ema"}
     assert sorted(set(audits["act_step"])) == [1, 2]  # halt_max_steps from all_config.yaml
     assert snapshot(ckpt) == before
+    # without --data: the data folder all_config.yaml names (data_paths), when it is found here
+    named = _upstream_run(tmp_path / "named", data)
+    done = etrm_eval(str(named / "step_20"), "--out", str(tmp_path / "ev2"), "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    assert sorted(set(load_eval_audits(tmp_path / "ev2")["step"])) == [20]
 
 
 def _one_line(done: subprocess.CompletedProcess, *needles: str) -> str:
