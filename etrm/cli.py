@@ -69,10 +69,11 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, str | None]:
     preset = args.preset if args.preset is not None else (None if args.config else DEFAULT_PRESET)
     if preset is not None:  # an empty --preset is an unknown name, not the default
         data = load_preset(preset)
-    explicit = apply_overrides(load_toml(args.config) if args.config else {},
-                               list(args.overrides) + _flag_overrides(args))
-    epochs.check(explicit)  # train.epochs beside an explicit train.max_steps: one error
-    return Config.from_dict(_merge(data, explicit)), preset
+    file = load_toml(args.config) if args.config else {}
+    overrides = list(args.overrides) + _flag_overrides(args)
+    epochs.check(apply_overrides(file, overrides))  # train.epochs beside an explicit train.max_steps: one error
+    data = apply_overrides(_merge(data, file), overrides)
+    return Config.from_dict(data), preset
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[str]:
