@@ -5,7 +5,9 @@
   ``checkpoint_step_N.pt`` (upstream's ``checkpoint_every_eval``: a file ``step_N`` per evaluation), so that a series
   of held-out scores can be re-evaluated (``etrm-eval``) and the peak found after the fact;
 - ``keep_best`` (the findings issue, not yet built) will keep ``checkpoint_best.pt`` by ``train.best_metric``: it
-  belongs in ``Retention.keep``, which already sees every saved checkpoint with its evaluation's values.
+  belongs in ``Retention.keep``, which already sees every saved checkpoint with its evaluation's values (a
+  ``saves_at_eval`` that also holds for it, a field for the best value so far, restored on ``--resume`` from the
+  kept file's state, and never a non-finite one: the trainer saves only after the flush's non-finite check).
 Kept files are hard links of the checkpoint just written (a copy where links fail), made atomically.
 """
 
