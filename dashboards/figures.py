@@ -289,10 +289,12 @@ def accuracy_figure(f: pd.DataFrame, evals: pd.DataFrame | None = None, findings
                     focus: int | None = None, title: str = "Exact accuracy (both semantics)") -> Figure:
     """Training exact accuracy of in-flight slots (ETRM's reading) and of slots at their halt (TRM's), with the
     held-out evaluation as points."""
-    if f.empty:
+    if f.empty and (evals is None or not len(evals)):
         return empty_figure("no steps yet", title)
-    data = reading(f, "exact_inflight", "in-flight (ETRM)", C["inflight"], hover=".1%")
-    data += reading(f, "exact_halted", "at halt (TRM)", C["halted"], hover=".1%", dash="dash")
+    data = []  # an etrm-eval run has evaluations only: its curve is the held-out one
+    if not f.empty:
+        data += reading(f, "exact_inflight", "in-flight (ETRM)", C["inflight"], hover=".1%")
+        data += reading(f, "exact_halted", "at halt (TRM)", C["halted"], hover=".1%", dash="dash")
     if evals is not None and len(evals):
         for col, name, symbol in (("exact", "held-out", "circle"), ("halt.exact", "held-out at halt", "diamond"),
                                   (MAZE_VALID_PATH, "held-out valid shortest path (maze)", "square")):

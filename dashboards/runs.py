@@ -39,6 +39,7 @@ from diagnostics.trace.bucketing import (MAX_BUCKETS, Spec, aggregate_rows, buck
                                          merge_frames, ratio_spec)
 from diagnostics.trace.schema import TRACE_NAME, TraceError
 from diagnostics.doctor.thresholds import DoctorConfig
+from diagnostics.trace.eval_audits import EVALUATED_FROM
 
 RAW_MAX_STEPS = 50_000       # runs up to this many steps are held raw (exact doctor, in-memory bucketing)
 MAX_DEPTH = 3                # how deep under --runs to look for traces
@@ -152,11 +153,16 @@ class RunInfo:
     restarts: int = 0  # torchrun restarts (``restart`` markers)
 
     @property
+    def empty(self) -> bool:
+        """No training step yet, and not an ``etrm-eval`` run (evaluations only: its findings are the verdict)."""
+        return not self.last_step and EVALUATED_FROM not in self.meta
+
+    @property
     def verdict(self) -> str:
         """``error``, ``warning``, ``info``, ``healthy``, ``no data`` (no steps yet) or ``unreadable``."""
         if self.error:
             return "unreadable"
-        if not self.last_step:
+        if self.empty:
             return "no data"
         for sev in SEVERITIES:
             if any(f["severity"] == sev for f in self.findings):
@@ -168,7 +174,7 @@ class RunInfo:
         """The verdict in a few words: the first finding's code, or 'healthy'."""
         if self.error:
             return "unreadable"
-        if not self.last_step:
+        if self.empty:
             return "no data yet"
         return self.findings[0]["code"] if self.findings else "healthy"
 

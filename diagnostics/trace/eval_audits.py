@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 EMA, RAW = "ema", "raw"  # the weights an audit evaluated
+EVALUATED_FROM = "evaluated_from"  # the meta key of an ``etrm-eval`` run (evaluations only): the source it read
 WEIGHTS = (EMA, RAW)
 # The per-ACT-step keys of ``etrm.train.evaluate.evaluate``'s result (means over samples, like every key there).
 ACT_PREFIX = "act."
