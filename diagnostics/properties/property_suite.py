@@ -19,24 +19,26 @@ A failure raises ``AssertionError`` naming the invariant, e.g.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import io
+import time
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 from hypothesis import HealthCheck, Phase, settings
+from hypothesis.control import current_build_context
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule, run_state_machine_as_test
 
 from diagnostics.events import CarryView
-from diagnostics.properties.adapter import ACTAdapter, AdapterFactory, EvalStep
+from diagnostics.properties.adapter import ACTAdapter, AdapterFactory, EvalStep, check_adapter
 from diagnostics.properties.capture import Capture, Consumed
 from diagnostics.properties.fingerprints import make_content
 from diagnostics.properties.invariants import STEP_INVARIANTS, StepContext, Violation, violations
 from diagnostics.properties import suite_checks as sc
 from diagnostics.properties.suite_checks import rows_differ as _rows_differ
-from diagnostics.properties.suite_report import (CARRY_ONLY, SUITE_CHECKS, ModelRaised, SuiteStats, derived_events,
-                                                 describe, format_violations, skipped_checks, snapshot)
+from diagnostics.properties.suite_report import (CARRY_ONLY, FEED_NAMES, SUITE_CHECKS, ModelRaised, SuiteStats,
+                                                 check_skip_names, coverage_by_content, derived_events, describe,
+                                                 format_violations, skipped_checks, snapshot)
 from diagnostics.properties.suite_report import suite_violation as _violation
 from diagnostics.properties.suite_steps import StepChecks
 
@@ -60,7 +62,7 @@ HALTING = st.one_of(
     st.just(("model",)),
 )
 FORCED_HALTING = HALTING.filter(lambda p: p[0] != "model")
-FEEDS = st.sampled_from(("refill", "full-batch", "tail", "adapter"))
+FEEDS = st.sampled_from(FEED_NAMES)
 
 
 def halting_mask(pattern: tuple, batch_size: int) -> Optional[Tensor]:
@@ -94,9 +96,12 @@ def halting_mask(pattern: tuple, batch_size: int) -> Optional[Tensor]:
 
 
 def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMachine",
-                       stats: Optional[SuiteStats] = None) -> type[RuleBasedStateMachine]:
-    """A ``RuleBasedStateMachine`` class that builds a fresh adapter per example (after seeding torch)."""
+                       stats: Optional[SuiteStats] = None, skip: Sequence[str] = ()) -> type[RuleBasedStateMachine]:
+    """A ``RuleBasedStateMachine`` class that builds a fresh adapter per example (after seeding torch). Violations of
+    the ``skip``ped invariants are not reported; every other one is, all of them (the example ends with a failure
+    listing each invariant it broke)."""
     stats = stats if stats is not None else SuiteStats()
+    skip = frozenset(check_skip_names(skip))
 
     class Machine(StepChecks, RuleBasedStateMachine):
         def __init__(self) -> None:
@@ -107,7 +112,13 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
         # -- setup --------------------------------------------------------------------------------------------------
         @initialize(seed=st.integers(0, 2**31 - 1))
         def build(self, seed: int) -> None:
+            self.failures: dict[str, str] = {}
+            self.raising = False
+            # Shrinking ran out of time: the remaining candidates draw as usual (Hypothesis replays them) but run
+            # nothing, so none is kept; the best example so far is replayed in full at the end.
+            self.idle = over_shrink_budget(stats)
             torch.manual_seed(seed)
+            self.skip = skip
             self.history: list[str] = []
             self.step_no = 0
             self.adapter = self._call("the adapter factory", adapter_factory)
@@ -124,15 +135,35 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
             self.stepped = torch.zeros(self.B, dtype=torch.bool)  # slots past their uninitialised first carry
             self.after_eval = False
             self.eval_cache: dict[int, Tensor] = {}
+            if self.idle:
+                return
             self.carry = self._call("initial_carry", a.initial_carry, self._batch([-1] * self.B))
+            self.by_content_coverage = coverage_by_content(a)
             stats.examples += 1
-            if not stats.skipped:
-                stats.skipped.update(skipped_checks(a))
+            if stats.examples == 1:
+                stats.skipped.update({k: v for k, v in skipped_checks(a).items() if k not in stats.skipped})
             init = a.view(self.carry)
             if not bool(init.halted.all()):
-                raise AssertionError("invariant 'initial-carry-halted' violated at step 0, slots "
-                                     f"{(~init.halted).nonzero().flatten().tolist()}: the initial carry must have "
-                                     "every slot halted, so the first step loads the whole batch")
+                self._record([Violation("initial-carry-halted", (~init.halted).nonzero().flatten().tolist(),
+                                        "the initial carry must have every slot halted, so the first step loads "
+                                        "the whole batch")], 0)
+
+        # -- reporting ----------------------------------------------------------------------------------------------
+        def _record(self, found: Sequence[Violation], at: int | str, where: str = "") -> None:
+            """Keep the first violation of each invariant not opted out; the example goes on (nothing is hidden)
+            and fails at its end listing them all."""
+            for v in found:
+                if v.name not in self.skip and v.name not in self.failures:
+                    self.failures[v.name] = format_violations([v], at, where)
+                    stats.failures.setdefault(v.name, self.failures[v.name])
+            if self.failures and stats.first_failure_at is None:
+                stats.first_failure_at = time.monotonic()
+
+        def _raise_failures(self, first: str = "") -> None:
+            self.raising = True
+            if stats.first_failure_at is None:
+                stats.first_failure_at = time.monotonic()
+            raise (ModelRaised if first else AssertionError)("\n".join([first, *self.failures.values()]).strip())
 
         # -- calling the model --------------------------------------------------------------------------------------
         def _call(self, what: str, fn: Callable, *args: Any) -> Any:
@@ -143,9 +174,10 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
                 raise
             except Exception as exc:  # noqa: BLE001 (any model error is a finding)
                 after = ", ".join(self.history[-12:]) or "nothing"
-                raise ModelRaised(f"invariant 'model-raises-nothing' violated at step {self.step_no}: model raised "
-                                  f"{type(exc).__name__} in {what} at step {self.step_no} after: {after}: "
-                                  f"{exc}") from None
+                stats.failures.setdefault("model-raises-nothing", f"invariant 'model-raises-nothing' violated")
+                self._raise_failures(f"invariant 'model-raises-nothing' violated at step {self.step_no}: model "
+                                     f"raised {type(exc).__name__} in {what} at step {self.step_no} after: {after}: "
+                                     f"{exc}")
 
         def _content(self, ids: Sequence[int]):
             return [make_content(self.spec, int(i), self.content_seed) if i >= 0 else None for i in ids]
@@ -159,7 +191,7 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
         def _capture(self):
             if self.hooks is None or self.model is None:
                 return contextlib.nullcontext(Consumed())
-            return Capture(self.model, self.hooks)
+            return Capture(self.model, self.hooks, keep_encoder_outputs=self.by_content_coverage)
 
         def _step(self, carry: Any, batch: Any, force: Optional[Tensor], what: str = "step"):
             """One adapter step; for models without a forced-halt argument the halted flags are overridden after it
@@ -179,14 +211,19 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
             self.next_id += n
             return ids
 
+        def _feed_name(self, feed: str) -> str:
+            """The drawn feed, as this adapter has it: no ``adapter`` feed without one, no padded tail when the
+            adapter's training feed drops partial batches."""
+            if (feed == "adapter" and not self.sup.feed) or (feed == "tail" and self.adapter.drops_partial_batches):
+                return "refill"
+            return feed
+
         def _feed(self, reset: Tensor, feed: str) -> Tensor:
-            if feed == "adapter" and not self.sup.feed:
-                feed = "refill"
             if feed == "adapter":
                 fed = torch.tensor(self._call("feed", self.adapter.feed, reset.clone(), self.next_id),
                                    dtype=torch.long)
                 self.next_id = max(self.next_id, int(fed.max()) + 1)
-            elif feed == "full-batch":
+            elif feed == "trm":
                 fed = torch.tensor(self._fresh(self.B), dtype=torch.long)
             else:
                 fed = torch.full((self.B,), -1, dtype=torch.long)
@@ -205,6 +242,7 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
             meta_seed = self.step_no + 1 if meta_seed is None else meta_seed  # the metamorphic check: every forced step
             before = snapshot(a.view(self.carry))
             reset = before.halted.to(torch.bool).cpu()
+            feed = self._feed_name(feed)
             fed = self._feed(reset, feed)
             batch = self._batch(fed.tolist())
             force = halting_mask(pattern, self.B)
@@ -223,22 +261,20 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
             where = f"halting={pattern}, feed={feed}, resets={reset.nonzero().flatten().tolist()}"
 
             found = self._step_checks(events, before, after, fed, batch, outputs)
-            if not found:
-                found += self._content_checks(got, reset, events, training=True)
-            if not found:
-                found += self._halting_checks(pattern, after, outputs)
-            if not found and self.sup.checkpoint and self._has_q_target(outputs):
+            found += self._content_checks(got, reset, events, training=True)
+            found += self._halting_checks(pattern, after, outputs)
+            if self.sup.checkpoint and self._has_q_target(outputs) and self._wants("q-continue-target"):
                 found += self._q_target(carry, after, outputs)
-            if not found:
-                found += self._loss_checks(events, before, after, batch, outputs, carry)
-            if not found and bool(reset.any()):
+            found += self._loss_checks(events, before, after, batch, outputs, carry, got, reset)
+            if bool(reset.any()) and self._wants("reset-from-init"):
                 found += self._reset_from_init(reset, fed, outputs)
-            if not found and state0 is not None and force is not None and perm_seed is not None:
+            if state0 is not None and force is not None and perm_seed is not None \
+                    and self._wants("slot-permutation-independence"):
                 found += self._permutation(perm_seed, state0, batch, fed, force, outputs, after)
-            if not found and state0 is not None and force is not None and meta_seed is not None:
+            if state0 is not None and force is not None and meta_seed is not None \
+                    and self._wants("continuing-ignores-batch"):
                 found += self._metamorphic(meta_seed, state0, reset, fed, force, outputs, carry)
-            if found:
-                raise AssertionError(format_violations(found, self.step_no, where))
+            self._record(found, self.step_no, where)
             self.carry = carry
             self.after_eval = False
             return {k: v.detach().clone() for k, v in outputs.items() if isinstance(v, Tensor)}
@@ -249,12 +285,16 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
         def act_step(self, pattern: tuple, feed: str, perm_seed: Optional[int]) -> None:
             """One training step under a drawn halting mask and feed (the metamorphic check on every one of them:
             even steps pad the continuing slots' rows, odd steps put other samples there)."""
+            if self.idle:
+                return
             self._train_step(pattern, feed, perm_seed)
 
         @rule(n=st.integers(1, 4), feed=FEEDS)
         def model_decides(self, n: int, feed: str) -> None:
             """A run of steps where the model's own Q-head (and exploration) decides: slots reach max steps this way,
             where an exploration veto must not hold a slot past the last step."""
+            if self.idle:
+                return
             for _ in range(n):
                 self._train_step(("model",), feed)
 
@@ -269,15 +309,15 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
                     if v.dim() and v.shape[0] == self.B:
                         bad |= _rows_differ(v.cpu(), saved[k].cpu()) if k in saved else torch.ones_like(bad)
             bad &= self.stepped  # uninitialised carry memory (before a slot's first step) is no invariant's business
-            v = _violation("eval-leaves-carry", bad.cpu())
-            if v:
-                raise AssertionError(format_violations([v], self.step_no, what))
+            self._record([v for v in [_violation("eval-leaves-carry", bad.cpu())] if v], self.step_no, what)
             self.after_eval = True
 
         @precondition(lambda self: self.adapter is not None and self.sup.eval_run)
         @rule(n_real=st.integers(1, 64))
         def evaluate(self, n_real: int) -> None:
             """Switch to eval (a fresh carry to max steps, padding in the tail) and back."""
+            if self.idle:
+                return
             a = self.adapter
             stats.eval_runs += 1
             n = 1 + (n_real - 1) % self.B
@@ -304,8 +344,9 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
                 found += violations(StepContext(ev, snapshot(s.before), s.after, self.max_steps,
                                                 a.batch_fields(batch)), invariants=invs)
                 if found:
-                    at = f"eval step {i} (after training step {self.step_no})"
-                    raise AssertionError(format_violations(found, at, f"eval run on {n} real samples"))
+                    self._record(found, f"eval step {i} (after training step {self.step_no})",
+                                 f"eval run on {n} real samples")
+                    found = []
             if self.spec is not None and run:  # content over the whole run: inputs every step, demos once
                 found = [v for v in [sc.check_inputs(self.spec, got.lookups.get("inputs", []), fed)] if v]
                 if self.hooks.encoder:  # however often it encodes in eval, each row must be one slot's own demos
@@ -314,15 +355,15 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
                     bad = torch.isin(fed, rows[stray]) | (torch.ones_like(fed, dtype=torch.bool) & bool(stray.any())
                                                            & ~torch.isin(rows[stray], fed).any())
                     found += [v for v in [_violation("encoder-reads-own-demos", bad)] if v]
-                if found:
-                    raise AssertionError(format_violations(found, f"an eval run (after training step {self.step_no})",
-                                                           f"eval run on {n} real samples"))
+                self._record(found, f"an eval run (after training step {self.step_no})", f"eval run on {n} real samples")
             self._training_carry_unmoved(saved, saved_view, f"after an eval run on {n} samples")
 
         @precondition(lambda self: self.adapter is not None and self.sup.evaluate)
         @rule(n_real=st.integers(1, 64))
         def evaluate_entry_point(self, n_real: int) -> None:
             """The model's own evaluation of a fixed batch: every step's predictions, from a fresh carry."""
+            if self.idle:
+                return
             a = self.adapter
             stats.evaluate_runs += 1
             n = 1 + (n_real - 1) % self.B
@@ -336,10 +377,10 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
             where = f"evaluate() on {n} real samples (after training step {self.step_no})"
             real = torch.tensor(ids) >= 0
             if preds.shape[0] != self.max_steps:
-                raise AssertionError(format_violations([Violation(
-                    "eval-returns-every-step", list(range(self.B)),
-                    f"{SUITE_CHECKS['eval-returns-every-step']} (got {preds.shape[0]} steps, max is "
-                    f"{self.max_steps})")], "evaluate()", where))
+                self._record([Violation("eval-returns-every-step", list(range(self.B)),
+                                        f"{SUITE_CHECKS['eval-returns-every-step']} (got {preds.shape[0]} steps, max "
+                                        f"is {self.max_steps})")], "evaluate()", where)
+                return
             bad = torch.zeros(self.B, dtype=torch.bool)
             if n in self.eval_cache:
                 bad |= _rows_differ(preds.transpose(0, 1), self.eval_cache[n].transpose(0, 1))
@@ -349,15 +390,15 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
                 ref = [s.outputs["logits"].detach().cpu().argmax(-1) for s in run if s.outputs is not None]
                 if len(ref) == preds.shape[0]:
                     bad |= _rows_differ(preds.transpose(0, 1), torch.stack(ref).transpose(0, 1))
-            v = _violation("eval-fresh-carry", bad & real)
-            if v:
-                raise AssertionError(format_violations([v], "evaluate()", where))
+            self._record([v for v in [_violation("eval-fresh-carry", bad & real)] if v], "evaluate()", where)
             self._training_carry_unmoved(saved, saved_view, f"after evaluate() on {n} samples")
 
         @precondition(lambda self: self.adapter is not None and self.sup.checkpoint)
         @rule(plan=st.lists(st.tuples(FORCED_HALTING, FEEDS), min_size=1, max_size=3))
         def checkpoint_and_restore(self, plan: list[tuple[tuple, str]]) -> None:
             """Save the carry (through ``torch.save``), take steps, restore, replay them: results must be identical."""
+            if self.idle:
+                return
             a = self.adapter
             stats.restores += 1
             blob = io.BytesIO()
@@ -382,13 +423,17 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
                         bad |= _rows_differ(end_state[k].cpu(), replay_state[k].cpu())
                 else:
                     bad |= torch.ones_like(bad)
-            v = _violation("checkpoint-restore", bad)
-            if v:
-                raise AssertionError(format_violations([v], self.step_no, f"replayed plan {plan}"))
+            self._record([v for v in [_violation("checkpoint-restore", bad)] if v], self.step_no, f"replayed plan {plan}")
+
+        def _wants(self, name: str) -> bool:
+            """Whether a check that re-runs the model is worth its time: not opted out, not failed already."""
+            return name not in self.skip and name not in self.failures
 
         def teardown(self) -> None:
             self.adapter = None
             self.carry = None
+            if getattr(self, "failures", None) and not self.raising:
+                self._raise_failures()
 
     Machine.__name__ = Machine.__qualname__ = name
     Machine.stats = stats
@@ -420,65 +465,61 @@ def suite_settings(max_examples: Optional[int] = None, steps: Optional[int] = No
     """Settings for a suite run, on top of the loaded Hypothesis profile (``ci`` under CI=true)."""
     kwargs: dict[str, Any] = {
         "deadline": None,
+        "report_multiple_bugs": False,
         "stateful_step_count": steps or FAST_STEPS,
         "suppress_health_check": [HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
     }
     if max_examples is not None:
         kwargs["max_examples"] = max_examples
     if not shrink:
-        kwargs.update(phases=(Phase.explicit, Phase.reuse, Phase.generate), report_multiple_bugs=False,
-                      database=None)
+        kwargs.update(phases=(Phase.explicit, Phase.reuse, Phase.generate), database=None)
+    else:
+        kwargs.update(phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink))
     kwargs.update(overrides)
     return settings(**kwargs)
 
 
+#: Seconds shrinking may take after the first failure (then the best example so far is reported, and the report says
+#: that shrinking stopped early): the default run, shrinking included, stays within CI's patience.
+SHRINK_SECONDS = 30.0
+
+
+def over_shrink_budget(stats: SuiteStats) -> bool:
+    """Whether shrinking has used its budget: later candidate examples run nothing (never the final replay)."""
+    if stats.first_failure_at is None or stats.shrink_seconds is None:
+        return False
+    if time.monotonic() - stats.first_failure_at <= stats.shrink_seconds or current_build_context().is_final:
+        return False
+    stats.shrink_stopped = True
+    return True
+
+
 def run_suite(adapter_factory: AdapterFactory, *, max_examples: Optional[int] = None, steps: Optional[int] = None,
-              shrink: bool = True, name: Optional[str] = None, **overrides: Any) -> SuiteStats:
-    """Run the state machine against ``adapter_factory``; raise ``AssertionError`` naming the first broken invariant.
+              shrink: bool = True, name: Optional[str] = None, skip: Sequence[str] = (),
+              skip_reason: str = "opted out (run_suite(skip=...))", shrink_seconds: Optional[float] = SHRINK_SECONDS,
+              **overrides: Any) -> SuiteStats:
+    """Run the state machine against ``adapter_factory``; raise ``AssertionError`` naming every broken invariant.
 
     Returns what was exercised (examples, steps, resets, checks). ``shrink=False`` stops at the first failure
-    (faster when a failure is expected, as in the bug zoo).
+    (faster when a failure is expected, as in the bug zoo); ``shrink_seconds`` bounds shrinking (None: Hypothesis's
+    own limit). ``skip``: invariant names opted out, reported as skipped with ``skip_reason``. A failure's message
+    ends with the run's report (skips, dropped samples per feed, every failing invariant, an early shrink stop), and
+    the exception carries the stats as ``suite_stats``.
     """
-    stats = SuiteStats()
+    stats = SuiteStats(shrink_seconds=shrink_seconds if shrink else None)
+    stats.skipped.update({n: skip_reason for n in check_skip_names(skip)})
     label = name or getattr(adapter_factory, "__name__", "adapter")
-    machine = make_state_machine(adapter_factory, name=f"{label}Machine".replace("-", "_"), stats=stats)
-    run_state_machine_as_test(machine, settings=suite_settings(max_examples, steps, shrink, **overrides))
+    machine = make_state_machine(adapter_factory, name=f"{label}Machine".replace("-", "_"), stats=stats, skip=skip)
+    try:
+        run_state_machine_as_test(machine, settings=suite_settings(max_examples, steps, shrink, **overrides))
+    except AssertionError as exc:
+        stats.mark_silent()
+        message = str(exc)
+        others = [m for n, m in sorted(stats.failures.items()) if f"invariant '{n}' violated" not in message]
+        if others:
+            message += "\n  other invariants that failed in this run:\n" + "\n".join(others)
+        exc.args = ("\n".join([message, *stats.report_lines()]),)
+        exc.suite_stats = stats
+        raise
+    stats.mark_silent()
     return stats
-
-
-def check_adapter(adapter: ACTAdapter) -> None:
-    """Quick contract checks with a clear message, before the state machine (which would fail more obscurely)."""
-    for attr in ("batch_size", "max_steps"):
-        if not isinstance(getattr(adapter, attr, None), int) or getattr(adapter, attr) < 1:
-            raise AssertionError(f"adapter.{attr} must be a positive int, got {getattr(adapter, attr, None)!r}")
-    for meth in ("make_batch", "initial_carry", "step", "view", "batch_fields"):
-        if not callable(getattr(adapter, meth, None)):
-            raise AssertionError(f"adapter has no method {meth}()")
-    b = adapter.batch_size
-    ids = list(range(b - 1)) + [-1]
-    if getattr(adapter, "protocol", 1) >= 2:
-        spec = adapter.content_spec
-        if spec is None:
-            raise AssertionError("adapter protocol 2 needs content_spec (a diagnostics.properties.fingerprints.ContentSpec)")
-        spec.validate()
-        content = [make_content(spec, i) if i >= 0 else None for i in ids]
-        b1, b2 = adapter.make_batch(ids, content), adapter.make_batch(ids, content)
-    else:
-        b1, b2 = adapter.make_batch(ids), adapter.make_batch(ids)
-    f1, f2 = adapter.batch_fields(b1), adapter.batch_fields(b2)
-    for k in f1:
-        if not torch.equal(f1[k], f2[k]):
-            raise AssertionError(f"adapter.make_batch is not deterministic per sample id (field {k!r})")
-        if f1[k].shape[0] != b:
-            raise AssertionError(f"batch field {k!r} has {f1[k].shape[0]} rows, expected batch_size={b}")
-    view = adapter.view(adapter.initial_carry(b1))
-    if view.steps.shape != (b,) or view.halted.shape != (b,):
-        raise AssertionError(f"view().steps and .halted must be [{b}], got {tuple(view.steps.shape)} and "
-                             f"{tuple(view.halted.shape)}")
-    if view.halted.dtype != torch.bool:
-        raise AssertionError(f"view().halted must be bool, got {view.halted.dtype}")
-    if adapter.supports.loss and not adapter.supports.events:
-        raise AssertionError("supports.loss needs supports.events (coverage reads the encoder output from events)")
-    sig = inspect.signature(adapter.step)
-    if len(sig.parameters) < 3:
-        raise AssertionError("adapter.step must take (carry, batch, force_halt)")

@@ -11,7 +11,7 @@ import torch
 from diagnostics.events import CarryView, Mode, StepEvents
 from diagnostics.properties import suite_checks as sc
 from diagnostics.properties.adapter import ACTAdapter
-from diagnostics.properties.invariants import Violation
+from diagnostics.properties.invariants import STEP_INVARIANTS, Violation
 
 Tensor = torch.Tensor
 
@@ -28,8 +28,25 @@ SUITE_CHECKS = {
     "checkpoint-restore": "restoring a saved carry and replaying the same steps must give identical results",
     "events-match-carry": "the step's events must agree with the carry before and after it",
     "model-raises-nothing": "the model must not raise inside a rule (reported with the steps that led there)",
+    "coverage-matches-mode": "encoder-output gradient must reach exactly the slots the mode needs (by content)",
     **sc.CHECKS,
 }
+
+#: Every invariant name a run can report (what ``skip=`` / ``--etrm-skip`` accept).
+ALL_INVARIANTS = tuple(sorted({*SUITE_CHECKS, *(inv.name for inv in STEP_INVARIANTS), "demos-aligned",
+                               "initial-carry-halted"}))
+
+#: The feeds the suite draws (``trm``: upstream's fresh-batch feed, as ``train.sampler=trm``; ``adapter``: the
+#: adapter's own). Only ``refill`` and ``tail`` never drop a sample.
+FEED_NAMES = ("refill", "trm", "tail", "adapter")
+
+
+def check_skip_names(skip: Sequence[str]) -> tuple[str, ...]:
+    """The opted-out invariant names, validated: an unknown name raises ``ValueError`` with the known ones."""
+    unknown = [n for n in skip if n not in ALL_INVARIANTS]
+    if unknown:
+        raise ValueError(f"unknown invariant {unknown[0]!r} to skip; known: {', '.join(ALL_INVARIANTS)}")
+    return tuple(dict.fromkeys(skip))
 
 
 def snapshot(view: CarryView) -> CarryView:
@@ -104,8 +121,12 @@ def skipped_checks(a: ACTAdapter) -> dict[str, str]:
             out[name] = why
     elif not a.halted_metrics:
         out["halted-metrics-halted-only"] = "adapter names no halted_metrics"
-    if not (sup.events and sup.loss):
-        out["coverage-matches-mode"] = "needs StepEvents and a loss"
+    if not (sup.events and sup.loss) and not coverage_by_content(a):
+        out["coverage-matches-mode"] = ("needs StepEvents and a loss, or protocol v2 with hooks.encoder, "
+                                        "encoder_on_reset_only declared and loss_and_metrics")
+    if getattr(a, "drops_partial_batches", False):
+        out["padding-adds-nothing"] = ("the adapter declares drops_partial_batches: its training feed makes no "
+                                       "padding rows (the suite feeds no padded tail)")
     if not sup.evaluate:
         out["eval-returns-every-step"] = out["eval-fresh-carry"] = "no evaluate() (supports.evaluate=False)"
     if not sup.eval_run:
@@ -119,6 +140,13 @@ def skipped_checks(a: ACTAdapter) -> dict[str, str]:
     else:
         out["exploration-only-delays"] = "fixed-step (fct) model: the Q-head decides nothing"
     return out
+
+
+def coverage_by_content(a: ACTAdapter) -> bool:
+    """Whether coverage runs without events: encoder rows identified by the content of the demos they encoded."""
+    sup = a.supports
+    return (getattr(a, "protocol", 1) >= 2 and a.content_spec is not None and bool(a.hooks.encoder)
+            and a.encoder_on_reset_only is not None and sup.loss_metrics and not (sup.events and sup.loss))
 
 
 @dataclass
@@ -144,10 +172,45 @@ class SuiteStats:
     #: rare cases the run reached: all-halt, none-halt, exploration-veto, q-halt-at-last-step, padding-in-loss
     cases: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    #: hooked content checks -> what they captured over the run (a check that captured nothing is reported skipped)
+    captured: dict[str, int] = field(default_factory=dict)
+    #: every invariant that failed in the run (first message each), across examples and shrinking
+    failures: dict[str, str] = field(default_factory=dict)
+    #: monotonic time of the run's first failure (the shrink budget runs from it); whether shrinking stopped early
+    first_failure_at: Optional[float] = None
+    shrink_stopped: bool = False
+    shrink_seconds: Optional[float] = None
 
     def count(self, case: str, n: int = 1) -> None:
         if n:
             self.cases[case] = self.cases.get(case, 0) + n
+
+    def capture(self, check: str, n: int) -> None:
+        self.captured[check] = self.captured.get(check, 0) + n
+
+    def mark_silent(self) -> None:
+        """Report as skipped every content check that ran but captured nothing (no silent pass)."""
+        why = {"embeds-own-inputs": "captured no [B, S] lookup into hooks.inputs_table in any step (is it the tensor "
+                                    "the forward indexes?)",
+               "embeds-own-puzzle-row": "captured no [B] lookup into hooks.puzzle_table in any step",
+               "encoder-reads-own-demos": "hooks.encoder was never called with [B, K, S] demos in any step"}
+        for check, n in self.captured.items():
+            if n == 0 and check not in self.skipped:
+                self.skipped[check] = f"checked nothing: {why[check]}"
+
+    def report_lines(self) -> list[str]:
+        """The run's skips, dropped samples per feed, failing invariants and shrink stop, one line each."""
+        lines = [f"  skipped {name}: {why}" for name, why in sorted(self.skipped.items())]
+        for feed in sorted(self.fed):
+            lines.append(f"  info dropped-samples: feed '{feed}' dropped {self.dropped.get(feed, 0)} of "
+                         f"{self.fed[feed]} fed samples ({100 * self.dropped_fraction(feed):.0f}%)"
+                         + (": they landed in continuing slots" if self.dropped.get(feed) else ""))
+        if len(self.failures) > 1:
+            lines.append("  failing invariants: " + ", ".join(sorted(self.failures)))
+        if self.shrink_stopped:
+            lines.append(f"  shrinking stopped early at its {self.shrink_seconds:g} s budget: the example below may "
+                         "not be minimal")
+        return lines
 
     def dropped_fraction(self, feed: str) -> float:
         return self.dropped.get(feed, 0) / max(1, self.fed.get(feed, 0))

@@ -14,7 +14,7 @@ from diagnostics.properties import suite_checks as sc
 from diagnostics.properties.capture import Consumed
 from diagnostics.properties.invariants import STEP_INVARIANTS, GradRows, StepContext, Violation, violations
 from diagnostics.properties.suite_checks import rows_differ as _rows_differ
-from diagnostics.properties.suite_report import CARRY_ONLY, SUITE_CHECKS, derived_events, format_violations
+from diagnostics.properties.suite_report import CARRY_ONLY, SUITE_CHECKS, derived_events
 from diagnostics.properties.suite_report import suite_violation as _violation
 
 Tensor = torch.Tensor
@@ -22,6 +22,10 @@ Tensor = torch.Tensor
 
 class StepChecks:
     """The checks of one training step (mixed into the state machine)."""
+
+    def _tol(self, reference: Tensor) -> float:
+        """A re-run comparison's tolerance: scaled to the forward dtype and the reference's magnitude."""
+        return sc.rerun_tolerance(reference, self.adapter.atol, self.adapter.forward_dtype)
 
     def _step_checks(self, events, before, after, fed, batch, outputs) -> list[Violation]:
         a = self.adapter
@@ -57,11 +61,18 @@ class StepChecks:
             return []
         self.stats.content_checks += 1
         ids = self.slot_ids if slot_ids is None else slot_ids
+        b = ids.shape[0]
+        self.stats.capture("embeds-own-inputs", sum(1 for i in got.lookups.get("inputs", [])
+                                                    if i.dim() == 2 and i.shape[0] == b))
         found = [v for v in [sc.check_inputs(self.spec, got.lookups.get("inputs", []), ids)] if v]
         if self.hooks.puzzle_table:
             puzzles = torch.tensor([c.puzzle_id if c is not None else 0 for c in self._content(ids.tolist())])
+            self.stats.capture("embeds-own-puzzle-row", sum(1 for i in got.lookups.get("puzzle", [])
+                                                            if i.shape == (b,)))
             found += [v for v in [sc.check_puzzles(got.lookups.get("puzzle", []), puzzles)] if v]
         on_reset = self.adapter.encoder_on_reset_only
+        if self.hooks.encoder:
+            self.stats.capture("encoder-reads-own-demos", sum(1 for c in got.encoder_calls if c[0].dim() == 3))
         if self.hooks.encoder and (on_reset is not None or not training):
             needs = reset.clone() if (on_reset or not training) else torch.ones_like(reset)
             found += sc.check_encoder(self.spec, got.encoder_calls, ids, needs)
@@ -111,21 +122,22 @@ class StepChecks:
             _, _, out2 = self._call("step (Q-continue target check)", a.step, nxt, pad, force)
         want = sc.expected_q_target(out2[qh].detach().cpu().double(), out2[qc].detach().cpu().double(),
                                     after.steps.cpu(), self.max_steps)
-        bad = _rows_differ(outputs[qt].detach().cpu().double(), want, a.atol)
+        bad = _rows_differ(outputs[qt].detach().cpu().double(), want, self._tol(outputs[qt]))
         return [v for v in [_violation("q-continue-target", bad)] if v]
 
     # -- the loss: labels, padding, halted metrics, coverage ----------------------------------------------------
-    def _loss_checks(self, events, before, after, batch, outputs, carry) -> list[Violation]:
+    def _loss_checks(self, events, before, after, batch, outputs, carry, got: Consumed,
+                     reset: Tensor) -> list[Violation]:
         a = self.adapter
         training = events is None or bool(events.training)
         if self.spec is not None and self.sup.loss_metrics:
             loss, metrics = self._call("loss_and_metrics", a.loss_and_metrics, outputs, events, carry)
             found = self._loss_content(loss, metrics, outputs, events, carry, after)
-            if found:
-                return found
             if events is not None and self.sup.loss and training:
-                return self._coverage(events, before, after, loss)
-            return []
+                return found + self._coverage(events, before, after, loss)
+            if training and self.by_content_coverage:
+                found += self._coverage_by_content(got, reset, loss)
+            return found
         if events is not None and self.sup.loss and training:
             return self._coverage(events, before, after, self.adapter.loss(outputs, events))
         return []
@@ -174,6 +186,28 @@ class StepChecks:
         ctx = StepContext(events, before, after, self.max_steps, None)
         return violations(ctx, grad_rows=rows.mask, invariants=())
 
+    def _coverage_by_content(self, got: Consumed, reset: Tensor, loss: Tensor) -> list[Violation]:
+        """Coverage without ids: differentiate the loss by each encoder output row, identify the row's sample by
+        the content of the demos it encoded, and compare the slots whose row got gradient with the mode's needs."""
+        self.stats.coverage_checks += 1
+        got_ids: set[int] = set()
+        for call, outs in zip(got.encoder_calls, got.encoder_outputs):
+            outs = [t for t in outs if t.requires_grad]
+            rows, _ = sc.encoder_rows(self.spec, [call])
+            if not outs or not loss.requires_grad or rows.numel() == 0:
+                continue
+            grads = torch.autograd.grad(loss, outs, retain_graph=True, allow_unused=True)
+            live = torch.zeros(rows.shape[0], dtype=torch.bool)
+            for g in grads:
+                if g is not None:
+                    live |= g.detach().cpu().reshape(rows.shape[0], -1).ne(0).any(1)
+            got_ids.update(rows[live].tolist())
+        real = self.slot_ids >= 0
+        reached = torch.tensor([int(i) in got_ids for i in self.slot_ids.tolist()], dtype=torch.bool) & real
+        needs = (reset.clone() if self.adapter.encoder_on_reset_only else torch.ones_like(reset)) & real
+        v = _violation("coverage-matches-mode", reached != needs)
+        return [v] if v else []
+
     # -- equivalences that re-run the model ---------------------------------------------------------------------
     def _reset_from_init(self, reset: Tensor, fed: Tensor, outputs: dict[str, Tensor]) -> list[Violation]:
         self.stats.reset_checks += 1
@@ -187,7 +221,7 @@ class StepChecks:
         bad = torch.zeros(len(slots), dtype=torch.bool)
         keys = [k for k in a.compared_outputs if k in fresh and k in outputs]
         for k in keys:
-            bad |= _rows_differ(outputs[k].detach().cpu()[slots], fresh[k].detach().cpu(), a.atol)
+            bad |= _rows_differ(outputs[k].detach().cpu()[slots], fresh[k].detach().cpu(), self._tol(fresh[k]))
         v = _violation("reset-from-init", slots[bad].tolist())
         return [v] if v else []
 
@@ -204,8 +238,8 @@ class StepChecks:
         bad &= self.stepped
         v = _violation("checkpoint-restore", bad)
         if v:
-            raise AssertionError(format_violations([v], self.step_no, "carry_from_state(carry_state(carry)) "
-                                                                      "does not give the carry back"))
+            self._record([v], self.step_no, "carry_from_state(carry_state(carry)) does not give the carry back")
+            self._raise_failures()
         return carry
 
     def _permutation(self, perm_seed, state0, batch, fed, force, outputs, after) -> list[Violation]:
@@ -220,7 +254,7 @@ class StepChecks:
         bad = torch.zeros(self.B, dtype=torch.bool)  # indexed by position in the permuted batch
         for k in outputs.keys() & out_p.keys():
             if isinstance(outputs[k], Tensor) and isinstance(out_p[k], Tensor):
-                bad |= _rows_differ(outputs[k].detach().cpu()[perm], out_p[k].detach().cpu(), a.atol)
+                bad |= _rows_differ(outputs[k].detach().cpu()[perm], out_p[k].detach().cpu(), self._tol(outputs[k]))
         bad |= _rows_differ(after.steps.cpu()[perm], after_p.steps.cpu())
         bad |= _rows_differ(after.halted.cpu()[perm], after_p.halted.cpu())
         for k in after.fields.keys() & after_p.fields.keys():
@@ -248,10 +282,10 @@ class StepChecks:
         bad = torch.zeros(self.B, dtype=torch.bool)
         for k in outputs.keys() & out_m.keys():
             if isinstance(outputs[k], Tensor) and isinstance(out_m[k], Tensor) and outputs[k].dim():
-                bad |= _rows_differ(outputs[k].detach().cpu(), out_m[k].detach().cpu(), a.atol)
+                bad |= _rows_differ(outputs[k].detach().cpu(), out_m[k].detach().cpu(), self._tol(outputs[k]))
         s1, s2 = a.carry_state(carry), a.carry_state(carry_m)
         for k in s1.keys() & s2.keys():
             if s1[k].dim() and s1[k].shape[0] == self.B:
-                bad |= _rows_differ(s1[k].cpu(), s2[k].cpu(), a.atol)
+                bad |= _rows_differ(s1[k].cpu(), s2[k].cpu(), self._tol(s1[k]))
         v = _violation("continuing-ignores-batch", bad & cont)
         return [v] if v else []
