@@ -174,10 +174,10 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
                 raise
             except Exception as exc:  # noqa: BLE001 (any model error is a finding)
                 after = ", ".join(self.history[-12:]) or "nothing"
-                stats.failures.setdefault("model-raises-nothing", f"invariant 'model-raises-nothing' violated")
-                self._raise_failures(f"invariant 'model-raises-nothing' violated at step {self.step_no}: model "
-                                     f"raised {type(exc).__name__} in {what} at step {self.step_no} after: {after}: "
-                                     f"{exc}")
+                message = (f"invariant 'model-raises-nothing' violated at step {self.step_no}: model raised "
+                           f"{type(exc).__name__} in {what} at step {self.step_no} after: {after}: {exc}")
+                stats.failures.setdefault("model-raises-nothing", message)
+                self._raise_failures(message)
 
         def _content(self, ids: Sequence[int]):
             return [make_content(self.spec, int(i), self.content_seed) if i >= 0 else None for i in ids]
