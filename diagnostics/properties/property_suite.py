@@ -2,15 +2,17 @@
 patterns and feeds, and checks the carry and label invariants after every rule.
 
 Rules: a training step with a drawn halting mask (never, all, single slot, alternating, burst, random, or the model's
-own decision) and a drawn feed (``refill``: new ids only into reset slots, -1 padding elsewhere; ``tail``: refill with
-some reset slots left padding, as at the end of the data; ``trm``: fresh ids everywhere, as upstream TRM's loader; ``adapter``: the adapter's
-own feed); an eval run on a fresh carry; the model's own evaluation entry point; a checkpoint of the carry, a few
-steps, a restore and a replay. After each step: every check of ``diagnostics.properties.invariants`` (the carry-only ones for
-models without events), the content checks of ``diagnostics.properties.suite_checks`` (protocol v2), gradient coverage after a
-backward of the step's loss, reset-from-init equivalence, and (on drawn steps) slot-permutation independence and the
+own decision) and a drawn feed (``refill``: new ids only into reset slots, -1 padding elsewhere; ``tail``: refill
+with some reset slots left padding, as at the end of the data; ``trm``: fresh ids everywhere, as upstream TRM's
+loader; ``adapter``: the adapter's own feed); an eval run on a fresh carry; the model's own evaluation entry point; a
+checkpoint of the carry, a few steps, a restore and a replay. After each step (``suite_steps``): every check of
+``diagnostics.properties.invariants`` (the carry-only ones for models without events), the content checks of
+``diagnostics.properties.suite_checks`` (protocol v2), gradient coverage after a backward of the step's loss (by
+events or by content), reset-from-init equivalence, and (on drawn steps) slot-permutation independence and the
 metamorphic check that a continuing slot ignores the incoming batch row at its position.
 
 A model exception inside a rule is a failure too (``model raised ValueError at step 3 after: ...``), so it shrinks.
+A violation does not end the example: it fails at its end naming every invariant it broke (``suite_report``).
 
 A failure raises ``AssertionError`` naming the invariant, e.g.
 ``invariant 'loss-labels-aligned' violated at step 3, slots [1, 4]: ...``.
@@ -355,7 +357,8 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
                     bad = torch.isin(fed, rows[stray]) | (torch.ones_like(fed, dtype=torch.bool) & bool(stray.any())
                                                            & ~torch.isin(rows[stray], fed).any())
                     found += [v for v in [_violation("encoder-reads-own-demos", bad)] if v]
-                self._record(found, f"an eval run (after training step {self.step_no})", f"eval run on {n} real samples")
+                self._record(found, f"an eval run (after training step {self.step_no})",
+                             f"eval run on {n} real samples")
             self._training_carry_unmoved(saved, saved_view, f"after an eval run on {n} samples")
 
         @precondition(lambda self: self.adapter is not None and self.sup.evaluate)
@@ -423,7 +426,8 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
                         bad |= _rows_differ(end_state[k].cpu(), replay_state[k].cpu())
                 else:
                     bad |= torch.ones_like(bad)
-            self._record([v for v in [_violation("checkpoint-restore", bad)] if v], self.step_no, f"replayed plan {plan}")
+            self._record([v for v in [_violation("checkpoint-restore", bad)] if v], self.step_no,
+                         f"replayed plan {plan}")
 
         def _wants(self, name: str) -> bool:
             """Whether a check that re-runs the model is worth its time: not opted out, not failed already."""
