@@ -150,17 +150,21 @@ class TRMWithEncoder(nn.Module):
             current_data={k: torch.empty_like(v) for k, v in batch.items()},
         )
 
+    def encode(self, demo_inputs: Tensor, demo_labels: Tensor) -> Tensor:
+        """The context rows of the encoder's output."""
+        return self.encoder(demo_inputs, demo_labels).context
+
     def task_context(self, carry: ACTCarry, data: Dict[str, Tensor], halted: Tensor) -> Tensor:
         demos = (data["demo_inputs"], data["demo_labels"])
         mode = self.config.context_mode
         if mode == "reencode":
-            return self.encoder(*demos).context
+            return self.encode(*demos)
         if mode == "full-batch":
-            fresh = self.encoder(*demos).context
+            fresh = self.encode(*demos)
             if carry.cached_context is None:
                 return fresh
             return torch.where(halted.view(-1, 1, 1), fresh, carry.cached_context)
-        fresh = self.encoder(*(x[halted] for x in demos)).context       # only the slots that took a new sample
+        fresh = self.encode(*(x[halted] for x in demos))                # only the slots that took a new sample
         if carry.cached_context is None:
             context = torch.zeros(halted.shape[0], *fresh.shape[1:], dtype=fresh.dtype, device=fresh.device)
         else:

@@ -68,7 +68,7 @@ def train_batch(train_state: TrainState, batch: dict, global_batch_size: int, ba
     return metrics
 
 
-def evaluate(loss_head: ACTLossHead, data: PuzzleDataset, run: Any = None) -> dict:
+def evaluate(loss_head: ACTLossHead, data: PuzzleDataset) -> dict:
     """Every test batch from a fresh carry, ACT steps until all slots halt; the final step's metrics summed."""
     loss_head.eval()
     totals: dict = {}
@@ -86,9 +86,10 @@ def evaluate(loss_head: ACTLossHead, data: PuzzleDataset, run: Any = None) -> di
 
 
 def pretrain(run_dir: str | Path, variant: str = "healthy", steps: int = 60, batch_size: int = 16, seed: int = 0,
-             lr: float = 1e-3, warmup: int = 5, trace_every: int = 10, declare: Optional[str] = None,
-             forward_dtype: str = "float32", hidden_size: int = 32) -> dict:
-    """Train ``steps`` optimizer steps of a variant; returns the last step's metrics (floats)."""
+             lr: float = 1e-3, warmup: int = 5, trace_every: int = 20, declare: Optional[str] = None,
+             forward_dtype: str = "float32", hidden_size: int = 32, eval_at_end: bool = True) -> dict:
+    """Train ``steps`` optimizer steps of a variant, then evaluate; returns the last step's metrics and the
+    evaluation's (``eval/`` keys), as floats."""
     context_mode, labels_from_batch, means = VARIANTS[variant]
     torch.manual_seed(seed)
     puzzles = FewShotPuzzles(PuzzleDatasetConfig(seed=seed, global_batch_size=batch_size))
@@ -107,8 +108,13 @@ def pretrain(run_dir: str | Path, variant: str = "healthy", steps: int = 60, bat
         if train_state.step >= train_state.total_steps:
             break
         metrics = train_batch(train_state, batch, global_batch_size, lr, warmup, run)
+    out = {k: float(v) for k, v in metrics.items()}
+    if eval_at_end:
+        audit = run.evaluation(weights="raw")  # etrm: records the evaluation below (per ACT step, would-halt step)
+        out.update({f"eval/{k}": v for k, v in evaluate(loss_head, data).items()})
+        audit.close()  # etrm
     run.close()  # etrm
-    return {k: float(v) for k, v in metrics.items()}
+    return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
