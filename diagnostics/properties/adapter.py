@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import importlib
+import inspect
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 
 from diagnostics.properties.capture import ContentHooks
 from diagnostics.events import CarryView, StepEvents
-from diagnostics.properties.fingerprints import ContentSpec, SampleContent
+from diagnostics.properties.fingerprints import ContentSpec, SampleContent, make_content
 
 Tensor = torch.Tensor
 Outputs = dict[str, Tensor]
@@ -90,8 +91,14 @@ class ACTAdapter(abc.ABC):
     compared_outputs: tuple[str, ...] = ("logits",)
     #: Optional abilities (see ``Supports``).
     supports: Supports = Supports()
-    #: Absolute tolerance of the reset-from-init and slot-permutation comparisons.
+    #: Absolute floor of the re-run comparisons' tolerance (reset-from-init, permutation, metamorphic, Q target);
+    #: the tolerance grows with the forward dtype and the outputs' magnitude (``suite_checks.rerun_tolerance``).
     atol: float = 1e-5
+    #: The dtype the forward computes in (e.g. ``torch.bfloat16``); None: each compared output's own dtype.
+    forward_dtype: Optional[torch.dtype] = None
+    #: The training feed never makes a padded (partial) batch, e.g. a loader with ``drop_last``: the suite feeds no
+    #: padded tail, and ``padding-adds-nothing`` is reported as skipped.
+    drops_partial_batches: bool = False
 
     # -- protocol v2: content and declared semantics (all optional) -------------------------------------------------
     #: 1: ``make_batch(ids)`` makes its own data (id-only checks). 2: ``make_batch(ids, content)`` with suite content.
@@ -196,6 +203,44 @@ class ACTAdapter(abc.ABC):
 AdapterFactory = Callable[[], ACTAdapter]
 
 
+def check_adapter(adapter: ACTAdapter) -> None:
+    """Quick contract checks with a clear message, before the state machine (which would fail more obscurely)."""
+    for attr in ("batch_size", "max_steps"):
+        if not isinstance(getattr(adapter, attr, None), int) or getattr(adapter, attr) < 1:
+            raise AssertionError(f"adapter.{attr} must be a positive int, got {getattr(adapter, attr, None)!r}")
+    for meth in ("make_batch", "initial_carry", "step", "view", "batch_fields"):
+        if not callable(getattr(adapter, meth, None)):
+            raise AssertionError(f"adapter has no method {meth}()")
+    b = adapter.batch_size
+    ids = list(range(b - 1)) + [-1]
+    if getattr(adapter, "protocol", 1) >= 2:
+        spec = adapter.content_spec
+        if spec is None:
+            raise AssertionError("adapter protocol 2 needs content_spec (a diagnostics.properties.fingerprints.ContentSpec)")
+        spec.validate()
+        content = [make_content(spec, i) if i >= 0 else None for i in ids]
+        b1, b2 = adapter.make_batch(ids, content), adapter.make_batch(ids, content)
+    else:
+        b1, b2 = adapter.make_batch(ids), adapter.make_batch(ids)
+    f1, f2 = adapter.batch_fields(b1), adapter.batch_fields(b2)
+    for k in f1:
+        if not torch.equal(f1[k], f2[k]):
+            raise AssertionError(f"adapter.make_batch is not deterministic per sample id (field {k!r})")
+        if f1[k].shape[0] != b:
+            raise AssertionError(f"batch field {k!r} has {f1[k].shape[0]} rows, expected batch_size={b}")
+    view = adapter.view(adapter.initial_carry(b1))
+    if view.steps.shape != (b,) or view.halted.shape != (b,):
+        raise AssertionError(f"view().steps and .halted must be [{b}], got {tuple(view.steps.shape)} and "
+                             f"{tuple(view.halted.shape)}")
+    if view.halted.dtype != torch.bool:
+        raise AssertionError(f"view().halted must be bool, got {view.halted.dtype}")
+    if adapter.supports.loss and not adapter.supports.events:
+        raise AssertionError("supports.loss needs supports.events (coverage reads the encoder output from events)")
+    sig = inspect.signature(adapter.step)
+    if len(sig.parameters) < 3:
+        raise AssertionError("adapter.step must take (carry, batch, force_halt)")
+
+
 def eval_steps(model: torch.nn.Module, carry: Any, one_step: Callable[[Any], tuple[Any, Any, Any]],
                view: Callable[[Any], CarryView], max_steps: int) -> list[EvalStep]:
     """An ``eval_run`` body: ``model`` in eval mode without gradient, ``one_step(carry) -> (carry, events, outputs)``
@@ -251,10 +296,14 @@ def flatten_tensors(tree: Any, prefix: str = "") -> dict[str, Tensor]:
 
 
 def rebuild_tensors(template: Any, flat: dict[str, Tensor], prefix: str = "") -> Any:
-    """``template``'s structure (dicts, dataclasses) with its tensors taken from ``flat`` (clones)."""
+    """``template``'s structure (dicts, dataclasses) with its tensors taken from ``flat`` (clones). An optional
+    field (None in one carry, a tensor in another) follows ``flat``: absent there, it is None; present, a tensor."""
     kids = _children(template)
     if kids is None:
-        return flat[prefix[:-1]].clone() if isinstance(template, Tensor) else template
+        name = prefix[:-1]
+        if isinstance(template, Tensor) or (template is None and name in flat):
+            return flat[name].clone() if name in flat else None
+        return template
     new = {k: rebuild_tensors(v, flat, f"{prefix}{k}.") for k, v in kids.items()}
     if isinstance(template, dict):
         return new

@@ -2,15 +2,17 @@
 patterns and feeds, and checks the carry and label invariants after every rule.
 
 Rules: a training step with a drawn halting mask (never, all, single slot, alternating, burst, random, or the model's
-own decision) and a drawn feed (``refill``: new ids only into reset slots, -1 padding elsewhere; ``tail``: refill with
-some reset slots left padding, as at the end of the data; ``full-batch``: fresh ids everywhere, as upstream TRM's loader; ``adapter``: the adapter's
-own feed); an eval run on a fresh carry; the model's own evaluation entry point; a checkpoint of the carry, a few
-steps, a restore and a replay. After each step: every check of ``diagnostics.properties.invariants`` (the carry-only ones for
-models without events), the content checks of ``diagnostics.properties.suite_checks`` (protocol v2), gradient coverage after a
-backward of the step's loss, reset-from-init equivalence, and (on drawn steps) slot-permutation independence and the
+own decision) and a drawn feed (``refill``: new ids only into reset slots, -1 padding elsewhere; ``tail``: refill
+with some reset slots left padding, as at the end of the data; ``trm``: fresh ids everywhere, as upstream TRM's
+loader; ``adapter``: the adapter's own feed); an eval run on a fresh carry; the model's own evaluation entry point; a
+checkpoint of the carry, a few steps, a restore and a replay. After each step (``suite_steps``): every check of
+``diagnostics.properties.invariants`` (the carry-only ones for models without events), the content checks of
+``diagnostics.properties.suite_checks`` (protocol v2), gradient coverage after a backward of the step's loss (by
+events or by content), reset-from-init equivalence, and (on drawn steps) slot-permutation independence and the
 metamorphic check that a continuing slot ignores the incoming batch row at its position.
 
 A model exception inside a rule is a failure too (``model raised ValueError at step 3 after: ...``), so it shrinks.
+A violation does not end the example: it fails at its end naming every invariant it broke (``suite_report``).
 
 A failure raises ``AssertionError`` naming the invariant, e.g.
 ``invariant 'loss-labels-aligned' violated at step 3, slots [1, 4]: ...``.
@@ -19,41 +21,34 @@ A failure raises ``AssertionError`` naming the invariant, e.g.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import io
-from dataclasses import dataclass, field
+import time
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 from hypothesis import HealthCheck, Phase, settings
+from hypothesis.control import current_build_context
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule, run_state_machine_as_test
 
-from diagnostics.properties import suite_checks as sc
-from diagnostics.properties.adapter import ACTAdapter, AdapterFactory, EvalStep
+from diagnostics.events import CarryView
+from diagnostics.properties.adapter import ACTAdapter, AdapterFactory, EvalStep, check_adapter
 from diagnostics.properties.capture import Capture, Consumed
-from diagnostics.events import CarryView, Mode, StepEvents
 from diagnostics.properties.fingerprints import make_content
-from diagnostics.properties.invariants import STEP_INVARIANTS, GradRows, StepContext, Violation, violations
+from diagnostics.properties.invariants import STEP_INVARIANTS, StepContext, Violation, violations
+from diagnostics.properties import suite_checks as sc
 from diagnostics.properties.suite_checks import rows_differ as _rows_differ
+from diagnostics.properties.suite_report import (CARRY_ONLY, FEED_NAMES, SUITE_CHECKS, ModelRaised, SuiteStats,
+                                                 check_skip_names, coverage_by_content, derived_events, describe,
+                                                 format_violations, skipped_checks, snapshot)
+from diagnostics.properties.suite_report import suite_violation as _violation
+from diagnostics.properties.suite_steps import StepChecks
+
+__all__ = ["CARRY_ONLY", "FAST_EXAMPLES", "FAST_STEPS", "SUITE_CHECKS", "ModelRaised", "SuiteStats", "check_adapter",
+           "default_examples", "derived_events", "format_violations", "halting_mask", "make_state_machine",
+           "run_suite", "skipped_checks", "suite_settings"]
 
 Tensor = torch.Tensor
-
-#: Checks that need only the carry: they run for every model, with or without ``StepEvents``.
-CARRY_ONLY = ("reset-takes-sample", "continuing-keeps-sample", "steps-in-range", "carry-detached")
-
-#: Checks the suite adds beyond ``diagnostics.properties.invariants`` (they need to re-run the model).
-SUITE_CHECKS = {
-    "reset-from-init": "a reset slot's outputs must equal a fresh carry's first step on that sample alone",
-    "slot-permutation-independence": "permuting the slots (carry, batch, mask) must permute the outputs",
-    "eval-runs-to-max": "in eval every slot must run exactly max steps, halting only at the last",
-    "eval-leaves-carry": "an eval run must leave the training carry untouched",
-    "training-mode-restored": "after an eval run the model must step in training mode again",
-    "checkpoint-restore": "restoring a saved carry and replaying the same steps must give identical results",
-    "events-match-carry": "the step's events must agree with the carry before and after it",
-    "model-raises-nothing": "the model must not raise inside a rule (reported with the steps that led there)",
-    **sc.CHECKS,
-}
 
 # --------------------------------------------------------------------------------------------------------------------
 # Halting masks and feeds
@@ -69,7 +64,7 @@ HALTING = st.one_of(
     st.just(("model",)),
 )
 FORCED_HALTING = HALTING.filter(lambda p: p[0] != "model")
-FEEDS = st.sampled_from(("refill", "full-batch", "tail", "adapter"))
+FEEDS = st.sampled_from(FEED_NAMES)
 
 
 def halting_mask(pattern: tuple, batch_size: int) -> Optional[Tensor]:
@@ -98,145 +93,34 @@ def halting_mask(pattern: tuple, batch_size: int) -> Optional[Tensor]:
 # Helpers
 
 
-def _snapshot(view: CarryView) -> CarryView:
-    """A detached copy of a view, so a model that updates its carry in place cannot make the checks vacuous."""
-    def c(t: Optional[Tensor]) -> Optional[Tensor]:
-        return None if t is None else t.detach().clone()
-    return CarryView(steps=c(view.steps), halted=c(view.halted), sample_id=c(view.sample_id),
-                     puzzle_id=c(view.puzzle_id), fields={k: c(v) for k, v in view.fields.items()}, state={})
-
-
-def derived_events(before: CarryView, after: CarryView, fed: Tensor, expected_ids: Tensor,
-                   training: bool = True) -> StepEvents:
-    """Events read off the carry alone, for models that emit none: enough for the ``CARRY_ONLY`` checks."""
-    reset = before.halted.clone()
-    zeros = torch.zeros_like(reset)
-    minus = torch.full_like(fed, -1)
-    return StepEvents(
-        reset=reset, steps=after.steps, halted=after.halted,
-        sample_id_before=minus if before.sample_id is None else before.sample_id,
-        sample_id_after=expected_ids if after.sample_id is None else after.sample_id,
-        puzzle_id_before=minus, puzzle_id_after=minus, batch_sample_id=fed,
-        label_sample_id=expected_ids, demo_sample_id=expected_ids,
-        encoded=zeros, needs_encode=zeros, encoded_slots=torch.zeros(0, dtype=torch.long), encoder_out=None,
-        q_halt_logits=torch.zeros(reset.shape), q_continue_logits=None, q_says_halt=zeros, explore_veto=zeros,
-        is_last_step=zeros, mode=Mode.UNKNOWN, training=training,
-    )
-
-
-def format_violations(found: Sequence[Violation], step: int | str, where: str = "") -> str:
-    """``invariant 'NAME' violated at step N, slots [...]: what it means`` per violation, then the context."""
-    at = f"step {step}" if isinstance(step, int) else step
-    lines = [f"invariant '{v.name}' violated at {at}, slots {v.slots}: {v.description}" for v in found]
-    if where:
-        lines.append(f"  ({where})")
-    return "\n".join(lines)
-
-
-def _violation(name: str, bad: Tensor | Sequence[int]) -> Optional[Violation]:
-    return sc.violation(name, bad, SUITE_CHECKS[name])
-
-
-class ModelRaised(AssertionError):
-    """The model raised inside a rule: reported like a violation, with the steps that led there (so it shrinks)."""
-
-
-def skipped_checks(a: ACTAdapter) -> dict[str, str]:
-    """The checks this adapter cannot get, and why (the plugin lists them)."""
-    sup, out = a.supports, {}
-    v2 = getattr(a, "protocol", 1) >= 2 and a.content_spec is not None
-    hooks = a.hooks
-    if not v2:
-        for name in ("embeds-own-inputs", "embeds-own-puzzle-row", "encoder-reads-own-demos",
-                     "reported-ids-match-content"):
-            out[name] = "adapter protocol v1: the suite does not make the content (set protocol = 2, content_spec)"
-    else:
-        if not hooks.inputs_table:
-            out["embeds-own-inputs"] = "hooks.inputs_table not named"
-        if not hooks.puzzle_table:
-            out["embeds-own-puzzle-row"] = "hooks.puzzle_table not named (no puzzle table?)"
-        if not hooks.encoder:
-            out["encoder-reads-own-demos"] = "hooks.encoder not named (no demo encoder?)"
-        if not sup.events:
-            out["reported-ids-match-content"] = "no StepEvents: no reported ids to cross-check"
-    if not sup.events:
-        for name in ("loss-labels-aligned (ids)", "demos-aligned", "events-match-carry"):
-            out[name] = "no StepEvents (supports.events=False)"
-        if not (v2 and hooks.encoder):
-            out["encoder-work-matches-mode"] = "no StepEvents and no hooked encoder"
-    if not (v2 and sup.loss_metrics):
-        why = "needs protocol v2 with supports.loss_metrics (loss_and_metrics)"
-        for name in ("loss-labels-aligned (content)", "padding-adds-nothing", "halted-metrics-halted-only"):
-            out[name] = why
-    elif not a.halted_metrics:
-        out["halted-metrics-halted-only"] = "adapter names no halted_metrics"
-    if not (sup.events and sup.loss):
-        out["coverage-matches-mode"] = "needs StepEvents and a loss"
-    if not sup.evaluate:
-        out["eval-returns-every-step"] = out["eval-fresh-carry"] = "no evaluate() (supports.evaluate=False)"
-    if not sup.eval_run:
-        out["eval-runs-to-max"] = "no eval_run() (supports.eval_run=False)"
-    if not sup.checkpoint:
-        for name in ("checkpoint-restore", "slot-permutation-independence", "continuing-ignores-batch",
-                     "q-continue-target"):
-            out[name] = "no carry_state/carry_from_state (supports.checkpoint=False)"
-    if a.fixed_steps is None:
-        out["fct-runs-fct-steps"] = "not a fixed-step (fct) model"
-    else:
-        out["exploration-only-delays"] = "fixed-step (fct) model: the Q-head decides nothing"
-    return out
-
-
-@dataclass
-class SuiteStats:
-    """What one suite run exercised (counted over every example Hypothesis ran)."""
-
-    examples: int = 0
-    steps: int = 0
-    eval_runs: int = 0
-    evaluate_runs: int = 0
-    restores: int = 0
-    resets: int = 0
-    reset_checks: int = 0
-    permutation_checks: int = 0
-    metamorphic_checks: int = 0
-    coverage_checks: int = 0
-    content_checks: int = 0
-    loss_checks: int = 0
-    q_target_checks: int = 0
-    fed: dict[str, int] = field(default_factory=dict)
-    dropped: dict[str, int] = field(default_factory=dict)
-    patterns: dict[str, int] = field(default_factory=dict)
-    #: rare cases the run reached: all-halt, none-halt, exploration-veto, q-halt-at-last-step, padding-in-loss
-    cases: dict[str, int] = field(default_factory=dict)
-    skipped: dict[str, str] = field(default_factory=dict)
-
-    def count(self, case: str, n: int = 1) -> None:
-        if n:
-            self.cases[case] = self.cases.get(case, 0) + n
-
-    def dropped_fraction(self, feed: str) -> float:
-        return self.dropped.get(feed, 0) / max(1, self.fed.get(feed, 0))
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # The state machine
 
 
 def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMachine",
-                       stats: Optional[SuiteStats] = None) -> type[RuleBasedStateMachine]:
-    """A ``RuleBasedStateMachine`` class that builds a fresh adapter per example (after seeding torch)."""
+                       stats: Optional[SuiteStats] = None, skip: Sequence[str] = ()) -> type[RuleBasedStateMachine]:
+    """A ``RuleBasedStateMachine`` class that builds a fresh adapter per example (after seeding torch). Violations of
+    the ``skip``ped invariants are not reported; every other one is, all of them (the example ends with a failure
+    listing each invariant it broke)."""
     stats = stats if stats is not None else SuiteStats()
+    skip = frozenset(check_skip_names(skip))
 
-    class Machine(RuleBasedStateMachine):
+    class Machine(StepChecks, RuleBasedStateMachine):
         def __init__(self) -> None:
             super().__init__()
+            self.stats = stats
             self.adapter: Optional[ACTAdapter] = None
 
         # -- setup --------------------------------------------------------------------------------------------------
         @initialize(seed=st.integers(0, 2**31 - 1))
         def build(self, seed: int) -> None:
+            self.failures: dict[str, str] = {}
+            self.raising = False
+            # Shrinking ran out of time: the remaining candidates draw as usual (Hypothesis replays them) but run
+            # nothing, so none is kept; the best example so far is replayed in full at the end.
+            self.idle = over_shrink_budget(stats)
             torch.manual_seed(seed)
+            self.skip = skip
             self.history: list[str] = []
             self.step_no = 0
             self.adapter = self._call("the adapter factory", adapter_factory)
@@ -253,15 +137,35 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
             self.stepped = torch.zeros(self.B, dtype=torch.bool)  # slots past their uninitialised first carry
             self.after_eval = False
             self.eval_cache: dict[int, Tensor] = {}
+            if self.idle:
+                return
             self.carry = self._call("initial_carry", a.initial_carry, self._batch([-1] * self.B))
+            self.by_content_coverage = coverage_by_content(a)
             stats.examples += 1
-            if not stats.skipped:
-                stats.skipped.update(skipped_checks(a))
+            if stats.examples == 1:
+                stats.skipped.update({k: v for k, v in skipped_checks(a).items() if k not in stats.skipped})
             init = a.view(self.carry)
             if not bool(init.halted.all()):
-                raise AssertionError("invariant 'initial-carry-halted' violated at step 0, slots "
-                                     f"{(~init.halted).nonzero().flatten().tolist()}: the initial carry must have "
-                                     "every slot halted, so the first step loads the whole batch")
+                self._record([Violation("initial-carry-halted", (~init.halted).nonzero().flatten().tolist(),
+                                        "the initial carry must have every slot halted, so the first step loads "
+                                        "the whole batch")], 0)
+
+        # -- reporting ----------------------------------------------------------------------------------------------
+        def _record(self, found: Sequence[Violation], at: int | str, where: str = "") -> None:
+            """Keep the first violation of each invariant not opted out; the example goes on (nothing is hidden)
+            and fails at its end listing them all."""
+            for v in found:
+                if v.name not in self.skip and v.name not in self.failures:
+                    self.failures[v.name] = format_violations([v], at, where)
+                    stats.failures.setdefault(v.name, self.failures[v.name])
+            if self.failures and stats.first_failure_at is None:
+                stats.first_failure_at = time.monotonic()
+
+        def _raise_failures(self, first: str = "") -> None:
+            self.raising = True
+            if stats.first_failure_at is None:
+                stats.first_failure_at = time.monotonic()
+            raise (ModelRaised if first else AssertionError)("\n".join([first, *self.failures.values()]).strip())
 
         # -- calling the model --------------------------------------------------------------------------------------
         def _call(self, what: str, fn: Callable, *args: Any) -> Any:
@@ -272,9 +176,10 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
                 raise
             except Exception as exc:  # noqa: BLE001 (any model error is a finding)
                 after = ", ".join(self.history[-12:]) or "nothing"
-                raise ModelRaised(f"invariant 'model-raises-nothing' violated at step {self.step_no}: model raised "
-                                  f"{type(exc).__name__} in {what} at step {self.step_no} after: {after}: "
-                                  f"{exc}") from None
+                message = (f"invariant 'model-raises-nothing' violated at step {self.step_no}: model raised "
+                           f"{type(exc).__name__} in {what} at step {self.step_no} after: {after}: {exc}")
+                stats.failures.setdefault("model-raises-nothing", message)
+                self._raise_failures(message)
 
         def _content(self, ids: Sequence[int]):
             return [make_content(self.spec, int(i), self.content_seed) if i >= 0 else None for i in ids]
@@ -288,7 +193,7 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
         def _capture(self):
             if self.hooks is None or self.model is None:
                 return contextlib.nullcontext(Consumed())
-            return Capture(self.model, self.hooks)
+            return Capture(self.model, self.hooks, keep_encoder_outputs=self.by_content_coverage)
 
         def _step(self, carry: Any, batch: Any, force: Optional[Tensor], what: str = "step"):
             """One adapter step; for models without a forced-halt argument the halted flags are overridden after it
@@ -308,14 +213,19 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
             self.next_id += n
             return ids
 
+        def _feed_name(self, feed: str) -> str:
+            """The drawn feed, as this adapter has it: no ``adapter`` feed without one, no padded tail when the
+            adapter's training feed drops partial batches."""
+            if (feed == "adapter" and not self.sup.feed) or (feed == "tail" and self.adapter.drops_partial_batches):
+                return "refill"
+            return feed
+
         def _feed(self, reset: Tensor, feed: str) -> Tensor:
-            if feed == "adapter" and not self.sup.feed:
-                feed = "refill"
             if feed == "adapter":
                 fed = torch.tensor(self._call("feed", self.adapter.feed, reset.clone(), self.next_id),
                                    dtype=torch.long)
                 self.next_id = max(self.next_id, int(fed.max()) + 1)
-            elif feed == "full-batch":
+            elif feed == "trm":
                 fed = torch.tensor(self._fresh(self.B), dtype=torch.long)
             else:
                 fed = torch.full((self.B,), -1, dtype=torch.long)
@@ -332,15 +242,16 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
                         meta_seed: Optional[int] = None) -> dict[str, Tensor]:
             a = self.adapter
             meta_seed = self.step_no + 1 if meta_seed is None else meta_seed  # the metamorphic check: every forced step
-            before = _snapshot(a.view(self.carry))
+            before = snapshot(a.view(self.carry))
             reset = before.halted.to(torch.bool).cpu()
+            feed = self._feed_name(feed)
             fed = self._feed(reset, feed)
             batch = self._batch(fed.tolist())
             force = halting_mask(pattern, self.B)
             checks_state = self.sup.checkpoint and (perm_seed is not None or meta_seed is not None)
             state0 = a.carry_state(self.carry) if checks_state else None
             self.step_no += 1
-            self.history.append(_describe(self.step_no, pattern, feed, reset))
+            self.history.append(describe(self.step_no, pattern, feed, reset))
 
             carry, events, outputs, got = self._step(self.carry, batch, force)
             after = a.view(carry)
@@ -352,276 +263,46 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
             where = f"halting={pattern}, feed={feed}, resets={reset.nonzero().flatten().tolist()}"
 
             found = self._step_checks(events, before, after, fed, batch, outputs)
-            if not found:
-                found += self._content_checks(got, reset, events, training=True)
-            if not found:
-                found += self._halting_checks(pattern, after, outputs)
-            if not found and self.sup.checkpoint and self._has_q_target(outputs):
+            found += self._content_checks(got, reset, events, training=True)
+            found += self._halting_checks(pattern, after, outputs)
+            if self.sup.checkpoint and self._has_q_target(outputs) and self._wants("q-continue-target"):
                 found += self._q_target(carry, after, outputs)
-            if not found:
-                found += self._loss_checks(events, before, after, batch, outputs, carry)
-            if not found and bool(reset.any()):
+            found += self._loss_checks(events, before, after, batch, outputs, carry, got, reset)
+            if bool(reset.any()) and self._wants("reset-from-init"):
                 found += self._reset_from_init(reset, fed, outputs)
-            if not found and state0 is not None and force is not None and perm_seed is not None:
+            if state0 is not None and force is not None and perm_seed is not None \
+                    and self._wants("slot-permutation-independence"):
                 found += self._permutation(perm_seed, state0, batch, fed, force, outputs, after)
-            if not found and state0 is not None and force is not None and meta_seed is not None:
+            if state0 is not None and force is not None and meta_seed is not None \
+                    and self._wants("continuing-ignores-batch"):
                 found += self._metamorphic(meta_seed, state0, reset, fed, force, outputs, carry)
-            if found:
-                raise AssertionError(format_violations(found, self.step_no, where))
+            self._record(found, self.step_no, where)
             self.carry = carry
             self.after_eval = False
             return {k: v.detach().clone() for k, v in outputs.items() if isinstance(v, Tensor)}
 
-        def _step_checks(self, events, before, after, fed, batch, outputs) -> list[Violation]:
-            a = self.adapter
-            fields = a.batch_fields(batch)
-            if events is None:
-                ev = derived_events(before, after, fed, self.slot_ids)
-                invs = tuple(i for i in STEP_INVARIANTS if i.name in CARRY_ONLY)
-            else:
-                ev, invs = events, STEP_INVARIANTS
-            found = violations(StepContext(ev, before, after, self.max_steps, fields), invariants=invs)
-            if events is not None:
-                bad = (events.reset.cpu() != before.halted.cpu()) | (events.steps.cpu() != after.steps.cpu())
-                bad |= (events.halted.cpu() != after.halted.cpu()) | (events.batch_sample_id.cpu() != fed)
-                if after.sample_id is not None:
-                    bad |= events.sample_id_after.cpu() != after.sample_id.cpu()
-                found += [v for v in [_violation("events-match-carry", bad)] if v]
-                if self.after_eval and not bool(events.training):
-                    found += [Violation("training-mode-restored", list(range(self.B)),
-                                        SUITE_CHECKS["training-mode-restored"])]
-            # The loss's labels, read from the outputs when the model returns them: an events-free alignment check.
-            if "labels" in outputs and "labels" in after.fields:
-                bad = _rows_differ(outputs["labels"].cpu(), after.fields["labels"].cpu()) & (self.slot_ids >= 0)
-                if bool(bad.any()) and not any(v.name == "loss-labels-aligned" for v in found):
-                    found.append(Violation("loss-labels-aligned", bad.nonzero().flatten().tolist(),
-                                           "the loss must use the labels of the slot's own sample (outputs' labels "
-                                           "differ from the carry's)"))
-            return found
-
-        # -- content: what the model embedded and encoded -----------------------------------------------------------
-        def _content_checks(self, got: Consumed, reset: Tensor, events, training: bool,
-                            slot_ids: Optional[Tensor] = None) -> list[Violation]:
-            if self.spec is None:
-                return []
-            stats.content_checks += 1
-            ids = self.slot_ids if slot_ids is None else slot_ids
-            found = [v for v in [sc.check_inputs(self.spec, got.lookups.get("inputs", []), ids)] if v]
-            if self.hooks.puzzle_table:
-                puzzles = torch.tensor([c.puzzle_id if c is not None else 0 for c in self._content(ids.tolist())])
-                found += [v for v in [sc.check_puzzles(got.lookups.get("puzzle", []), puzzles)] if v]
-            on_reset = self.adapter.encoder_on_reset_only
-            if self.hooks.encoder and (on_reset is not None or not training):
-                needs = reset.clone() if (on_reset or not training) else torch.ones_like(reset)
-                found += sc.check_encoder(self.spec, got.encoder_calls, ids, needs)
-            if events is not None and not found:
-                bad = (events.sample_id_after.cpu() != ids) | ((events.demo_sample_id.cpu() != ids) & (ids >= 0))
-                found += [v for v in [_violation("reported-ids-match-content", bad)] if v]
-            return found
-
-        # -- halting ------------------------------------------------------------------------------------------------
-        def _halting_checks(self, pattern: tuple, after: CarryView, outputs: dict[str, Tensor]) -> list[Violation]:
-            a = self.adapter
-            halted, steps = after.halted.cpu().bool(), after.steps.cpu()
-            stats.count("all-halt", int(bool(halted.all())))
-            stats.count("none-halt", int(not bool(halted.any())))
-            if a.fixed_steps is not None:
-                return [v for v in [_violation("fct-runs-fct-steps", sc.check_fixed_steps(halted, steps,
-                                                                                         a.fixed_steps))] if v]
-            qh, qc, _ = a.q_keys
-            if pattern[0] != "model" or qh not in outputs:
-                return []
-            q_says = sc.q_says_halt(outputs[qh].detach().cpu(), outputs.get(qc, None) if qc in outputs else None,
-                                    a.halt_rule)
-            if isinstance(q_says, Tensor):
-                q_says = q_says.cpu()
-            stats.count("exploration-veto", int((q_says & ~halted & (steps < self.max_steps)).sum()))
-            stats.count("q-halt-at-last-step", int((q_says & (steps >= self.max_steps)).sum()))
-            stats.count("q-halt-early", int((q_says & halted & (steps < self.max_steps)).sum()))
-            bad = sc.check_exploration(halted, steps, q_says, self.max_steps)
-            return [v for v in [_violation("exploration-only-delays", bad)] if v]
-
-        def _has_q_target(self, outputs: dict) -> bool:
-            key = self.adapter.q_keys[2]
-            return outputs.get(key) is not None and self.adapter.q_keys[0] in outputs
-
-        def _q_target(self, carry: Any, after: CarryView, outputs: dict[str, Tensor]) -> list[Violation]:
-            """Re-run the next step from the new carry (nothing halted, so nothing resets): its Q logits must give
-            the target this step trained on."""
-            a = self.adapter
-            stats.q_target_checks += 1
-            qh, qc, qt = a.q_keys
-            state = a.carry_state(carry)
-            state[a.halted_key] = torch.zeros_like(state[a.halted_key])
-            nxt = a.carry_from_state(state)
-            pad = self._batch([-1] * self.B)
-            force = torch.zeros(self.B, dtype=torch.bool) if self.sup.force_halt else None
-            with torch.no_grad():
-                _, _, out2 = self._call("step (Q-continue target check)", a.step, nxt, pad, force)
-            want = sc.expected_q_target(out2[qh].detach().cpu().double(), out2[qc].detach().cpu().double(),
-                                        after.steps.cpu(), self.max_steps)
-            bad = _rows_differ(outputs[qt].detach().cpu().double(), want, a.atol)
-            return [v for v in [_violation("q-continue-target", bad)] if v]
-
-        # -- the loss: labels, padding, halted metrics, coverage ----------------------------------------------------
-        def _loss_checks(self, events, before, after, batch, outputs, carry) -> list[Violation]:
-            a = self.adapter
-            training = events is None or bool(events.training)
-            if self.spec is not None and self.sup.loss_metrics:
-                loss, metrics = self._call("loss_and_metrics", a.loss_and_metrics, outputs, events, carry)
-                found = self._loss_content(loss, metrics, outputs, events, carry, after)
-                if found:
-                    return found
-                if events is not None and self.sup.loss and training:
-                    return self._coverage(events, before, after, loss)
-                return []
-            if events is not None and self.sup.loss and training:
-                return self._coverage(events, before, after, self.adapter.loss(outputs, events))
-            return []
-
-        def _loss_content(self, loss, metrics, outputs, events, carry, after) -> list[Violation]:
-            a = self.adapter
-            stats.loss_checks += 1
-            keys = [k for k, v in outputs.items() if isinstance(v, Tensor) and v.requires_grad]
-            if not loss.requires_grad or not keys:
-                return []
-            grads = torch.autograd.grad(loss, [outputs[k] for k in keys], retain_graph=True, allow_unused=True)
-            grads = {k: g for k, g in zip(keys, grads) if g is not None}
-            ids = self.slot_ids
-            pad = ids < 0
-            stats.count("padding-in-loss", int(pad.sum()))
-            found: list[Violation] = []
-            if "logits" in grads:
-                got = sc.labels_from_gradient(self.spec, grads["logits"])
-                found += [v for v in [_violation("loss-labels-aligned", got != ids)] if v]
-            bad = torch.zeros(self.B, dtype=torch.bool)
-            for g in grads.values():
-                bad |= pad & g.detach().cpu().reshape(self.B, -1).ne(0).any(1)
-            if bool(pad.any()):
-                loss2, metrics2 = a.loss_and_metrics(sc.perturb_rows(outputs, pad, self.step_no), None, carry)
-                if sc.metrics_differ({"loss": loss, **metrics}, {"loss": loss2, **metrics2}, ["loss", *metrics]):
-                    bad |= pad
-            found += [v for v in [_violation("padding-adds-nothing", bad)] if v]
-            if a.halted_metrics:
-                halted = after.halted.cpu().bool()
-                _, metrics3 = a.loss_and_metrics(sc.perturb_rows(outputs, ~halted, self.step_no + 1), None, carry)
-                bad = torch.zeros(self.B, dtype=torch.bool)
-                if sc.metrics_differ(metrics, metrics3, a.halted_metrics):
-                    bad |= ~halted
-                if a.halted_count_metric is not None:
-                    want = int((halted & (ids >= 0)).sum())
-                    if int(torch.as_tensor(metrics[a.halted_count_metric]).round()) != want:
-                        bad |= ~halted | (ids < 0)
-                found += [v for v in [_violation("halted-metrics-halted-only", bad)] if v]
-            return found
-
-        def _coverage(self, events, before, after, loss) -> list[Violation]:
-            stats.coverage_checks += 1
-            rows = GradRows(events)
-            if loss.requires_grad:
-                loss.backward()
-            ctx = StepContext(events, before, after, self.max_steps, None)
-            return violations(ctx, grad_rows=rows.mask, invariants=())
-
-        # -- equivalences that re-run the model ---------------------------------------------------------------------
-        def _reset_from_init(self, reset: Tensor, fed: Tensor, outputs: dict[str, Tensor]) -> list[Violation]:
-            stats.reset_checks += 1
-            slots = reset.nonzero().flatten()
-            ids = fed[slots].tolist()
-            a = self.adapter
-            if self.spec is None:
-                fresh = self._call("fresh_first_step_outputs", a.fresh_first_step_outputs, ids)
-            else:
-                fresh = self._call("fresh_first_step_outputs", a.fresh_first_step_outputs, ids, self._content(ids))
-            bad = torch.zeros(len(slots), dtype=torch.bool)
-            keys = [k for k in a.compared_outputs if k in fresh and k in outputs]
-            for k in keys:
-                bad |= _rows_differ(outputs[k].detach().cpu()[slots], fresh[k].detach().cpu(), a.atol)
-            v = _violation("reset-from-init", slots[bad].tolist())
-            return [v] if v else []
-
-        def _restore(self, state: dict[str, Tensor]) -> Any:
-            """``carry_from_state(state)``, checked to round-trip (a re-run from a wrongly restored carry would blame
-            the re-run's own invariant): a slot whose state does not come back is a ``checkpoint-restore`` failure."""
-            a = self.adapter
-            carry = a.carry_from_state({k: v.clone() for k, v in state.items()})
-            back = a.carry_state(carry)
-            bad = torch.zeros(self.B, dtype=torch.bool)
-            for k, v in state.items():
-                if v.dim() and v.shape[0] == self.B:
-                    bad |= _rows_differ(v.cpu(), back[k].cpu()) if k in back else torch.ones_like(bad)
-            bad &= self.stepped
-            v = _violation("checkpoint-restore", bad)
-            if v:
-                raise AssertionError(format_violations([v], self.step_no, "carry_from_state(carry_state(carry)) "
-                                                                          "does not give the carry back"))
-            return carry
-
-        def _permutation(self, perm_seed, state0, batch, fed, force, outputs, after) -> list[Violation]:
-            stats.permutation_checks += 1
-            a = self.adapter
-            perm = torch.randperm(self.B, generator=torch.Generator().manual_seed(perm_seed))
-            carry_p = a.carry_from_state({k: v[perm] for k, v in state0.items()})
-            batch_p = self._batch(fed[perm].tolist())
-            with torch.no_grad():
-                carry_p, _, out_p, _ = self._step(carry_p, batch_p, force[perm], "step (permutation check)")
-            after_p = a.view(carry_p)
-            bad = torch.zeros(self.B, dtype=torch.bool)  # indexed by position in the permuted batch
-            for k in outputs.keys() & out_p.keys():
-                if isinstance(outputs[k], Tensor) and isinstance(out_p[k], Tensor):
-                    bad |= _rows_differ(outputs[k].detach().cpu()[perm], out_p[k].detach().cpu(), a.atol)
-            bad |= _rows_differ(after.steps.cpu()[perm], after_p.steps.cpu())
-            bad |= _rows_differ(after.halted.cpu()[perm], after_p.halted.cpu())
-            for k in after.fields.keys() & after_p.fields.keys():
-                bad |= _rows_differ(after.fields[k].cpu()[perm], after_p.fields[k].cpu())
-            v = _violation("slot-permutation-independence", perm[bad].sort().values.tolist())  # original slots
-            return [v] if v else []
-
-        def _metamorphic(self, meta_seed, state0, reset, fed, force, outputs, carry) -> list[Violation]:
-            """Replace (or pad) the incoming rows at continuing slots and re-run: those slots must not change."""
-            cont = ~reset
-            if not bool(cont.any()):
-                return []
-            stats.metamorphic_checks += 1
-            a = self.adapter
-            alt = fed.clone()
-            n = int(cont.sum())
-            if meta_seed % 2 == 0:
-                alt[cont] = -1
-            else:  # other samples, not yet fed (peeked, not consumed: their content is fixed per id anyway)
-                alt[cont] = torch.arange(self.next_id + 7, self.next_id + 7 + n)
-            carry_m = self._restore(state0)
-            with torch.no_grad():
-                carry_m, _, out_m, _ = self._step(carry_m, self._batch(alt.tolist()), force,
-                                                  "step (metamorphic check)")
-            bad = torch.zeros(self.B, dtype=torch.bool)
-            for k in outputs.keys() & out_m.keys():
-                if isinstance(outputs[k], Tensor) and isinstance(out_m[k], Tensor) and outputs[k].dim():
-                    bad |= _rows_differ(outputs[k].detach().cpu(), out_m[k].detach().cpu(), a.atol)
-            s1, s2 = a.carry_state(carry), a.carry_state(carry_m)
-            for k in s1.keys() & s2.keys():
-                if s1[k].dim() and s1[k].shape[0] == self.B:
-                    bad |= _rows_differ(s1[k].cpu(), s2[k].cpu(), a.atol)
-            v = _violation("continuing-ignores-batch", bad & cont)
-            return [v] if v else []
 
         # -- rules --------------------------------------------------------------------------------------------------
         @rule(pattern=HALTING, feed=FEEDS, perm_seed=st.none() | st.integers(0, 2**16))
         def act_step(self, pattern: tuple, feed: str, perm_seed: Optional[int]) -> None:
             """One training step under a drawn halting mask and feed (the metamorphic check on every one of them:
             even steps pad the continuing slots' rows, odd steps put other samples there)."""
+            if self.idle:
+                return
             self._train_step(pattern, feed, perm_seed)
 
         @rule(n=st.integers(1, 4), feed=FEEDS)
         def model_decides(self, n: int, feed: str) -> None:
             """A run of steps where the model's own Q-head (and exploration) decides: slots reach max steps this way,
             where an exploration veto must not hold a slot past the last step."""
+            if self.idle:
+                return
             for _ in range(n):
                 self._train_step(("model",), feed)
 
         def _training_carry_unmoved(self, saved: Optional[dict], saved_view: CarryView, what: str) -> None:
             a = self.adapter
-            now = _snapshot(a.view(self.carry))
+            now = snapshot(a.view(self.carry))
             bad = _rows_differ(now.steps, saved_view.steps) | _rows_differ(now.halted, saved_view.halted)
             for k in now.fields.keys() & saved_view.fields.keys():
                 bad |= _rows_differ(now.fields[k], saved_view.fields[k])
@@ -630,22 +311,22 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
                     if v.dim() and v.shape[0] == self.B:
                         bad |= _rows_differ(v.cpu(), saved[k].cpu()) if k in saved else torch.ones_like(bad)
             bad &= self.stepped  # uninitialised carry memory (before a slot's first step) is no invariant's business
-            v = _violation("eval-leaves-carry", bad.cpu())
-            if v:
-                raise AssertionError(format_violations([v], self.step_no, what))
+            self._record([v for v in [_violation("eval-leaves-carry", bad.cpu())] if v], self.step_no, what)
             self.after_eval = True
 
         @precondition(lambda self: self.adapter is not None and self.sup.eval_run)
         @rule(n_real=st.integers(1, 64))
         def evaluate(self, n_real: int) -> None:
             """Switch to eval (a fresh carry to max steps, padding in the tail) and back."""
+            if self.idle:
+                return
             a = self.adapter
             stats.eval_runs += 1
             n = 1 + (n_real - 1) % self.B
             ids = self._fresh(n) + [-1] * (self.B - n)
             batch = self._batch(ids)
             saved = a.carry_state(self.carry) if self.sup.checkpoint else None
-            saved_view = _snapshot(a.view(self.carry))
+            saved_view = snapshot(a.view(self.carry))
             self.history.append(f"eval run on {n} samples")
             with self._capture() as got:
                 run: list[EvalStep] = self._call("eval_run", a.eval_run, batch)
@@ -662,11 +343,12 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
                     invs = tuple(inv for inv in STEP_INVARIANTS if inv.name in CARRY_ONLY)
                 else:
                     invs = STEP_INVARIANTS
-                found += violations(StepContext(ev, _snapshot(s.before), s.after, self.max_steps,
+                found += violations(StepContext(ev, snapshot(s.before), s.after, self.max_steps,
                                                 a.batch_fields(batch)), invariants=invs)
                 if found:
-                    at = f"eval step {i} (after training step {self.step_no})"
-                    raise AssertionError(format_violations(found, at, f"eval run on {n} real samples"))
+                    self._record(found, f"eval step {i} (after training step {self.step_no})",
+                                 f"eval run on {n} real samples")
+                    found = []
             if self.spec is not None and run:  # content over the whole run: inputs every step, demos once
                 found = [v for v in [sc.check_inputs(self.spec, got.lookups.get("inputs", []), fed)] if v]
                 if self.hooks.encoder:  # however often it encodes in eval, each row must be one slot's own demos
@@ -675,32 +357,33 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
                     bad = torch.isin(fed, rows[stray]) | (torch.ones_like(fed, dtype=torch.bool) & bool(stray.any())
                                                            & ~torch.isin(rows[stray], fed).any())
                     found += [v for v in [_violation("encoder-reads-own-demos", bad)] if v]
-                if found:
-                    raise AssertionError(format_violations(found, f"an eval run (after training step {self.step_no})",
-                                                           f"eval run on {n} real samples"))
+                self._record(found, f"an eval run (after training step {self.step_no})",
+                             f"eval run on {n} real samples")
             self._training_carry_unmoved(saved, saved_view, f"after an eval run on {n} samples")
 
         @precondition(lambda self: self.adapter is not None and self.sup.evaluate)
         @rule(n_real=st.integers(1, 64))
         def evaluate_entry_point(self, n_real: int) -> None:
             """The model's own evaluation of a fixed batch: every step's predictions, from a fresh carry."""
+            if self.idle:
+                return
             a = self.adapter
             stats.evaluate_runs += 1
             n = 1 + (n_real - 1) % self.B
             ids = list(range(n)) + [-1] * (self.B - n)  # the same batch each time n repeats
             batch = self._batch(ids)
             saved = a.carry_state(self.carry) if self.sup.checkpoint else None
-            saved_view = _snapshot(a.view(self.carry))
+            saved_view = snapshot(a.view(self.carry))
             self.history.append(f"evaluate() on {n} samples")
             res = self._call("evaluate", a.evaluate, batch)
             preds = res["preds"].detach().cpu()
             where = f"evaluate() on {n} real samples (after training step {self.step_no})"
             real = torch.tensor(ids) >= 0
             if preds.shape[0] != self.max_steps:
-                raise AssertionError(format_violations([Violation(
-                    "eval-returns-every-step", list(range(self.B)),
-                    f"{SUITE_CHECKS['eval-returns-every-step']} (got {preds.shape[0]} steps, max is "
-                    f"{self.max_steps})")], "evaluate()", where))
+                self._record([Violation("eval-returns-every-step", list(range(self.B)),
+                                        f"{SUITE_CHECKS['eval-returns-every-step']} (got {preds.shape[0]} steps, max "
+                                        f"is {self.max_steps})")], "evaluate()", where)
+                return
             bad = torch.zeros(self.B, dtype=torch.bool)
             if n in self.eval_cache:
                 bad |= _rows_differ(preds.transpose(0, 1), self.eval_cache[n].transpose(0, 1))
@@ -710,15 +393,15 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
                 ref = [s.outputs["logits"].detach().cpu().argmax(-1) for s in run if s.outputs is not None]
                 if len(ref) == preds.shape[0]:
                     bad |= _rows_differ(preds.transpose(0, 1), torch.stack(ref).transpose(0, 1))
-            v = _violation("eval-fresh-carry", bad & real)
-            if v:
-                raise AssertionError(format_violations([v], "evaluate()", where))
+            self._record([v for v in [_violation("eval-fresh-carry", bad & real)] if v], "evaluate()", where)
             self._training_carry_unmoved(saved, saved_view, f"after evaluate() on {n} samples")
 
         @precondition(lambda self: self.adapter is not None and self.sup.checkpoint)
         @rule(plan=st.lists(st.tuples(FORCED_HALTING, FEEDS), min_size=1, max_size=3))
         def checkpoint_and_restore(self, plan: list[tuple[tuple, str]]) -> None:
             """Save the carry (through ``torch.save``), take steps, restore, replay them: results must be identical."""
+            if self.idle:
+                return
             a = self.adapter
             stats.restores += 1
             blob = io.BytesIO()
@@ -743,24 +426,22 @@ def make_state_machine(adapter_factory: AdapterFactory, name: str = "ACTCarryMac
                         bad |= _rows_differ(end_state[k].cpu(), replay_state[k].cpu())
                 else:
                     bad |= torch.ones_like(bad)
-            v = _violation("checkpoint-restore", bad)
-            if v:
-                raise AssertionError(format_violations([v], self.step_no, f"replayed plan {plan}"))
+            self._record([v for v in [_violation("checkpoint-restore", bad)] if v], self.step_no,
+                         f"replayed plan {plan}")
+
+        def _wants(self, name: str) -> bool:
+            """Whether a check that re-runs the model is worth its time: not opted out, not failed already."""
+            return name not in self.skip and name not in self.failures
 
         def teardown(self) -> None:
             self.adapter = None
             self.carry = None
+            if getattr(self, "failures", None) and not self.raising:
+                self._raise_failures()
 
     Machine.__name__ = Machine.__qualname__ = name
     Machine.stats = stats
     return Machine
-
-
-def _describe(step: int, pattern: tuple, feed: str, reset: Tensor) -> str:
-    """One step of the history a model exception is reported with: ``step 3 (reset 0,2; halt=single 1; refill)``."""
-    slots = reset.nonzero().flatten().tolist()
-    resets = "all" if len(slots) == reset.numel() else (",".join(map(str, slots)) or "none")
-    return f"step {step} (reset {resets}; halting={' '.join(map(str, pattern))}; feed={feed})"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -788,65 +469,61 @@ def suite_settings(max_examples: Optional[int] = None, steps: Optional[int] = No
     """Settings for a suite run, on top of the loaded Hypothesis profile (``ci`` under CI=true)."""
     kwargs: dict[str, Any] = {
         "deadline": None,
+        "report_multiple_bugs": False,
         "stateful_step_count": steps or FAST_STEPS,
         "suppress_health_check": [HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
     }
     if max_examples is not None:
         kwargs["max_examples"] = max_examples
     if not shrink:
-        kwargs.update(phases=(Phase.explicit, Phase.reuse, Phase.generate), report_multiple_bugs=False,
-                      database=None)
+        kwargs.update(phases=(Phase.explicit, Phase.reuse, Phase.generate), database=None)
+    else:
+        kwargs.update(phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink))
     kwargs.update(overrides)
     return settings(**kwargs)
 
 
+#: Seconds shrinking may take after the first failure (then the best example so far is reported, and the report says
+#: that shrinking stopped early): the default run, shrinking included, stays within CI's patience.
+SHRINK_SECONDS = 30.0
+
+
+def over_shrink_budget(stats: SuiteStats) -> bool:
+    """Whether shrinking has used its budget: later candidate examples run nothing (never the final replay)."""
+    if stats.first_failure_at is None or stats.shrink_seconds is None:
+        return False
+    if time.monotonic() - stats.first_failure_at <= stats.shrink_seconds or current_build_context().is_final:
+        return False
+    stats.shrink_stopped = True
+    return True
+
+
 def run_suite(adapter_factory: AdapterFactory, *, max_examples: Optional[int] = None, steps: Optional[int] = None,
-              shrink: bool = True, name: Optional[str] = None, **overrides: Any) -> SuiteStats:
-    """Run the state machine against ``adapter_factory``; raise ``AssertionError`` naming the first broken invariant.
+              shrink: bool = True, name: Optional[str] = None, skip: Sequence[str] = (),
+              skip_reason: str = "opted out (run_suite(skip=...))", shrink_seconds: Optional[float] = SHRINK_SECONDS,
+              **overrides: Any) -> SuiteStats:
+    """Run the state machine against ``adapter_factory``; raise ``AssertionError`` naming every broken invariant.
 
     Returns what was exercised (examples, steps, resets, checks). ``shrink=False`` stops at the first failure
-    (faster when a failure is expected, as in the bug zoo).
+    (faster when a failure is expected, as in the bug zoo); ``shrink_seconds`` bounds shrinking (None: Hypothesis's
+    own limit). ``skip``: invariant names opted out, reported as skipped with ``skip_reason``. A failure's message
+    ends with the run's report (skips, dropped samples per feed, every failing invariant, an early shrink stop), and
+    the exception carries the stats as ``suite_stats``.
     """
-    stats = SuiteStats()
+    stats = SuiteStats(shrink_seconds=shrink_seconds if shrink else None)
+    stats.skipped.update({n: skip_reason for n in check_skip_names(skip)})
     label = name or getattr(adapter_factory, "__name__", "adapter")
-    machine = make_state_machine(adapter_factory, name=f"{label}Machine".replace("-", "_"), stats=stats)
-    run_state_machine_as_test(machine, settings=suite_settings(max_examples, steps, shrink, **overrides))
+    machine = make_state_machine(adapter_factory, name=f"{label}Machine".replace("-", "_"), stats=stats, skip=skip)
+    try:
+        run_state_machine_as_test(machine, settings=suite_settings(max_examples, steps, shrink, **overrides))
+    except AssertionError as exc:
+        stats.mark_silent()
+        message = str(exc)
+        others = [m for n, m in sorted(stats.failures.items()) if f"invariant '{n}' violated" not in message]
+        if others:
+            message += "\n  other invariants that failed in this run:\n" + "\n".join(others)
+        exc.args = ("\n".join([message, *stats.report_lines()]),)
+        exc.suite_stats = stats
+        raise
+    stats.mark_silent()
     return stats
-
-
-def check_adapter(adapter: ACTAdapter) -> None:
-    """Quick contract checks with a clear message, before the state machine (which would fail more obscurely)."""
-    for attr in ("batch_size", "max_steps"):
-        if not isinstance(getattr(adapter, attr, None), int) or getattr(adapter, attr) < 1:
-            raise AssertionError(f"adapter.{attr} must be a positive int, got {getattr(adapter, attr, None)!r}")
-    for meth in ("make_batch", "initial_carry", "step", "view", "batch_fields"):
-        if not callable(getattr(adapter, meth, None)):
-            raise AssertionError(f"adapter has no method {meth}()")
-    b = adapter.batch_size
-    ids = list(range(b - 1)) + [-1]
-    if getattr(adapter, "protocol", 1) >= 2:
-        spec = adapter.content_spec
-        if spec is None:
-            raise AssertionError("adapter protocol 2 needs content_spec (a diagnostics.properties.fingerprints.ContentSpec)")
-        spec.validate()
-        content = [make_content(spec, i) if i >= 0 else None for i in ids]
-        b1, b2 = adapter.make_batch(ids, content), adapter.make_batch(ids, content)
-    else:
-        b1, b2 = adapter.make_batch(ids), adapter.make_batch(ids)
-    f1, f2 = adapter.batch_fields(b1), adapter.batch_fields(b2)
-    for k in f1:
-        if not torch.equal(f1[k], f2[k]):
-            raise AssertionError(f"adapter.make_batch is not deterministic per sample id (field {k!r})")
-        if f1[k].shape[0] != b:
-            raise AssertionError(f"batch field {k!r} has {f1[k].shape[0]} rows, expected batch_size={b}")
-    view = adapter.view(adapter.initial_carry(b1))
-    if view.steps.shape != (b,) or view.halted.shape != (b,):
-        raise AssertionError(f"view().steps and .halted must be [{b}], got {tuple(view.steps.shape)} and "
-                             f"{tuple(view.halted.shape)}")
-    if view.halted.dtype != torch.bool:
-        raise AssertionError(f"view().halted must be bool, got {view.halted.dtype}")
-    if adapter.supports.loss and not adapter.supports.events:
-        raise AssertionError("supports.loss needs supports.events (coverage reads the encoder output from events)")
-    sig = inspect.signature(adapter.step)
-    if len(sig.parameters) < 3:
-        raise AssertionError("adapter.step must take (carry, batch, force_halt)")

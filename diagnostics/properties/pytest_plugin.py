@@ -45,6 +45,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="rules per example, i.e. steps of the state machine (default 12)")
     group.addoption("--etrm-no-shrink", action="store_true", default=False,
                     help="report the first failing example as found, without shrinking it (faster)")
+    group.addoption("--etrm-skip", action="append", default=[], metavar="INVARIANT",
+                    help="opt out of one invariant by name (repeatable); reported as skipped")
+    group.addoption("--etrm-shrink-seconds", type=float, default=None, metavar="S",
+                    help="seconds shrinking may take after the first failure (default 30)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -60,6 +64,12 @@ def pytest_configure(config: pytest.Config) -> None:
         except ValueError as exc:
             raise pytest.UsageError(f"--etrm-model {exc}") from None
     config.stash[_FACTORIES] = factories
+    if specs:
+        from diagnostics.properties.suite_report import check_skip_names  # noqa: PLC0415 (lazy on purpose)
+        try:
+            check_skip_names(config.getoption("etrm_skip"))
+        except ValueError as exc:
+            raise pytest.UsageError(f"--etrm-skip: {exc}") from None
     if specs and str(SUITE_FILE) not in config.args:
         config.args.append(str(SUITE_FILE))
 
@@ -85,10 +95,13 @@ def etrm_adapter_factory(etrm_model_spec: str, pytestconfig: pytest.Config) -> A
 def etrm_suite_options(pytestconfig: pytest.Config) -> dict:
     """``max_examples``/``steps``/``shrink`` for ``run_suite`` from the command line (the suite's fast defaults
     otherwise, not the user's Hypothesis profile: ``--etrm-examples`` or the thorough profile ask for more)."""
-    from diagnostics.properties.property_suite import default_examples  # noqa: PLC0415 (lazy on purpose)
+    from diagnostics.properties.property_suite import SHRINK_SECONDS, default_examples  # noqa: PLC0415 (lazy)
 
+    shrink_seconds = pytestconfig.getoption("etrm_shrink_seconds")
     return {"max_examples": default_examples(pytestconfig.getoption("etrm_examples")),
-            "steps": pytestconfig.getoption("etrm_steps"), "shrink": not pytestconfig.getoption("etrm_no_shrink")}
+            "steps": pytestconfig.getoption("etrm_steps"), "shrink": not pytestconfig.getoption("etrm_no_shrink"),
+            "skip": tuple(pytestconfig.getoption("etrm_skip")), "skip_reason": "opted out (--etrm-skip)",
+            "shrink_seconds": SHRINK_SECONDS if shrink_seconds is None else shrink_seconds}
 
 
 @pytest.fixture
@@ -103,6 +116,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         return
     terminalreporter.section("etrm property suite")
     for spec, stats, seconds in results:
+        if stats is None:
+            continue
         for line in summary_lines(spec, stats, seconds):
             terminalreporter.write_line(line)
     total = sum(seconds for _, _, seconds in results)
@@ -110,7 +125,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
 
 
 def summary_lines(spec: str, stats: Any, seconds: float) -> list[str]:
-    """What one model's run exercised, which checks it skipped and why, and info lines (dropped samples)."""
+    """What one model's run exercised, which checks it skipped and why, the dropped samples of every feed, and (for
+    a failing run) every invariant that failed and whether shrinking stopped early."""
     lines = [
         f"{spec}: {stats.examples} examples, {stats.steps} training steps, {stats.eval_runs} eval runs, "
         f"{stats.evaluate_runs} evaluate() runs, {stats.restores} checkpoint restores, {stats.reset_checks} "
@@ -119,10 +135,4 @@ def summary_lines(spec: str, stats: Any, seconds: float) -> list[str]:
         f"{stats.coverage_checks} coverage checks ({seconds:.1f}s)"]
     if stats.cases:
         lines.append("  cases reached: " + ", ".join(f"{k} {v}" for k, v in sorted(stats.cases.items())))
-    for name, why in sorted(stats.skipped.items()):
-        lines.append(f"  skipped {name}: {why}")
-    for feed in sorted(stats.fed):
-        if feed != "full-batch" and stats.dropped.get(feed):  # the suite's own full-batch feed drops by design
-            lines.append(f"  info dropped-samples: feed '{feed}' dropped {stats.dropped[feed]} of {stats.fed[feed]} "
-                         f"fed samples ({100 * stats.dropped_fraction(feed):.0f}%): they landed in continuing slots")
-    return lines
+    return lines + stats.report_lines()

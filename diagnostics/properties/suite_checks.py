@@ -46,6 +46,22 @@ def violation(name: str, bad: Tensor | Sequence[int], description: Optional[str]
     return Violation(name, slots, description or CHECKS.get(name, name))
 
 
+#: Re-run comparisons tolerate this many units in the last place of the forward dtype, relative to the compared
+#: outputs' magnitude (``rerun_tolerance``): float noise of another batch composition, never a missing reset.
+NOISE_ULPS = 16
+
+
+def rerun_tolerance(reference: Tensor, atol: float, dtype: Optional[torch.dtype] = None) -> float:
+    """The tolerance of a re-run comparison: ``atol + NOISE_ULPS * eps(dtype) * max(1, max |reference|)``, ``dtype``
+    the forward's (default: the reference's own). fp32 logits of magnitude 10 allow 1e-5 + 1.9e-5; bf16 ones 1.25."""
+    dtype = dtype or reference.dtype
+    if not (dtype.is_floating_point and reference.is_floating_point()):
+        return atol
+    finite = reference.detach().float().abs().nan_to_num(0.0, 0.0, 0.0)
+    scale = max(1.0, float(finite.max())) if finite.numel() else 1.0
+    return atol + NOISE_ULPS * torch.finfo(dtype).eps * scale
+
+
 def rows_differ(a: Tensor, b: Tensor, atol: float = 0.0) -> Tensor:
     """Per slot (dim 0): do ``a`` and ``b`` differ? NaN-safe: exact comparisons are bitwise (NaN equals the same
     NaN), tolerant ones treat NaN in both as equal. Different shapes differ everywhere."""

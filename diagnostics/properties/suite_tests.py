@@ -23,5 +23,9 @@ def test_carry_invariants_under_random_halting(etrm_adapter_factory, etrm_model_
                                                etrm_record) -> None:
     """The state machine: random halting masks, refill and trm feeds, eval runs, checkpoint restores."""
     start = time.perf_counter()
-    stats = run_suite(etrm_adapter_factory, name="user", **etrm_suite_options)
+    try:
+        stats = run_suite(etrm_adapter_factory, name="user", **etrm_suite_options)
+    except AssertionError as exc:  # a failing run reports too (skips, dropped samples, every failing invariant)
+        etrm_record((etrm_model_spec, getattr(exc, "suite_stats", None), time.perf_counter() - start))
+        raise
     etrm_record((etrm_model_spec, stats, time.perf_counter() - start))

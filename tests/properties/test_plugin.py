@@ -96,3 +96,26 @@ def test_diagnostics_never_imports_etrm():
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names = [node.module]
             assert not any(n == "etrm" or n.startswith("etrm.") for n in names), f"{path.name} imports {names}"
+
+
+def test_field_props_plugin_skip_option_and_fork_report(tmp_path):
+    """``--etrm-skip`` on the fork-shaped example: passes, lists the opt-out and the declaration as skipped, and the
+    dropped samples of every feed."""
+    res = _pytest(tmp_path, "-p", "diagnostics.pytest_plugin", "--etrm-model", "fork_adapter:make_adapter",
+                  "--etrm-skip", "slot-permutation-independence", "--etrm-examples", "3")
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    assert "skipped slot-permutation-independence: opted out (--etrm-skip)" in out, out
+    assert "skipped padding-adds-nothing: the adapter declares drops_partial_batches" in out, out
+    assert "info dropped-samples: feed 'refill' dropped 0 of " in out, out
+
+
+def test_field_props_plugin_failing_run_reports_and_bad_skip_is_a_usage_error(tmp_path):
+    res = _pytest(tmp_path, "-p", "diagnostics.pytest_plugin", "--etrm-model", "fork_adapter:make_no_state_reset_adapter",
+                  "--etrm-examples", "5", "--etrm-no-shrink")
+    out = res.stdout + res.stderr
+    assert res.returncode == 1, out
+    assert "invariant 'reset-from-init' violated at step" in out and "info dropped-samples: feed " in out, out
+    assert "fork_adapter:make_no_state_reset_adapter: " in out  # the failing run is in the summary too
+    bad = _pytest(tmp_path, "--etrm-model", "fork_adapter:make_adapter", "--etrm-skip", "no-such-invariant")
+    assert bad.returncode == 4 and "--etrm-skip: unknown invariant 'no-such-invariant' to skip" in bad.stderr, bad.stderr
