@@ -52,7 +52,7 @@ browser:
 	fi
 
 test: install $(if $(filter 0,$(BROWSER)),,browser)
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=15
 
 clean-venv:
 	rm -rf $(VENV)
