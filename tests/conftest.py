@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 import torch
@@ -135,19 +136,72 @@ def make_mode_config() -> Callable[..., Config]:
     return mode_config
 
 
-@pytest.fixture(scope="session")
-def train_side_by_side() -> Callable[..., dict[str, Path]]:
-    """``train_side_by_side(root, {name: etrm-train args})`` -> {name: run dir}: the runs trained at once, one thread
-    each, into ``root/name``; each must exit 0 (its output is the assertion message otherwise)."""
+class BackgroundRuns:
+    """The ``etrm-train`` runs that test modules declare in ``BACKGROUND_RUNS`` ({group: {name: etrm-train args}}),
+    trained in subprocesses (one thread each) from the session's start, one at a time on a thread: the serial test
+    session leaves the machine's second core idle, so a group is ready, or nearly, when the module that reads it
+    comes up. A module that asks for its group earlier starts the group's remaining runs itself, all at once."""
 
-    def train(root: Path, runs: dict[str, list[str]], timeout: float = 1800) -> dict[str, Path]:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        exe = str(Path(sys.executable).parent / "etrm-train")
-        procs = {name: subprocess.Popen([exe, *args, "--run-dir", str(root / name)], stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True, env=env) for name, args in runs.items()}
-        for name, proc in procs.items():
-            out, _ = proc.communicate(timeout=timeout)
-            assert proc.returncode == 0, out
-        return {name: root / name for name in runs}
+    def __init__(self, root: Path, groups: dict[str, dict[str, list[str]]]) -> None:
+        self.root, self.groups = root, groups
+        self.pending = [(group, name) for group, runs in groups.items() for name in runs]
+        self.procs: dict[tuple[str, str], subprocess.Popen] = {}
+        self.lock = threading.Lock()
+        self.closed = False
+        self.worker = threading.Thread(target=self._work, name="background-runs", daemon=True)
+        self.worker.start()
 
-    return train
+    def _take(self, group: str | None) -> list[subprocess.Popen]:
+        """Start the next pending run (``group`` None) or every pending run of ``group``."""
+        with self.lock:
+            if self.closed:
+                return []
+            keys = [k for k in self.pending if k[0] == group] if group else self.pending[:1]
+            started = []
+            for key in keys:
+                self.pending.remove(key)
+                (self.root / key[0]).mkdir(parents=True, exist_ok=True)
+                with open(self._log(key), "w") as log:
+                    self.procs[key] = subprocess.Popen(
+                        [str(Path(sys.executable).parent / "etrm-train"), *self.groups[key[0]][key[1]], "--run-dir",
+                         str(self.root / key[0] / key[1])], stdout=log, stderr=subprocess.STDOUT,
+                        env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+                started.append(self.procs[key])
+            return started
+
+    def _work(self) -> None:
+        while started := self._take(None):
+            started[0].wait()
+
+    def _log(self, key: tuple[str, str]) -> Path:
+        return self.root / f"{key[0]}.{key[1]}.log"  # beside the group's folder, which holds only its runs
+
+    def runs(self, group: str, timeout: float = 1800) -> dict[str, Path]:
+        """The group's run dirs (all in ``root/group``), once every run of it has exited 0 (the end of its output is
+        the assertion message otherwise)."""
+        self._take(group)
+        for name in self.groups[group]:
+            code = self.procs[(group, name)].wait(timeout=timeout)
+            assert code == 0, self._log((group, name)).read_text()[-4000:]
+        return {name: self.root / group / name for name in self.groups[group]}
+
+    def close(self) -> None:
+        """Start nothing more; end the runs still going (a session stopped early)."""
+        with self.lock:
+            self.closed = True
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def background_runs(request: pytest.FixtureRequest,
+                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundRuns]:
+    """The session's ``BackgroundRuns``: the groups of every module with a selected test, in the order the tests
+    come, started now."""
+    modules = dict.fromkeys(item.module for item in request.session.items if getattr(item, "module", None))
+    groups = {g: runs for m in modules for g, runs in getattr(m, "BACKGROUND_RUNS", {}).items()}  # in test order
+    background = BackgroundRuns(tmp_path_factory.mktemp("background"), groups)
+    yield background
+    background.close()

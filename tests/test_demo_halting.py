@@ -40,10 +40,14 @@ def _demo_module():
     return mod
 
 
+# Trained from the session's start on the core the test session leaves idle (tests/conftest.py, BackgroundRuns).
+BACKGROUND_RUNS = {"demo-halting": {name: [*args, "--trace", "--max-steps", str(STEPS), "--device", "cpu"]
+                                    for name, args in MODES.items()}}
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, train_side_by_side) -> dict[str, Path]:
-    return train_side_by_side(tmp_path_factory.mktemp("demo-halting"), {
-        name: [*args, "--trace", "--max-steps", str(STEPS), "--device", "cpu"] for name, args in MODES.items()})
+def runs(background_runs) -> dict[str, Path]:
+    return background_runs.runs("demo-halting")
 
 
 def test_reencode_halts_early_and_fct_never(runs):

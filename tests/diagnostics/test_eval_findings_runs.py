@@ -1,5 +1,6 @@
-"""The evaluation findings on real training runs built to show them, tiny and seeded (three runs side by side, one
-thread each; about a minute of CPU). Healthy runs are the demo's (``tests/test_demo_halting.py``: no finding at all).
+"""The evaluation findings on real training runs built to show them, tiny and seeded (three runs, one thread each,
+trained in the background from the session's start; about a minute of CPU). Healthy runs are the demo's
+(``tests/test_demo_halting.py``: no finding at all).
 
 - ``late``: a Q-head pinned at "halt" (bias +5, no Q loss, no exploration): every training sample halts at step 1,
   so the model only learns step-1 answers, and evaluation at the maximum step runs three untrained steps more.
@@ -32,11 +33,15 @@ RUNS = {"late": [*PINNED, "act.halt_exploration_prob=0"], "premature": [*PINNED,
 _bin = Path(sys.executable).parent
 
 
+# Trained from the session's start on the core the test session leaves idle (tests/conftest.py, BackgroundRuns).
+BACKGROUND_RUNS = {"eval-findings": {
+    name: ["--preset", "demo", *BASE, *extra, "--trace", "--max-steps", str(STEPS), "--device", "cpu"]
+    for name, extra in RUNS.items()}}
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, train_side_by_side) -> dict[str, Path]:
-    return train_side_by_side(tmp_path_factory.mktemp("eval-findings"), {
-        name: ["--preset", "demo", *BASE, *extra, "--trace", "--max-steps", str(STEPS), "--device", "cpu"]
-        for name, extra in RUNS.items()}, timeout=900)
+def runs(background_runs) -> dict[str, Path]:
+    return background_runs.runs("eval-findings", timeout=900)
 
 
 def doctor(run: Path) -> dict[str, dict]:
