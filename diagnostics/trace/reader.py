@@ -31,8 +31,9 @@ from diagnostics.trace import eval_audits
 from diagnostics.trace import figures
 
 from diagnostics.trace import ledger
+from diagnostics.trace.readonly import open_read_only
 from diagnostics.trace.store import (EVAL_AUDIT_TABLES, ROLLUP_WIDTHS, SCHEMA_VERSION, TRACE_NAME, TraceError, read_meta,
-                               read_only_uri, readable, rollup_table, timing_rollup_table)
+                               readable, rollup_table, timing_rollup_table)
 
 MAX_BUCKETS = 800            # points per series over any visible range
 MAX_TIMING_STEPS = 2_000     # timings of at most this many steps are read per range (sampled evenly beyond)
@@ -53,8 +54,7 @@ def connect(run_dir: Path, timeout: float = CONNECT_TIMEOUT_S) -> sqlite3.Connec
     if db.stat().st_size == 0:
         raise TraceError(f"{run_dir.name}: the trace is empty (half-written: the trainer has not committed yet)")
     try:
-        conn = sqlite3.connect(read_only_uri(db), uri=True, timeout=timeout,
-                               check_same_thread=False)
+        conn = open_read_only(db, timeout, check_same_thread=False)  # writes nothing beside the trace
     except sqlite3.Error as exc:
         raise TraceError(f"{run_dir.name}: cannot open the trace ({_one_line(exc)})") from None
     try:

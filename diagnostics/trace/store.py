@@ -56,6 +56,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from diagnostics.trace.ledger import BIN_SUMS, RECORD_COLUMNS, TASK_SUMS, increments, kept
+from diagnostics.trace.readonly import open_read_only, sqlite_uri
 
 SCHEMA_VERSION = 3
 ROLLUP_WIDTHS = (64, 512, 4096, 32768, 262144)  # version 2 wrote 64, 4096, 262144; 3 adds the rest
@@ -638,7 +639,7 @@ def schema_version(value: Any, db: Path) -> int:
 def read_only_uri(db: Path) -> str:
     """The SQLite URI that opens ``db`` read-only: the path percent-escaped (``#``, ``?``, ``%``, spaces, non-ASCII),
     so that no character of it can end the path early and drop ``mode=ro``."""
-    return Path(db).absolute().as_uri() + "?mode=ro"
+    return sqlite_uri(db, "mode=ro")
 
 
 def open_trace(path: Path) -> sqlite3.Connection:
@@ -648,7 +649,7 @@ def open_trace(path: Path) -> sqlite3.Connection:
     if not db.is_file():
         raise TraceError(f"no trace at {db}; train with --trace, or check the run directory")
     try:
-        conn = sqlite3.connect(read_only_uri(db), uri=True, timeout=10)
+        conn = open_read_only(db, timeout=10)  # writes nothing beside the trace
         version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     except sqlite3.DatabaseError as exc:
         raise TraceError(f"trace {db} is corrupt or not an etrm trace ({exc}); re-run with --trace") from None

@@ -82,6 +82,10 @@ class Instrument:
     def on_eval(self, step: int, values: Mapping[str, float]) -> None: ...
     def on_eval_audit(self, step: int, audits: Sequence[EvalAudit]) -> None: ...
     def on_checkpoint(self, step: int) -> None: ...
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of this instrument (under ``"instruments"``), handed back on resume."""
+        return {}
+
     def on_end(self, step: int, status: str, detail: str) -> None: ...
 
     def summary(self) -> dict[str, str]:
@@ -164,6 +168,10 @@ class Instruments(list):
     def summary(self) -> dict[str, str]:
         return {k: v for i in self for k, v in i.summary().items()}
 
+    def state_dict(self) -> dict[str, Any]:
+        """Each instrument's resumable state, by kind (``trace``, ...); only those that keep any."""
+        return {type(i).__name__.lower(): s for i in self if (s := i.state_dict())}
+
     def find(self, kind: type) -> Any:
         """The first instrument of ``kind``, or None."""
         return next((i for i in self if isinstance(i, kind)), None)
@@ -222,6 +230,10 @@ class Trace(Instrument):
         audits = list(audits)
         if not self.closed:
             self.tracer.submit(lambda w: w.write_eval_audits(audits))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The probes' resumable state (their phase is the step; per-slot state of samples in flight)."""
+        return {"probes": {p.name: p.state_dict() for p in self.tracer.probes}}
 
     def on_checkpoint(self, step: int) -> None:
         if not self.closed:  # the ledger's exits so far become what a resume from this checkpoint keeps
@@ -450,6 +462,9 @@ def add_trace(trainer: "Trainer", preset: str | None = None) -> Trace:
         writer = open_writer(trainer.run_dir, meta, trainer.step)
     probes = default_probes(trainer.cfg.max_steps_per_sample, grad_norm_groups(trainer),
                             trainer.cfg.train.diversity_every, trainer.train_ds.puzzle_task, dist.rank)
+    saved = trainer.restored_instruments.get("trace", {}).get("probes", {})
+    for probe in probes:  # resumed: each probe continues its phase and per-slot state (nothing for a new run)
+        probe.resume(trainer.step, saved.get(probe.name))
     columns = [name for p in probes for name, _ in p.counters]
     reduce = gather = None
     if dist.enabled:
