@@ -4,9 +4,11 @@ directories included) byte-identical; nothing left behind (no data cache)."""
 
 from __future__ import annotations
 
+import importlib
 import io
 import shutil
 import sqlite3
+import subprocess
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -122,27 +124,52 @@ CASES: dict[str, tuple[str, list[str], list[str], Callable[[Path], None] | None]
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_reliability_bad_input(case: str, tmp_path: Path, reliability_run: Path) -> None:
-    prog, args, needles, setup = CASES[case]
+# One case per class runs as a real process (the CLI's own entry point); every case also runs in-process (fast).
+PROCESSES = ("export-over-the-trace", "seed-negative", "doctor-set-nan", "maze-tasks-absurd", "resume-nan-weight",
+             "resume-device-cuda")
+MAINS = {"etrm-train": "etrm.cli", "etrm-doctor": "diagnostics.cli"}
+
+
+def _prepare(case: str, tmp_path: Path, reliability_run: Path) -> None:
     if case == "resume-device-cuda" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     shutil.copytree(reliability_run, tmp_path / RUN)
+    setup = CASES[case][3]
     if setup is not None:
         setup(tmp_path)
+
+
+@pytest.mark.parametrize("case", PROCESSES)
+def test_reliability_bad_input_process(case: str, tmp_path: Path, reliability_run: Path) -> None:
+    prog, args, needles, _ = CASES[case]
+    _prepare(case, tmp_path, reliability_run)
     before = snapshot(tmp_path)
-    proc = run_prog(prog, args, tmp_path)
-    assert_one_line(proc, prog, needles)
+    assert_one_line(run_prog(prog, args, tmp_path), prog, needles)
     assert snapshot(tmp_path) == before
 
 
-def test_reliability_export_force_replaces_only_outside_runs(tmp_path: Path, reliability_run: Path) -> None:
+@pytest.mark.parametrize("case", list(CASES))
+def test_reliability_bad_input(case: str, tmp_path: Path, reliability_run: Path, monkeypatch, capsys) -> None:
+    prog, args, needles, _ = CASES[case]
+    _prepare(case, tmp_path, reliability_run)
+    before = snapshot(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    code = importlib.import_module(MAINS[prog]).main(list(args))  # an exception here is the traceback a user sees
+    out, err = capsys.readouterr()
+    assert_one_line(subprocess.CompletedProcess(args, code, out, err), prog, needles)
+    assert snapshot(tmp_path) == before
+
+
+def test_reliability_export_force_replaces_only_outside_runs(tmp_path: Path, reliability_run: Path, monkeypatch,
+                                                            capsys) -> None:
     """``--force`` replaces an existing file outside run directories, atomically (no temporary file is left)."""
+    from diagnostics.cli import main
+
     shutil.copytree(reliability_run, tmp_path / RUN)
     _existing(tmp_path)
     run_before = snapshot(tmp_path / RUN)
-    proc = run_prog("etrm-doctor", [RUN, "--export", "csv", "steps.csv", "--force"], tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    monkeypatch.chdir(tmp_path)
+    assert main([RUN, "--export", "csv", "steps.csv", "--force"]) == 0, capsys.readouterr().err
     assert "coverage_num" in (tmp_path / "steps.csv").read_text().splitlines()[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs", "steps.csv"]
     assert snapshot(tmp_path / RUN) == run_before

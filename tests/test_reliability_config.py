@@ -109,7 +109,8 @@ def test_reliability_config_fuzz_accepts_only_values_within_bounds(key: str, val
 
 
 @pytest.mark.parametrize("item", ["window=nan", "coverage_min=inf", "coverage_min=-0.5", "ema_gap=2",
-                                  f"window={10 ** 30}", "halting_window=0", "ledger_late_share=0"])
+                                  f"window={10 ** 30}", f"window={'9' * 400}", "halting_window=0",
+                                  "ledger_late_share=0"])
 def test_reliability_doctor_set_uses_the_bounds(item: str):
     """``etrm-doctor --set`` goes through the same table and message format as ``[doctor]`` in a config."""
     key = item.split("=")[0]

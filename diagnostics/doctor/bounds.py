@@ -45,7 +45,7 @@ def check_value(name: str, value: Any, bound: Bound, integer: bool, error: type[
     """Raise ``error`` unless ``value`` is a number of the right kind, finite and within ``bound``."""
     kinds = (int,) if integer else (int, float)
     ok = isinstance(value, kinds) and not isinstance(value, bool)
-    ok = ok and math.isfinite(value) and bound.holds(value)
+    ok = ok and (isinstance(value, int) or math.isfinite(value)) and bound.holds(value)  # ints: any size, finite
     if not ok:
         raise error(f"{name}={_fmt(value)} is not valid; allowed: {bound.allowed(integer)}")
 
