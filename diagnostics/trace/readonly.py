@@ -55,8 +55,11 @@ def _recovered_copy(db: Path, wal: Path, timeout: float, check_same_thread: bool
     """The trace with its ``-wal`` rows, recovered in a private copy and read into memory."""
     with tempfile.TemporaryDirectory(prefix="etrm-trace-") as tmp:
         copy = Path(tmp) / "trace.sqlite"
-        shutil.copyfile(db, copy)
-        shutil.copyfile(wal, side_file(copy, "-wal"))
+        try:
+            shutil.copyfile(db, copy)
+            shutil.copyfile(wal, side_file(copy, "-wal"))
+        except OSError as exc:  # no room for the copy: a read error like any other (one line)
+            raise sqlite3.OperationalError(f"cannot copy the trace to read its -wal ({exc.strerror or exc})") from None
         source = sqlite3.connect(copy, timeout=timeout)
         try:
             memory = sqlite3.connect(":memory:", check_same_thread=check_same_thread)
