@@ -104,7 +104,7 @@ CASES: dict[str, tuple[str, list[str], list[str], Callable[[Path], None] | None]
                          ["act.halt_max_steps="], None),
     "maze-tasks-absurd": ("etrm-train", ["--run-dir", "new", *TINY, "model=trm", "data.dataset=maze",
                                          f"data.train_tasks={10 ** 12}"], ["GiB", "data.train_tasks"], None),
-    "batch-absurd": ("etrm-train", ["--run-dir", "new", *TINY, f"train.batch_size={10 ** 7}"],
+    "batch-absurd": ("etrm-train", ["--run-dir", "new", *TINY, f"train.batch_size={10 ** 8}"],
                      ["GiB", "train.batch_size"], None),
     # checkpoints validated before anything changes on resume
     "resume-negative-step": ("etrm-train", ["--run-dir", RUN, "--resume", "--max-steps", "6"], ["step -3"],

@@ -17,6 +17,7 @@ from etrm.errors import UserError
 FLOAT_BYTES = 4  # fp32 weights and state (bf16 autocast on CUDA still keeps fp32 weights, grads and moments)
 STATE_COPIES = 6  # weights, gradients, AdamW's two moments, the EMA shadow, the evaluation copy
 GIB = 1024 ** 3
+ACTIVATION_BYTES = 2  # activations kept for backward: bf16 under CUDA autocast, the least any device keeps
 
 
 def _block_params(h: int, expansion: float) -> int:
@@ -36,13 +37,15 @@ def estimate_parts(cfg: Config, seq_len: int, num_puzzle_ids: int = 1, world: in
         params += (cfg.encoder.num_layers + cfg.encoder.set_layers) * _block_params(h, a.expansion)
     local = max(t.batch_size // max(world, 1), 1)
     carry = 2 * local * seq * h
-    # each block application of the gradient cycle (L_cycles L-updates and one H-update) keeps its inputs and the
-    # MLP's hidden activations for backward
-    activations = local * seq * (3 * h + 2 * wide) * a.L_layers * (a.L_cycles + 1)
+    # each block application of the gradient cycle (L_cycles L-updates and one H-update) keeps at least the inputs
+    # of its linear layers for backward (qkv, output, MLP in: h each; MLP down: the hidden width), at 2 bytes (bf16
+    # autocast on CUDA; fp32 on CPU keeps twice that)
+    activations = local * seq * (3 * h + wide) * a.L_layers * (a.L_cycles + 1)
     tokens = 2 * 8 * local * seq_len // FLOAT_BYTES  # int64 inputs and labels of the slots, in float units
     evaluation = 2 * t.eval_batch_size * seq * h + 3 * t.eval_batch_size * cfg.max_steps_per_sample
     table = num_puzzle_ids * h if cfg.model == "trm" else 0
-    return {"params": FLOAT_BYTES * STATE_COPIES * params, "slots": FLOAT_BYTES * (carry + activations + tokens),
+    return {"params": FLOAT_BYTES * STATE_COPIES * params,
+            "slots": FLOAT_BYTES * (carry + tokens) + ACTIVATION_BYTES * activations,
             "eval": FLOAT_BYTES * evaluation, "table": FLOAT_BYTES * table, "data": data_bytes(cfg, seq_len)}
 
 
