@@ -12,6 +12,7 @@ import argparse
 import errno
 import ipaddress
 import logging
+import re
 import socket
 import sys
 from pathlib import Path
@@ -78,10 +79,30 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$", re.IGNORECASE)
+
+
+def is_host_name(text: str) -> bool:
+    """An IP address, or a DNS name of letters, digits and hyphens (RFC 1123 labels, 253 characters at most)."""
+    try:
+        ipaddress.ip_address(text.strip("[]") if text.startswith("[") else text)
+        return True
+    except ValueError:
+        pass
+    name = text[:-1] if text.endswith(".") else text
+    return 0 < len(name) <= 253 and all(HOST_LABEL.match(label) for label in name.split("."))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if not args.runs.strip():
+            raise _BadInput("--runs is empty; pass the directory holding the run directories, e.g. --runs runs")
         root = Path(args.runs)
+        for flag, name in (("--host", args.host), *(("--allow-host", h) for h in args.allow_host)):
+            if not is_host_name(name):
+                raise _BadInput(f"{flag} {name!r} is not a host name or address; pass e.g. 127.0.0.1, 0.0.0.0 or "
+                                "a name like my-machine.example")
         if not root.is_dir():
             raise _BadInput(f"no runs directory at {root} (make one, or pass --runs DIR)")
         if not 0 < args.port < 65536:

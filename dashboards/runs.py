@@ -91,10 +91,26 @@ def discover(root: str | Path) -> list[str]:
             name = here.relative_to(base).as_posix()
             try:
                 resolve_run(base, name)
-                found.append((_mtime(here / TRACE_NAME), name))
+                found.append((last_update(here) or 0.0, name))
             except RunError:
                 continue
     return [name for _, name in sorted(found, key=lambda x: (-x[0], x[1]))]
+
+
+def last_update(run: Path) -> float | None:
+    """When the run last wrote to its trace, from the trace's content (the last heartbeat or marker), not from file
+    times: viewing a run changes nothing about it. None when it cannot be read or holds no time yet."""
+    try:
+        conn = reader.connect(run)
+    except TraceError:
+        return None
+    try:
+        markers, beat = reader.read_status_inputs(conn)
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
+    return max([t for t in (beat, *(t for t, _ in markers)) if t is not None], default=None)
 
 
 def _mtime(db: Path) -> float:
@@ -260,7 +276,7 @@ class RunCache:
         info.meta = meta
         info.thresholds = DoctorConfig.from_meta(meta)
         info.first_step, info.last_step = lo, hi
-        info.updated = max([t for t in (beat, *(t for t, _ in markers)) if t is not None] + [_mtime(db)])
+        info.updated = max([t for t in (beat, *(t for t, _ in markers)) if t is not None], default=None)
         info.status = status_of(markers, beat, _mtime(db), alive=trainer_alive(self.path))
         info.restarts = sum(kind == "restart" for _, kind in markers)
         self._findings(stored, meta)

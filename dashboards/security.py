@@ -13,6 +13,7 @@ import sys
 from typing import Callable, Iterable
 from urllib.parse import urlsplit
 
+from dash.exceptions import DependencyException
 from flask import Flask, Response, request
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -36,13 +37,15 @@ def host_name(netloc: str) -> str:
     return netloc.rsplit(":", 1)[0] if netloc.count(":") == 1 else netloc
 
 
-def refusal(method: str, host: str, origin: str | None, allowed: frozenset[str]) -> str | None:
-    """Why a request is refused (one line), or None when it is served. Pure, so that the rule is tested directly."""
+def refusal(method: str, host: str, origin: str | None, allowed: frozenset[str],
+            scheme: str = "http") -> str | None:
+    """Why a request is refused (one line), or None when it is served. Pure, so that the rule is tested directly.
+    An ``Origin`` must be this dashboard: its scheme (``scheme``, what it is served over) and its host and port."""
     if host_name(host) not in allowed:
         return f"Host {host!r} is not served (allowed: {', '.join(sorted(allowed))}; see --allow-host)"
     if method.upper() not in SAFE_METHODS and origin is not None:
         parts = urlsplit(origin)
-        if origin == "null" or parts.netloc.lower() != host.strip().lower():
+        if origin == "null" or parts.scheme.lower() != scheme or parts.netloc.lower() != host.strip().lower():
             return f"cross-origin {method.upper()} from Origin {origin!r} (this dashboard is {host!r})"
     return None
 
@@ -52,10 +55,18 @@ def protect(server: Flask, allowed: frozenset[str], log: Callable[[str], None] |
     say = log or (lambda line: print(line, file=sys.stderr, flush=True))
 
     def check() -> Response | None:
-        why = refusal(request.method, request.host, request.headers.get("Origin"), allowed)
+        why = refusal(request.method, request.host, request.headers.get("Origin"), allowed, request.scheme)
         if why is None:
             return None
         say(f"etrm-dash: refused {request.method} {request.path} from {request.remote_addr}: {why}")
         return Response(f"refused: {why}\n", status=403, mimetype="text/plain")
 
     server.before_request_funcs.setdefault(None, []).insert(0, check)
+
+    def not_found(exc: Exception) -> Response:  # Dash raises on an unknown component-suite path: a 404, not a 500
+        say(f"etrm-dash: not found {request.method} {request.path} from {request.remote_addr}: "
+            f"{' '.join(str(exc).split())[:160]}")
+        return Response("not found\n", status=404, mimetype="text/plain")
+
+    server.register_error_handler(DependencyException, not_found)
+

@@ -21,6 +21,7 @@ from diagnostics.doctor.thresholds import DoctorConfig
 from diagnostics.doctor.eval_findings import diagnose_evals
 from diagnostics.doctor.ledger_doctor import diagnose_run
 from diagnostics.trace.loading import as_json_value, load_eval_audits, load_evals, load_run
+from diagnostics.trace.outputs import check_output, write_atomic
 from diagnostics.trace.schema import TraceError
 
 PROG = "etrm-doctor"
@@ -45,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON with 'summary' and 'findings' instead of a report")
     p.add_argument("--export", nargs=2, metavar=("FORMAT", "FILE"),
                    help="also write the steps table (with derived ratios) as csv or parquet")
+    p.add_argument("--force", action="store_true",
+                   help="with --export, replace an existing file (never one inside a run directory)")
     p.add_argument("--strict", action="store_true",
                    help="with --export, still exit 1 when an error finding holds (without --export it always does)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -59,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         DoctorConfig().with_overrides(args.set)  # bad --set input fails before the trace is read
         if args.export and args.export[0] not in ("csv", "parquet"):
             raise _BadInput(f"--export format must be csv or parquet, not {args.export[0]!r}")
+        if args.export:  # refused before anything is read: a new file outside every run directory
+            check_output(args.export[1], force=args.force)
         df = load_run(args.run)
         evals = load_evals(args.run)
         audits = load_eval_audits(args.run)
@@ -71,10 +76,13 @@ def main(argv: Sequence[str] | None = None) -> int:
               "the run's config and stored findings are unchanged", file=sys.stderr)
     try:  # the ledger's run-level findings beside the window rules' (none for a trace without a ledger)
         ledger_found = diagnose_run(args.run, meta, cfg, int(df.index.max()) if len(df) else None)
+        findings = ordered(diagnose(df, meta, cfg) + diagnose_evals(audits, meta, cfg) + ledger_found)
+        info = summary(df, meta, cfg=cfg)
     except TraceError as exc:
         return _fail(exc)
-    findings = ordered(diagnose(df, meta, cfg) + diagnose_evals(audits, meta, cfg) + ledger_found)
-    info = summary(df, meta, cfg=cfg)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:  # values an etrm trainer never writes
+        return _fail(f"{args.run}: the trace holds values this etrm cannot read ({exc}); its meta or tables were "
+                     "edited, or it is not an etrm trace")
     info["what_if"] = list(args.set)
     if len(evals):
         info["last_eval"] = as_json_value({"step": int(evals.index[-1]), **evals.iloc[-1].to_dict()})
@@ -100,10 +108,8 @@ def _fail(exc: BaseException) -> int:
 def _export(df, fmt: str, path: Path) -> None:
     out = df.copy()
     out.attrs = {"meta": df.attrs.get("meta", {})}
-    if fmt == "csv":
-        out.to_csv(path)
-    else:
-        out.to_parquet(path)
+    check_output(path, force=True)  # again at the moment of writing: the path may have become a run's meanwhile
+    write_atomic(path, (lambda tmp: out.to_csv(tmp)) if fmt == "csv" else (lambda tmp: out.to_parquet(tmp)))
 
 
 def _fmt(value: Any) -> str:

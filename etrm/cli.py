@@ -28,7 +28,8 @@ from etrm.errors import UserError
 from etrm.presets import load_preset
 from etrm.train import elastic, epochs
 from etrm.train.resume import check_overrides, compare, finished_message
-from etrm.train.rundir import CONFIG_NAME, auto_name, check_run_dir_parent, create_run_dir, write_config
+from etrm.train.rundir import (CONFIG_NAME, auto_name, check_run_dir_name, check_run_dir_parent, create_run_dir,
+                               write_config)
 
 DEFAULT_PRESET = "demo"
 
@@ -165,6 +166,8 @@ def _main(argv: list[str] | None) -> int:
         from etrm.train.wandb_log import require_wandb
 
         require_wandb()  # before anything is built or written
+    if args.run_dir is not None:
+        check_run_dir_name(args.run_dir)  # '' or a name the file system cannot hold: refused, not defaulted
     if args.resume:
         if not args.run_dir:
             raise UserError("--resume needs --run-dir pointing at the run to continue")
@@ -180,6 +183,9 @@ def _main(argv: list[str] | None) -> int:
             check_run_dir_parent(run_dir)
     restart = elastic.restart_count()
     state, applied = _continuation(args, cfg, run_dir, restart)
+    from etrm.train.trainer import pick_device
+
+    pick_device(cfg.train.device)  # --device cuda without a GPU is refused even when there is nothing to train
     if state is not None and int(state["step"]) >= cfg.train.max_steps:
         if os.environ.get("RANK", "0") == "0":
             print(f"etrm-train: {finished_message(run_dir, int(state['step']), cfg.train.max_steps)}",
@@ -189,7 +195,6 @@ def _main(argv: list[str] | None) -> int:
     import torch
 
     from etrm.train import distributed  # heavy imports after argument checks
-    from etrm.train.trainer import pick_device
 
     env = distributed.env_from_torchrun()
     device = distributed.rank_device(pick_device(cfg.train.device), env)
@@ -253,13 +258,14 @@ def _train(args: argparse.Namespace, cfg: Config, preset: str | None, run_dir: P
 
     trainer = made["trainer"] = Trainer(cfg, run_dir, device=device, dist_env=env)  # every rank checked above
     restart, continued = made["restart"], made["state"] is not None or (made["restart"] and run_dir.exists())
-    if continued and env.is_main:
-        _hold(made, run_dir)  # before anything of the run is written: a second trainer on it is refused
     # train.epochs -> max_steps, eval_every: for a run that starts at step 0 (before its config is written)
     plan = epochs.apply(cfg, trainer.train_ds) if made["state"] is None else None
-    if made["state"] is not None:
+    if made["state"] is not None:  # shapes checked against the config before the lock file is rewritten
         trainer.resume(made["state"])
         made["state"] = None  # the checkpoint's tensors are the trainer's now
+    if continued and env.is_main:
+        _hold(made, run_dir)  # before anything of the run is written: a second trainer on it is refused
+    if trainer.checkpoint_step is not None:
         if made["applied"] and env.is_main:  # so that the next resume compares against what this one ran with
             write_config(run_dir, cfg)
     elif not continued and env.is_main:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
@@ -18,7 +17,9 @@ from typing import Any, get_type_hints
 
 from diagnostics.events import Mode
 from diagnostics.probes.diversity import EVERY as DIVERSITY_EVERY
+from diagnostics.doctor.bounds import BoundError, check_fields
 from diagnostics.doctor.thresholds import DoctorConfig
+from etrm.bounds import BOUNDS
 
 
 class Model(StrEnum):
@@ -72,19 +73,9 @@ def _choice(section: str, name: str, value: Any, allowed: tuple) -> None:
         raise ConfigError(f"{section}{name}={value!r} is not valid; allowed: {', '.join(map(str, allowed))}")
 
 
-def _number(value: Any) -> bool:
-    """A real, finite number (not a bool): NaN and infinities compare false with every bound, so test them first."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _positive(section: str, name: str, value: Any, minimum: float = 1) -> None:
-    if not _number(value) or value < minimum:
-        raise ConfigError(f"{section}{name}={value!r} is not valid; allowed: a number >= {minimum}")
-
-
-def _unit(section: str, name: str, value: Any) -> None:
-    if not _number(value) or not 0.0 <= value <= 1.0:
-        raise ConfigError(f"{section}{name}={value!r} is not valid; allowed: a number in [0, 1]")
+def _bounds(section: Any, prefix: str) -> None:
+    """Every numeric field of a section against its entry in ``etrm.bounds.BOUNDS`` (type, finite, range)."""
+    check_fields(section, BOUNDS, prefix, ConfigError)
 
 
 @dataclass
@@ -102,14 +93,7 @@ class ArchConfig:
     q_init_bias: float = -5.0  # the Q-head's initial halt/continue bias (zero weights): upstream's -5, "continue"
 
     def __post_init__(self) -> None:
-        s = "arch."
-        if not isinstance(self.q_init_bias, (int, float)) or isinstance(self.q_init_bias, bool) or not (
-                -20.0 <= self.q_init_bias <= 20.0):
-            raise ConfigError(f"arch.q_init_bias={self.q_init_bias!r} is not valid; allowed: a number in [-20, 20]")
-        for name in ("hidden_size", "num_heads", "L_layers", "H_cycles", "L_cycles", "puzzle_emb_len"):
-            _positive(s, name, getattr(self, name))
-        _positive(s, "expansion", self.expansion, 0.25)
-        _positive(s, "rope_theta", self.rope_theta, 1.0)
+        _bounds(self, "arch.")
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"arch.hidden_size={self.hidden_size} is not valid; allowed: a multiple of "
@@ -133,8 +117,7 @@ class EncoderConfig:
     def __post_init__(self) -> None:
         _choice("encoder.", "mode", self.mode, ENCODER_MODES)
         self.mode = Mode(self.mode)
-        _positive("encoder.", "num_layers", self.num_layers)
-        _positive("encoder.", "set_layers", self.set_layers)
+        _bounds(self, "encoder.")
 
 
 @dataclass
@@ -146,8 +129,7 @@ class ACTConfig:
     q_continue: bool = False
 
     def __post_init__(self) -> None:
-        _positive("act.", "halt_max_steps", self.halt_max_steps)
-        _unit("act.", "halt_exploration_prob", self.halt_exploration_prob)
+        _bounds(self, "act.")
 
 
 @dataclass
@@ -157,7 +139,7 @@ class FCTConfig:
     steps: int = 4
 
     def __post_init__(self) -> None:
-        _positive("fct.", "steps", self.steps)
+        _bounds(self, "fct.")
 
 
 @dataclass
@@ -169,7 +151,7 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         _choice("loss.", "kind", self.kind, LOSSES)
-        _positive("loss.", "q_weight", self.q_weight, 0.0)
+        _bounds(self, "loss.")
 
 
 @dataclass
@@ -212,10 +194,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         s = "data."
         _choice(s, "dataset", self.dataset, DATASETS)
-        for name in ("canvas", "min_grid", "max_grid", "num_demos", "num_queries", "train_tasks", "heldout_tasks"):
-            _positive(s, name, getattr(self, name))
-        for name in ("num_aug", "max_train_tasks", "max_eval_tasks", "max_demos"):
-            _positive(s, name, getattr(self, name), 0)
+        _bounds(self, s)
         if self.dataset == "fewshot" and (self.min_grid > self.max_grid or self.max_grid > self.canvas):
             raise ConfigError(
                 f"data.min_grid={self.min_grid}, data.max_grid={self.max_grid}, data.canvas={self.canvas} are not "
@@ -282,16 +261,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         s = "train."
-        for name in ("batch_size", "max_steps", "eval_every", "eval_batch_size", "checkpoint_every", "trace_every",
-                     "diversity_every"):
-            _positive(s, name, getattr(self, name))
-        _positive(s, "eval_raw_every", self.eval_raw_every, 0)
-        for name in ("lr", "lr_warmup_steps", "weight_decay", "grad_clip", "puzzle_emb_lr",
-                     "puzzle_emb_weight_decay", "encoder_lr_scale", "epochs", "eval_every_epochs"):
-            _positive(s, name, getattr(self, name), 0.0)
-        for name in ("lr_min_ratio", "beta1", "beta2", "ema_rate"):
-            _unit(s, name, getattr(self, name))
-        _positive(s, "ledger_every", self.ledger_every, 0)
+        _bounds(self, s)
         for name, allowed in (("lr_schedule", LR_SCHEDULES), ("optimizer", OPTIMIZERS), ("sampler", SAMPLERS),
                               ("keep_checkpoints", KEEP_CHECKPOINTS), ("data_path", DATA_PATHS), ("device", DEVICES)):
             _choice(s, name, getattr(self, name), allowed)
@@ -316,10 +286,7 @@ class ProfileConfig:
     with_stack: bool = False
 
     def __post_init__(self) -> None:
-        s = "profile."
-        for name in ("wait", "warmup", "repeat"):
-            _positive(s, name, getattr(self, name), 0)
-        _positive(s, "active", self.active)
+        _bounds(self, "profile.")
 
 
 WANDB_MODES = ("auto", "online", "offline")
@@ -447,7 +414,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         raise ConfigError(str(exc)) from None
     except ConfigError:
         raise
-    except ValueError as exc:  # a section that validates with ValueError (the doctor's thresholds)
+    except BoundError as exc:  # the doctor's thresholds name their keys without the section
+        raise ConfigError(f"{prefix}{exc}") from None
+    except ValueError as exc:  # a section that validates with ValueError
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from None
 
 

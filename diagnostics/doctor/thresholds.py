@@ -10,6 +10,22 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Iterable, Mapping
 
+from diagnostics.doctor.bounds import Bound, check_fields
+
+_SHARE, _COUNT, _WINDOW = Bound(0.0, 1.0), Bound(0, 10 ** 9), Bound(1, 10 ** 9)
+# The bounds of every threshold (type, finite, range), for [doctor] in a config and for etrm-doctor --set alike.
+DOCTOR_BOUNDS: dict[str, Bound] = {
+    "window": _WINDOW, "coverage_min": _SHARE, "encode_ratio_max": Bound(0.0, 1e6), "mode_mismatch_share": _SHARE,
+    "halting_window": _WINDOW,
+    "halting_min_halts": _COUNT, "q_min_tp": _COUNT, "early_halt_share": _SHARE, "premature_exact_share": _SHARE,
+    "first_samples": Bound(0, 10 ** 4), "collapse_warmup": _COUNT, "collapse_window": _WINDOW,
+    "collapse_share_min": _SHARE, "never_halt_warmup_share": _SHARE, "never_halt_warmup_min": _COUNT,
+    "eval_min_samples": _COUNT, "eval_halt_gap": _SHARE, "ema_gap": _SHARE, "ema_warmup_time_constants": Bound(0.0, 1e6),
+    "ledger_late_share": Bound(0.0, 1.0, lo_open=True), "calibration_min_records": _COUNT,
+    "calibration_error_max": _SHARE, "never_halt_min_samples": _COUNT, "never_halt_others_share": _SHARE,
+    "never_solved_min_samples": _COUNT, "never_solved_min_share": _SHARE, "never_solved_others_share": _SHARE,
+}
+
 
 @dataclass(frozen=True)
 class DoctorConfig:
@@ -53,11 +69,7 @@ class DoctorConfig:
     #                                  past the point where unsolved is the norm)
 
     def __post_init__(self) -> None:
-        for name in ("window", "halting_window", "collapse_window"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"DoctorConfig.{name} must be at least 1")
-        if not 0.0 < self.ledger_late_share <= 1.0:
-            raise ValueError("DoctorConfig.ledger_late_share must lie in (0, 1]")
+        check_fields(self, DOCTOR_BOUNDS)
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> "DoctorConfig":
@@ -70,7 +82,10 @@ class DoctorConfig:
         kept = {}
         for k, v in stored.items():
             if k in known and isinstance(v, (int, float)) and not isinstance(v, bool):
-                kept[k] = known[k](v)
+                try:
+                    kept[k] = known[k](v)
+                except (ValueError, OverflowError):  # inf or NaN stored for an int threshold: the default
+                    continue
         try:
             return cls(**kept)
         except ValueError:
@@ -92,4 +107,4 @@ class DoctorConfig:
                 changes[key] = kinds[key](value)
             except ValueError:
                 raise ValueError(f"doctor setting {key} needs a {kinds[key].__name__}, got {value!r}") from None
-        return replace(self, **changes)
+        return replace(self, **changes)  # __post_init__ checks each value against DOCTOR_BOUNDS

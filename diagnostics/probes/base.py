@@ -70,6 +70,15 @@ class Probe:
     def after_backward(self, row: Row) -> None:
         """Called after the step's backward, before the optimizer (gradient norms)."""
 
+    def state_dict(self) -> dict[str, Tensor]:
+        """What a checkpoint keeps of this probe (per-slot state carried across steps), for ``resume``."""
+        return {}
+
+    def resume(self, step: int, state: dict[str, Tensor] | None = None) -> None:
+        """Continue a resumed run as if steps 1..``step`` had been observed, from the ``state_dict`` saved with the
+        checkpoint (a probe's phase and per-slot state are resumable: the resumed trace equals an uninterrupted
+        one)."""
+
     def flush(self, steps: list[int]) -> dict[str, list[tuple]]:
         """Extra rows for the store, per table, read at a flush (e.g. offending sample ids)."""
         return {}

@@ -67,6 +67,9 @@ class ContextDiversityProbe(Probe):
         self.every = every
         self.seen = 0  # steps observed (host-side: choosing a step reads nothing from the device)
 
+    def resume(self, step: int, state: dict[str, Tensor] | None = None) -> None:
+        self.seen = step  # the sampling phase is part of the resumable state: measured steps stay those of one run
+
     def observe(self, events: StepEvents, metrics: dict[str, Tensor], row: Row) -> None:
         # A row starts at zero: skipped steps and steps without a fresh ETRM context (TRM, or no slot encoded) keep
         # their zeros, and nothing is copied from the host (a blocking copy would sync a GPU).

@@ -39,9 +39,23 @@ class LedgerProbe(Probe):
         self.last_grad: Tensor | None = None  # [B] int64: whether the last step's row got gradient (hook-filled)
         self.pending: list[tuple[int, Tensor, Tensor, Tensor, Tensor]] = []
 
+    SLOT_STATE = ("enter", "vetoes", "grad", "last_grad")
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The per-slot state of the samples in flight (read at a checkpoint only: one copy to the host)."""
+        return {} if self.enter is None else {k: getattr(self, k).detach().cpu() for k in self.SLOT_STATE}
+
+    def resume(self, step: int, state: dict[str, Tensor] | None = None) -> None:
+        if state and all(isinstance(state.get(k), Tensor) for k in self.SLOT_STATE):
+            for k in self.SLOT_STATE:
+                setattr(self, k, state[k].to(torch.int64))
+
     def observe(self, events: StepEvents, metrics: dict[str, Tensor], row: Row) -> None:
         step = getattr(row, "step")
         b, dev = events.batch_size, events.reset.device
+        if self.enter is not None and self.enter.device != dev and self.enter.shape[0] == b:  # restored on the host
+            for k in self.SLOT_STATE:
+                setattr(self, k, getattr(self, k).to(dev))
         if self.enter is None or self.enter.shape[0] != b:
             self.enter = torch.full((b,), UNKNOWN_ENTER, dtype=torch.int64, device=dev)
             self.vetoes = torch.zeros(b, dtype=torch.int64, device=dev)

@@ -10,6 +10,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+from diagnostics.trace.readonly import open_read_only, sqlite_uri
 from diagnostics.trace.schema import SCHEMA_VERSION, TRACE_NAME, TraceError, readable, schema_version
 
 CONNECT_TIMEOUT_S = 1.0      # a locked trace fails fast instead of hanging a page
@@ -18,7 +19,7 @@ CONNECT_TIMEOUT_S = 1.0      # a locked trace fails fast instead of hanging a pa
 def read_only_uri(db: Path) -> str:
     """The SQLite URI that opens ``db`` read-only: the path percent-escaped (``#``, ``?``, ``%``, spaces, non-ASCII),
     so that no character of it can end the path early and drop ``mode=ro``."""
-    return Path(db).absolute().as_uri() + "?mode=ro"
+    return sqlite_uri(db, "mode=ro")
 
 
 def open_trace(path: Path) -> sqlite3.Connection:
@@ -28,7 +29,7 @@ def open_trace(path: Path) -> sqlite3.Connection:
     if not db.is_file():
         raise TraceError(f"no trace at {db}; train with --trace, or check the run directory")
     try:
-        conn = sqlite3.connect(read_only_uri(db), uri=True, timeout=10)
+        conn = open_read_only(db, timeout=10)  # writes nothing beside the trace
         version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     except sqlite3.DatabaseError as exc:
         raise TraceError(f"trace {db} is corrupt or not an etrm trace ({exc}); re-run with --trace") from None
@@ -61,8 +62,7 @@ def connect(run_dir: Path, timeout: float = CONNECT_TIMEOUT_S) -> sqlite3.Connec
     if db.stat().st_size == 0:
         raise TraceError(f"{run_dir.name}: the trace is empty (half-written: the trainer has not committed yet)")
     try:
-        conn = sqlite3.connect(read_only_uri(db), uri=True, timeout=timeout,
-                               check_same_thread=False)
+        conn = open_read_only(db, timeout, check_same_thread=False)  # writes nothing beside the trace
     except sqlite3.Error as exc:
         raise TraceError(f"{run_dir.name}: cannot open the trace ({_one_line(exc)})") from None
     try:

@@ -11,6 +11,7 @@ import torch
 
 from diagnostics.trace.killpoints import kill_point
 from etrm.errors import UserError
+from etrm.train.checkpoint_check import check_file, check_state
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -30,9 +31,11 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / CHECKPOINT_NAME
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}; cannot resume (start a new run without --resume)")
+    check_file(path)
     state = read_torch_file(path, "restore it from a backup or start a new run")
     if not isinstance(state, dict) or "step" not in state or "model" not in state:
         raise UserError(f"checkpoint {path} is not an etrm checkpoint; restore it or start a new run")
+    check_state(state, path)  # structure, step, every tensor finite: before anything of the run changes
     return state
 
 

@@ -93,6 +93,9 @@ def add_trace(trainer: "Trainer", preset: str | None = None) -> Trace:
         writer = open_writer(trainer.run_dir, meta, trainer.step)
     probes = default_probes(trainer.cfg.max_steps_per_sample, grad_norm_groups(trainer),
                             trainer.cfg.train.diversity_every, trainer.train_ds.puzzle_task, dist.rank)
+    saved = trainer.restored_instruments.get("trace", {}).get("probes", {})
+    for probe in probes:  # resumed: each probe continues its phase and per-slot state (nothing for a new run)
+        probe.resume(trainer.step, saved.get(probe.name))
     columns = [name for p in probes for name, _ in p.counters]
     reduce = gather = None
     if dist.enabled:

@@ -76,6 +76,10 @@ class Instrument:
     def on_eval(self, step: int, values: Mapping[str, float]) -> None: ...
     def on_eval_audit(self, step: int, audits: Sequence[EvalAudit]) -> None: ...
     def on_checkpoint(self, step: int) -> None: ...
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of this instrument (under ``"instruments"``), handed back on resume."""
+        return {}
+
     def on_end(self, step: int, status: str, detail: str) -> None: ...
 
     def summary(self) -> dict[str, str]:
@@ -158,6 +162,10 @@ class Instruments(list):
     def summary(self) -> dict[str, str]:
         return {k: v for i in self for k, v in i.summary().items()}
 
+    def state_dict(self) -> dict[str, Any]:
+        """Each instrument's resumable state, by kind (``trace``, ...); only those that keep any."""
+        return {type(i).__name__.lower(): s for i in self if (s := i.state_dict())}
+
     def find(self, kind: type) -> Any:
         """The first instrument of ``kind``, or None."""
         return next((i for i in self if isinstance(i, kind)), None)
@@ -216,6 +224,10 @@ class Trace(Instrument):
         audits = list(audits)
         if not self.closed:
             self.tracer.submit(lambda w: w.write_eval_audits(audits))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The probes' resumable state (their phase is the step; per-slot state of samples in flight)."""
+        return {"probes": {p.name: p.state_dict() for p in self.tracer.probes}}
 
     def on_checkpoint(self, step: int) -> None:
         if not self.closed:  # the ledger's exits so far become what a resume from this checkpoint keeps

@@ -22,6 +22,22 @@ def auto_name(cfg: Config, preset: str | None) -> str:
     return "-".join(dict.fromkeys(parts))
 
 
+def check_run_dir_name(text: str) -> None:
+    """Refuse an empty ``--run-dir`` (it would silently mean the automatic one) and a name whose parts are longer
+    than the file system allows."""
+    if not text.strip():
+        raise UserError("--run-dir is empty; name a run directory, e.g. --run-dir runs/mine, or leave it out for an "
+                        "automatic name")
+    limit = 255
+    with contextlib.suppress(OSError, ValueError):
+        existing = next(p for p in Path(text).absolute().parents if p.exists())
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+    long = [part for part in Path(text).parts if len(os.fsencode(part)) > limit]
+    if long:
+        raise UserError(f"--run-dir name {long[0][:40]}... is too long ({len(os.fsencode(long[0]))} bytes; the file "
+                        f"system allows {limit}); choose a shorter --run-dir")
+
+
 def check_run_dir_parent(path: Path) -> None:
     """Refuse, before anything is built, a run directory that cannot be made: one under a file (or a link to
     one), or whose nearest existing ancestor is not writable."""

@@ -128,6 +128,7 @@ class Trainer:
         tc = cfg.train
         self.local_batch = distributed.local_batch(tc.batch_size, self.dist)
         torch.manual_seed(tc.seed)
+        memory.check_fits_before_data(cfg, self.device, self.dist.world)  # before any data is built or cached
         self.train_ds, self.eval_ds, shape = build_datasets(cfg)
         self.memory_estimate = memory.check_fits(cfg, shape.seq_len, shape.num_puzzle_ids, self.device, self.dist.world)
         seed = distributed.halt_seed(tc.seed, self.dist)  # each rank explores on its own draws
@@ -158,6 +159,7 @@ class Trainer:
         self.instruments = Instruments()  # everything optional (etrm.train.instrument_setup.build)
         self.checkpoint_step: int | None = None  # the step of the checkpoint on disk (written or resumed from)
         self.retention = Retention.from_config(tc)  # which checkpoints stay besides checkpoint.pt
+        self.restored_instruments: dict[str, Any] = {}  # the resumed checkpoint's instrument state (by kind)
 
     def add(self, instrument: I) -> I:
         """Attach an instrument (called in the order added); returns it."""
@@ -415,7 +417,7 @@ class Trainer:
         self.stop_requested = True
 
     # ----------------------------------------------------------------------------------------------------------
-    RANK_KEYS = ("sampler", "carry", "halt_rng", "torch_rng", "samples_dropped")
+    RANK_KEYS = ("sampler", "carry", "halt_rng", "torch_rng", "samples_dropped", "instruments")
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue as if never interrupted (tensors, dicts and plain values only).
@@ -429,6 +431,7 @@ class Trainer:
             "halt_rng": gen.get_state().cpu(),
             "torch_rng": torch.get_rng_state(),
             "samples_dropped": self.samples_dropped,
+            "instruments": self.instruments.state_dict(),  # per rank: e.g. the ledger's samples in flight
         }
         state = {
             "step": self.step,
@@ -463,6 +466,7 @@ class Trainer:
             self.model.generator(self.device).set_state(state["halt_rng"])
             torch.set_rng_state(state["torch_rng"])
             self.samples_dropped = int(state["samples_dropped"])
+            self.restored_instruments = dict(state.get("instruments") or {})  # handed to them when they are built
             self.step = int(state["step"])
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             detail = " ".join(str(exc).split())  # torch's state-dict errors span lines; the CLI prints one
