@@ -26,7 +26,7 @@ from etrm.config import Config, ConfigError, apply_overrides, load_toml
 from etrm.data.maze import VALID_PATH_KEY
 from etrm.errors import UserError
 from etrm.presets import load_preset
-from etrm.train import elastic
+from etrm.train import elastic, epochs
 from etrm.train.resume import check_overrides, compare, finished_message
 from etrm.train.rundir import CONFIG_NAME, auto_name, check_run_dir_parent, create_run_dir, write_config
 
@@ -69,10 +69,10 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, str | None]:
     preset = args.preset if args.preset is not None else (None if args.config else DEFAULT_PRESET)
     if preset is not None:  # an empty --preset is an unknown name, not the default
         data = load_preset(preset)
-    if args.config:
-        data = _merge(data, load_toml(args.config))
-    data = apply_overrides(data, list(args.overrides) + _flag_overrides(args))
-    return Config.from_dict(data), preset
+    explicit = apply_overrides(load_toml(args.config) if args.config else {},
+                               list(args.overrides) + _flag_overrides(args))
+    epochs.check(explicit)  # train.epochs beside an explicit train.max_steps: one error
+    return Config.from_dict(_merge(data, explicit)), preset
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[str]:
@@ -254,6 +254,7 @@ def _train(args: argparse.Namespace, cfg: Config, preset: str | None, run_dir: P
     restart, continued = made["restart"], made["state"] is not None or (made["restart"] and run_dir.exists())
     if continued and env.is_main:
         _hold(made, run_dir)  # before anything of the run is written: a second trainer on it is refused
+    plan = None if continued else epochs.apply(cfg, trainer.train_ds)  # train.epochs: before the config is written
     if made["state"] is not None:
         trainer.resume(made["state"])
         made["state"] = None  # the checkpoint's tensors are the trainer's now
@@ -281,6 +282,8 @@ def _train(args: argparse.Namespace, cfg: Config, preset: str | None, run_dir: P
                              f"{how}no checkpoint yet: starting again from step 0 in {run_dir}"))
         for line in made["applied"]:
             reporter.line(escape(f"changed on resume: {line}"))
+    if plan is not None:
+        reporter.line(escape(plan.line()))
     where = f"{trainer.device}" + (f" x {env.world} ranks ({trainer.local_batch} slots each)" if env.enabled else "")
     reporter.line(f"run {run_dir} | model {cfg.model} mode {cfg.mode} | {trainer.model.num_trainable_parameters():,} "
                   f"params | train {len(trainer.train_ds)} eval {len(trainer.eval_ds)} samples | {where}")

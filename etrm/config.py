@@ -20,8 +20,6 @@ from diagnostics.events import Mode
 from diagnostics.probes.diversity import EVERY as DIVERSITY_EVERY
 from diagnostics.doctor.thresholds import DoctorConfig
 
-
-
 class Model(StrEnum):
     """Which model: TRM (a learned puzzle-embedding table) or ETRM (a demo encoder in place of the table)."""
 
@@ -61,6 +59,8 @@ DATA_PATHS = ("auto", "device", "pinned", "host")  # where a step's samples are 
 DATASETS = ("fewshot", "arc1", "arc2", "sudoku", "maze", "trm-folder")
 LR_SCHEDULES = ("cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
+OPTIMIZERS = ("adamw", "adam-atan2")  # etrm.train.adam_atan2.build_adam
+KEEP_CHECKPOINTS = ("last", "every-eval")  # etrm.train.retention
 
 
 class ConfigError(ValueError):
@@ -254,7 +254,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     weight_decay: float = 0.1
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # 0: no clipping (upstream's)
+    optimizer: str = "adamw"  # or "adam-atan2" (upstream's); the TRM puzzle table keeps its SignSGD either way
     puzzle_emb_lr: float = 1e-2
     puzzle_emb_weight_decay: float = 0.1
     encoder_lr_scale: float = 1.0
@@ -263,6 +264,9 @@ class TrainConfig:
     sampler: Sampler = Sampler.REFILL
     data_path: str = "auto"  # device / pinned: no host sync per step; host: upstream's way; auto: device if it fits
     eval_every: int = 100
+    epochs: int = 0  # > 0: run length in upstream's epochs (etrm.train.epochs); sets max_steps and eval_every
+    eval_every_epochs: int = 0  # with epochs: evaluate every this many epochs (must divide epochs; 0: at the end)
+    keep_checkpoints: str = "last"  # or "every-eval": also checkpoint_step_N.pt per evaluation (etrm.train.retention)
     eval_batch_size: int = 64
     # With EMA on, evaluations score the EMA weights; every ``eval_raw_every``-th evaluation (the one at step
     # k * eval_every with k a multiple of it) and the last one also score the raw weights, for the EMA audit
@@ -289,6 +293,13 @@ class TrainConfig:
             _unit(s, name, getattr(self, name))
         _positive(s, "ledger_every", self.ledger_every, 0)
         _choice(s, "lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _choice(s, "optimizer", self.optimizer, OPTIMIZERS)
+        _choice(s, "keep_checkpoints", self.keep_checkpoints, KEEP_CHECKPOINTS)
+        _positive(s, "epochs", self.epochs, 0)
+        _positive(s, "eval_every_epochs", self.eval_every_epochs, 0)
+        if self.eval_every_epochs and (not self.epochs or self.epochs % self.eval_every_epochs):
+            raise ConfigError(f"train.eval_every_epochs={self.eval_every_epochs} is not valid with train.epochs="
+                              f"{self.epochs}; allowed: a divisor of train.epochs (upstream's eval_interval)")
         _choice(s, "sampler", self.sampler, SAMPLERS)
         _choice(s, "data_path", self.data_path, DATA_PATHS)
         self.sampler = Sampler(self.sampler)

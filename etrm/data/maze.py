@@ -277,5 +277,6 @@ def build_maze(spec: MazeSpec, num_aug: int = 0) -> tuple[GridDataset, GridDatas
     info = {"line": f"data maze: {spec.side}x{spec.side}, shortest path >= {spec.min_path} moves, {spec.train} mazes"
                     f"{variants} for training, {spec.test} test mazes (test path length median "
                     f"{int(np.median(lengths)) if len(lengths) else 0}, max {int(lengths.max()) if len(lengths) else 0}"
-                    f"; {'cached' if cached else 'generated, cached'} in {cache_dir()})"}
+                    f"; {'cached' if cached else 'generated, cached'} in {cache_dir()})",
+            "total_groups": spec.train, "mean_puzzle_examples": 1.0}  # upstream's epoch (etrm.train.epochs)
     return train_ds, test_ds, info

@@ -173,5 +173,6 @@ def build_sudoku(train_puzzles: int, heldout_puzzles: int, givens: int, num_aug:
         return ds
 
     info = {"line": f"data sudoku: {train_puzzles} puzzles x {1 + num_aug} shuffles for training, "
-                    f"{heldout_puzzles} held-out puzzles, {givens} givens each"}
+                    f"{heldout_puzzles} held-out puzzles, {givens} givens each",
+            "total_groups": train_puzzles, "mean_puzzle_examples": 1.0}  # upstream's epoch (etrm.train.epochs)
     return dataset(train_in, train_out), dataset(eval_in, eval_out), info

@@ -115,5 +115,7 @@ def read_trm_folder(path: str | Path) -> tuple[GridDataset, GridDataset, dict]:
             f"vocab {vocab}, {num_ids} puzzle ids")
     if shift:
         line += " (shifted by 1: id 0 is our padding id)"
-    info = {"vocab_size": vocab, "seq_len": int(meta_tr["seq_len"]), "num_puzzle_ids": num_ids + shift, "line": line}
+    info = {"vocab_size": vocab, "seq_len": int(meta_tr["seq_len"]), "num_puzzle_ids": num_ids + shift, "line": line,
+            "id_shift": shift}
+    info.update({k: meta_tr[k] for k in ("total_groups", "mean_puzzle_examples") if k in meta_tr})  # the epoch
     return train, test, info

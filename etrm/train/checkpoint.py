@@ -30,14 +30,19 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / CHECKPOINT_NAME
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}; cannot resume (start a new run without --resume)")
+    state = read_torch_file(path, "restore it from a backup or start a new run")
+    if not isinstance(state, dict) or "step" not in state or "model" not in state:
+        raise UserError(f"checkpoint {path} is not an etrm checkpoint; restore it or start a new run")
+    return state
+
+
+def read_torch_file(path: Path, advice: str) -> Any:
+    """``torch.load`` on the CPU with ``weights_only``; a truncated or foreign file is one UserError ending in
+    ``advice``."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for truncated or foreign files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if isinstance(exc, pickle.UnpicklingError):  # torch's text here is advice to load unsafely: not for users
             first = "not a PyTorch checkpoint file"
-        raise UserError(f"checkpoint {path} is corrupt or unreadable ({first[:120]}); "
-                        "restore it from a backup or start a new run") from None
-    if not isinstance(state, dict) or "step" not in state or "model" not in state:
-        raise UserError(f"checkpoint {path} is not an etrm checkpoint; restore it or start a new run")
-    return state
+        raise UserError(f"checkpoint {path} is corrupt or unreadable ({first[:120]}); {advice}") from None

@@ -13,8 +13,8 @@ from typing import Any
 from etrm.config import Config, ConfigError, parse_override
 from etrm.errors import UserError
 
-RESUMABLE = ("train.max_steps", "train.eval_every", "train.checkpoint_every", "train.trace_every",
-             "train.diversity_every", "train.device")
+RESUMABLE = ("train.max_steps", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+             "train.trace_every", "train.diversity_every", "train.device")
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

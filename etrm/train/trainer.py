@@ -31,12 +31,14 @@ from etrm.model import Carry
 from etrm.model.faults import build_model
 from etrm.model.puzzle_emb import SignSGD
 from etrm.train import distributed, finite_guard, memory
+from etrm.train.adam_atan2 import build_adam
 from etrm.train.checkpoint import load_checkpoint, save_checkpoint
 from etrm.train.console import Reporter, format_eval, format_raw_eval
 from etrm.train.distributed import SINGLE, DistEnv
 from etrm.train.ema import EMA
 from etrm.train.evaluate import baselines, evaluate
 from etrm.train.instruments import Instrument, Instruments, StepRecord
+from etrm.train.retention import Retention
 from etrm.train.schedule import lr_factor, set_lr
 
 
@@ -155,6 +157,7 @@ class Trainer:
         self.stop_requested = False
         self.instruments = Instruments()  # everything optional (etrm.train.instruments.build)
         self.checkpoint_step: int | None = None  # the step of the checkpoint on disk (written or resumed from)
+        self.retention = Retention.from_config(tc)  # which checkpoints stay besides checkpoint.pt
 
     def add(self, instrument: I) -> I:
         """Attach an instrument (called in the order added); returns it."""
@@ -172,7 +175,7 @@ class Trainer:
         groups = [{"params": parts["rest"], "base_lr": tc.lr}]
         if parts["encoder"]:
             groups.append({"params": parts["encoder"], "base_lr": tc.lr * tc.encoder_lr_scale})
-        adam = torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
+        adam = build_adam(tc.optimizer, groups, tc.lr, (tc.beta1, tc.beta2), tc.weight_decay)
         optimizers: list[Any] = [adam]
         if self.model.is_trm:
             sign = SignSGD(self.model.puzzle_emb, tc.puzzle_emb_lr, tc.puzzle_emb_weight_decay)
@@ -294,6 +297,7 @@ class Trainer:
                 # below; under torchrun the ranks must agree, so the flag is only read (and voted on) at a flush
                 stop = self.stop_requested and not self.dist.enabled
                 eval_due, ckpt_due = self._due(tc.eval_every, max_steps), self._due(tc.checkpoint_every, max_steps)
+                ckpt_due = ckpt_due or (eval_due and self.retention.saves_at_eval)
                 # flush: the one host read, before anything is evaluated or saved; a non-finite loss stops the
                 # run here, before a bad checkpoint could replace the last good one
                 if self._due(tc.trace_every, max_steps) or eval_due or ckpt_due or stop:
@@ -307,8 +311,8 @@ class Trainer:
                 if eval_due:  # eval: the EMA weights on the held-out set, from a fresh carry (and the raw ones)
                     result.last_eval = self.evaluate_and_report(reporter, result.baselines,
                                                                 last=self.step >= max_steps)
-                if ckpt_due:  # checkpoint
-                    self.save()
+                if ckpt_due:  # checkpoint (and what the retention policy keeps of it)
+                    self.save(result.last_eval if eval_due else None)
             if stop and not result.non_finite:  # Ctrl-C (on any rank): save where the run stands
                 status = self._stop_on_request(result, reporter)
         except BaseException as exc:
@@ -392,13 +396,15 @@ class Trainer:
         values = distributed.all_reduce_sum(flat).tolist()
         return {**dict(zip(keys, values[:-1])), "stop_requested": values[-1]}
 
-    def save(self) -> None:
+    def save(self, evaluated: dict[str, float] | None = None) -> None:
         """Checkpoint, after the trace has committed every row up to this step (so resume loses no row). Under
-        torchrun every rank sends its own state (carry, sampler, RNGs) and rank 0 alone writes."""
+        torchrun every rank sends its own state (carry, sampler, RNGs) and rank 0 alone writes. ``evaluated``: this
+        step's evaluation, for the retention policy (``etrm.train.retention``)."""
         self.instruments.on_checkpoint(self.step)
         state = self.state_dict()
         if self.dist.is_main:
-            save_checkpoint(self.run_dir, state)
+            written = save_checkpoint(self.run_dir, state)
+            self.retention.keep(self.run_dir, written, self.step, evaluated)
         self.checkpoint_step = self.step
 
     def _on_sigint(self, signum, frame) -> None:

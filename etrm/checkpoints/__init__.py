@@ -1,0 +1,1 @@
+"""Reading checkpoints that this trainer did not write (upstream TRM's) beside our own."""
