@@ -32,7 +32,8 @@ import plotly.utils
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dashboards import app as A  # noqa: E402
+from dashboards.pages import compare_body
+from dashboards.run_view import run_header, tab_figures
 from dashboards.runs import Runs  # noqa: E402
 from dashboards.synthetic import PHASES, write_bulk  # noqa: E402
 from diagnostics.trace.reader import connect, read_rows, step_columns, step_range  # noqa: E402
@@ -98,8 +99,8 @@ def first_render(root: Path, name: str) -> tuple[float, float, int, object]:
     runs = Runs(root)
     t = time.perf_counter()
     cache = runs.get(name)
-    header = A.run_header(name, cache)
-    figs = A.tab_figures(cache, "overview")
+    header = run_header(name, cache)
+    figs = tab_figures(cache, "overview")
     build = time.perf_counter() - t
     t = time.perf_counter()
     size = serialise({"header": header, "figs": figs})
@@ -139,14 +140,14 @@ def measure(root: Path, name: str, steps: int) -> tuple[dict[str, tuple[float, f
     for tab in TABS:
         def draw(i: int, tab: str = tab) -> float:
             t = time.perf_counter()
-            serialise(A.tab_figures(caches[i], tab))
+            serialise(tab_figures(caches[i], tab))
             return time.perf_counter() - t
         out[f"tab {tab}"] = median_of(draw)
 
     def zoom(i: int) -> float:
         mid = steps // 2 + i * 37_000
         t = time.perf_counter()
-        serialise(A.tab_figures(caches[i], "overview", [mid, mid + 10_000]))
+        serialise(tab_figures(caches[i], "overview", [mid, mid + 10_000]))
         return time.perf_counter() - t
     out["zoom"] = median_of(zoom)
 
@@ -156,7 +157,7 @@ def measure(root: Path, name: str, steps: int) -> tuple[dict[str, tuple[float, f
         cache.refreshed_at = 0.0
         t = time.perf_counter()
         cache.refresh()
-        serialise({"header": A.run_header(name, cache), "figs": A.tab_figures(cache, "overview")})
+        serialise({"header": run_header(name, cache), "figs": tab_figures(cache, "overview")})
         return time.perf_counter() - t
     out["live refresh"] = median_of(refresh)
     _, build, ser, size = sorted(parts)[len(parts) // 2]
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
             def compare(_i: int) -> float:
                 t = time.perf_counter()
-                body, _ = A.compare_body(Runs(root), pair, "coverage")
+                body, _ = compare_body(Runs(root), pair, "coverage")
                 serialise(body)
                 return time.perf_counter() - t
             cmp = median_of(compare)

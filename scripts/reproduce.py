@@ -38,7 +38,7 @@ from plotly.subplots import make_subplots
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dashboards.figures import efficiency_table  # noqa: E402
+from dashboards.figures.compare import efficiency_table  # noqa: E402
 from diagnostics import load_run
 from diagnostics.trace import figures  # noqa: E402
 from diagnostics.trace.loading import load_evals  # noqa: E402

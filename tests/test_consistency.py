@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dashboards import app as A
-from dashboards import figures as F
+from dashboards.run_view import CARD_FIGURES, CARD_STEPS, fmt, kpis
+from dashboards.figures.compare import EFFICIENCY_FIGURES, METRICS, compare_figure, efficiency
 from dashboards import runs as R
 from diagnostics.trace import figures
 from diagnostics.cli import main as doctor_main
@@ -108,12 +108,12 @@ def test_every_view_tells_the_same_figures(run, capsys, tmp_path):
             assert e.value == pytest.approx(truth(db, fig, e.step - 9, e.step), rel=1e-5, abs=1e-6), (tag, e.step)
 
     # the dashboard: every figure is offered on the compare page, its overlay draws the trace's per-step values
-    assert set(F.METRICS) == set(figures.REGISTRY)
+    assert set(METRICS) == set(figures.REGISTRY)
     runs = R.Runs(root)
     cache = runs.get(mode)
     for fig in expected:
         frame = cache.frame(R.metric_spec(fig.name))
-        drawn = F.compare_figure({mode: frame}, fig.name)
+        drawn = compare_figure({mode: frame}, fig.name)
         if math.isnan(truth(db, fig, 1, last)) and frame[fig.name].isna().all():
             continue
         line = [t for t in drawn["data"] if t.get("name") == mode]
@@ -125,17 +125,17 @@ def test_every_view_tells_the_same_figures(run, capsys, tmp_path):
             assert same(ys[i], truth(db, fig, step, step)), (fig.name, step)
 
     # the run card: the same values as the trace's sums over the window it names
-    (wlo, whi), values = cache.window(A.CARD_STEPS)
-    card = json.dumps(A.kpis(cache.info, cache).to_plotly_json(), default=lambda o: o.to_plotly_json()
+    (wlo, whi), values = cache.window(CARD_STEPS)
+    card = json.dumps(kpis(cache.info, cache).to_plotly_json(), default=lambda o: o.to_plotly_json()
                       if hasattr(o, "to_plotly_json") else str(o))
     assert f"steps {wlo:,}..{whi:,}" in card
-    for name in A.CARD_FIGURES:
+    for name in CARD_FIGURES:
         assert same(values.get(name), truth(db, figures.REGISTRY[name], wlo, whi)), name
-        assert json.dumps(A.fmt(name, values.get(name))) in card, name
+        assert json.dumps(fmt(name, values.get(name))) in card, name
 
     # the efficiency table: whole-run figures
-    eff = F.efficiency(cache.info.meta, cache.totals())
-    for row, name in F.EFFICIENCY_FIGURES.items():
+    eff = efficiency(cache.info.meta, cache.totals())
+    for row, name in EFFICIENCY_FIGURES.items():
         if figures.applies(figures.REGISTRY[name], mode):
             assert same(eff[row], truth(db, figures.REGISTRY[name], 1, last)), row
 

@@ -22,7 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-OVERVIEW_CHARTS = 5  # coverage, loss, accuracy, halting, timing (dashboards.app.tab_figures "overview")
+OVERVIEW_CHARTS = 5  # coverage, loss, accuracy, halting, timing (dashboards.run_view.tab_figures "overview")
 
 # Resolves with [performance.now(), the page shell's DOMContentLoaded end] (ms from navigation) once every overview
 # chart has drawn traces, after two animation frames (the second runs after the frame that painted them).

@@ -10,7 +10,9 @@ import urllib.request
 import psutil
 import pytest
 
-from dashboards import app as A
+from dashboards.components import ago
+from dashboards.pages import compare_body, compare_page
+from dashboards.run_view import CARD_FIGURES, CARD_STEPS, TABS, focus_range, kpis, run_page, tab_figures, tab_layout
 from dashboards import cli
 from dashboards.runs import Runs
 
@@ -24,13 +26,13 @@ def texts(component) -> str:
 
 @pytest.mark.parametrize("name", ["..%2F..%2Fetc", "../outside", "%2Ftmp", "cached/../../x"])
 def test_run_page_refuses_paths_outside_the_root(runs_root, name):
-    page = A.run_page(Runs(runs_root), name, "")
+    page = run_page(Runs(runs_root), name, "")
     assert page.id == "refused"
     assert "refused" in texts(page)
 
 
 def test_compare_page_refuses_paths_outside_the_root(runs_root):
-    page = A.compare_page(Runs(runs_root), "?runs=cached,..%2F..%2Fetc")
+    page = compare_page(Runs(runs_root), "?runs=cached,..%2F..%2Fetc")
     t = texts(page)
     assert "Refused" in t and "outside the runs directory" in t
 
@@ -39,18 +41,18 @@ def test_every_tab_draws_for_real_runs(runs_root):
     runs = Runs(runs_root)
     for name in ("cached", "reencode"):
         cache = runs.get(name)
-        for tab, _ in A.TABS:
-            figs = A.tab_figures(cache, tab)
+        for tab, _ in TABS:
+            figs = tab_figures(cache, tab)
             assert figs, tab
             for fid, fig in figs.items():
                 assert "could not draw" not in json.dumps(fig, default=str), (name, tab, fid)
-            A.tab_layout(tab, figs, cache)
-        zoomed = A.tab_figures(cache, "overview", [5, 15], focus=10)
+            tab_layout(tab, figs, cache)
+        zoomed = tab_figures(cache, "overview", [5, 15], focus=10)
         assert zoomed["loss"]["layout"]["xaxis"]["range"] == [5.0, 15.0]
 
 
 def test_compare_body_shows_cards_overlay_and_efficiency(runs_root):
-    body, live = A.compare_body(Runs(runs_root), ["cached", "reencode"], "coverage")
+    body, live = compare_body(Runs(runs_root), ["cached", "reencode"], "coverage")
     t = json.dumps([b.to_plotly_json() for b in body], default=lambda o: o.to_plotly_json()
                    if hasattr(o, "to_plotly_json") else str(o))
     assert "gradient-starvation" in t and "healthy" in t and "encoder forwards per step" in t
@@ -58,9 +60,9 @@ def test_compare_body_shows_cards_overlay_and_efficiency(runs_root):
 
 
 def test_focus_range_and_ago():
-    assert A.focus_range(100, 1, 1000) == (50, 150)
-    assert A.focus_range(3, 1, 40) == (1, 18)
-    assert A.ago(95.0, now=100.0) == "5 s ago" and A.ago(None) == "never"
+    assert focus_range(100, 1, 1000) == (50, 150)
+    assert focus_range(3, 1, 40) == (1, 18)
+    assert ago(95.0, now=100.0) == "5 s ago" and ago(None) == "never"
 
 
 def test_cli_defaults_to_loopback_and_rejects_bad_input(tmp_path, capsys):
@@ -114,11 +116,11 @@ def test_run_card_shows_the_traces_own_sums_over_its_window(runs_root):
 
     for name in ("cached", "reencode"):
         cache = Runs(runs_root).get(name)
-        card = A.kpis(cache.info, cache)
+        card = kpis(cache.info, cache)
         df = load_run(runs_root / name)
-        last = df.loc[max(1, cache.info.last_step - A.CARD_STEPS + 1):]
+        last = df.loc[max(1, cache.info.last_step - CARD_STEPS + 1):]
         expect = figures.over(last)
-        for fig in A.CARD_FIGURES:
+        for fig in CARD_FIGURES:
             shown = _find(card, f"card-{fig}").children
             assert shown == figures.format_value(figures.REGISTRY[fig], expect[fig]), (name, fig)
         assert f"steps {int(last.index[0]):,}..{int(last.index[-1]):,}" in texts(card)
@@ -133,11 +135,11 @@ def test_starvation_band_is_the_runs_own_threshold(tmp_path):
                     doctor={"coverage_min": 0.2})
     cache = Runs(tmp_path).get("r")
     assert cache.info.thresholds.coverage_min == 0.2
-    fig = A.tab_figures(cache, "overview")["coverage"]
+    fig = tab_figures(cache, "overview")["coverage"]
     lines = [s for s in fig["layout"]["shapes"] if s.get("type") == "line" and s.get("yref") == "y"]
     assert lines and lines[0]["y0"] == 0.2
     assert any("coverage < 0.2" in a["text"] for a in fig["layout"]["annotations"])
-    cov = _find(A.kpis(cache.info, cache), "card-coverage")
+    cov = _find(kpis(cache.info, cache), "card-coverage")
     assert cov is not None
 
 
@@ -148,9 +150,9 @@ def test_trm_runs_say_puzzle_table_rows_where_etrm_runs_say_encoder(tmp_path):
         write_synthetic(tmp_path / mode, 100, mode=mode, batch_size=8, max_steps_per_sample=4, timings=False)
     runs = Runs(tmp_path)
     trm, etrm = runs.get("trm"), runs.get("reencode")
-    title = lambda c, tab, fid: A.tab_figures(c, tab)[fid]["layout"]["title"]["text"]  # noqa: E731
+    title = lambda c, tab, fid: tab_figures(c, tab)[fid]["layout"]["title"]["text"]  # noqa: E731
     assert title(trm, "overview", "coverage").startswith("Puzzle-table row")
     assert title(etrm, "overview", "coverage").startswith("Encoder")
     assert "puzzle-table rows" in title(trm, "coverage", "grad-norm")
-    assert "puzzle-table row coverage" in texts(A.kpis(trm.info, trm))
-    assert "encoder coverage" in texts(A.kpis(etrm.info, etrm))
+    assert "puzzle-table row coverage" in texts(kpis(trm.info, trm))
+    assert "encoder coverage" in texts(kpis(etrm.info, etrm))

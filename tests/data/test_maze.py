@@ -220,9 +220,9 @@ def test_maze_small_preset_trains_traced_on_cpu(tmp_path, monkeypatch, capsys):
     assert {"exact", VALID_PATH_KEY, "halt." + VALID_PATH_KEY} <= set(evals) and evals["count"] == 16
     assert evals[VALID_PATH_KEY] >= evals["exact"]  # an exact label is a valid shortest path
     assert doctor([str(run)]) in (0, 1)
-    from dashboards import app
-    from dashboards.figures import MAZE_VALID_PATH
+    from dashboards.figures.overview import MAZE_VALID_PATH
+    from dashboards.run_view import tab_figures
     from dashboards.runs import Runs
     assert MAZE_VALID_PATH == VALID_PATH_KEY
-    acc = app.tab_figures(Runs(tmp_path).get("run"), "overview")["accuracy"]
+    acc = tab_figures(Runs(tmp_path).get("run"), "overview")["accuracy"]
     assert {"held-out", "held-out valid shortest path (maze)"} <= {t.get("name") for t in acc["data"]}

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from dashboards import app as A
+from dashboards.app import create_app
+from dashboards.run_view import TABS
 from diagnostics.doctor.diagnose import diagnose
 from diagnostics.trace.loading import load_findings, load_run
 from etrm.cli import main as train_main
@@ -103,7 +104,7 @@ def test_own_loop_variant_gets_the_bundled_trainers_findings(variant, own_runs, 
 
 
 def test_own_loop_runs_load_in_the_dashboard_through_its_callbacks(own_runs):
-    app = A.create_app(own_runs)
+    app = create_app(own_runs)
     callbacks = {key: entry["callback"].__wrapped__ for key, entry in app.callback_map.items()}
     listing = json.dumps(callbacks["page.children"]("/", "").to_plotly_json(), default=_plain)
     for variant in VARIANTS:
@@ -117,7 +118,7 @@ def test_own_loop_runs_load_in_the_dashboard_through_its_callbacks(own_runs):
         header, version, stop = callbacks["..run-header.children...run-version.data...run-tick.disabled.."](
             1, variant, None)
         assert version == STEPS and stop is True  # finished: the live refresh stops
-        for tab, _ in A.TABS:
+        for tab, _ in TABS:
             body = json.dumps([c.to_plotly_json() for c in callbacks["tab-content.children"](
                 tab, STEPS, None, variant, None)], default=_plain)
             assert "Could not draw" not in body and "could not draw" not in body and "Nothing to draw" not in body, tab
