@@ -20,7 +20,8 @@ from diagnostics.doctor.findings import Finding, has_error, ordered
 from diagnostics.doctor.thresholds import DoctorConfig
 from diagnostics.doctor.eval_findings import diagnose_evals
 from diagnostics.doctor.ledger_doctor import diagnose_run
-from diagnostics.trace.loading import as_json_value, load_eval_audits, load_evals, load_run
+from diagnostics.doctor.timing_rules import diagnose_timings
+from diagnostics.trace.loading import as_json_value, load_eval_audits, load_evals, load_run, load_timings
 from diagnostics.trace.store import TraceError
 
 PROG = "etrm-doctor"
@@ -62,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         df = load_run(args.run)
         evals = load_evals(args.run)
         audits = load_eval_audits(args.run)
+        timings = load_timings(args.run)
     except (_BadInput, TraceError, ValueError) as exc:
         return _fail(exc)
     meta = df.attrs.get("meta", {})
@@ -73,7 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ledger_found = diagnose_run(args.run, meta, cfg, int(df.index.max()) if len(df) else None)
     except TraceError as exc:
         return _fail(exc)
-    findings = ordered(diagnose(df, meta, cfg) + diagnose_evals(audits, meta, cfg) + ledger_found)
+    findings = ordered(diagnose(df, meta, cfg) + diagnose_evals(audits, meta, cfg, evals=evals) + ledger_found
+                       + diagnose_timings(timings, meta, cfg))
     info = summary(df, meta, cfg=cfg)
     info["what_if"] = list(args.set)
     if len(evals):

@@ -61,6 +61,7 @@ LR_SCHEDULES = ("cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adamw", "adam-atan2")  # etrm.train.adam_atan2.build_adam
 KEEP_CHECKPOINTS = ("last", "every-eval")  # etrm.train.retention
+BEST_METRICS = ("exact", "token", "halt.exact", "halt.token", "arc.pass@1", "arc.pass@2")  # train.best_metric
 
 
 class ConfigError(ValueError):
@@ -267,6 +268,8 @@ class TrainConfig:
     epochs: int = 0  # > 0: run length in upstream's epochs (etrm.train.epochs); sets max_steps and eval_every
     eval_every_epochs: int = 0  # with epochs: evaluate every this many epochs (must divide epochs; 0: at the end)
     keep_checkpoints: str = "last"  # or "every-eval": also checkpoint_step_N.pt per evaluation (etrm.train.retention)
+    keep_best: bool = False  # also checkpoint_best.pt: the evaluated checkpoint with the best train.best_metric
+    best_metric: str = "exact"  # held-out metric of the evaluated weights (EMA when on) that keep_best ranks by
     eval_batch_size: int = 64
     # With EMA on, evaluations score the EMA weights; every ``eval_raw_every``-th evaluation (the one at step
     # k * eval_every with k a multiple of it) and the last one also score the raw weights, for the EMA audit
@@ -295,6 +298,7 @@ class TrainConfig:
         _choice(s, "lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _choice(s, "optimizer", self.optimizer, OPTIMIZERS)
         _choice(s, "keep_checkpoints", self.keep_checkpoints, KEEP_CHECKPOINTS)
+        _choice(s, "best_metric", self.best_metric, BEST_METRICS)
         _positive(s, "epochs", self.epochs, 0)
         _positive(s, "eval_every_epochs", self.eval_every_epochs, 0)
         if self.eval_every_epochs and (not self.epochs or self.epochs % self.eval_every_epochs):

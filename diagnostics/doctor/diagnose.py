@@ -28,6 +28,7 @@ from diagnostics.doctor.findings import Finding, earliest_per_code, ordered
 from diagnostics.doctor.halting_rules import HaltingCollapse, HaltingNeverLearned
 from diagnostics.doctor.integrity_rules import ALIGNMENT_COLUMNS, DroppedSamples, LabelMisalignment, NonFiniteLoss
 from diagnostics.doctor.scan import Rule, check
+from diagnostics.doctor.spike_rules import GradNormSpike, LossSpike
 from diagnostics.doctor.thresholds import DoctorConfig
 from diagnostics.trace import figures
 from diagnostics.trace.loading import as_json_value
@@ -35,7 +36,7 @@ from diagnostics.trace.loading import as_json_value
 # whether the finding holds, the single step names where it started.
 RULES: list[Rule] = [GradientStarvation(), LabelMisalignment(), NonFiniteLoss(), WastedEncoderCompute(),
                      HaltingCollapse(), DroppedSamples(), EncoderCollapse(), HaltingNeverLearned(),
-                     GradientStarvationAtStep(), WastedEncoderComputeAtStep()]
+                     GradientStarvationAtStep(), WastedEncoderComputeAtStep(), LossSpike(), GradNormSpike()]
 
 
 def gradient_starvation(df, meta=None, cfg=None):

@@ -50,9 +50,22 @@ class DoctorConfig:
     #                                  healthy demo re-encode run has 1 of 2048, 15 of 16 tokens right: not listed)
     never_solved_others_share: float = 0.5  # ... and at least this share of them was solved (training has got
     #                                  past the point where unsolved is the norm)
+    # eval-regression (diagnostics.doctor.eval_regression, over the evaluations table)
+    eval_drop_min: float = 0.05      # held-out score below the run's best by at least this (5 points of exact)
+    eval_drop_evals: int = 2         # ... at an evaluation at least this many evaluations after the peak
+    # timing findings (diagnostics.doctor.timing_rules, over the trace's per-step phase timings)
+    slow_warmup_steps: int = 20      # step-time-regression: steps not judged (compilation, warm-up) ...
+    slow_window: int = 30            # ... then the early median is over this many steps; windows of this size
+    slow_factor: float = 3.0         # step-time-regression: a window's median step time this many times the early
+    phase_share_max: float = 0.8     # phase-dominates: one phase above this share of the step time over a window
+    # spike findings (diagnostics.doctor.spike_rules): a step far above the median of the previous steps
+    spike_window: int = 30           # loss-spike / grad-norm-spike: the previous steps the median and MAD are over
+    spike_mads: float = 10.0         # ... and the step's value above median + this many (scaled) MADs
+    spike_min_ratio: float = 2.0     # ... and at least this many times the median (flat curves have tiny MADs)
 
     def __post_init__(self) -> None:
-        for name in ("window", "halting_window", "collapse_window"):
+        for name in ("window", "halting_window", "collapse_window", "slow_window", "spike_window",
+                     "eval_drop_evals"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DoctorConfig.{name} must be at least 1")
         if not 0.0 < self.ledger_late_share <= 1.0:

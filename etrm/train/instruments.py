@@ -35,7 +35,9 @@ from diagnostics.trace.eval_audits import EvalAudit
 from diagnostics.doctor.eval_findings import LiveEvalDoctor
 from diagnostics.doctor.ledger_doctor import diagnose_run as diagnose_ledger_run
 from diagnostics.events import PhaseClock, StepEvents
-from diagnostics.trace.loading import load_eval_audits, load_run
+from diagnostics.doctor.spike_rules import SPIKES
+from diagnostics.doctor.timing_rules import TimingDoctor
+from diagnostics.trace.loading import load_eval_audits, load_evals, load_run, load_timings
 from diagnostics.probes import default_probes
 from diagnostics.probes.profiling import PROFILER_DIR, ProfilerWindows, WindowSchedule
 from diagnostics.properties.runtime_check import InvariantChecker
@@ -84,6 +86,9 @@ class Instrument:
     def on_eval_audit(self, step: int, audits: Sequence[EvalAudit]) -> None: ...
     def on_checkpoint(self, step: int) -> None: ...
     def on_end(self, step: int, status: str, detail: str) -> None: ...
+    def stop_note(self, step: int) -> str:
+        """What this instrument adds to the non-finite stop's line (e.g. the spike that preceded it)."""
+        return ""
 
     def summary(self) -> dict[str, str]:
         """Lines for the end-of-run summary (what was written where)."""
@@ -164,6 +169,9 @@ class Instruments(list):
 
     def summary(self) -> dict[str, str]:
         return {k: v for i in self for k, v in i.summary().items()}
+
+    def stop_note(self, step: int) -> str:
+        return "".join(i.stop_note(step) for i in self)
 
     def find(self, kind: type) -> Any:
         """The first instrument of ``kind``, or None."""
@@ -258,9 +266,11 @@ class Doctor(Instrument):
     and stored the first time they hold. ``new`` holds the findings of the last flush, for instruments after it
     (profiler, W&B); ``findings`` every finding so far."""
 
-    def __init__(self, doctor: LiveDoctor, trace: Trace, evals: LiveEvalDoctor | None = None) -> None:
+    def __init__(self, doctor: LiveDoctor, trace: Trace, evals: LiveEvalDoctor | None = None,
+                 timing: TimingDoctor | None = None) -> None:
         self.doctor, self.trace = doctor, trace
         self.evals = evals or LiveEvalDoctor(doctor.meta, doctor.cfg)
+        self.timing = timing or TimingDoctor(doctor.meta, doctor.cfg)
         self.reporter: Reporter | None = None
         self.max_steps: int | None = None
         self.new: list[Finding] = []
@@ -283,13 +293,23 @@ class Doctor(Instrument):
 
     def on_flush(self, rows: Rows, step: int) -> None:
         self.new = self.doctor.update(rows, alignment=self.trace.tracer.last_alignment)
+        self.new += self.timing.update(self.trace.tracer.last_timings)
         if self.max_steps is not None and step >= self.max_steps:  # the run's last flush: the ledger's findings
             self.new += self.ledger_findings(step)
         self.report(self.new)
 
     @property
     def findings(self) -> list[Finding]:
-        return [*self.doctor.findings, *self.evals.findings]
+        return [*self.doctor.findings, *self.evals.findings, *self.timing.findings]
+
+    def stop_note(self, step: int) -> str:
+        """The spikes (loss-spike, grad-norm-spike) found at or before ``step``: what preceded a non-finite stop."""
+        spikes = [f for f in self.doctor.findings if f.code in SPIKES and (f.first_step or 0) <= step]
+        return "".join(f"; preceded by {f.code} at step {f.first_step} ({f.evidence.get('value', float('nan')):.4g}, "
+                       f"{f.evidence.get('ratio') or float('nan'):.1f}x the median)" for f in spikes)
+
+    def on_eval(self, step: int, values: Mapping[str, float]) -> None:
+        self.evals.add_values(step, values)
 
     def on_eval_audit(self, step: int, audits: Sequence[EvalAudit]) -> None:
         self.report(self.evals.update(audits))  # the evaluation findings (diagnostics.doctor.eval_findings)
@@ -298,11 +318,8 @@ class Doctor(Instrument):
         """Print each new finding and store it in the trace."""
         for finding in findings:
             text = f"{finding.code} (step {finding.first_step}): {finding.message}"
-            if self.reporter is not None:
-                if finding.severity == "info":  # a fact about the run (e.g. dropped-samples), not a defect
-                    self.reporter.line(f"[cyan]info:[/] {escape(text)}")
-                else:
-                    self.reporter.warn(escape(text))
+            if self.reporter is not None:  # labelled with its severity (an info is a fact, not a defect)
+                self.reporter.warn(escape(text), severity=finding.severity)
             self.trace.tracer.submit(finding.store)
 
 
@@ -461,10 +478,12 @@ def add_trace(trainer: "Trainer", preset: str | None = None) -> Trace:
     trace = trainer.add(Trace(tracer, cuda=trainer.device.type == "cuda"))
     if dist.is_main:
         doctor, evals = LiveDoctor(meta, trainer.cfg.doctor), LiveEvalDoctor(meta, trainer.cfg.doctor)
+        timing = TimingDoctor(meta, trainer.cfg.doctor)
         if trainer.step:  # resumed: findings that already held must not fire (and be re-stored) again
             doctor.replay(load_run(trainer.run_dir))
-            evals.replay(load_eval_audits(trainer.run_dir))
-        trainer.add(Doctor(doctor, trace, evals))
+            evals.replay(load_eval_audits(trainer.run_dir), load_evals(trainer.run_dir))
+            timing.update(load_timings(trainer.run_dir))
+        trainer.add(Doctor(doctor, trace, evals, timing))
     return trace
 
 
