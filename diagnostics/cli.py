@@ -41,7 +41,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Findings of a traced etrm run: gradient starvation, label misalignment, "
                                        "wasted encoder work, non-finite loss, halting collapse, dropped samples, "
-                                       "evaluation halting mismatch, EMA gap.")
+                                       "evaluation halting mismatch, EMA gap, evaluation regression, step-time "
+                                       "regression, a dominating phase, loss and gradient-norm spikes.")
     p.add_argument("run", metavar="RUN", help="run directory (holding trace.sqlite) or the trace file itself")
     p.add_argument("--json", action="store_true", help="print JSON with 'summary' and 'findings' instead of a report")
     p.add_argument("--export", nargs=2, metavar=("FORMAT", "FILE"),

@@ -1,7 +1,8 @@
 """Spike rules: a step's loss or gradient norm far above its recent robust statistics, before anything is non-finite.
 
 A value spikes when it is above ``median + spike_mads * 1.4826 * MAD`` of the previous ``spike_window`` finite values
-and at least ``spike_min_ratio`` times that median (a nearly flat curve has a tiny MAD). Not a window sum, so these
+and at least ``spike_min_ratio`` (``grad_spike_min_ratio`` for gradient norms) times that median (a nearly flat
+curve has a tiny MAD; healthy gradient norms are heavy-tailed). Not a window sum, so these
 rules replace ``Rule.scan``: the state carries the last ``spike_window`` values, and live and offline scans agree.
 """
 
@@ -19,14 +20,15 @@ SPIKES = ("loss-spike", "grad-norm-spike")
 MAD_SCALE = 1.4826  # a MAD times this estimates the standard deviation of normal noise
 
 
-def spike_at(history: np.ndarray, value: float, cfg: DoctorConfig) -> tuple[float, float] | None:
-    """(median, scaled MAD) of ``history`` when ``value`` spikes above them, else None (also with too little history)."""
+def spike_at(history: np.ndarray, value: float, cfg: DoctorConfig, min_ratio: float) -> tuple[float, float] | None:
+    """(median, scaled MAD) of ``history`` when ``value`` spikes above them (and is at least ``min_ratio`` times
+    the median), else None (also with too little history)."""
     past = history[np.isfinite(history)]
     if len(past) < cfg.spike_window or not np.isfinite(value):
         return None
     med = float(np.median(past))
     mad = MAD_SCALE * float(np.median(np.abs(past - med)))
-    if value > med + cfg.spike_mads * mad and value >= cfg.spike_min_ratio * med and value > med:
+    if value > med + cfg.spike_mads * mad and value >= min_ratio * med and value > med:
         return med, mad
     return None
 
@@ -35,6 +37,9 @@ class Spike(Rule):
     """One per-step series judged against the previous ``spike_window`` steps of itself."""
 
     what = "value"
+
+    def min_ratio(self, cfg: DoctorConfig) -> float:
+        return cfg.spike_min_ratio
 
     def series(self, cols: Mapping[str, np.ndarray]) -> np.ndarray:
         raise NotImplementedError
@@ -51,7 +56,7 @@ class Spike(Rule):
         state.tail, state.tail_steps = {"v": joined[-w:]}, all_steps[-w:]
         state.rows += len(new)
         for i in range(k, len(joined)):
-            hit = spike_at(joined[max(0, i - w):i], float(joined[i]), cfg)
+            hit = spike_at(joined[max(0, i - w):i], float(joined[i]), cfg, self.min_ratio(cfg))
             if hit is not None:
                 med, mad = hit
                 step, value = int(all_steps[i]), float(joined[i])
@@ -80,6 +85,9 @@ class GradNormSpike(Spike):
     """The per-step total gradient norm (encoder and rest, before clipping) far above its recent median."""
 
     code, severity, what = "grad-norm-spike", "warning", "gradient norm"
+
+    def min_ratio(self, cfg):
+        return cfg.grad_spike_min_ratio
 
     def needs(self, meta, columns):
         return ("grad_norm_encoder", "grad_norm_rest")

@@ -61,7 +61,10 @@ class DoctorConfig:
     # spike findings (diagnostics.doctor.spike_rules): a step far above the median of the previous steps
     spike_window: int = 30           # loss-spike / grad-norm-spike: the previous steps the median and MAD are over
     spike_mads: float = 10.0         # ... and the step's value above median + this many (scaled) MADs
-    spike_min_ratio: float = 2.0     # ... and at least this many times the median (flat curves have tiny MADs)
+    spike_min_ratio: float = 2.0     # loss-spike: ... and at least this many times the median (flat curves have
+    #                                  tiny MADs; healthy demo runs' loss peaks at 1.24x)
+    grad_spike_min_ratio: float = 20.0  # grad-norm-spike: the same for the gradient norm, heavy-tailed when healthy
+    #                                  (the healthy demo copies of tests/test_demo_halting.py reach 5.9x)
 
     def __post_init__(self) -> None:
         for name in ("window", "halting_window", "collapse_window", "slow_window", "spike_window",

@@ -57,6 +57,13 @@ def test_field_findings_no_spike_on_noisy_healthy_curves(seed) -> None:
     assert "loss-spike" not in found and "grad-norm-spike" not in found
 
 
+def test_field_findings_a_healthy_gradient_transient_is_no_spike() -> None:
+    """Healthy gradient norms are heavy-tailed: the demo copies' reach 6x their recent median."""
+    rows = step_rows(200, 4, grad_spike={150: 6.0})
+    assert "grad-norm-spike" not in codes(offline(rows))
+    assert codes(offline(step_rows(200, 4, grad_spike={150: 60.0})))["grad-norm-spike"] == 150
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 20])
 def test_field_findings_spikes_before_the_non_finite_step_live_equals_offline(chunk) -> None:
     rows = step_rows(120, 3, spike={90: 4.0}, grad_spike={92: 30.0}, nan_from=95)
