@@ -44,13 +44,19 @@ def restart_pill(info: RunInfo) -> list[html.Span]:
 
 
 def verdict_badge(info: RunInfo, big: bool = False) -> html.Span:
-    """The doctor's verdict as a coloured badge: green healthy, red error (first code), amber warning, grey n/a."""
+    """The doctor's verdict as a coloured badge: green healthy, red error, amber warning, grey n/a; the worst finding's
+    code with the count of all the run's findings, every one of them (severity, code, step) on hover."""
     v = info.verdict
     cls = {"healthy": "v-healthy", "error": "v-error", "warning": "v-warning", "info": "v-info"}.get(v, "v-none")
     text = "healthy" if v == "healthy" else info.headline
     icon = {"healthy": "✓", "error": "✕", "warning": "!", "info": "i"}.get(v, "·")
-    return html.Span([icon, " ", text], className=f"badge {cls}" + (" big" if big else ""),
-                     title=f"doctor's verdict ({info.findings_source})")
+    n = len(info.findings) if not info.error else 0
+    title = f"doctor's verdict ({info.findings_source})"
+    if n:
+        title += f": {n} finding{'s' if n > 1 else ''}\n" + "\n".join(
+            f"{f.get('severity')}: {f['code']} (step {f.get('first_step')})" for f in info.findings)
+    count = [" ", html.Span(str(n), className="badge-count")] if n > 1 else []
+    return html.Span([icon, " ", text, *count], className=f"badge {cls}" + (" big" if big else ""), title=title)
 
 
 def error_card(title: str, message: str, refused: bool = False) -> html.Div:

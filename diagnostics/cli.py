@@ -20,7 +20,8 @@ from diagnostics.doctor.findings import Finding, has_error, ordered
 from diagnostics.doctor.thresholds import DoctorConfig
 from diagnostics.doctor.eval_findings import diagnose_evals
 from diagnostics.doctor.ledger_doctor import diagnose_run
-from diagnostics.trace.loading import as_json_value, load_eval_audits, load_evals, load_run
+from diagnostics.doctor.timing_rules import diagnose_timings
+from diagnostics.trace.loading import as_json_value, load_eval_audits, load_evals, load_run, load_timings
 from diagnostics.trace.outputs import check_output, write_atomic
 from diagnostics.trace.schema import TraceError
 
@@ -41,7 +42,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Findings of a traced etrm run: gradient starvation, label misalignment, "
                                        "wasted encoder work, non-finite loss, halting collapse, dropped samples, "
-                                       "evaluation halting mismatch, EMA gap.")
+                                       "evaluation halting mismatch, EMA gap, evaluation regression, step-time "
+                                       "regression, a dominating phase, loss and gradient-norm spikes.")
     p.add_argument("run", metavar="RUN", help="run directory (holding trace.sqlite) or the trace file itself")
     p.add_argument("--json", action="store_true", help="print JSON with 'summary' and 'findings' instead of a report")
     p.add_argument("--export", nargs=2, metavar=("FORMAT", "FILE"),
@@ -67,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         df = load_run(args.run)
         evals = load_evals(args.run)
         audits = load_eval_audits(args.run)
+        timings = load_timings(args.run)
     except (_BadInput, TraceError, ValueError) as exc:
         return _fail(exc)
     meta = df.attrs.get("meta", {})
@@ -76,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               "the run's config and stored findings are unchanged", file=sys.stderr)
     try:  # the ledger's run-level findings beside the window rules' (none for a trace without a ledger)
         ledger_found = diagnose_run(args.run, meta, cfg, int(df.index.max()) if len(df) else None)
-        findings = ordered(diagnose(df, meta, cfg) + diagnose_evals(audits, meta, cfg) + ledger_found)
+        findings = ordered(diagnose(df, meta, cfg) + diagnose_evals(audits, meta, cfg, evals=evals) + ledger_found
+                           + diagnose_timings(timings, meta, cfg))
         info = summary(df, meta, cfg=cfg)
     except TraceError as exc:
         return _fail(exc)

@@ -248,9 +248,8 @@ def grad_groups(model: nn.Module, encoder: Optional[nn.Module]) -> dict[str, lis
 
 
 def print_finding(finding: Finding) -> None:
-    """The default report of a live finding: one line on stderr."""
-    kind = "info" if finding.severity == "info" else "warning"
-    print(f"etrm: {kind}: {finding.code} (step {finding.first_step}): {finding.message}", file=sys.stderr)
+    """The default report of a live finding: one line on stderr, labelled with its severity (error, warning, info)."""
+    print(f"etrm: {finding.severity}: {finding.code} (step {finding.first_step}): {finding.message}", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -62,6 +62,7 @@ DATASETS = ("fewshot", "arc1", "arc2", "sudoku", "maze", "trm-folder")
 LR_SCHEDULES = ("cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS, KEEP_CHECKPOINTS = ("adamw", "adam-atan2"), ("last", "every-eval")  # etrm.train.adam_atan2, .retention
+BEST_METRICS = ("exact", "token", "halt.exact", "halt.token", "arc.pass@1", "arc.pass@2")  # train.best_metric
 
 
 class ConfigError(ValueError):
@@ -246,6 +247,8 @@ class TrainConfig:
     epochs: int = 0  # > 0: run length in upstream's epochs (etrm.train.epochs); sets max_steps and eval_every
     eval_every_epochs: int = 0  # with epochs: evaluate every this many epochs (must divide epochs; 0: at the end)
     keep_checkpoints: str = "last"  # or "every-eval": also checkpoint_step_N.pt per evaluation (etrm.train.retention)
+    keep_best: bool = False  # also checkpoint_best.pt: the evaluated checkpoint with the best train.best_metric
+    best_metric: str = "exact"  # held-out metric of the evaluated weights (EMA when on) that keep_best ranks by
     eval_batch_size: int = 64
     # With EMA on, evaluations score the EMA weights; every ``eval_raw_every``-th evaluation (the one at step
     # k * eval_every with k a multiple of it) and the last one also score the raw weights, for the EMA audit
@@ -263,7 +266,8 @@ class TrainConfig:
         s = "train."
         _bounds(self, s)
         for name, allowed in (("lr_schedule", LR_SCHEDULES), ("optimizer", OPTIMIZERS), ("sampler", SAMPLERS),
-                              ("keep_checkpoints", KEEP_CHECKPOINTS), ("data_path", DATA_PATHS), ("device", DEVICES)):
+                              ("keep_checkpoints", KEEP_CHECKPOINTS), ("best_metric", BEST_METRICS),
+                              ("data_path", DATA_PATHS), ("device", DEVICES)):
             _choice(s, name, getattr(self, name), allowed)
         if self.eval_every_epochs and (not self.epochs or self.epochs % self.eval_every_epochs):
             raise ConfigError(f"train.eval_every_epochs={self.eval_every_epochs} is not valid with train.epochs="

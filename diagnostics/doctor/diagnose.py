@@ -29,6 +29,7 @@ from diagnostics.doctor.findings import Finding, earliest_per_code, ordered
 from diagnostics.doctor.halting_rules import HaltingCollapse, HaltingNeverLearned
 from diagnostics.doctor.integrity_rules import ALIGNMENT_COLUMNS, DroppedSamples, LabelMisalignment, NonFiniteLoss
 from diagnostics.doctor.scan import Rule, check
+from diagnostics.doctor.spike_rules import GradNormSpike, LossSpike
 from diagnostics.doctor.thresholds import DoctorConfig
 from diagnostics.trace import figures
 from diagnostics.trace.loading import as_json_value
@@ -39,7 +40,8 @@ from diagnostics.trace.loading import as_json_value
 # mode-mismatch compares the declared mode with the observed one.
 RULES: list[Rule] = [GradientStarvation(), LabelMisalignment(), NonFiniteLoss(), MeasuredWastedEncoderCompute(),
                      HaltingCollapse(), DroppedSamples(), EncoderCollapse(), HaltingNeverLearned(),
-                     GradientStarvationAtStep(), MeasuredWastedEncoderComputeAtStep(), ModeMismatch()]
+                     GradientStarvationAtStep(), MeasuredWastedEncoderComputeAtStep(), ModeMismatch(), LossSpike(),
+                     GradNormSpike()]
 
 
 def gradient_starvation(df, meta=None, cfg=None):

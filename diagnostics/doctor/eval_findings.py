@@ -14,6 +14,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from diagnostics.doctor.eval_regression import eval_regression
 from diagnostics.doctor.findings import Finding
 from diagnostics.trace.eval_audits import COLUMNS, EMA, RAW, EvalAudit
 from diagnostics.events import Mode
@@ -163,11 +164,15 @@ EVAL_RULES: list[EvalRule] = [EvalHaltingMismatch(), EMAGap()]
 
 
 def diagnose_evals(audits: pd.DataFrame, meta: Mapping[str, Any], cfg: DoctorConfig | None = None,
-                   rules: Sequence[EvalRule] | None = None) -> list[Finding]:
-    """The evaluation findings that hold on a run's audits (``load_eval_audits``), one per code (the first)."""
+                   rules: Sequence[EvalRule] | None = None, evals: pd.DataFrame | None = None) -> list[Finding]:
+    """The evaluation findings that hold on a run's audits (``load_eval_audits``), one per code (the first); with
+    ``evals`` (``load_evals``) also ``eval-regression`` (``diagnostics.doctor.eval_regression``)."""
     cfg = cfg or DoctorConfig()
-    evals = per_eval(audits) if len(audits) else pd.DataFrame(columns=list(PER_EVAL))
-    return [f for rule in (EVAL_RULES if rules is None else rules) if (f := rule.first(evals, meta, cfg)) is not None]
+    rows = per_eval(audits) if len(audits) else pd.DataFrame(columns=list(PER_EVAL))
+    found = [f for rule in (EVAL_RULES if rules is None else rules) if (f := rule.first(rows, meta, cfg)) is not None]
+    if evals is not None and (f := eval_regression(evals, rows, meta, cfg)) is not None:
+        found.append(f)
+    return found
 
 
 class LiveEvalDoctor:
@@ -177,17 +182,27 @@ class LiveEvalDoctor:
     def __init__(self, meta: Mapping[str, Any], cfg: DoctorConfig | None = None) -> None:
         self.meta, self.cfg = dict(meta), cfg or DoctorConfig()
         self.rows = pd.DataFrame(columns=list(COLUMNS))
+        self.evals: pd.DataFrame | None = None  # the evaluations table so far (eval-regression), once one came
         self.findings: list[Finding] = []
+
+    def add_values(self, step: int, values: Mapping[str, float]) -> None:
+        """One evaluation's values (``on_eval``), as a row of the evaluations table."""
+        row = pd.DataFrame([{k: float(v) for k, v in values.items()}], index=pd.Index([int(step)], name="step"))
+        self.evals = row if self.evals is None else pd.concat([self.evals[self.evals.index != int(step)], row])
 
     def update(self, audits: Iterable[EvalAudit] | pd.DataFrame) -> list[Finding]:
         new = audits if isinstance(audits, pd.DataFrame) else audit_rows(audits)
         if len(new):
             self.rows = new if self.rows.empty else pd.concat([self.rows, new], ignore_index=True)
         reported = {f.code for f in self.findings}
-        found = [f for f in diagnose_evals(self.rows, self.meta, self.cfg) if f.code not in reported]
+        found = [f for f in diagnose_evals(self.rows, self.meta, self.cfg, evals=self.evals)
+                 if f.code not in reported]
         self.findings.extend(found)
         return found
 
-    def replay(self, audits: pd.DataFrame) -> list[Finding]:
-        """Feed a resumed run's stored audits (``load_eval_audits``): what held there is not reported again."""
+    def replay(self, audits: pd.DataFrame, evals: pd.DataFrame | None = None) -> list[Finding]:
+        """Feed a resumed run's stored audits (``load_eval_audits``) and evaluations (``load_evals``): what held
+        there is not reported again."""
+        if evals is not None and len(evals):
+            self.evals = evals.astype(float)
         return self.update(audits)

@@ -24,6 +24,9 @@ DOCTOR_BOUNDS: dict[str, Bound] = {
     "ledger_late_share": Bound(0.0, 1.0, lo_open=True), "calibration_min_records": _COUNT,
     "calibration_error_max": _SHARE, "never_halt_min_samples": _COUNT, "never_halt_others_share": _SHARE,
     "never_solved_min_samples": _COUNT, "never_solved_min_share": _SHARE, "never_solved_others_share": _SHARE,
+    "eval_drop_min": _SHARE, "eval_drop_evals": _WINDOW, "slow_warmup_steps": Bound(0, 10 ** 9),
+    "slow_window": _WINDOW, "slow_factor": Bound(1.0, 1e6), "phase_share_max": _SHARE, "spike_window": _WINDOW,
+    "spike_mads": Bound(0.0, 1e6), "spike_min_ratio": Bound(1.0, 1e6), "grad_spike_min_ratio": Bound(1.0, 1e6),
 }
 
 
@@ -67,6 +70,21 @@ class DoctorConfig:
     #                                  healthy demo re-encode run has 1 of 2048, 15 of 16 tokens right: not listed)
     never_solved_others_share: float = 0.5  # ... and at least this share of them was solved (training has got
     #                                  past the point where unsolved is the norm)
+    # eval-regression (diagnostics.doctor.eval_regression, over the evaluations table)
+    eval_drop_min: float = 0.05      # held-out score below the run's best by at least this (5 points of exact)
+    eval_drop_evals: int = 2         # ... at an evaluation at least this many evaluations after the peak
+    # timing findings (diagnostics.doctor.timing_rules, over the trace's per-step phase timings)
+    slow_warmup_steps: int = 20      # step-time-regression: steps not judged (compilation, warm-up) ...
+    slow_window: int = 30            # ... then the early median is over this many steps; windows of this size
+    slow_factor: float = 3.0         # step-time-regression: a window's median step time this many times the early
+    phase_share_max: float = 0.8     # phase-dominates: one phase above this share of the step time over a window
+    # spike findings (diagnostics.doctor.spike_rules): a step far above the median of the previous steps
+    spike_window: int = 30           # loss-spike / grad-norm-spike: the previous steps the median and MAD are over
+    spike_mads: float = 10.0         # ... and the step's value above median + this many (scaled) MADs
+    spike_min_ratio: float = 2.0     # loss-spike: ... and at least this many times the median (flat curves have
+    #                                  tiny MADs; healthy demo runs' loss peaks at 1.24x)
+    grad_spike_min_ratio: float = 20.0  # grad-norm-spike: the same for the gradient norm, heavy-tailed when healthy
+    #                                  (the healthy demo copies of tests/test_demo_halting.py reach 5.9x)
 
     def __post_init__(self) -> None:
         check_fields(self, DOCTOR_BOUNDS)

@@ -112,6 +112,7 @@ class Tracer:
         self.writer = writer
         self.thread: _Writer | None = None
         self.last_alignment: list[tuple] = []
+        self.last_timings: list[tuple] = []  # the phase timings of the last flush: (step, rank, phase, seconds)
         self.last_ledger: list[tuple] = []  # the ledger records of the last flush (diagnostics.trace.ledger.RECORD_COLUMNS)
         self._index_cache: dict[tuple[int, ...], Tensor] = {}
         if writer is not None:
@@ -181,6 +182,7 @@ class Tracer:
             parts = self.gather(extras[LEDGER_TABLE])
             extras[LEDGER_TABLE] = [r for part in parts for r in part] if parts is not None else []
         self.steps, self.clocks, self.rows = [], [], []
+        self.last_timings = timings
         self.last_alignment = extras.get("alignment_samples", [])
         self.last_ledger = extras.get(LEDGER_TABLE, [])
         records = [dict(zip(self.columns, v)) for v in values]

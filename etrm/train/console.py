@@ -12,6 +12,9 @@ from rich.table import Table
 from etrm.data.maze import VALID_PATH_KEY
 
 
+SEVERITY_STYLE = {"error": "bold red", "warning": "bold yellow", "info": "cyan"}
+
+
 class Reporter:
     """Shows training progress; ``live`` picks the rich bar (terminal) or plain lines (pipes, CI, tests)."""
 
@@ -40,8 +43,9 @@ class Reporter:
     def line(self, text: str) -> None:
         (self.progress.console if self.progress else self.console).print(text)
 
-    def warn(self, text: str) -> None:
-        self.line(f"[bold yellow]warning:[/] {text}")
+    def warn(self, text: str, severity: str = "warning") -> None:
+        """A line labelled with its severity (``error``, ``warning`` or ``info``; a finding's own)."""
+        self.line(f"[{SEVERITY_STYLE.get(severity, 'bold yellow')}]{severity}:[/] {text}")
 
     def close(self) -> None:
         if self.progress is not None:

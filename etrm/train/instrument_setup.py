@@ -8,13 +8,14 @@ from typing import TYPE_CHECKING, Any
 
 from diagnostics.doctor.eval_findings import LiveEvalDoctor
 from diagnostics.doctor.live import LiveDoctor
+from diagnostics.doctor.timing_rules import TimingDoctor
 from diagnostics.probes import default_probes
 from diagnostics.probes.profiling import PROFILER_DIR, ProfilerWindows, WindowSchedule
 from diagnostics.probes.tracer import Tracer
 from diagnostics.properties.runtime_check import InvariantChecker
 from diagnostics.session import open_writer
 from diagnostics.trace import ledger
-from diagnostics.trace.loading import load_eval_audits, load_run
+from diagnostics.trace.loading import load_eval_audits, load_evals, load_run, load_timings
 from diagnostics.trace.tb_scalars import TENSORBOARD_DIR, TensorBoardScalars
 from etrm.errors import UserError
 from etrm.train import distributed
@@ -106,10 +107,12 @@ def add_trace(trainer: "Trainer", preset: str | None = None) -> Trace:
     trace = trainer.add(Trace(tracer, cuda=trainer.device.type == "cuda"))
     if dist.is_main:
         doctor, evals = LiveDoctor(meta, trainer.cfg.doctor), LiveEvalDoctor(meta, trainer.cfg.doctor)
+        timing = TimingDoctor(meta, trainer.cfg.doctor)
         if trainer.step:  # resumed: findings that already held must not fire (and be re-stored) again
             doctor.replay(load_run(trainer.run_dir))
-            evals.replay(load_eval_audits(trainer.run_dir))
-        trainer.add(Doctor(doctor, trace, evals))
+            evals.replay(load_eval_audits(trainer.run_dir), load_evals(trainer.run_dir))
+            timing.update(load_timings(trainer.run_dir))
+        trainer.add(Doctor(doctor, trace, evals, timing))
     return trace
 
 

@@ -34,6 +34,8 @@ from diagnostics.trace.eval_audits import EvalAudit
 from diagnostics.doctor.eval_findings import LiveEvalDoctor
 from diagnostics.doctor.ledger_doctor import diagnose_run as diagnose_ledger_run
 from diagnostics.events import PhaseClock, StepEvents
+from diagnostics.doctor.spike_rules import SPIKES
+from diagnostics.doctor.timing_rules import TimingDoctor
 from diagnostics.probes.profiling import ProfilerWindows
 from diagnostics.properties.runtime_check import InvariantChecker
 from diagnostics.trace.tb_scalars import TensorBoardScalars
@@ -81,6 +83,9 @@ class Instrument:
         return {}
 
     def on_end(self, step: int, status: str, detail: str) -> None: ...
+    def stop_note(self, step: int) -> str:
+        """What this instrument adds to the non-finite stop's line (e.g. the spike that preceded it)."""
+        return ""
 
     def summary(self) -> dict[str, str]:
         """Lines for the end-of-run summary (what was written where)."""
@@ -165,6 +170,9 @@ class Instruments(list):
     def state_dict(self) -> dict[str, Any]:
         """Each instrument's resumable state, by kind (``trace``, ...); only those that keep any."""
         return {type(i).__name__.lower(): s for i in self if (s := i.state_dict())}
+
+    def stop_note(self, step: int) -> str:
+        return "".join(i.stop_note(step) for i in self)
 
     def find(self, kind: type) -> Any:
         """The first instrument of ``kind``, or None."""
@@ -263,9 +271,11 @@ class Doctor(Instrument):
     and stored the first time they hold. ``new`` holds the findings of the last flush, for instruments after it
     (profiler, W&B); ``findings`` every finding so far."""
 
-    def __init__(self, doctor: LiveDoctor, trace: Trace, evals: LiveEvalDoctor | None = None) -> None:
+    def __init__(self, doctor: LiveDoctor, trace: Trace, evals: LiveEvalDoctor | None = None,
+                 timing: TimingDoctor | None = None) -> None:
         self.doctor, self.trace = doctor, trace
         self.evals = evals or LiveEvalDoctor(doctor.meta, doctor.cfg)
+        self.timing = timing or TimingDoctor(doctor.meta, doctor.cfg)
         self.reporter: Reporter | None = None
         self.max_steps: int | None = None
         self.new: list[Finding] = []
@@ -288,13 +298,23 @@ class Doctor(Instrument):
 
     def on_flush(self, rows: Rows, step: int) -> None:
         self.new = self.doctor.update(rows, alignment=self.trace.tracer.last_alignment)
+        self.new += self.timing.update(self.trace.tracer.last_timings)
         if self.max_steps is not None and step >= self.max_steps:  # the run's last flush: the ledger's findings
             self.new += self.ledger_findings(step)
         self.report(self.new)
 
     @property
     def findings(self) -> list[Finding]:
-        return [*self.doctor.findings, *self.evals.findings]
+        return [*self.doctor.findings, *self.evals.findings, *self.timing.findings]
+
+    def stop_note(self, step: int) -> str:
+        """The spikes (loss-spike, grad-norm-spike) found at or before ``step``: what preceded a non-finite stop."""
+        spikes = [f for f in self.doctor.findings if f.code in SPIKES and (f.first_step or 0) <= step]
+        return "".join(f"; preceded by {f.code} at step {f.first_step} ({f.evidence.get('value', float('nan')):.4g}, "
+                       f"{f.evidence.get('ratio') or float('nan'):.1f}x the median)" for f in spikes)
+
+    def on_eval(self, step: int, values: Mapping[str, float]) -> None:
+        self.evals.add_values(step, values)
 
     def on_eval_audit(self, step: int, audits: Sequence[EvalAudit]) -> None:
         self.report(self.evals.update(audits))  # the evaluation findings (diagnostics.doctor.eval_findings)
@@ -303,11 +323,8 @@ class Doctor(Instrument):
         """Print each new finding and store it in the trace."""
         for finding in findings:
             text = f"{finding.code} (step {finding.first_step}): {finding.message}"
-            if self.reporter is not None:
-                if finding.severity == "info":  # a fact about the run (e.g. dropped-samples), not a defect
-                    self.reporter.line(f"[cyan]info:[/] {escape(text)}")
-                else:
-                    self.reporter.warn(escape(text))
+            if self.reporter is not None:  # labelled with its severity (an info is a fact, not a defect)
+                self.reporter.warn(escape(text), severity=finding.severity)
             self.trace.tracer.submit(finding.store)
 
 

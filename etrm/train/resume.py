@@ -14,7 +14,7 @@ from etrm.config import Config, ConfigError, parse_override
 from etrm.errors import UserError
 
 RESUMABLE = ("train.max_steps", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
-             "train.trace_every", "train.diversity_every", "train.device")
+             "train.keep_best", "train.best_metric", "train.trace_every", "train.diversity_every", "train.device")
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

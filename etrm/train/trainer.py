@@ -356,6 +356,7 @@ class Trainer:
         stop = self.dist.enabled and stats.pop("stop_requested") > 0
         if bad := finite_guard.failed(stats):  # before any eval or checkpoint of this state
             message = finite_guard.stop_message(bad, meter.logged_step + 1, self.step, self.checkpoint_step)
+            message += self.instruments.stop_note(self.step)  # a spike that preceded it (the live doctor's)
             reporter.warn(escape(message))
             return Flushed(stop=True, non_finite=True, message=message)
         reporter.step(self.step, meter.log(stats, self.step, self.cfg.train.batch_size))

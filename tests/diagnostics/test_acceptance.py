@@ -131,16 +131,17 @@ def trace_steps(run: Path) -> int:
 
 
 def assert_live_matches_offline(run: Path, stdout: str, report: dict) -> None:
-    """The live doctor stored exactly the offline doctor's codes (same first step), and warned once per
-    error/warning finding; an info finding is printed as info, not as a warning."""
+    """The live doctor stored exactly the offline doctor's codes (same first step), and printed each error/warning
+    finding once labelled with its own severity (``error:``/``warning:``); an info finding is not a warning."""
     stored = load_findings(run)
     live = {r.code: (r.severity, int(r.first_step)) for r in stored.itertuples()}
     offline = {f["code"]: (f["severity"], f["first_step"]) for f in report["findings"]}
     assert live == offline
     for code, (severity, _) in offline.items():
-        n = stdout.count(f"warning: {code} (")
-        assert n == (1 if severity in ("error", "warning") else 0), f"{code}: warned {n} times\n{stdout}"
-    warned = sum(sev in ("error", "warning") for sev, _ in offline.values())
+        n = stdout.count(f"{severity}: {code} (")
+        assert n == (1 if severity in ("error", "warning") else n), f"{code}: printed {n} times\n{stdout}"
+        assert f"warning: {code} (" not in stdout or severity == "warning", stdout  # an error is not a warning
+    warned = sum(sev == "warning" for sev, _ in offline.values())
     assert stdout.count("warning:") == warned, stdout
 
 
@@ -477,7 +478,7 @@ def test_second_ctrl_c_leaves_rows_past_the_checkpoint_which_resume_deletes(tmp_
     with pytest.raises(KeyboardInterrupt):
         trainer.run(40, Reporter(40, live=False))
     first_out = capsys.readouterr().out
-    assert "warning: label-misalignment (" in first_out and "warning: gradient-starvation (step 10)" in first_out
+    assert "error: label-misalignment (" in first_out and "error: gradient-starvation (step 10)" in first_out
     assert_contiguous(load_run(run), 12)
     assert list(load_markers(run)["kind"]) == ["start", "crashed"]
     assert set(load_findings(run)["code"]) == {"label-misalignment", "gradient-starvation"}
@@ -504,8 +505,8 @@ def test_second_ctrl_c_leaves_rows_past_the_checkpoint_which_resume_deletes(tmp_
     result = resumed.run(40, Reporter(40, start=8, live=False))
     assert result.step == 40 and not result.stopped_early
     out = capsys.readouterr().out
-    assert "warning: label-misalignment" not in out  # held before the checkpoint: already reported and stored
-    assert out.count("warning: gradient-starvation (step 10)") == 1  # its rows were re-run, so it holds again
+    assert "error: label-misalignment" not in out  # held before the checkpoint: already reported and stored
+    assert out.count("error: gradient-starvation (step 10)") == 1  # its rows were re-run, so it holds again
     final = load_run(run)
     assert_contiguous(final, 40)
     assert_no_duplicate_rows(run)

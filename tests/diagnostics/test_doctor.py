@@ -249,7 +249,8 @@ def test_live_doctor_agrees_with_offline(name, chunk, sim, meta, make_run):
         seen += new
     assert sorted((f.code, f.first_step) for f in seen) == sorted((f.code, f.first_step) for f in offline)
     assert live.update(rows) == []  # steps already seen are ignored
-    longest = max(max(DoctorConfig().window, DoctorConfig().halting_window) - 1, 0)
+    d = DoctorConfig()  # window rules keep window - 1 rows; the spike rules their spike_window previous values
+    longest = max(max(d.window, d.halting_window) - 1, d.spike_window, 0)
     assert all(len(s.tail_steps) <= longest for s in live.states.values())  # memory does not grow with the run
 
 
