@@ -33,6 +33,7 @@ from diagnostics.doctor.findings import Finding
 from diagnostics.doctor.integrity_rules import NonFiniteLoss
 from diagnostics.doctor.live import LiveDoctor
 from diagnostics.doctor.thresholds import DoctorConfig
+from diagnostics.doctor.timing_rules import TimingDoctor
 from diagnostics.events import PhaseClock, StepEvents
 from diagnostics.doctor.eval_findings import LiveEvalDoctor
 from diagnostics.eval_recorder import Evaluation
@@ -278,6 +279,7 @@ class TracedRun:
         probes = default_probes(spec.max_steps_per_sample, groups, spec.diversity_every)
         self.tracer = Tracer(probes, open_writer(self.run_dir, self.meta), self.device, capacity=spec.trace_every)
         self.doctor = LiveDoctor(self.meta, doctor)
+        self.timing = TimingDoctor(self.meta, doctor)  # step-time-regression, phase-dominates: as etrm-doctor
         self.on_finding = on_finding
         self.steps = 0
         self.findings: list[Finding] = []
@@ -399,6 +401,7 @@ class TracedRun:
         """Read the buffered rows back (the one sync), store them, run the live doctor; its new findings."""
         rows = self.tracer.flush()
         found = self.doctor.update(rows, alignment=self.tracer.last_alignment) if rows else []
+        found += self.timing.update(self.tracer.last_timings) if rows else []
         self._report(found)
         self.non_finite = (self.non_finite or any((r.get("non_finite") or 0) > 0 for r in rows)
                            or any(f.code == NonFiniteLoss.code for f in found))  # a gradient's, too
