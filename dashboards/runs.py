@@ -101,11 +101,11 @@ def last_update(run: Path) -> float | None:
     """When the run last wrote to its trace, from the trace's content (the last heartbeat or marker), not from file
     times: viewing a run changes nothing about it. None when it cannot be read or holds no time yet."""
     try:
-        conn = reader.connect(run)
+        conn = connection.connect(run)
     except TraceError:
         return None
     try:
-        markers, beat = reader.read_status_inputs(conn)
+        markers, beat = records.read_status_inputs(conn)
     except sqlite3.Error:
         return None
     finally:
