@@ -131,7 +131,7 @@ def _evaluate(cfg, arch: str, paths: list[Path], first, weights: list[str], eval
     from etrm.train.console import format_eval
     from etrm.train.distributed import SINGLE
     from etrm.train.evaluate import baselines, evaluate
-    from etrm.train.instruments import trace_meta
+    from etrm.train.instrument_setup import trace_meta
     from etrm.train.trainer import pick_device
 
     device = pick_device(cfg.train.device)

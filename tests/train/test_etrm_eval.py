@@ -47,13 +47,16 @@ def doctor(run: Path) -> dict[str, dict]:
     return {f["code"]: f for f in json.loads(out.stdout)["findings"]}
 
 
+BACKGROUND_RUNS = {"etrm-eval": {  # trained from the session's start (tests/conftest.py: BackgroundRuns)
+    name: ["--preset", "demo", *BASE, *extra, "--max-steps", str(STEPS), "--device", "cpu"]
+    for name, extra in RUNS.items()}}
+
+
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory, train_side_by_side) -> dict[str, tuple[Path, Path, dict, dict]]:
+def evaluated(tmp_path_factory, background_runs) -> dict[str, tuple[Path, Path, dict, dict]]:
     """{kind: (source run, etrm-eval run, source snapshot before, after)}."""
     root = tmp_path_factory.mktemp("etrm-eval")
-    runs = train_side_by_side(root / "src", {
-        name: ["--preset", "demo", *BASE, *extra, "--max-steps", str(STEPS), "--device", "cpu"]
-        for name, extra in RUNS.items()}, timeout=900)
+    runs = background_runs.runs("etrm-eval", timeout=900)
     out = {}
     for kind, src in runs.items():
         before = snapshot(src)
@@ -84,22 +87,23 @@ def _texts(component) -> str:
 
 
 def test_etrm_eval_dashboard_draws_the_evaluation_curve(evaluated) -> None:
-    from dashboards import app as A
+    from dashboards.pages import runs_page
+    from dashboards.run_view import TABS, run_page, tab_figures, tab_layout
     from dashboards.runs import Runs
 
     run = evaluated["late"][1]
     runs = Runs(run.parent)
-    listed = _texts(A.runs_page(runs))
+    listed = _texts(runs_page(runs))
     assert "late" in listed and "eval-halting-mismatch" in listed  # the runs list shows it with its finding
-    page = _texts(A.run_page(runs, run.name, ""))
+    page = _texts(run_page(runs, run.name, ""))
     assert "refused" not in page and "eval-halting-mismatch" in page  # the run page names the finding too
     cache = runs.get(run.name)
-    for tab, _ in A.TABS:
-        figs = A.tab_figures(cache, tab)
+    for tab, _ in TABS:
+        figs = tab_figures(cache, tab)
         for fid, fig in figs.items():
             assert "could not draw" not in json.dumps(fig, default=str), (tab, fid)
-        A.tab_layout(tab, figs, cache)
-    curve = A.tab_figures(cache, "overview")["accuracy"]
+        tab_layout(tab, figs, cache)
+    curve = tab_figures(cache, "overview")["accuracy"]
     held = [t for t in curve["data"] if t.get("name") == "held-out"]
     assert held and [float(x) for x in held[0]["x"]] == [EVERY, STEPS]
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from diagnostics.trace.loading import load_evals, load_findings
-from etrm.train import instruments
+from etrm.train import instrument_setup
 from etrm.train.checkpoint import read_torch_file
 from etrm.train.console import Reporter
 from etrm.train.instruments import Instrument
@@ -44,7 +44,7 @@ def traced(cfg, run_dir: Path, resume: bool = False) -> Trainer:
     trainer = Trainer(cfg, run_dir, device=torch.device("cpu"))
     if resume:
         trainer.resume()
-    instruments.build(trainer, instruments.Options(trace=True))
+    instrument_setup.build(trainer, instrument_setup.Options(trace=True))
     return trainer
 
 
