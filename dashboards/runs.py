@@ -91,26 +91,10 @@ def discover(root: str | Path) -> list[str]:
             name = here.relative_to(base).as_posix()
             try:
                 resolve_run(base, name)
-                found.append((last_update(here) or 0.0, name))
+                found.append((records.last_write_time(here) or 0.0, name))
             except RunError:
                 continue
     return [name for _, name in sorted(found, key=lambda x: (-x[0], x[1]))]
-
-
-def last_update(run: Path) -> float | None:
-    """When the run last wrote to its trace, from the trace's content (the last heartbeat or marker), not from file
-    times: viewing a run changes nothing about it. None when it cannot be read or holds no time yet."""
-    try:
-        conn = connection.connect(run)
-    except TraceError:
-        return None
-    try:
-        markers, beat = records.read_status_inputs(conn)
-    except sqlite3.Error:
-        return None
-    finally:
-        conn.close()
-    return max([t for t in (beat, *(t for t, _ in markers)) if t is not None], default=None)
 
 
 def _mtime(db: Path) -> float:

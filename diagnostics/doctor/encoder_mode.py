@@ -17,7 +17,6 @@ from typing import Any, Mapping
 import numpy as np
 
 from diagnostics.doctor.coverage_rules import WastedEncoderCompute, WastedEncoderComputeAtStep
-from diagnostics.doctor.findings import SINGLE_STEP
 from diagnostics.doctor.scan import Rule, safe_div as _div
 
 EVERY_SLOT_MODES = ("reencode", "fct", "trm")  # modes whose every slot's context must reach the loss each step
@@ -54,21 +53,13 @@ class MeasuredWastedEncoderCompute(WastedEncoderCompute):
         return self.make(ev, at.end, msg)
 
 
-class MeasuredWastedEncoderComputeAtStep(MeasuredWastedEncoderCompute, WastedEncoderComputeAtStep):
+class MeasuredWastedEncoderComputeAtStep(WastedEncoderComputeAtStep, MeasuredWastedEncoderCompute):
     """The measured rule on the first step that computes a row that does not reach the loss; it dates the windowed
-    rule's finding (``earliest_per_code``)."""
-
-    def window(self, cfg):
-        return 1
+    rule's finding (``earliest_per_code``). Its window and single-step marking are the declared rule's
+    (``WastedEncoderComputeAtStep``), its message the measured one (next in the MRO)."""
 
     def holds(self, w, latch, cfg, meta):
         return (w["encoded"] > 0) & (w["encoded"] > w["coverage_num"])
-
-    def finding(self, at, cfg, meta, extra):
-        f = super().finding(at, cfg, meta, extra)
-        f.evidence["evidence"] = SINGLE_STEP
-        f.message = f.message.replace(f"over steps {at.start}..{at.end}", f"on step {at.end}")
-        return f
 
 
 class ModeMismatch(Rule):

@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from diagnostics.trace import eval_audits, ledger
-from diagnostics.trace.schema import EVAL_AUDIT_TABLES, sql_name
+from diagnostics.trace.connection import connect
+from diagnostics.trace.schema import EVAL_AUDIT_TABLES, TraceError, sql_name
 
 
 def read_evals(conn: sqlite3.Connection) -> pd.DataFrame:
@@ -59,6 +61,22 @@ def read_status_inputs(conn: sqlite3.Connection) -> tuple[list[tuple[float, str]
     markers = conn.execute("SELECT time, kind FROM markers ORDER BY time, rowid").fetchall()
     beat = conn.execute("SELECT MAX(time) FROM heartbeat").fetchone()[0]
     return markers, beat
+
+
+def last_write_time(run: Path) -> float | None:
+    """When the run last wrote to its trace, from the trace's content (the last heartbeat or marker), not from file
+    times: viewing a run changes nothing about it. None when it cannot be read or holds no time yet."""
+    try:
+        conn = connect(run)
+    except TraceError:
+        return None
+    try:
+        markers, beat = read_status_inputs(conn)
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
+    return max([t for t in (beat, *(t for t, _ in markers)) if t is not None], default=None)
 
 
 def read_alignment(conn: sqlite3.Connection, limit: int | None = None) -> pd.DataFrame:
